@@ -1,0 +1,39 @@
+"""The prompted-backbone interface every continual method builds on."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+
+class TaskPrompt(nn.Module):
+    """Learnable per-task prompt parameters for one backbone (created by ``new_prompt``)."""
+
+
+class PromptedBackbone(nn.Module, ABC):
+    """A frozen feature extractor that can be steered by a per-task prompt.
+
+    All backbone weights are frozen (``requires_grad=False``); only ``TaskPrompt`` parameters train.
+    Inputs are (B, 3, H, W) ImageNet-normalised float tensors at ``image_size``.
+    """
+
+    feature_dim: int  # C of ``features``
+    key_dim: int  # C of ``key_features``
+
+    @abstractmethod
+    def grid_size(self, image_size: int) -> tuple[int, int]:
+        """Patch grid (h, w) of ``features`` for a square input of ``image_size``."""
+
+    @abstractmethod
+    def key_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Un-prompted mid-layer patch features (B, N, key_dim) used for task keys/routing."""
+
+    @abstractmethod
+    def features(self, images: torch.Tensor, prompt: TaskPrompt | None = None) -> torch.Tensor:
+        """Patch features (B, N, feature_dim) at the configured layer, prompted when given."""
+
+    @abstractmethod
+    def new_prompt(self) -> TaskPrompt:
+        """A freshly initialised prompt for a new task (identity/no-op at initialisation is ideal)."""

@@ -1,0 +1,60 @@
+"""The typed config: params.yaml loads, overrides apply, unknown keys are errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.config import Config, ConfigError, config_to_dict, flatten_config, load_config
+from tests.conftest import REPO_ROOT
+
+
+def test_params_yaml_matches_defaults_keys() -> None:
+    """params.yaml names every knob of the Config (no silent defaults) and nothing else."""
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    defaults = config_to_dict(Config())
+
+    def keys(d: dict, prefix: str = "") -> set[str]:
+        out: set[str] = set()
+        for k, v in d.items():
+            if isinstance(v, dict) and v and k not in {"prompts"}:
+                out |= keys(v, f"{prefix}{k}.")
+            else:
+                out.add(f"{prefix}{k}")
+        return out
+
+    assert keys(raw) == keys(defaults)
+    load_config(REPO_ROOT / "params.yaml")
+
+
+def test_overrides_types_and_lists(tmp_path: Path) -> None:
+    cfg = load_config(REPO_ROOT / "params.yaml", ["data.products=grid,pcb", "ucad.epochs=7", "ucad.lr=0.5", "backbone.checkpoint=null", "method=patchcore_replay"])
+    assert cfg.data.products == ["grid", "pcb"]
+    assert cfg.ucad.epochs == 7 and cfg.ucad.lr == 0.5
+    assert cfg.backbone.checkpoint is None
+    assert cfg.method == "patchcore_replay"
+
+
+@pytest.mark.parametrize("override, needle", [("ucad.nope=1", "ucad.nope: unknown key"), ("method=foo", "method"), ("ucad.epochs=abc", "ucad.epochs"), ("noequals", "key=value")])
+def test_bad_overrides_are_named(override: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config(REPO_ROOT / "params.yaml", [override])
+
+
+def test_bad_file_is_named(tmp_path: Path) -> None:
+    bad = tmp_path / "p.yaml"
+    bad.write_text("data:\n  root: x\n  bogus: 1\n")
+    with pytest.raises(ConfigError, match=r"p\.yaml[\s\S]*data\.bogus: unknown key"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_flatten_is_primitive() -> None:
+    flat = flatten_config(load_config(REPO_ROOT / "params.yaml"))
+    assert flat["method"] == "ucad"
+    assert flat["backbone.name"] == "efficientnet_lite0"
+    assert all(isinstance(v, (str, int, float, bool)) for v in flat.values())
+    assert "data.products" in flat and "masks.sam.checkpoint" in flat
