@@ -23,11 +23,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _default_mode(is_dir: bool) -> int:
+    """Permissions a plain open()/mkdir() would give under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if is_dir else 0o666) & ~umask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temporary file in the same directory and rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, _default_mode(is_dir=False))
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -60,6 +68,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.chmod(tmp, _default_mode(is_dir=True))
     try:
         yield tmp
         if path.exists():

@@ -30,3 +30,16 @@ def test_atomic_directory_failure_keeps_old(tmp_path: Path) -> None:
     with atomic_directory(d) as tmp:
         (tmp / "f.txt").write_text("v2")
     assert (d / "f.txt").read_text() == "v2"
+
+
+def test_atomic_files_get_normal_permissions(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    p = atomic_write_text(tmp_path / "r.md", "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask
+    with atomic_directory(tmp_path / "d") as tmp:
+        (tmp / "f").write_text("y")
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o777 & ~umask

@@ -1,0 +1,206 @@
+"""PNG figures of a continual run: accuracy-matrix heatmaps, per-product curves, overlays, comparisons.
+
+Built on ``matplotlib.figure.Figure`` with the Agg canvas (no pyplot global state); every
+function returns PNG bytes so callers write them atomically. Values are shown in percent.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from components.eval.metrics import METRIC_KEYS
+from components.types import ImageBatch, Prediction
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+METRIC_TITLES = {
+    "image_auroc": "Image AUROC",
+    "image_ap": "Image AP",
+    "pixel_auroc": "Pixel AUROC",
+    "pixel_ap": "Pixel AP",
+    "aupro": "AUPRO@0.3",
+    "image_f1max": "Image F1-max",
+    "pixel_f1max": "Pixel F1-max",
+    "routing_accuracy": "Routing accuracy",
+}
+
+
+def metric_title(metric: str) -> str:
+    """Human-readable name of a metric key."""
+    return METRIC_TITLES.get(metric, metric.replace("_", " "))
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe version of a product/metric name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "unnamed"
+
+
+def to_png(fig: Figure, dpi: int = 110) -> bytes:
+    """Render ``fig`` to PNG bytes."""
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def denormalise(images: torch.Tensor) -> np.ndarray:
+    """(B,3,H,W) ImageNet-normalised tensors -> (B,H,W,3) RGB floats in [0, 1] for display."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    rgb = images.detach().float().cpu() * std + mean
+    return rgb.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def _step_labels(doc: dict[str, Any], n_rows: int) -> list[str]:
+    steps = doc.get("steps")
+    if steps and len(steps) == n_rows:
+        return [f"step {i}: {'+'.join(g)}" for i, g in enumerate(steps)]
+    return [f"step {i}" for i in range(n_rows)]
+
+
+def _learned_step(doc: dict[str, Any], product: str, column: list[Any]) -> int:
+    """Step learning ``product``: from ``steps`` when present, else its first non-null cell."""
+    for i, group in enumerate(doc.get("steps") or []):
+        if product in group:
+            return i
+    return next((i for i, v in enumerate(column) if v is not None), len(column))
+
+
+def _as_array(rows: list[list[float | None]]) -> np.ndarray:
+    return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
+
+
+def matrix_heatmap(doc: dict[str, Any], metric: str) -> bytes:
+    """Heatmap of ``R[step][product]`` for one metric (blank = not learned, n/a = undefined)."""
+    tasks = doc["tasks"]
+    rows = doc["matrix"][metric]
+    values = _as_array(rows)
+    n_rows, n_cols = values.shape
+    fig = Figure(figsize=(max(4.0, 1.0 + 0.9 * n_cols), max(2.5, 0.9 + 0.55 * n_rows)))
+    ax = fig.add_subplot()
+    cmap = colormaps["viridis"].with_extremes(bad="#eeeeee")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    for j, product in enumerate(tasks):
+        learned = _learned_step(doc, product, [r[j] for r in rows])
+        for i in range(n_rows):
+            value = values[i, j]
+            if not math.isnan(value):
+                colour = "black" if value > 0.6 else "white"
+                ax.text(j, i, f"{100 * value:.1f}", ha="center", va="center", color=colour, fontsize=8)
+            elif i >= learned:
+                ax.text(j, i, "n/a", ha="center", va="center", color="#666666", fontsize=7)
+    ax.set_xticks(range(n_cols), labels=tasks, rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(n_rows), labels=_step_labels(doc, n_rows), fontsize=8)
+    ax.set_xlabel("evaluated product")
+    ax.set_ylabel("after training")
+    ax.set_title(f"{doc.get('method', '')}: {metric_title(metric)} (%)", fontsize=10)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    return to_png(fig)
+
+
+def step_curves(doc: dict[str, Any], metric: str = "image_auroc") -> bytes:
+    """One line per product: ``metric`` after every step from the step that learned it."""
+    tasks = doc["tasks"]
+    values = _as_array(doc["matrix"][metric])
+    n_rows = values.shape[0]
+    fig = Figure(figsize=(max(4.5, 1.2 * n_rows + 2.0), 3.4))
+    ax = fig.add_subplot()
+    colours = colormaps["tab10" if len(tasks) <= 10 else "tab20"]
+    for j, product in enumerate(tasks):
+        steps = np.arange(n_rows)
+        defined = ~np.isnan(values[:, j])
+        if defined.any():
+            ax.plot(steps[defined], 100 * values[defined, j], marker="o", label=product, color=colours(j % colours.N))
+    ax.set_xticks(range(n_rows), labels=[str(i) for i in range(n_rows)])
+    lowest = float(np.nanmin(values)) if np.isfinite(values).any() else 0.5
+    ax.set_ylim(min(50.0, 100 * lowest - 5.0), 101.0)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"{metric_title(metric)} (%)")
+    ax.set_title(f"{doc.get('method', '')}: {metric_title(metric)} per product across steps", fontsize=10)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return to_png(fig)
+
+
+def overlay_figure(product: str, batch: ImageBatch, prediction: Prediction, pixel_threshold: float | None = None) -> bytes:
+    """Rows of (image, ground truth, anomaly heatmap) for a few test images of one product.
+
+    The heatmap colour scale is shared by the rows (min..max of the shown maps); the white
+    contour is ``pixel_threshold`` (from held-out training normals) when given.
+    """
+    rgb = denormalise(batch.images)
+    maps = prediction.anomaly_maps.detach().float().cpu()
+    if tuple(maps.shape[-2:]) != rgb.shape[1:3]:
+        maps = torch.nn.functional.interpolate(maps[:, None], size=rgb.shape[1:3], mode="bilinear", align_corners=False)[:, 0]
+    maps_np = maps.numpy()
+    vmin, vmax = float(maps_np.min()), float(maps_np.max())
+    vmax = vmax if vmax > vmin else vmin + 1e-6
+    n = len(batch)
+    fig = Figure(figsize=(7.5, 2.5 * n + 0.3))
+    axes = fig.subplots(n, 3, squeeze=False)
+    for i in range(n):
+        label = int(batch.labels[i]) if batch.labels is not None else -1
+        mask = batch.masks[i].cpu().numpy() if batch.masks is not None else np.zeros(rgb.shape[1:3])
+        routed = prediction.routed_tasks[i] if prediction.routed_tasks else "?"
+        verdict = {0: "good", 1: "defect"}.get(label, "unlabelled")
+        axes[i, 0].imshow(rgb[i])
+        axes[i, 0].set_title(f"{verdict} | score {float(prediction.image_scores[i]):.3g}", fontsize=8)
+        axes[i, 1].imshow(rgb[i])
+        axes[i, 1].imshow(np.ma.masked_where(mask == 0, mask), cmap="autumn", alpha=0.6, vmin=0, vmax=1)
+        axes[i, 1].set_title("ground truth", fontsize=8)
+        axes[i, 2].imshow(rgb[i])
+        heat = axes[i, 2].imshow(maps_np[i], cmap="jet", alpha=0.5, vmin=vmin, vmax=vmax)
+        if pixel_threshold is not None and maps_np[i].min() < pixel_threshold < maps_np[i].max():
+            axes[i, 2].contour(maps_np[i], levels=[pixel_threshold], colors="white", linewidths=1.0)
+        axes[i, 2].set_title(f"anomaly map | routed: {routed}", fontsize=8)
+        for ax in axes[i]:
+            ax.set_axis_off()
+        fig.colorbar(heat, ax=axes[i, 2], fraction=0.046, pad=0.02)
+    fig.suptitle(f"{product}: test images, ground truth, anomaly map", fontsize=10)
+    return to_png(fig, dpi=90)
+
+
+def comparison_figure(runs: Sequence[tuple[str, dict[str, Any]]], products: list[str], metric: str = "image_auroc") -> bytes:
+    """Grouped bars of final ``metric`` per product (+ Average) per run, and FM of every metric."""
+    n_runs = len(runs)
+    columns = products + ["Average"]
+    fig = Figure(figsize=(max(7.0, 0.6 * len(columns) * max(1, n_runs) + 2.5), 7.0))
+    top, bottom = fig.subplots(2, 1)
+    width = 0.8 / max(1, n_runs)
+    colours = colormaps["tab10"]
+    fm_metrics = list(METRIC_KEYS)
+    for r, (label, doc) in enumerate(runs):
+        final = doc["final"].get(metric, {})
+        heights = [final.get(p) for p in products] + [doc["average"].get(metric)]
+        xs = np.arange(len(columns)) + (r - (n_runs - 1) / 2) * width
+        bars = top.bar(xs, [np.nan if h is None else 100 * h for h in heights], width, label=label, color=colours(r % 10))
+        top.bar_label(bars, fmt="%.1f", fontsize=6, padding=1)
+        fm = [doc["forgetting"].get(m) for m in fm_metrics]
+        xf = np.arange(len(fm_metrics)) + (r - (n_runs - 1) / 2) * width
+        bars = bottom.bar(xf, [np.nan if v is None else 100 * v for v in fm], width, label=label, color=colours(r % 10))
+        bottom.bar_label(bars, fmt="%.1f", fontsize=6, padding=1)
+    top.set_xticks(range(len(columns)), labels=columns, rotation=30, ha="right", fontsize=8)
+    top.set_ylabel(f"final {metric_title(metric)} (%)")
+    top.set_ylim(0, 110)
+    top.set_title(f"Final {metric_title(metric)} per product", fontsize=10)
+    top.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    top.grid(axis="y", alpha=0.3)
+    bottom.set_xticks(range(len(fm_metrics)), labels=[metric_title(m) for m in fm_metrics], rotation=30, ha="right", fontsize=8)
+    bottom.set_ylabel("forgetting FM (%, lower is better)")
+    bottom.axhline(0, color="black", linewidth=0.8)
+    bottom.set_title("Forgetting measure per metric", fontsize=10)
+    bottom.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return to_png(fig)

@@ -1,0 +1,203 @@
+"""End to end at component level: a toy two-task continual sequence -> metrics.json -> report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from components.config import Config
+from components.errors import ContadError
+from components.eval.continual import AccuracyMatrix, protocol_steps, task_of_product, validate_metrics_json
+from components.eval.evaluate import evaluate_tasks, select_overlays
+from components.eval.report import report_command, write_report
+from components.eval.thresholds import heldout_thresholds, metrics_at_threshold, quantile_threshold
+from components.methods.base import ContinualMethod
+from components.types import ImageBatch, Prediction, TaskData
+
+SIZE = 16
+COLOURS = {"alpha": (1.5, -1.0, -1.0), "beta": (-1.0, -1.0, 1.5)}
+
+
+class MeanImageDistance(ContinualMethod):
+    """Toy detector: one mean image per task; routes to the nearest mean, scores |x - mean|."""
+
+    name = "mean_distance"
+
+    def __init__(self, config: Config, oracle: bool = False) -> None:
+        super().__init__(config, backbone=None)  # type: ignore[arg-type]
+        self.means: list[torch.Tensor] = []
+        self.calls: list[tuple[int, list[str] | None]] = []
+        type(self).uses_task_labels = oracle
+
+    def fit_task(self, data: TaskData) -> dict[str, Any]:
+        self.means.append(data.train.images.mean(0))
+        self.tasks.append(data.name)
+        return {"n": len(data.train)}
+
+    def predict(self, images: torch.Tensor, true_tasks: list[str] | None = None) -> Prediction:
+        self.calls.append((len(images), true_tasks))
+        means = torch.stack(self.means)
+        dists = ((images[:, None] - means[None]) ** 2).mean(dim=(2, 3, 4))
+        routed = dists.argmin(1)
+        maps = (images - means[routed]).abs().mean(1)
+        return Prediction(maps.amax(dim=(1, 2)), maps, [self.tasks[i] for i in routed.tolist()])
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"mean_{i}": m for i, m in enumerate(self.means)}
+
+    def state_meta(self) -> dict[str, Any]:
+        return {"tasks": self.tasks}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self.tasks = list(meta["tasks"])
+        self.means = [tensors[f"mean_{i}"] for i in range(len(self.tasks))]
+
+
+def _images(product: str, n: int, gen: torch.Generator) -> torch.Tensor:
+    base = torch.tensor(COLOURS[product]).view(1, 3, 1, 1)
+    return base + 0.1 * torch.randn(n, 3, SIZE, SIZE, generator=gen)
+
+
+def _test_batch(product: str, gen: torch.Generator, n_good: int = 4, n_bad: int = 4) -> ImageBatch:
+    images = _images(product, n_good + n_bad, gen)
+    masks = torch.zeros(n_good + n_bad, SIZE, SIZE, dtype=torch.uint8)
+    for k in range(n_bad):
+        i, y, x = n_good + k, 2 + 3 * k, 3 + 2 * k
+        masks[i, y : y + 4, x : x + 3] = 1
+        if k % 2:
+            masks[i, 12:14, 1:3] = 1  # a second defect region
+    images = images + 2.0 * masks[:, None].float()
+    labels = torch.tensor([0] * n_good + [1] * n_bad)
+    return ImageBatch(images, [product] * len(labels), [f"{product}/{i}.png" for i in range(len(labels))], labels, masks)
+
+
+def _task(product: str, gen: torch.Generator) -> TaskData:
+    train = ImageBatch(_images(product, 6, gen), [product] * 6, [f"{product}/train{i}.png" for i in range(6)])
+    heldout = ImageBatch(_images(product, 3, gen), [product] * 3, [f"{product}/held{i}.png" for i in range(3)])
+    return TaskData(name=product, products=[product], train=train, heldout=heldout)
+
+
+def _run_sequence(out: Path, cfg: Config, method_name: str = "mean_distance") -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(0)
+    products = ["alpha", "beta"]
+    steps = protocol_steps(products, cfg.protocol.base_tasks, cfg.protocol.step_tasks)
+    tasks = task_of_product(steps)
+    method = MeanImageDistance(cfg)
+    tests = {p: _test_batch(p, gen) for p in products}
+    matrix = AccuracyMatrix(products, len(steps), steps=steps)
+    heldouts = []
+    predictions: dict[str, Prediction] = {}
+    for step, group in enumerate(steps):
+        data = _task(group[0], gen)
+        method.fit_task(data)
+        heldouts.append(data.heldout)
+        seen = {p: tests[p] for g in steps[: step + 1] for p in g}
+        metrics, predictions = evaluate_tasks(method, seen, tasks, cfg)
+        for product, values in metrics.items():
+            matrix.record(step, product, values)
+    assert all(n <= cfg.eval.batch_size for n, _ in method.calls)  # mini-batched
+    assert all(true is None for _, true in method.calls)  # no product labels given
+    heldout = ImageBatch(torch.cat([h.images for h in heldouts]), sum((h.products for h in heldouts), []), [])
+    thresholds = heldout_thresholds(method, heldout, cfg)
+    doc = matrix.to_metrics_json(method_name, cfg.protocol.name)
+    doc["thresholds"] = thresholds.to_dict()
+    overlays = select_overlays(tests, predictions, cfg.eval.overlays_per_task)
+    write_report(out, doc, overlays)
+    return doc
+
+
+def _assert_png(path: Path) -> None:
+    assert path.is_file() and path.stat().st_size > 1000, path
+    with Image.open(path) as img:
+        img.verify()
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size[0] > 100 and img.size[1] > 100
+
+
+def test_two_task_sequence_end_to_end(tmp_path: Path) -> None:
+    cfg = Config()
+    cfg.eval.batch_size = 3
+    run = tmp_path / "run"
+    doc = _run_sequence(run, cfg)
+
+    saved = json.loads((run / "metrics.json").read_text())
+    validate_metrics_json(saved)
+    assert saved["tasks"] == ["alpha", "beta"] and saved["protocol"] == "sequential"
+    assert saved["matrix"]["image_auroc"][0] == [1.0, None]  # beta not learned at step 0
+    assert saved["final"]["image_auroc"] == {"alpha": 1.0, "beta": 1.0}  # the toy detector is perfect
+    assert saved["forgetting"]["image_auroc"] == pytest.approx(0.0)
+    assert saved["routing_accuracy"] == pytest.approx(1.0)
+    assert 0.9 < saved["average"]["aupro"] <= 1.0
+    assert saved == json.loads(json.dumps(doc))
+
+    report = (run / "report.md").read_text()
+    assert "| metric | alpha | beta | Average | FM | BWT |" in report
+    assert "figures/matrix_image_auroc.png" in report and "figures/overlay_alpha.png" in report
+    pngs = sorted((run / "figures").glob("*.png"))
+    assert {p.name for p in pngs} >= {"matrix_image_auroc.png", "matrix_aupro.png", "image_auroc_steps.png",
+                                      "overlay_alpha.png", "overlay_beta.png"}
+    for png in pngs:
+        _assert_png(png)
+    assert not list(run.rglob("*.tmp"))  # atomic writes leave no temporaries
+
+    # side-by-side comparison of two runs
+    other = tmp_path / "other"
+    other.mkdir()
+    worse = json.loads(json.dumps(doc))
+    worse["method"] = "patchcore_finetune"
+    worse["final"]["image_auroc"]["alpha"] = 0.5
+    (other / "metrics.json").write_text(json.dumps(worse))
+    assert report_command([run, other], out=tmp_path / "compare") == 0
+    comparison = (tmp_path / "compare" / "comparison.md").read_text()
+    assert "| method | alpha | beta | Average | FM |" in comparison
+    assert "| mean_distance | 100.0 | 100.0 | 100.0 | 0.0 |" in comparison
+    assert "| patchcore_finetune | 50.0 | 100.0 |" in comparison
+    _assert_png(tmp_path / "compare" / "figures" / "comparison_image_auroc.png")
+
+
+def test_report_command_names_the_bad_run(tmp_path: Path) -> None:
+    with pytest.raises(ContadError, match=r"empty/metrics.json"):
+        report_command([tmp_path / "empty"], out=tmp_path / "cmp")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "metrics.json").write_text("{not json")
+    with pytest.raises(ContadError, match=r"bad/metrics.json.*not readable JSON"):
+        report_command([bad])
+    (bad / "metrics.json").write_text(json.dumps({"method": "x"}))
+    with pytest.raises(ContadError, match=r"bad/metrics.json.*missing key 'tasks'"):
+        report_command([bad])
+
+
+def test_oracle_gets_task_labels_and_thresholds_use_normals_only() -> None:
+    cfg = Config()
+    gen = torch.Generator().manual_seed(1)
+    oracle = MeanImageDistance(cfg, oracle=True)
+    try:
+        for product in ("alpha", "beta"):
+            oracle.fit_task(_task(product, gen))
+        evaluate_tasks(oracle, {"beta": _test_batch("beta", gen)}, {"alpha": "alpha", "beta": "beta"}, cfg)
+        assert oracle.calls[-1][1] == ["beta"] * 8
+    finally:
+        MeanImageDistance.uses_task_labels = False
+    with pytest.raises(ContadError, match="no task"):
+        evaluate_tasks(oracle, {"gamma": _test_batch("beta", gen)}, {"beta": "beta"}, cfg)
+
+    method = MeanImageDistance(cfg)
+    method.fit_task(_task("alpha", gen))
+    with pytest.raises(ContadError, match="defective labels"):
+        heldout_thresholds(method, _test_batch("alpha", gen), cfg)
+    heldout = _task("alpha", gen).heldout
+    thresholds = heldout_thresholds(method, heldout, cfg)
+    assert thresholds.n_images == 3 and thresholds.quantile == cfg.eval.threshold_quantile
+    test = _test_batch("alpha", gen)
+    pred = method.predict(test.images)
+    at = metrics_at_threshold(pred, test, thresholds)
+    assert at["image_tpr_at_threshold"] == 1.0 and 0.0 <= at["image_fpr_at_threshold"] <= 1.0
+    assert quantile_threshold(torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0]), 0.5) == pytest.approx(2.0)
+    with pytest.raises(ContadError, match="threshold_quantile"):
+        quantile_threshold(torch.ones(3), 1.5)
