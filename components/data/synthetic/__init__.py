@@ -1,0 +1,1 @@
+"""Procedural industrial products for ``contad data synth``: textures, objects, defects, designs."""
