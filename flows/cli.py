@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -128,8 +129,22 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(f"unhandled command {args.command}")
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; ``key=value`` overrides may appear anywhere after the subcommand."""
+    overrides = [a for a in argv if _OVERRIDE.match(a)]
+    args = build_parser().parse_args([a for a in argv if not _OVERRIDE.match(a)])
+    if overrides and not hasattr(args, "overrides"):
+        build_parser().error(f"{args.command} takes no config overrides: {' '.join(overrides)}")
+    if hasattr(args, "overrides"):
+        args.overrides = list(args.overrides or []) + overrides
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else list(argv))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return _dispatch(args)

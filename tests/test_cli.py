@@ -34,3 +34,13 @@ def test_config_error_is_reported_cleanly(capsys: pytest.CaptureFixture[str], tm
 def test_console_script_installed() -> None:
     res = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "contad" in res.stdout
+
+
+def test_overrides_anywhere_after_subcommand() -> None:
+    from flows.cli import parse_args
+
+    args = parse_args(["masks", "build", "data", "--out", "cache", "masks.provider=slic", "masks.workers=1"])
+    assert args.data_dir == "data" and args.out == "cache"
+    assert args.overrides == ["masks.provider=slic", "masks.workers=1"]
+    args = parse_args(["run", "method=ucad", "--out", "x", "ucad.epochs=1"])
+    assert args.out == "x" and args.overrides == ["method=ucad", "ucad.epochs=1"]
