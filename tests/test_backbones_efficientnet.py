@@ -1,0 +1,117 @@
+"""EfficientNet-Lite0 backbone: real ImageNet weights mapped by position, PatchCore-style features."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from skimage import data
+
+from components.backbones.common import IMAGENET_MEAN, IMAGENET_STD, renormalise
+from components.backbones.efficientnet import EfficientNetLite0Backbone, efficientnet_lite0_network
+from components.backbones.registry import build_backbone
+from components.backbones.weights import load_by_position
+from components.config import BackboneConfig, ConfigError
+from components.errors import WeightsError
+
+IMAGENET_CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+def _imagenet_normalised(image: np.ndarray, size: int) -> torch.Tensor:
+    x = torch.from_numpy(image).permute(2, 0, 1).float().div(255.0)[None]
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@pytest.fixture(scope="module")
+def lite0() -> EfficientNetLite0Backbone:
+    backbone = build_backbone(BackboneConfig(name="efficientnet_lite0", device="cpu"), 224)
+    assert isinstance(backbone, EfficientNetLite0Backbone)
+    return backbone
+
+
+def test_real_weights_classify_the_cat_photo(lite0: EfficientNetLite0Backbone) -> None:
+    images = _imagenet_normalised(data.chelsea(), 224)
+    with torch.inference_mode():
+        logits = lite0.net(renormalise(images, lite0.mean, lite0.std))
+    probs = logits.softmax(-1)[0]
+    top5 = set(probs.topk(5).indices.tolist())
+    assert int(probs.argmax()) in IMAGENET_CAT_CLASSES
+    assert len(top5 & IMAGENET_CAT_CLASSES) >= 2
+    assert float(probs[list(IMAGENET_CAT_CLASSES)].sum()) > 0.5
+
+
+def test_random_init_does_not_recognise_the_cat() -> None:
+    torch.manual_seed(1)
+    net = efficientnet_lite0_network(pretrained=False).eval()
+    images = _imagenet_normalised(data.chelsea(), 224)
+    with torch.inference_mode():
+        probs = net(renormalise(images, (0.5,) * 3, (0.5,) * 3)).softmax(-1)[0]
+    assert float(probs[list(IMAGENET_CAT_CLASSES)].sum()) < 0.5
+
+
+def test_positional_mapping_fails_loudly_on_shape_mismatch() -> None:
+    net = efficientnet_lite0_network(pretrained=False)
+    source = OrderedDict((f"t{i}", v.clone()) for i, v in enumerate(net.state_dict().values()))
+    first = next(iter(source))
+    source[first] = torch.zeros(7, 7)
+    with pytest.raises(WeightsError, match="shape"):
+        load_by_position(net, source, "fake.pth")
+    source.pop(first)
+    with pytest.raises(WeightsError, match="tensors"):
+        load_by_position(net, source, "fake.pth")
+
+
+def test_checkpoint_path_loads_the_same_weights(tmp_path, lite0: EfficientNetLite0Backbone) -> None:
+    path = tmp_path / "lite0.pth"
+    torch.save(lite0.net.state_dict(), path)
+    other = build_backbone(BackboneConfig(name="efficientnet_lite0", device="cpu", checkpoint=str(path)), 224)
+    for a, b in zip(lite0.net.state_dict().values(), other.net.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_default_features_are_stride8_concat_of_two_levels(lite0: EfficientNetLite0Backbone) -> None:
+    images = _imagenet_normalised(data.chelsea(), 224)
+    with torch.inference_mode():
+        feats = lite0.features(images)
+        keys = lite0.key_features(images)
+    assert lite0.grid_size(224) == (28, 28)
+    assert feats.shape == (1, 28 * 28, 40 + 112) and lite0.feature_dim == 152
+    assert keys.shape == (1, 14 * 14, lite0.key_dim) and lite0.key_grid_size(224) == (14, 14)
+    assert torch.isfinite(feats).all() and feats.std() > 0
+
+
+def test_feature_layer_knob_changes_level_and_grid() -> None:
+    cfg = BackboneConfig(name="efficientnet_lite0", device="cpu", feature_layer=4, key_layer=2, pretrained=False)
+    backbone = build_backbone(cfg, 128)
+    images = torch.randn(1, 3, 128, 128)
+    with torch.inference_mode():
+        feats = backbone.features(images)
+        keys = backbone.key_features(images)
+    assert backbone.grid_size(128) == (8, 8) and feats.shape == (1, 64, 112 + 320)
+    assert keys.shape == (1, 16 * 16, 24 + 40) and backbone.key_grid_size(128) == (16, 16)
+
+
+def test_out_of_range_feature_layer_names_the_key() -> None:
+    with pytest.raises(ConfigError, match="backbone.feature_layer"):
+        build_backbone(BackboneConfig(name="efficientnet_lite0", device="cpu", feature_layer=5, pretrained=False), 64)
+
+
+def test_unknown_backbone_name_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="backbone.name"):
+        build_backbone(BackboneConfig(name="resnet50", device="cpu"), 64)
+
+
+def test_spatial_prompt_knob() -> None:
+    with_spatial = build_backbone(BackboneConfig(device="cpu", pretrained=False), 96).new_prompt()
+    without = build_backbone(
+        BackboneConfig.model_validate({"device": "cpu", "pretrained": False, "prompt": {"spatial": False}}), 96
+    ).new_prompt()
+    assert any("spatial" in name for name, _ in with_spatial.named_parameters())
+    assert not any("spatial" in name for name, _ in without.named_parameters())
+    assert all(name.endswith(("scale", "shift")) for name, _ in without.named_parameters())
