@@ -1,0 +1,315 @@
+"""Triggered incremental run: add one new product on top of the current champion.
+
+``contad add-product PATH --name NAME`` validates the product folder, caches its structure
+masks, trains the new task starting from the current memory-bank version, evaluates ALL
+products (old products' test data located through the bank manifest's ``products``), versions
+the bank, registers the detector and applies the promotion gate. Only a step that passes the
+gate moves the bank store's ``CURRENT`` pointer and the registry's ``champion`` alias; on gate
+failure or any error both stay where they were.
+
+``--via-server`` instead emits the ``contad.product.added`` event to the Prefect server, where
+``contad serve`` runs this same flow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect import flow
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+from components.atomic import atomic_write_json
+from components.config import Config, config_to_dict
+from components.errors import ContadError, DataError
+from components.memory.store import SHORT_HASH, BankStore
+from flows.promotion import GATE_METRIC, GateDecision, promotion_gate
+from flows.tracking import make_tracker
+
+log = logging.getLogger(__name__)
+
+PRODUCT_ADDED_EVENT = "contad.product.added"
+RESULTS_DIR = ".prefect-results"
+_VALID_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+class AddProductError(ContadError):
+    """An incremental run failed; champion and current bank version are unchanged."""
+
+
+@dataclass
+class AddProductResult:
+    """What an incremental run did."""
+
+    name: str
+    previous_version: str
+    bank_version: str
+    model_version: str | None
+    promoted: bool
+    gate: GateDecision
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "previous_version": self.previous_version,
+            "bank_version": self.bank_version,
+            "model_version": self.model_version,
+            "promoted": self.promoted,
+            "gate": self.gate.to_dict(),
+            "metrics": self.metrics,
+        }
+
+
+@contextmanager
+def _stage(name: str, product: str, previous: str | None) -> Iterator[None]:
+    """Re-raise any failure inside a stage as ``AddProductError`` naming the stage."""
+    try:
+        yield
+    except Exception as exc:
+        kept = f"current bank version stays {previous[:SHORT_HASH]}" if previous else "nothing was changed"
+        raise AddProductError(f"add-product {product!r} failed while {name}: {exc} ({kept}; champion unchanged)") from exc
+
+
+def check_product_name(name: str) -> str:
+    """``name`` if it is a usable product name (letters, digits, ``_.-``); else ``DataError``."""
+    if not _VALID_NAME.match(name or ""):
+        raise DataError(f"product name {name!r} is invalid: use letters, digits, '_', '.', '-' (no '/', '+' or spaces)")
+    return name
+
+
+def default_out(name: str) -> Path:
+    return Path("runs") / "add-product" / name
+
+
+def _task_of_product(manifest: dict[str, Any]) -> dict[str, str]:
+    """Product -> task name of the products already learned by a bank version."""
+    if isinstance(manifest.get("task_of_product"), dict):
+        return {str(k): str(v) for k, v in manifest["task_of_product"].items()}
+    mapping: dict[str, str] = {}
+    for task in manifest.get("tasks") or []:
+        products = [str(p) for p in task] if isinstance(task, list) else str(task).split("+")
+        for product in products:
+            mapping[product] = "+".join(products)
+    for product in manifest.get("products") or {}:
+        mapping.setdefault(product, product)
+    return mapping
+
+
+def _task_names(manifest: dict[str, Any]) -> list[str]:
+    return ["+".join(t) if isinstance(t, list) else str(t) for t in manifest.get("tasks") or []]
+
+
+def _stored_metrics(manifest: dict[str, Any], products: list[str]) -> dict[str, dict[str, float]] | None:
+    """The bank version's own per-product metrics, when it recorded the gate metric for all ``products``."""
+    metrics = manifest.get("metrics")
+    if not isinstance(metrics, dict):
+        return None
+    if all(isinstance(metrics.get(p), dict) and metrics[p].get(GATE_METRIC) is not None for p in products):
+        return {p: dict(metrics[p]) for p in products}
+    return None
+
+
+def _json_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, float | None]]:
+    """Metrics with NaN/inf as None (strict JSON for the bank manifest)."""
+    return {p: {k: float(v) if v is not None and math.isfinite(float(v)) else None for k, v in m.items()} for p, m in metrics.items()}
+
+
+def _validated_manifest(path: Path, name: str) -> pd.DataFrame:
+    """Validate the product folder (as a one-product dataset named ``name``) and read its manifest."""
+    from components.data.manifest import read_product
+    from flows import pipeline
+
+    with tempfile.TemporaryDirectory(prefix="contad-add-") as tmp:
+        (Path(tmp) / name).symlink_to(path, target_is_directory=True)
+        pipeline.validate_dataset(Path(tmp))
+    return read_product(path, name)
+
+
+def _old_manifest(products: dict[str, str]) -> pd.DataFrame:
+    """Manifest of the products a bank version learned, from their recorded folders."""
+    from components.data.manifest import read_product
+
+    frames = []
+    for product, product_dir in products.items():
+        if not Path(product_dir).is_dir():
+            raise DataError(f"product {product!r} recorded in the bank manifest at {product_dir} no longer exists; its test data is needed to check forgetting")
+        frames.append(read_product(Path(product_dir), product))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def add_product(cfg: Config, path: Path, name: str, out: Path | None = None) -> AddProductResult:
+    """Run the incremental step for product ``name`` at ``path``; raises ``AddProductError`` on any failure."""
+    from flows import pipeline
+
+    path = Path(path).resolve()
+    check_product_name(name)
+    if not path.is_dir():
+        raise DataError(f"product folder {path} does not exist or is not a directory")
+    out = Path(out or default_out(name)).resolve()
+    store = BankStore(Path(cfg.banks.store_dir))
+    previous = store.current() if store.root.is_dir() else None
+    if previous is None:
+        raise AddProductError(
+            f"no current memory-bank version in {store.root}: add-product builds on the current champion, so train a "
+            f"sequence first (contad run --out DIR) and point banks.store_dir at its store (DIR/banks)"
+        )
+    base = store.show(previous)
+    if base.get("method") not in (None, cfg.method):
+        raise AddProductError(f"bank version {previous[:SHORT_HASH]} holds a {base['method']!r} model but method={cfg.method!r}; use the configuration of the run that produced it")
+    old_products: dict[str, str] = {str(k): str(v) for k, v in (base.get("products") or {}).items()}
+    if name in old_products:
+        raise AddProductError(f"product {name!r} is already learned by bank version {previous[:SHORT_HASH]} (from {old_products[name]}); choose another --name")
+    tracker = make_tracker(cfg, run_name=f"add-product-{name}")
+    champion = tracker.champion() if cfg.tracking.enabled else None
+    if champion and champion[1] and champion[1] != previous:
+        log.warning("registry champion v%s is bank %s but the bank store's current version is %s; building on the bank store's current version", champion[0], champion[1][:SHORT_HASH], previous[:SHORT_HASH])
+    log.info("adding product %s from %s on top of bank version %s (products: %s)", name, path, previous[:SHORT_HASH], ", ".join(old_products))
+
+    with _stage("validating the product data", name, previous):
+        new_manifest = _validated_manifest(path, name)
+    with _stage("reading the old products' data", name, previous):
+        old_manifest = _old_manifest(old_products)
+    manifest = pd.concat([old_manifest, new_manifest], ignore_index=True)
+    with _stage("caching structure masks", name, previous):
+        pipeline.cache_masks(cfg, manifest, [name])
+    with _stage("training the new task", name, previous):
+        base_dir = store.checkout(previous, out / "base_method")
+        method_dir = pipeline.train_task(cfg, base_dir, name, [name], manifest, out / "method")
+    task_of_product = {**_task_of_product(base), name: name}
+    with _stage("evaluating all products", name, previous):
+        metrics = pipeline.evaluate_all_tasks(cfg, method_dir, manifest, task_of_product)
+        before = _stored_metrics(base, list(old_products))
+        if before is None and old_products:
+            before = pipeline.evaluate_all_tasks(cfg, base_dir, old_manifest, _task_of_product(base))
+    gate = promotion_gate(cfg.promotion, [name], metrics, before)
+    step = int(base.get("step", len(_task_names(base)) - 1)) + 1
+    meta = {
+        "step": step,
+        "task": name,
+        "tasks": _task_names(base) + [name],
+        "products": {**old_products, name: str(path)},
+        "task_of_product": task_of_product,
+        "method": cfg.method,
+        "metrics": _json_metrics(metrics),
+        "gate": gate.to_dict(),
+        "trigger": "add-product",
+    }
+    bank_version = previous
+    try:
+        with _stage("versioning the memory bank", name, previous):
+            bank_version = pipeline.version_memory_bank(cfg, method_dir, meta)
+        with _stage("tracking and registering the model", name, previous):
+            model_version = _track(cfg, tracker, step, name, metrics, method_dir, bank_version, store, gate)
+    except BaseException:
+        _restore_current(store, previous)
+        raise
+    if not gate.passed:
+        _restore_current(store, previous)
+    result = AddProductResult(name, previous, bank_version, model_version, gate.passed, gate, metrics)
+    atomic_write_json(out / "add_product.json", result.to_dict())
+    return result
+
+
+def _track(cfg: Config, tracker: Any, step: int, name: str, metrics: dict[str, dict[str, float]], method_dir: Path, bank_version: str, store: BankStore, gate: GateDecision) -> str | None:
+    """Log the step, register its detector, and move the champion alias when the gate passed."""
+    with tracker:
+        tracker.log_config(cfg)
+        with tracker.step(step, name):
+            tracker.log_step_metrics(step, metrics)
+            model_version = tracker.register_step_model(method_dir, bank_version, step, config=cfg, manifest=store.show(bank_version))
+        if gate.passed:
+            tracker.promote(model_version)
+    return model_version
+
+
+def _restore_current(store: BankStore, previous: str) -> None:
+    if store.current() != previous:
+        store.rollback(previous)
+        log.info("bank store %s: current version restored to %s", store.root, previous[:SHORT_HASH])
+
+
+@flow(name="contad-add-product", log_prints=True)
+def add_product_flow(path: str, name: str, config: dict[str, Any] | None = None, out: str | None = None, fail_on_reject: bool = True) -> dict[str, Any]:
+    """Prefect flow of an incremental run (what ``contad serve`` runs on ``contad.product.added``).
+
+    Returns ``AddProductResult.to_dict()``. Raises when the step fails, and (``fail_on_reject``)
+    when the promotion gate rejects it, so a served flow run ends Failed.
+    """
+    cfg = Config.model_validate(config or {})
+    target = Path(out) if out else default_out(name)
+    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str((target / RESULTS_DIR).resolve())}):
+        result = add_product(cfg, Path(path), name, target)
+    if fail_on_reject and not result.promoted:
+        raise AddProductError(f"product {name!r} rejected: {result.gate.message()} (bank version {result.bank_version[:SHORT_HASH]} kept but not current; champion unchanged)")
+    return result.to_dict()
+
+
+def emit_product_added(path: Path, name: str, api_url: str | None = None) -> None:
+    """Send ``contad.product.added`` (payload: path, name) to the Prefect server at ``PREFECT_API_URL``."""
+    from prefect.events import Event
+    from prefect.events.clients import PrefectEventsClient
+    from prefect.settings import PREFECT_API_URL
+
+    url = api_url or PREFECT_API_URL.value()
+    if not url:
+        raise ContadError("--via-server needs a Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api) to the server where `contad serve` runs")
+    check_prefect_server(url)
+    event = Event(
+        event=PRODUCT_ADDED_EVENT,
+        resource={"prefect.resource.id": f"contad.product.{name}", "prefect.resource.name": name},
+        payload={"path": str(Path(path).resolve()), "name": name},
+    )
+
+    async def _send() -> None:
+        async with PrefectEventsClient(api_url=url, reconnection_attempts=2) as client:
+            await client.emit(event)
+
+    try:
+        asyncio.run(_send())
+    except Exception as exc:
+        raise ContadError(f"could not send {PRODUCT_ADDED_EVENT} to the Prefect server at {url}: {exc}") from exc
+    log.info("emitted %s for %s (%s) to %s", PRODUCT_ADDED_EVENT, name, path, url)
+
+
+def check_prefect_server(url: str) -> None:
+    """``ContadError`` unless the Prefect API at ``url`` answers its health check."""
+    import httpx
+
+    try:
+        response = httpx.get(url.rstrip("/") + "/health", timeout=5.0)
+        response.raise_for_status()
+    except Exception as exc:
+        raise ContadError(f"no Prefect server answering at PREFECT_API_URL={url} ({exc}); start one with `prefect server start` and run `contad serve`") from exc
+
+
+def add_product_command(cfg: Config, path: Path, name: str, out: Path | None, via_server: bool) -> int:
+    """``contad add-product``: 0 when the product was added and promoted, 1 when the gate rejected it."""
+    check_product_name(name)
+    if via_server:
+        if not Path(path).is_dir():
+            raise DataError(f"product folder {path} does not exist or is not a directory")
+        emit_product_added(Path(path), name)
+        print(f"sent {PRODUCT_ADDED_EVENT} for {name!r} ({Path(path).resolve()}); the `contad serve` deployment will run it")
+        return 0
+    result = add_product_flow(path=str(Path(path).resolve()), name=name, config=config_to_dict(cfg), out=str(out) if out else None, fail_on_reject=False)
+    if result["promoted"]:
+        print(f"added {name!r}: bank version {result['bank_version'][:SHORT_HASH]} is current, model version {result['model_version'] or '-'} is champion")
+        return 0
+    print(
+        f"contad: add-product {name!r} rejected: promotion gate failed: {'; '.join(result['gate']['reasons'])}\n"
+        f"  bank version {result['bank_version'][:SHORT_HASH]} stored but current stays {result['previous_version'][:SHORT_HASH]}; champion unchanged",
+        file=sys.stderr,
+    )
+    return 1
+
