@@ -79,9 +79,9 @@ class UCADConfig(Section):
     """UCAD: task keys, prompts trained with structure-based contrastive loss, knowledge memory."""
 
     key_size: int = 196  # k-center-greedy sample of un-prompted patch features per task
-    knowledge_size: int = 196  # coreset of prompted patch features per task
+    knowledge_size: int = 784  # coreset of prompted patch features per task (paper: 196 at 196 patches/img)
     epochs: int = 3
-    lr: float = 1e-3
+    lr: float = 1e-2
     batch_size: int = 8
     temperature: float = 0.1
     pairs_per_image: int = 256  # patch pairs sampled per image for the contrastive loss

@@ -1,0 +1,57 @@
+"""K-center greedy (farthest-point) subsampling of feature sets."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def k_center_greedy(
+    features: torch.Tensor,
+    k: int,
+    start_index: int = 0,
+    projection_dim: int | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Indices of ``k`` rows of ``features`` (N, C) chosen by farthest-point sampling.
+
+    The first pick is ``start_index``; every further pick is the row whose distance to its nearest
+    already-picked row is largest (ties: lowest index). ``k >= N`` returns all rows in pick order.
+    ``projection_dim`` optionally runs the selection on a seeded Gaussian random projection of the
+    features (the PatchCore speed-up); ``None`` selects in the original space.
+    """
+    if features.ndim != 2:
+        raise ValueError(f"features must be (N, C), got shape {tuple(features.shape)}")
+    n = features.shape[0]
+    if n == 0 or k <= 0:
+        return torch.empty(0, dtype=torch.long)
+    if not 0 <= start_index < n:
+        raise ValueError(f"start_index {start_index} out of range for {n} rows")
+    k = min(k, n)
+    points = features.detach().float()
+    if projection_dim is not None and projection_dim < points.shape[1]:
+        generator = torch.Generator().manual_seed(seed)
+        matrix = torch.randn(points.shape[1], projection_dim, generator=generator) / projection_dim**0.5
+        points = points @ matrix
+    squared_norms = (points * points).sum(dim=1)
+    selected = torch.empty(k, dtype=torch.long)
+    min_sq_dist = torch.full((n,), float("inf"))
+    current = start_index
+    for i in range(k):
+        selected[i] = current
+        # |x - c|^2 = |x|^2 - 2 x.c + |c|^2: one matrix-vector product per pick, no (N, C) temporary.
+        sq_dist = (squared_norms - 2.0 * (points @ points[current]) + squared_norms[current]).clamp_min_(0.0)
+        torch.minimum(min_sq_dist, sq_dist, out=min_sq_dist)
+        min_sq_dist[current] = -1.0  # never pick the same row twice
+        current = int(torch.argmax(min_sq_dist))
+    return selected
+
+
+def coreset(features: torch.Tensor, k: int, projection_dim: int | None = None, seed: int = 0) -> torch.Tensor:
+    """The ``k``-row farthest-point coreset of ``features`` (N, C) as a contiguous float32 copy."""
+    index = k_center_greedy(features, k, projection_dim=projection_dim, seed=seed)
+    log.debug("coreset: %d of %d rows", len(index), features.shape[0])
+    return features.detach().float()[index].contiguous()

@@ -1,0 +1,34 @@
+"""Batched, gradient-free feature extraction through a backbone, results on the CPU."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Device of a module's first parameter or buffer (CPU for a module without any)."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def batched(
+    extract: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    desc: str | None = None,
+) -> torch.Tensor:
+    """``extract`` applied to ``images`` in batches of ``batch_size`` on ``device``; concatenated on CPU."""
+    outputs = []
+    starts = range(0, images.shape[0], max(1, batch_size))
+    for start in tqdm(starts, desc=desc, disable=desc is None or len(starts) < 2, leave=False):
+        outputs.append(extract(images[start : start + batch_size].to(device)).float().cpu())
+    return torch.cat(outputs) if outputs else torch.empty(0)

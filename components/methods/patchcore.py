@@ -1,0 +1,230 @@
+"""PatchCore baselines on un-prompted backbone features: finetune, replay, per-task oracle.
+
+- ``PatchCoreFinetune``: one memory bank, refit on each new task's data only (forgets by design).
+- ``PatchCoreReplay``: one bank refit on the new task plus a fixed buffer of past training images
+  (``patchcore.replay_buffer`` images in total, an equal share per task; part of the saved state).
+- ``PatchCoreOracle``: one bank per task, scored with the TRUE task of each image (upper bound).
+
+The banks are k-center-greedy coresets (``patchcore.coreset_size``) of the patch features.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, ClassVar
+
+import torch
+
+from components.backbones.base import PromptedBackbone
+from components.config import Config
+from components.errors import ContadError
+from components.methods.base import ContinualMethod
+from components.methods.coreset import k_center_greedy
+from components.methods.extract import batched, module_device
+from components.methods.knn import NearestNeighbours
+from components.methods.scoring import anomaly_maps, score_patches
+from components.types import Prediction, TaskData
+
+log = logging.getLogger(__name__)
+
+# Inference/extraction batch size of the baselines.
+BATCH_SIZE = 8
+
+
+class MemoryBank:
+    """A coreset of patch features with the task each row came from, and its nearest-neighbour index."""
+
+    def __init__(self, features: torch.Tensor, origin: torch.Tensor) -> None:
+        self.features = features.float().contiguous()
+        self.origin = origin.long().contiguous()
+        self.index = NearestNeighbours(self.features)
+
+    @classmethod
+    def fit(cls, features: torch.Tensor, origin: torch.Tensor, size: int) -> MemoryBank:
+        """Coreset of ``features`` (B, N, C) whose image ``i`` came from task ``origin[i]``."""
+        b, n, c = features.shape
+        flat_origin = origin.long().repeat_interleave(n)
+        index = k_center_greedy(features.reshape(b * n, c), size)
+        return cls(features.reshape(b * n, c)[index], flat_origin[index])
+
+    def score(self, features: torch.Tensor, reweight: bool, num_neighbors: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(patch_scores (B, N), image_scores (B,), majority origin task of the patches' nearest rows (B,))."""
+        patch_scores, image_scores, nn_index = score_patches(features, self.index, self.features, reweight, num_neighbors)
+        owner = self.origin[nn_index].mode(dim=1).values
+        return patch_scores, image_scores, owner
+
+
+class _PatchCoreBase(ContinualMethod):
+    """Shared feature extraction, scoring and map making of the PatchCore baselines."""
+
+    def __init__(self, config: Config, backbone: PromptedBackbone) -> None:
+        super().__init__(config, backbone)
+
+    def _features(self, images: torch.Tensor, desc: str | None = None) -> torch.Tensor:
+        return batched(self.backbone.features, images, BATCH_SIZE, module_device(self.backbone), desc=desc)
+
+    def _require_tasks(self) -> None:
+        if not self.tasks:
+            raise ContadError(f"{self.name}: no task learned yet; train at least one task before predicting")
+
+    def _check_new(self, data: TaskData) -> None:
+        if data.name in self.tasks:
+            raise ContadError(f"task {data.name!r} is already learned (tasks: {self.tasks})")
+        if len(data.train) == 0:
+            raise ContadError(f"task {data.name!r} has no training images")
+
+    def _predict_with(self, bank: MemoryBank, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image_scores, anomaly_maps, owner task index) of ``images`` against ``bank``."""
+        _, _, h, w = images.shape
+        feats = self._features(images)
+        patch_scores, image_scores, owner = bank.score(feats, self.config.patchcore.reweight, self.config.patchcore.num_neighbors)
+        maps = anomaly_maps(patch_scores, self.backbone.grid_size(h), (h, w), self.config.eval.smoothing_sigma)
+        return image_scores, maps, owner
+
+    def _bank_meta(self) -> dict[str, Any]:
+        return {
+            "tasks": list(self.tasks),
+            "config": self.config.patchcore.model_dump(mode="json"),
+            "backbone": self.config.backbone.model_dump(mode="json"),
+            "image_size": self.config.data.image_size,
+        }
+
+
+class PatchCoreFinetune(_PatchCoreBase):
+    """One PatchCore bank refit on each new task's data only: it forgets earlier tasks."""
+
+    name: ClassVar[str] = "patchcore_finetune"
+
+    def __init__(self, config: Config, backbone: PromptedBackbone) -> None:
+        super().__init__(config, backbone)
+        self.bank: MemoryBank | None = None
+
+    def fit_task(self, data: TaskData) -> dict[str, Any]:
+        self._check_new(data)
+        started = time.perf_counter()
+        feats = self._features(data.train.images, desc=f"{data.name}: features")
+        origin = torch.full((feats.shape[0],), len(self.tasks))
+        self.bank = MemoryBank.fit(feats, origin, self.config.patchcore.coreset_size)
+        self.tasks.append(data.name)
+        return {"task": data.name, "bank_size": int(self.bank.features.shape[0]), "train_images": len(data.train), "seconds": time.perf_counter() - started}
+
+    def predict(self, images: torch.Tensor, true_tasks: list[str] | None = None) -> Prediction:
+        self._require_tasks()
+        assert self.bank is not None
+        scores, maps, owner = self._predict_with(self.bank, images)
+        return Prediction(image_scores=scores, anomaly_maps=maps, routed_tasks=[self.tasks[i] for i in owner.tolist()])
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        if self.bank is None:
+            return {}
+        return {"bank/features": self.bank.features, "bank/origin": self.bank.origin}
+
+    def state_meta(self) -> dict[str, Any]:
+        return self._bank_meta()
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self.tasks = list(meta["tasks"])
+        self.bank = MemoryBank(tensors["bank/features"], tensors["bank/origin"]) if self.tasks else None
+
+
+class PatchCoreReplay(PatchCoreFinetune):
+    """One bank refit on the new task plus a fixed-size buffer of past tasks' training images."""
+
+    name: ClassVar[str] = "patchcore_replay"
+
+    def __init__(self, config: Config, backbone: PromptedBackbone) -> None:
+        super().__init__(config, backbone)
+        self.buffer_images: list[torch.Tensor] = []  # per task, images in a fixed random order
+
+    def _shares(self, n_tasks: int) -> list[int]:
+        """Equal split of ``patchcore.replay_buffer`` images over ``n_tasks`` (earlier tasks get the remainder)."""
+        total = self.config.patchcore.replay_buffer
+        return [total // n_tasks + (1 if t < total % n_tasks else 0) for t in range(n_tasks)]
+
+    def fit_task(self, data: TaskData) -> dict[str, Any]:
+        self._check_new(data)
+        started = time.perf_counter()
+        task_index = len(self.tasks)
+        replay = [imgs for imgs in self.buffer_images if len(imgs)]
+        replay_origin = [torch.full((len(imgs),), t) for t, imgs in enumerate(self.buffer_images) if len(imgs)]
+        images = torch.cat([data.train.images, *replay])
+        origin = torch.cat([torch.full((len(data.train),), task_index), *replay_origin])
+        feats = self._features(images, desc=f"{data.name}: features (+{len(images) - len(data.train)} replayed)")
+        self.bank = MemoryBank.fit(feats, origin, self.config.patchcore.coreset_size)
+        self.tasks.append(data.name)
+        self._update_buffer(data.train.images, task_index)
+        return {
+            "task": data.name,
+            "bank_size": int(self.bank.features.shape[0]),
+            "train_images": len(data.train),
+            "replayed_images": len(images) - len(data.train),
+            "buffer_sizes": [len(b) for b in self.buffer_images],
+            "seconds": time.perf_counter() - started,
+        }
+
+    def _update_buffer(self, images: torch.Tensor, task_index: int) -> None:
+        """Add a seeded random sample of the new task and shrink old tasks to their equal share."""
+        shares = self._shares(task_index + 1)
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.config.seed + task_index))
+        new = images[order[: shares[-1]]].detach().cpu().float().contiguous()
+        self.buffer_images = [imgs[:share].contiguous() for imgs, share in zip(self.buffer_images, shares[:-1], strict=True)] + [new]
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = super().state_tensors()
+        for t, imgs in enumerate(self.buffer_images):
+            tensors[f"buffer/{t}"] = imgs
+        return tensors
+
+    def state_meta(self) -> dict[str, Any]:
+        return {**super().state_meta(), "buffer_sizes": [len(b) for b in self.buffer_images]}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        super().load_state(tensors, meta)
+        self.buffer_images = [tensors[f"buffer/{t}"] for t in range(len(self.tasks))]
+
+
+class PatchCoreOracle(_PatchCoreBase):
+    """One PatchCore bank per task, each image scored by its TRUE task's bank (upper bound)."""
+
+    name: ClassVar[str] = "patchcore_oracle"
+    uses_task_labels: ClassVar[bool] = True
+
+    def __init__(self, config: Config, backbone: PromptedBackbone) -> None:
+        super().__init__(config, backbone)
+        self.banks: list[MemoryBank] = []
+
+    def fit_task(self, data: TaskData) -> dict[str, Any]:
+        self._check_new(data)
+        started = time.perf_counter()
+        task_index = len(self.tasks)
+        feats = self._features(data.train.images, desc=f"{data.name}: features")
+        self.banks.append(MemoryBank.fit(feats, torch.full((feats.shape[0],), task_index), self.config.patchcore.coreset_size))
+        self.tasks.append(data.name)
+        return {"task": data.name, "bank_size": int(self.banks[-1].features.shape[0]), "train_images": len(data.train), "seconds": time.perf_counter() - started}
+
+    def predict(self, images: torch.Tensor, true_tasks: list[str] | None = None) -> Prediction:
+        """Score each image with the bank of its true task (``true_tasks`` is required)."""
+        self._require_tasks()
+        if true_tasks is None or len(true_tasks) != images.shape[0]:
+            raise ContadError(f"{self.name} needs the true task of every image (got {None if true_tasks is None else len(true_tasks)} for {images.shape[0]} images)")
+        unknown = sorted(set(true_tasks) - set(self.tasks))
+        if unknown:
+            raise ContadError(f"{self.name}: tasks {unknown} were never learned (learned: {self.tasks})")
+        b, _, h, w = images.shape
+        image_scores, maps = torch.empty(b), torch.empty(b, h, w)
+        for task in sorted(set(true_tasks)):
+            members = torch.tensor([i for i, t in enumerate(true_tasks) if t == task])
+            scores, task_maps, _ = self._predict_with(self.banks[self.tasks.index(task)], images[members])
+            image_scores[members], maps[members] = scores, task_maps
+        return Prediction(image_scores=image_scores, anomaly_maps=maps, routed_tasks=list(true_tasks))
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"bank/{t}/features": bank.features for t, bank in enumerate(self.banks)}
+
+    def state_meta(self) -> dict[str, Any]:
+        return self._bank_meta()
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self.tasks = list(meta["tasks"])
+        self.banks = [MemoryBank(tensors[f"bank/{t}/features"], torch.full((tensors[f"bank/{t}/features"].shape[0],), t)) for t in range(len(self.tasks))]

@@ -1,0 +1,21 @@
+"""Build the continual method named by ``cfg.method``."""
+
+from __future__ import annotations
+
+from components.backbones.base import PromptedBackbone
+from components.config import Config
+from components.errors import ContadError
+from components.methods.base import ContinualMethod
+from components.methods.patchcore import PatchCoreFinetune, PatchCoreOracle, PatchCoreReplay
+from components.methods.ucad import UCAD
+
+METHODS: dict[str, type[ContinualMethod]] = {cls.name: cls for cls in (UCAD, PatchCoreFinetune, PatchCoreReplay, PatchCoreOracle)}
+
+
+def build_method(cfg: Config, backbone: PromptedBackbone) -> ContinualMethod:
+    """A fresh, untrained ``cfg.method`` on top of ``backbone``."""
+    try:
+        cls = METHODS[cfg.method]
+    except KeyError:
+        raise ContadError(f"method: unknown method {cfg.method!r} (choose from {sorted(METHODS)})") from None
+    return cls(cfg, backbone)

@@ -1,0 +1,287 @@
+"""UCAD (Liu et al., AAAI 2024): task keys, structure-contrastive prompts, per-task knowledge.
+
+Per task ``t`` the method stores
+- a *key*: a k-center-greedy sample of the un-prompted key features of the task's training images;
+- a *prompt*: a fresh ``TaskPrompt`` trained with the structure-based contrastive loss on the
+  structure label maps (patches of one segment attract, of different segments repel);
+- a *knowledge* memory: a k-center-greedy coreset of the prompted patch features.
+
+At test time each image is routed, without any task label, to the task whose key is nearest
+(one un-prompted pass for all stored tasks), then scored with one prompted pass: the patch scores
+are nearest-neighbour distances to that task's knowledge, the image score their maximum
+(optionally PatchCore re-weighted), and the anomaly map their bilinearly upsampled, Gaussian
+smoothed grid.
+
+Without label maps (``TaskData.label_maps is None``) the prompt is left at its initialisation
+(training-free prompt) and only the key and knowledge are learned.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Any, ClassVar
+
+import torch
+from tqdm.auto import tqdm
+
+from components.backbones.base import PromptedBackbone, TaskPrompt
+from components.config import Config
+from components.errors import ContadError
+from components.methods.base import ContinualMethod
+from components.methods.contrastive import structure_contrastive_loss
+from components.methods.coreset import coreset
+from components.methods.extract import batched, module_device
+from components.methods.knn import NearestNeighbours
+from components.methods.routing import KeyRouter
+from components.methods.scoring import anomaly_maps, score_patches
+from components.segment.grid import downsample_label_map
+from components.types import Prediction, TaskData
+
+log = logging.getLogger(__name__)
+
+
+class UCAD(ContinualMethod):
+    """Unsupervised continual anomaly detection with task-routed prompts and knowledge."""
+
+    name: ClassVar[str] = "ucad"
+
+    def __init__(self, config: Config, backbone: PromptedBackbone) -> None:
+        super().__init__(config, backbone)
+        self.keys: list[torch.Tensor] = []
+        self.prompts: list[TaskPrompt] = []
+        self.knowledge: list[torch.Tensor] = []
+        self.score_stats: list[dict[str, float]] = []
+        self._router: KeyRouter | None = None
+        self._memories: dict[int, NearestNeighbours] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return module_device(self.backbone)
+
+    # ------------------------------------------------------------------ training
+    def fit_task(self, data: TaskData) -> dict[str, Any]:
+        """Learn the key, prompt and knowledge of one new task from its normal training images."""
+        cfg = self.config.ucad
+        if data.name in self.tasks:
+            raise ContadError(f"task {data.name!r} is already learned (tasks: {self.tasks})")
+        if len(data.train) == 0:
+            raise ContadError(f"task {data.name!r} has no training images")
+        started = time.perf_counter()
+        task_index = len(self.tasks)
+        images = data.train.images
+        log.info("ucad: task %d %r, %d training images", task_index, data.name, len(images))
+
+        key_feats = batched(self.backbone.key_features, images, cfg.batch_size, self.device, desc=f"{data.name}: keys")
+        key = coreset(key_feats.reshape(-1, key_feats.shape[-1]), cfg.key_size)
+
+        prompt, train_log = self._train_prompt(data, task_index)
+
+        feats = batched(lambda x: self.backbone.features(x, prompt), images, cfg.batch_size, self.device, desc=f"{data.name}: knowledge")
+        knowledge = coreset(feats.reshape(-1, feats.shape[-1]), cfg.knowledge_size)
+
+        self.tasks.append(data.name)
+        self.keys.append(key)
+        self.prompts.append(prompt)
+        self.knowledge.append(knowledge)
+        self._router = None
+        self.score_stats.append(self._heldout_stats(data, task_index))
+        seconds = time.perf_counter() - started
+        log.info("ucad: task %r done in %.1fs (key %d, knowledge %d)", data.name, seconds, len(key), len(knowledge))
+        return {
+            "task": data.name,
+            "key_size": int(key.shape[0]),
+            "knowledge_size": int(knowledge.shape[0]),
+            "train_images": int(len(images)),
+            "seconds": seconds,
+            **train_log,
+            "heldout_score_stats": self.score_stats[-1],
+        }
+
+    def _new_prompt(self, task_index: int) -> TaskPrompt:
+        """A deterministic fresh prompt for task ``task_index`` (seeded; global RNG untouched)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed + 1000 * (task_index + 1))
+            return self.backbone.new_prompt().to(self.device)
+
+    def _label_grid(self, label_maps: torch.Tensor, image_size: int) -> torch.Tensor:
+        """(N, h*w) segment ids on the backbone's patch grid (mode downsampling)."""
+        grid = self.backbone.grid_size(image_size)
+        return downsample_label_map(label_maps, grid).reshape(label_maps.shape[0], -1)
+
+    def _contrastive_loss(self, prompt: TaskPrompt, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        feats = self.backbone.features(images.to(self.device), prompt)
+        cfg = self.config.ucad
+        return structure_contrastive_loss(feats, labels, cfg.temperature, cfg.pairs_per_image, generator)
+
+    @torch.no_grad()
+    def heldout_loss(self, prompt: TaskPrompt, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """Contrastive loss of ``prompt`` on held-out normals with a fixed patch sample (comparable across epochs)."""
+        generator = torch.Generator().manual_seed(self.config.seed)
+        bs = self.config.ucad.batch_size
+        total, count = 0.0, 0
+        for start in range(0, len(images), bs):
+            loss = self._contrastive_loss(prompt, images[start : start + bs], labels[start : start + bs], generator)
+            n = min(bs, len(images) - start)
+            total += float(loss) * n
+            count += n
+        return total / max(count, 1)
+
+    def _train_prompt(self, data: TaskData, task_index: int) -> tuple[TaskPrompt, dict[str, Any]]:
+        """Train a fresh prompt with the structure contrastive loss (fixed epochs or early stopping)."""
+        cfg = self.config.ucad
+        prompt = self._new_prompt(task_index)
+        if data.label_maps is None:
+            log.warning("ucad: task %r has no label maps; using the training-free (initial) prompt", data.name)
+            return self._freeze(prompt), {"epoch_losses": [], "heldout_losses": [], "best_epoch": None, "prompt_trained": False}
+        images = data.train.images
+        if data.label_maps.shape[0] != len(images):
+            raise ContadError(f"task {data.name!r}: {data.label_maps.shape[0]} label maps for {len(images)} training images")
+        labels = self._label_grid(data.label_maps, images.shape[-1])
+        heldout_labels = None
+        if cfg.early_stopping_patience > 0 and data.heldout_label_maps is not None and len(data.heldout) > 0:
+            heldout_labels = self._label_grid(data.heldout_label_maps, images.shape[-1])
+        elif cfg.early_stopping_patience > 0:
+            log.warning("ucad: task %r has no held-out label maps; early stopping off, %d fixed epochs", data.name, cfg.epochs)
+
+        generator = torch.Generator().manual_seed(self.config.seed + task_index)
+        params = [p for p in prompt.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=cfg.lr)
+        epoch_losses: list[float] = []
+        heldout_losses: list[float] = []
+        best_loss, best_epoch, best_state = float("inf"), -1, copy.deepcopy(prompt.state_dict())
+        if heldout_labels is not None:
+            best_loss, best_epoch = self.heldout_loss(prompt, data.heldout.images, heldout_labels), 0
+            heldout_losses.append(best_loss)
+        prompt.train()
+        for epoch in range(1, cfg.epochs + 1):
+            order = torch.randperm(len(images), generator=generator)
+            running, seen = 0.0, 0
+            for start in tqdm(range(0, len(images), cfg.batch_size), desc=f"{data.name}: prompt epoch {epoch}", leave=False):
+                batch = order[start : start + cfg.batch_size]
+                loss = self._contrastive_loss(prompt, images[batch], labels[batch], generator)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                running += float(loss.detach()) * len(batch)
+                seen += len(batch)
+            epoch_losses.append(running / seen)
+            log.info("ucad: task %r epoch %d contrastive loss %.4f", data.name, epoch, epoch_losses[-1])
+            if heldout_labels is None:
+                continue
+            prompt.eval()
+            heldout = self.heldout_loss(prompt, data.heldout.images, heldout_labels)
+            prompt.train()
+            heldout_losses.append(heldout)
+            if heldout < best_loss:
+                best_loss, best_epoch, best_state = heldout, epoch, copy.deepcopy(prompt.state_dict())
+            elif epoch - best_epoch >= cfg.early_stopping_patience:
+                log.info("ucad: task %r early stop at epoch %d (best %d)", data.name, epoch, best_epoch)
+                break
+        if heldout_labels is not None:
+            prompt.load_state_dict(best_state)
+        return self._freeze(prompt), {
+            "epoch_losses": epoch_losses,
+            "heldout_losses": heldout_losses,
+            "best_epoch": best_epoch if heldout_labels is not None else len(epoch_losses),
+            "prompt_trained": True,
+        }
+
+    @staticmethod
+    def _freeze(prompt: TaskPrompt) -> TaskPrompt:
+        for param in prompt.parameters():
+            param.requires_grad_(False)
+        return prompt.eval()
+
+    def _heldout_stats(self, data: TaskData, task_index: int) -> dict[str, float]:
+        """Image-score statistics of the task's held-out training normals under its own prompt."""
+        if len(data.heldout) == 0:
+            return {"count": 0}
+        scores = self._score_task(data.heldout.images, task_index)[1]
+        return {
+            "count": int(len(scores)),
+            "mean": float(scores.mean()),
+            "std": float(scores.std()) if len(scores) > 1 else 0.0,
+            "max": float(scores.max()),
+        }
+
+    # ------------------------------------------------------------------ inference
+    def _memory(self, task_index: int) -> NearestNeighbours:
+        if task_index not in self._memories:
+            self._memories[task_index] = NearestNeighbours(self.knowledge[task_index])
+        return self._memories[task_index]
+
+    def router(self) -> KeyRouter:
+        """The key router over all stored tasks (keys stacked once, rebuilt after a new task)."""
+        if self._router is None:
+            self._router = KeyRouter(self.keys)
+        return self._router
+
+    def route(self, images: torch.Tensor) -> torch.Tensor:
+        """(B,) routed task index of every image: one un-prompted backbone pass per image."""
+        bs = self.config.ucad.batch_size
+        router = self.router()
+        routed = [router.route(batched(self.backbone.key_features, images[s : s + bs], bs, self.device)) for s in range(0, len(images), bs)]
+        return torch.cat(routed)
+
+    def _score_task(self, images: torch.Tensor, task_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(patch_scores (B, N), image_scores (B,)) of ``images`` under task ``task_index``."""
+        prompt = self.prompts[task_index]
+        feats = batched(lambda x: self.backbone.features(x, prompt), images, self.config.ucad.batch_size, self.device)
+        patch_scores, image_scores, _ = score_patches(feats, self._memory(task_index), self.knowledge[task_index], self.config.ucad.reweight)
+        return patch_scores, image_scores
+
+    def predict(self, images: torch.Tensor, true_tasks: list[str] | None = None) -> Prediction:
+        """Route every image to a task (``true_tasks`` is ignored), then score it with that task."""
+        if not self.tasks:
+            raise ContadError("ucad: no task learned yet; train at least one task before predicting")
+        b, _, h, w = images.shape
+        routed = self.route(images)
+        grid = self.backbone.grid_size(h)
+        image_scores = torch.empty(b)
+        maps = torch.empty(b, h, w)
+        for task_index in routed.unique().tolist():
+            members = (routed == task_index).nonzero().flatten()
+            patch_scores, scores = self._score_task(images[members], task_index)
+            image_scores[members] = scores
+            maps[members] = anomaly_maps(patch_scores, grid, (h, w), self.config.eval.smoothing_sigma)
+        return Prediction(image_scores=image_scores, anomaly_maps=maps, routed_tasks=[self.tasks[i] for i in routed.tolist()])
+
+    # ------------------------------------------------------------------ state
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        for t in range(len(self.tasks)):
+            tensors[f"key/{t}"] = self.keys[t]
+            tensors[f"knowledge/{t}"] = self.knowledge[t]
+            for name, value in self.prompts[t].state_dict().items():
+                tensors[f"prompt/{t}/{name}"] = value.detach().cpu()
+        return tensors
+
+    def state_meta(self) -> dict[str, Any]:
+        return {
+            "tasks": list(self.tasks),
+            "config": self.config.ucad.model_dump(mode="json"),
+            "backbone": self.config.backbone.model_dump(mode="json"),
+            "image_size": self.config.data.image_size,
+            "key_sizes": [int(k.shape[0]) for k in self.keys],
+            "knowledge_sizes": [int(k.shape[0]) for k in self.knowledge],
+            "score_stats": list(self.score_stats),
+        }
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        tasks = list(meta["tasks"])
+        if meta.get("backbone", {}).get("name", self.config.backbone.name) != self.config.backbone.name:
+            raise ValueError(f"state was trained with backbone {meta['backbone']['name']!r}, not {self.config.backbone.name!r}")
+        keys, knowledge, prompts = [], [], []
+        for t in range(len(tasks)):
+            keys.append(tensors[f"key/{t}"].float().contiguous())
+            knowledge.append(tensors[f"knowledge/{t}"].float().contiguous())
+            prefix = f"prompt/{t}/"
+            prompt = self._new_prompt(t)
+            prompt.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
+            prompts.append(self._freeze(prompt.to(self.device)))
+        self.tasks, self.keys, self.knowledge, self.prompts = tasks, keys, knowledge, prompts
+        self.score_stats = list(meta.get("score_stats", [{} for _ in tasks]))
+        self._router = None
+        self._memories = {}

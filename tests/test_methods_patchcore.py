@@ -1,0 +1,109 @@
+"""PatchCore baselines: finetune forgets, replay keeps a fixed buffer, the oracle needs true tasks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from components.config import Config
+from components.errors import ContadError
+from components.methods.patchcore import PatchCoreFinetune, PatchCoreOracle, PatchCoreReplay
+from components.methods.registry import METHODS, build_method
+from components.methods.ucad import UCAD
+from tests.methods_support import IMAGE_SIZE, ToyBackbone, product_images, toy_config, toy_task
+
+
+def _red_scores(method: object) -> tuple[float, float]:
+    """(image AUROC, mean normal score) on "red" where the defect is a pasted patch of "green" texture."""
+    good = product_images("red", 10, seed=11)
+    bad = product_images("red", 10, seed=12, defect="green")
+    scores = method.predict(torch.cat([good, bad]), ["red"] * 20).image_scores
+    return float(roc_auc_score([0] * 10 + [1] * 10, scores.numpy())), float(scores[:10].mean())
+
+
+def test_finetune_forgets_what_the_oracle_remembers() -> None:
+    finetune = PatchCoreFinetune(toy_config("patchcore_finetune"), ToyBackbone())
+    oracle = PatchCoreOracle(toy_config("patchcore_oracle"), ToyBackbone())
+    for method in (finetune, oracle):
+        for product in ("red", "green"):
+            method.fit_task(toy_task(product))
+    oracle_auroc, oracle_normal = _red_scores(oracle)
+    finetune_auroc, finetune_normal = _red_scores(finetune)
+    assert oracle_auroc == 1.0
+    assert finetune_auroc <= 0.85  # the bank now only knows "green": the pasted defect looks normal
+    assert finetune_normal > 1.5 * oracle_normal  # normal "red" images look anomalous after the refit
+    assert finetune.bank is not None and finetune.bank.features.shape == (48, ToyBackbone.feature_dim)
+    assert set(finetune.predict(product_images("red", 2, seed=1)).routed_tasks) == {"green"}
+
+
+def test_replay_keeps_an_equal_share_buffer_and_round_trips(tmp_path: Path) -> None:
+    cfg = toy_config("patchcore_replay")
+    replay = PatchCoreReplay(cfg, ToyBackbone())
+    logs = [replay.fit_task(toy_task(p)) for p in ("red", "green", "blue")]
+    assert [log["replayed_images"] for log in logs] == [0, 5, 5]
+    assert [len(b) for b in replay.buffer_images] == [2, 2, 1]  # 5 images over 3 tasks
+    images = torch.cat([product_images("red", 3, seed=5), product_images("blue", 3, seed=6, defect="green")])
+    pred = replay.predict(images)
+    out = replay.save(tmp_path / "replay")
+    restored = PatchCoreReplay(cfg, ToyBackbone())
+    restored.load(out)
+    assert [len(b) for b in restored.buffer_images] == [2, 2, 1]
+    assert all(torch.equal(a, b) for a, b in zip(replay.buffer_images, restored.buffer_images, strict=True))
+    again = restored.predict(images)
+    assert torch.equal(again.image_scores, pred.image_scores) and torch.equal(again.anomaly_maps, pred.anomaly_maps)
+    assert again.routed_tasks == pred.routed_tasks
+
+
+def test_replay_buffer_images_come_from_the_task_training_images() -> None:
+    replay = PatchCoreReplay(toy_config("patchcore_replay"), ToyBackbone())
+    task = toy_task("red")
+    replay.fit_task(task)
+    for img in replay.buffer_images[0]:
+        assert any(torch.equal(img, t) for t in task.train.images)
+
+
+def test_oracle_needs_true_tasks_and_round_trips(tmp_path: Path) -> None:
+    oracle = PatchCoreOracle(toy_config("patchcore_oracle"), ToyBackbone())
+    assert oracle.uses_task_labels
+    for product in ("red", "green"):
+        oracle.fit_task(toy_task(product, n_train=6))
+    images = torch.cat([product_images("red", 2, seed=3), product_images("green", 2, seed=4)])
+    truth = ["red", "red", "green", "green"]
+    with pytest.raises(ContadError, match="true task"):
+        oracle.predict(images)
+    with pytest.raises(ContadError, match="never learned"):
+        oracle.predict(images, ["red", "red", "blue", "blue"])
+    pred = oracle.predict(images, truth)
+    assert pred.routed_tasks == truth and pred.anomaly_maps.shape == (4, IMAGE_SIZE, IMAGE_SIZE)
+    restored = PatchCoreOracle(toy_config("patchcore_oracle"), ToyBackbone())
+    restored.load(oracle.save(tmp_path / "oracle"))
+    assert torch.equal(restored.predict(images, truth).image_scores, pred.image_scores)
+
+
+def test_reweighting_scales_the_max_patch_score() -> None:
+    cfg = toy_config("patchcore_finetune")
+    plain = PatchCoreFinetune(cfg, ToyBackbone())
+    plain.fit_task(toy_task("red"))
+    cfg_rw = toy_config("patchcore_finetune")
+    cfg_rw.patchcore.reweight = True
+    weighted = PatchCoreFinetune(cfg_rw, ToyBackbone())
+    weighted.fit_task(toy_task("red"))
+    images = product_images("red", 4, seed=9, defect="green")
+    raw, rw = plain.predict(images).image_scores, weighted.predict(images).image_scores
+    assert (rw <= raw + 1e-6).all() and (rw > 0).all() and not torch.allclose(rw, raw)
+
+
+def test_registry_builds_every_configured_method() -> None:
+    from typing import get_args
+
+    assert set(METHODS) == set(get_args(Config.model_fields["method"].annotation))
+    for name, cls in [("ucad", UCAD), ("patchcore_finetune", PatchCoreFinetune), ("patchcore_replay", PatchCoreReplay), ("patchcore_oracle", PatchCoreOracle)]:
+        method = build_method(toy_config(name), ToyBackbone())
+        assert type(method) is cls and method.name == name
+    cfg = toy_config("ucad")
+    object.__setattr__(cfg, "method", "nope")
+    with pytest.raises(ContadError, match="unknown method"):
+        build_method(cfg, ToyBackbone())
