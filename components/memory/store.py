@@ -1,0 +1,259 @@
+"""Versioned memory banks: immutable, content-hashed snapshots of a continual method's full state.
+
+Layout of a store directory::
+
+    ROOT/
+      versions/<sha256>/state/...      the saved method directory (keys, prompts, knowledge, config)
+      versions/<sha256>/manifest.json  meta: step, tasks, products, metrics, parent, created, files
+      CURRENT                          the version hash the pipeline continues from
+
+A version's hash is the SHA-256 of its state files (relative path + content hash of every file),
+so identical states share one version. Versions are written into a temporary sibling directory
+and renamed into place; ``CURRENT`` is replaced atomically afterwards, so a crash at any point
+leaves the previous version current. Nothing is ever deleted: rollback only moves ``CURRENT``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+from components.atomic import atomic_directory, atomic_write_json, atomic_write_text
+from components.errors import ContadError
+
+log = logging.getLogger(__name__)
+
+VERSIONS_DIR = "versions"
+STATE_DIR = "state"
+MANIFEST_FILE = "manifest.json"
+CURRENT_FILE = "CURRENT"
+SHORT_HASH = 12
+_CHUNK = 1 << 20
+
+
+class BankError(ContadError):
+    """A bank store or version is missing, ambiguous or corrupt."""
+
+
+class SavableState(Protocol):
+    """Anything that writes its full state into a directory (a ``ContinualMethod``)."""
+
+    def save(self, directory: str | Path) -> Path: ...
+
+
+@dataclass(frozen=True)
+class BankVersion:
+    """One entry of ``BankStore.list()``."""
+
+    version: str
+    step: int | None
+    tasks: list[str]
+    created: str
+    parent: str | None
+    current: bool
+
+    @property
+    def short(self) -> str:
+        return self.version[:SHORT_HASH]
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of one file's content."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def state_files(state_dir: Path) -> dict[str, str]:
+    """``{relative posix path: sha256}`` of every regular file under ``state_dir`` (hidden temp files skipped)."""
+    files: dict[str, str] = {}
+    for path in sorted(state_dir.rglob("*")):
+        rel = path.relative_to(state_dir)
+        if path.is_file() and not any(part.startswith(".") for part in rel.parts):
+            files[rel.as_posix()] = file_sha256(path)
+    return files
+
+
+def content_hash(files: dict[str, str]) -> str:
+    """Version hash of a state given its ``state_files`` listing."""
+    digest = hashlib.sha256()
+    for rel in sorted(files):
+        digest.update(rel.encode("utf-8") + b"\0" + files[rel].encode("ascii") + b"\n")
+    return digest.hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class BankStore:
+    """A directory of immutable memory-bank versions with a movable ``CURRENT`` pointer."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @property
+    def versions_dir(self) -> Path:
+        return self.root / VERSIONS_DIR
+
+    # ------------------------------------------------------------------ writing
+    def commit(self, method_dir_or_state: str | Path | SavableState, meta: dict[str, Any], make_current: bool = True) -> str:
+        """Store a version of a method state and (by default) make it current; returns its hash.
+
+        ``method_dir_or_state`` is a saved method directory or an object with ``save(directory)``.
+        ``meta`` (JSON-able: step, tasks, products, metrics...) goes into the manifest together
+        with the creation time and the parent version (``meta["parent"]`` when given, else the
+        current version). Committing a state that already exists keeps the existing (immutable)
+        version. ``make_current=False`` stores a candidate without moving ``CURRENT``.
+        """
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        parent = meta["parent"] if "parent" in meta else self.current()
+        staging = Path(tempfile.mkdtemp(dir=self.versions_dir, prefix=".staging-"))
+        try:
+            state_dir = staging / STATE_DIR
+            self._stage_state(method_dir_or_state, state_dir)
+            files = state_files(state_dir)
+            if not files:
+                raise BankError(f"{method_dir_or_state}: no files to version (empty method state)")
+            version = content_hash(files)
+            target = self.versions_dir / version
+            if target.exists():
+                log.info("bank version %s already stored; making it current", version[:SHORT_HASH])
+            else:
+                manifest = {**_json_safe(meta), "version": version, "parent": parent, "created": _now(), "files": files}
+                with atomic_directory(target) as tmp:
+                    os.replace(state_dir, tmp / STATE_DIR)
+                    _write_manifest(tmp / MANIFEST_FILE, manifest)
+                log.info("stored bank version %s (parent %s)", version[:SHORT_HASH], (parent or "-")[:SHORT_HASH])
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        if make_current:
+            self._set_current(version)
+        return version
+
+    def rollback(self, version: str) -> str:
+        """Make ``version`` (a unique prefix is enough) current; returns the full hash. Never deletes."""
+        full = self.resolve(version)
+        self._verify(full)
+        self._set_current(full)
+        log.info("bank store %s: current version is now %s", self.root, full[:SHORT_HASH])
+        return full
+
+    def checkout(self, version: str, dest: str | Path) -> Path:
+        """Materialise the state of ``version`` into ``dest`` (replaced atomically) for loading; verifies its hash."""
+        full = self.resolve(version)
+        self._verify(full)
+        dest = Path(dest)
+        with atomic_directory(dest) as tmp:
+            shutil.copytree(self.state_dir(full), tmp, dirs_exist_ok=True)
+        return dest
+
+    # ------------------------------------------------------------------ reading
+    def current(self) -> str | None:
+        """Hash of the current version, or None for an empty store."""
+        pointer = self.root / CURRENT_FILE
+        if not pointer.exists():
+            return None
+        version = pointer.read_text().strip()
+        if not (self.versions_dir / version / MANIFEST_FILE).is_file():
+            raise BankError(f"{pointer}: points to version {version!r}, which is not in {self.versions_dir}")
+        return version
+
+    def list(self) -> list[BankVersion]:
+        """All stored versions, oldest first."""
+        current = self.current()
+        entries = []
+        for version in self._version_hashes():
+            manifest = self.show(version)
+            entries.append(
+                BankVersion(
+                    version=version,
+                    step=manifest.get("step"),
+                    tasks=list(manifest.get("tasks", [])),
+                    created=str(manifest.get("created", "")),
+                    parent=manifest.get("parent"),
+                    current=version == current,
+                )
+            )
+        return sorted(entries, key=lambda e: (e.created, e.step if e.step is not None else -1))
+
+    def show(self, version: str) -> dict[str, Any]:
+        """The manifest of ``version`` (a unique prefix is enough)."""
+        full = self.resolve(version)
+        path = self.versions_dir / full / MANIFEST_FILE
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BankError(f"{path}: unreadable manifest: {exc}") from exc
+
+    def state_dir(self, version: str) -> Path:
+        """Read-only path of the stored state of ``version`` (do not modify; use ``checkout`` to get a copy)."""
+        return self.versions_dir / self.resolve(version) / STATE_DIR
+
+    def resolve(self, version: str) -> str:
+        """Full hash of the version whose hash starts with ``version``; ``BankError`` if none or ambiguous."""
+        prefix = version.strip().lower()
+        if not prefix:
+            raise BankError("empty version: give a version hash or a unique prefix of one")
+        matches = [v for v in self._version_hashes() if v.startswith(prefix)]
+        if not matches:
+            raise BankError(f"no bank version starting with {prefix!r} in {self.versions_dir}")
+        if len(matches) > 1:
+            shown = ", ".join(m[:SHORT_HASH] for m in matches)
+            raise BankError(f"version prefix {prefix!r} is ambiguous in {self.versions_dir}: matches {shown}")
+        return matches[0]
+
+    # ------------------------------------------------------------------ internals
+    def _version_hashes(self) -> list[str]:
+        if not self.root.is_dir():
+            raise BankError(f"no bank store at {self.root} (set banks.store_dir or --store)")
+        if not self.versions_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.versions_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST_FILE).is_file())
+
+    def _stage_state(self, source: str | Path | SavableState, state_dir: Path) -> None:
+        if isinstance(source, (str, Path)):
+            src = Path(source)
+            if not src.is_dir():
+                raise BankError(f"method directory {src} does not exist")
+            shutil.copytree(src, state_dir, ignore=shutil.ignore_patterns(".*"))
+        else:
+            state_dir.mkdir(parents=True)
+            source.save(state_dir)
+
+    def _verify(self, version: str) -> None:
+        manifest = self.show(version)
+        files = state_files(self.versions_dir / version / STATE_DIR)
+        if files != manifest.get("files") or content_hash(files) != version:
+            raise BankError(f"bank version {version[:SHORT_HASH]} in {self.versions_dir} is corrupt: its files no longer match the manifest hashes")
+
+    def _set_current(self, version: str) -> None:
+        atomic_write_text(self.root / CURRENT_FILE, version + "\n")
+
+
+def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Write one version's manifest (the last file of a version; a separate function so tests can fail it)."""
+    atomic_write_json(path, manifest)
+
+
+def _json_safe(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` round-tripped through JSON (paths and numpy scalars become plain values)."""
+    return json.loads(json.dumps(meta, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):
+        return value.item()
+    raise BankError(f"bank manifest value {value!r} of type {type(value).__name__} is not JSON-serialisable")

@@ -1,0 +1,571 @@
+"""The continual pipeline as Prefect tasks and one flow: validate -> masks -> (train -> evaluate -> version)*.
+
+Building blocks (Prefect tasks; called inside a flow they become task runs with retries on
+transient I/O errors, persisted results and logs; ``.fn`` is the plain function):
+
+- ``validate_dataset(root) -> manifest``
+- ``cache_masks(cfg, manifest, products) -> cache dir``
+- ``train_task(cfg, method_dir_in, task_name, products, manifest, out_dir) -> method dir``
+- ``evaluate_all_tasks(cfg, method_dir, manifest, task_of_product) -> metrics by product``
+- ``version_memory_bank(cfg, method_dir, meta) -> bank version hash``
+
+``continual_run(cfg, out)`` chains them over the task sequence of ``cfg.protocol`` and writes,
+per completed step, an atomic step record ``OUT/steps/NN-<task>/`` (method state, training
+log, metrics, bank version). Re-running the same command continues after the last completed
+step; a different configuration in the same ``OUT`` is refused. Prefect runs locally (an
+ephemeral API) unless ``PREFECT_API_URL`` points to a server.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+# Before Prefect is imported: component loggers go to Prefect's run logs too, and the ephemeral
+# local API gets enough time to start (and migrate a new database) on a busy 2-core machine.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "components")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+import numpy as np
+import pandas as pd
+import torch
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import INPUTS, RUN_ID, TASK_SOURCE
+from prefect.exceptions import MissingContextError
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from components.atomic import atomic_directory, atomic_write_json, atomic_write_text
+from components.backbones.base import PromptedBackbone
+from components.backbones.registry import build_backbone
+from components.config import Config, config_to_dict
+from components.data.loading import task_data, task_image_paths, test_batch
+from components.data.protocol import ordered_products, task_name, task_of_product, task_sequence
+from components.errors import ContadError, DataError
+from components.eval.continual import AccuracyMatrix
+from components.eval.evaluate import evaluate_tasks, predict_batch
+from components.eval.report import write_report
+from components.memory.store import BankStore
+from components.methods.base import ContinualMethod
+from components.methods.registry import build_method
+from components.segment.cache import MaskCache, build_cache, label_maps_for
+from components.types import ImageBatch, Prediction
+
+log = logging.getLogger(__name__)
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
+
+STEPS_DIR = "steps"
+STEP_RECORD = "step.json"
+METHOD_DIR = "method"
+TRAIN_LOG = "train_log.json"
+RUN_RECORD = "run.json"
+MATRICES_DIR = "matrices"
+AVERAGE_CSV = "average.csv"
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.md"
+RESULTS_DIR = ".prefect-results"
+METHODS_WITH_STRUCTURE_MASKS = frozenset({"ucad"})
+# Parts of a run directory that are not report artifacts (state, data, stores).
+NON_ARTIFACTS = frozenset({STEPS_DIR, "banks", "data", "mask_cache", "mlartifacts", RESULTS_DIR})
+# Config sections that do not change what a run computes (they may differ on resume).
+FINGERPRINT_EXCLUDES = ("tracking", "banks")
+IO_RETRIES = 2
+IO_RETRY_DELAY_S = 2.0
+DETERMINISTIC_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """Prefect's run logger inside a flow/task run, else this module's logger."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
+
+
+def retry_on_transient_io(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry condition: only transient I/O errors (never bad data, missing files or training errors)."""
+    try:
+        state.result()
+    except DETERMINISTIC_OS_ERRORS:
+        return False
+    except OSError:
+        return True
+    except BaseException:  # noqa: BLE001 - anything else is deterministic: do not retry
+        return False
+    return False
+
+
+io_task = functools.partial(
+    task,
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAY_S,
+    retry_condition_fn=retry_on_transient_io,
+    persist_result=True,
+    # Result keys include the flow-run id: results are persisted (OUT/.prefect-results) but never
+    # reused across runs; resuming a run is the job of the step records.
+    cache_policy=INPUTS + TASK_SOURCE + RUN_ID,
+)
+
+
+# ---------------------------------------------------------------------------------- helpers
+def seed_everything(seed: int, task: str) -> None:
+    """Seed python/numpy/torch from the run seed and the task name (independent of resume order)."""
+    value = (seed * 1_000_003 + zlib.crc32(task.encode("utf-8"))) & 0x7FFFFFFF
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_backbone(backbone_json: str, image_size: int) -> PromptedBackbone:
+    from components.config import BackboneConfig
+
+    return build_backbone(BackboneConfig.model_validate_json(backbone_json), image_size)
+
+
+def load_backbone(cfg: Config) -> PromptedBackbone:
+    """The frozen backbone of ``cfg`` (built once per process and configuration)."""
+    return _cached_backbone(cfg.backbone.model_dump_json(), cfg.data.image_size)
+
+
+def load_method(cfg: Config, method_dir: Path | None) -> ContinualMethod:
+    """A ``cfg.method`` instance, restored from ``method_dir`` when given."""
+    method = build_method(cfg, load_backbone(cfg))
+    if method_dir is not None:
+        method.load(method_dir)
+    return method
+
+
+def uses_structure_masks(cfg: Config) -> bool:
+    """Whether ``cfg.method`` trains with structure label maps."""
+    return cfg.method in METHODS_WITH_STRUCTURE_MASKS
+
+
+def product_dirs(manifest: pd.DataFrame, products: list[str]) -> dict[str, str]:
+    """``{product: folder holding all its images}`` from the manifest."""
+    dirs = {}
+    for product in products:
+        paths = manifest.loc[manifest["product"] == product, "image_path"].astype(str).tolist()
+        if not paths:
+            raise DataError(f"product {product!r} has no images in the manifest")
+        dirs[product] = os.path.commonpath(paths) if len(paths) > 1 else str(Path(paths[0]).parent)
+    return dirs
+
+
+def config_fingerprint(cfg: Config) -> str:
+    """Hash of everything that changes what a run computes (tracking and bank location excluded)."""
+    doc = {k: v for k, v in config_to_dict(cfg).items() if k not in FINGERPRINT_EXCLUDES}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _clean_number(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (np.floating, np.integer)):
+        return _clean_number(value.item())
+    return value
+
+
+def _clean_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, float | None]]:
+    """Metrics with NaN/inf as None (JSON-safe)."""
+    return {p: {k: _clean_number(v) for k, v in m.items()} for p, m in metrics.items()}
+
+
+# ---------------------------------------------------------------------------------- building blocks
+@io_task(name="validate_dataset")
+def validate_dataset(root: Path) -> pd.DataFrame:
+    """Validate the dataset at ``root`` (never modifies it) and return its manifest.
+
+    Raises ``DataError`` listing every failed check.
+    """
+    from components.data import validate as data_validation  # Great Expectations: imported on use
+
+    logger = run_logger()
+    root = Path(root)
+    report = data_validation.validate_dataset(root)
+    if not report.ok or report.manifest is None:
+        raise DataError(report.describe())
+    manifest = report.manifest
+    logger.info("dataset %s valid: %d images of %d products", root, len(manifest), manifest["product"].nunique())
+    return manifest
+
+
+@io_task(name="cache_masks", task_run_name="masks-{cfg.masks.provider}")
+def cache_masks(cfg: Config, manifest: pd.DataFrame, products: list[str]) -> Path:
+    """Fill the structure-mask cache (``cfg.masks.cache_dir``) for the training images of ``products``."""
+    logger = run_logger()
+    cache_dir = Path(cfg.masks.cache_dir)
+    rows = manifest[(manifest["split"] == "train") & manifest["product"].isin(products)]
+    items = list(zip(rows["image_path"].astype(str), rows["product"].astype(str)))
+    summary = build_cache(MaskCache(cache_dir, cfg.masks), items, workers=cfg.masks.workers)
+    logger.info("mask cache %s (%s): %s", cache_dir, cfg.masks.provider, summary.as_dict())
+    return cache_dir
+
+
+def task_label_maps(cfg: Config, manifest: pd.DataFrame, products: list[str]) -> torch.Tensor | None:
+    """Label maps of a task's train + held-out images from the mask cache (None if the method needs none)."""
+    if not uses_structure_masks(cfg):
+        return None
+    paths = task_image_paths(manifest, products, cfg)
+    path_product = dict(zip(manifest["image_path"].astype(str), manifest["product"].astype(str)))
+    return label_maps_for(paths, [path_product[p] for p in paths], cfg.masks, Path(cfg.masks.cache_dir), cfg.data.image_size)
+
+
+@io_task(name="train_task", task_run_name="train-{task_name}")
+def train_task(cfg: Config, method_dir_in: Path | None, task_name: str, products: list[str], manifest: pd.DataFrame, out_dir: Path) -> Path:
+    """Learn one task on top of the state in ``method_dir_in`` (None = fresh method).
+
+    Saves the new state atomically into ``out_dir`` and the training log next to it
+    (``<out_dir's parent>/train_log.json``); returns ``out_dir``.
+    """
+    logger = run_logger()
+    out_dir = Path(out_dir)
+    seed_everything(cfg.seed, task_name)
+    method = load_method(cfg, Path(method_dir_in) if method_dir_in is not None else None)
+    data = task_data(manifest, task_name, products, cfg, task_label_maps(cfg, manifest, products))
+    logger.info("training %s on task %s (%d images, tasks so far: %s)", cfg.method, task_name, len(data.train), method.tasks)
+    started = time.perf_counter()
+    train_log = method.fit_task(data)
+    seconds = time.perf_counter() - started
+    method.save(out_dir)
+    atomic_write_json(out_dir.parent / TRAIN_LOG, {"task": task_name, "products": products, "seconds": seconds, "log": train_log})
+    logger.info("task %s trained in %.1f s; state saved to %s", task_name, seconds, out_dir)
+    return out_dir
+
+
+@io_task(name="evaluate_all_tasks")
+def evaluate_all_tasks(cfg: Config, method_dir: Path, manifest: pd.DataFrame, task_of_product: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Metrics of every product in ``task_of_product`` (all learned so far); images carry no product label."""
+    method = load_method(cfg, Path(method_dir))
+    batches = {p: test_batch(manifest, p, cfg.data.image_size) for p in task_of_product}
+    metrics, _ = evaluate_tasks(method, batches, task_of_product, cfg)
+    run_logger().info("evaluated %d products with %s", len(metrics), method_dir)
+    return metrics
+
+
+def overlay_examples(cfg: Config, method_dir: Path, manifest: pd.DataFrame, task_of_product: dict[str, str]) -> dict[str, tuple[ImageBatch, Prediction]]:
+    """A few test images per product (defective first) with their predictions, for the report figures."""
+    method = load_method(cfg, Path(method_dir))
+    examples: dict[str, tuple[ImageBatch, Prediction]] = {}
+    for product in task_of_product:
+        rows = manifest[(manifest["product"] == product) & (manifest["split"] == "test")].sort_values(["label", "image_path"], ascending=[False, True])
+        chosen = manifest.loc[rows.index[: cfg.eval.overlays_per_task]]
+        if chosen.empty:
+            continue
+        batch = test_batch(chosen, product, cfg.data.image_size)
+        examples[product] = (batch, predict_batch(method, batch, task_of_product, cfg.eval.batch_size))
+    return examples
+
+
+@io_task(name="version_memory_bank")
+def version_memory_bank(cfg: Config, method_dir: Path, meta: dict[str, Any]) -> str:
+    """Store the state in ``method_dir`` as an immutable bank version in ``cfg.banks.store_dir``; returns its hash."""
+    version = BankStore(cfg.banks.store_dir).commit(Path(method_dir), meta)
+    run_logger().info("bank version %s (step %s) in %s", version[:12], meta.get("step"), cfg.banks.store_dir)
+    return version
+
+
+# ---------------------------------------------------------------------------------- step records
+def step_dir(out: Path, index: int, name: str) -> Path:
+    """``OUT/steps/NN-<task>`` (task name made filesystem-safe)."""
+    safe = "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name)
+    return Path(out) / STEPS_DIR / f"{index:02d}-{safe}"
+
+
+def read_step_record(out: Path, index: int, name: str) -> dict[str, Any] | None:
+    """The record of a completed step, or None when the step has not completed."""
+    path = step_dir(out, index, name) / STEP_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ContadError(f"{path}: unreadable step record ({exc}); delete {path.parent} to retrain that step") from exc
+    if record.get("task") != name or record.get("step") != index:
+        raise ContadError(f"{path}: records task {record.get('task')!r} at step {record.get('step')}, expected {name!r} at step {index}")
+    return record
+
+
+def check_run_record(cfg: Config, out: Path) -> dict[str, Any]:
+    """Create ``OUT/run.json`` or check that an existing one belongs to the same configuration."""
+    path = Path(out) / RUN_RECORD
+    fingerprint = config_fingerprint(cfg)
+    if path.is_file():
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ContadError(f"{path}: unreadable run record ({exc})") from exc
+        if record.get("fingerprint") != fingerprint:
+            raise ContadError(
+                f"{path}: {out} holds a run with a different configuration; "
+                "use another --out directory (or delete this one) to start a new run"
+            )
+        return record
+    record = {"fingerprint": fingerprint, "config": config_to_dict(cfg), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write_json(path, record)
+    return record
+
+
+def check_data_fingerprint(out: Path, run_record: dict[str, Any], manifest: pd.DataFrame) -> None:
+    """Record the content hash of the run's images, or refuse to resume on data that changed since."""
+    digest = hashlib.sha256("\n".join(sorted(manifest["sha256"].astype(str))).encode("ascii")).hexdigest()
+    recorded = run_record.get("data_fingerprint")
+    if recorded is None:
+        run_record["data_fingerprint"] = digest
+        atomic_write_json(Path(out) / RUN_RECORD, run_record)
+    elif recorded != digest:
+        raise ContadError(
+            f"{Path(out) / RUN_RECORD}: the images under data.root changed since this run started; "
+            "use another --out directory (or delete this one) to start a new run"
+        )
+
+
+def write_matrix_csvs(out: Path, metrics_json: dict[str, Any]) -> Path:
+    """Accuracy matrices as CSV (``matrices/<metric>.csv``: step, task, one column per product)
+    and ``matrices/average.csv`` (step, task, mean of each metric over the products learned so far)."""
+    directory = Path(out) / MATRICES_DIR
+    products: list[str] = metrics_json["tasks"]
+    steps = metrics_json.get("steps") or [[p] for p in products]
+    names = [task_name(s) for s in steps]
+    averages: list[dict[str, Any]] = [{"step": i, "task": n} for i, n in enumerate(names)]
+    for metric, rows in metrics_json["matrix"].items():
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["step", "task", *products])
+        for i, row in enumerate(rows):
+            writer.writerow([i, names[i], *("" if v is None else f"{v:.6f}" for v in row)])
+            defined = [v for v in row if v is not None]
+            averages[i][metric] = f"{sum(defined) / len(defined):.6f}" if defined else ""
+        atomic_write_text(directory / f"{metric}.csv", buffer.getvalue())
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["step", "task", *metrics_json["matrix"]], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(averages)
+    atomic_write_text(directory / AVERAGE_CSV, buffer.getvalue())
+    return directory
+
+
+@contextmanager
+def report_artifacts(out: Path) -> Iterator[Path]:
+    """A temporary copy of the run directory's report files (no state, data or stores) for MLflow."""
+    with tempfile.TemporaryDirectory(prefix="contad-artifacts-") as tmp:
+        for entry in Path(out).iterdir():
+            if entry.name in NON_ARTIFACTS or entry.name.startswith(".") or entry.suffix == ".db":
+                continue
+            if entry.is_dir():
+                shutil.copytree(entry, Path(tmp) / entry.name)
+            elif entry.is_file():
+                shutil.copy2(entry, Path(tmp) / entry.name)
+        yield Path(tmp)
+
+
+# ---------------------------------------------------------------------------------- tracking
+def open_tracker(cfg: Config, run_record: dict[str, Any]) -> Any:
+    """The MLflow tracker of this run (``flows.tracking``); resumes the parent run of an interrupted attempt."""
+    from flows.tracking import NullTracker, Tracker
+
+    if not cfg.tracking.enabled:
+        return NullTracker(cfg.tracking, cfg.protocol.name)
+    same_store = run_record.get("tracking_uri") == cfg.tracking.uri
+    return Tracker(cfg.tracking, cfg.protocol.name, run_id=run_record.get("mlflow_run_id") if same_store else None)
+
+
+def _promote_if_gate_passes(cfg: Config, tracker: Any, model_version: str | None, new_products: list[str],
+                            after: dict[str, dict[str, float]], before: dict[str, dict[str, float]] | None) -> dict[str, Any]:
+    from flows.promotion import promotion_gate
+
+    decision = promotion_gate(cfg.promotion, new_products, after, before)
+    if decision.passed and model_version is not None:
+        tracker.promote(model_version)
+    run_logger().info("%s", decision.message())
+    return decision.to_dict()
+
+
+# ---------------------------------------------------------------------------------- the flow
+def _prepare(cfg: Config) -> tuple[pd.DataFrame, list[list[str]]]:
+    manifest = validate_dataset(Path(cfg.data.root))
+    products = ordered_products(manifest, cfg)
+    manifest = manifest[manifest["product"].isin(products)].reset_index(drop=True)
+    tasks = task_sequence(products, cfg.protocol.base_tasks, cfg.protocol.step_tasks)
+    return manifest, tasks
+
+
+def _run_step(cfg: Config, out: Path, index: int, tasks: list[list[str]], manifest: pd.DataFrame,
+              method_dir_in: Path | None, parent_version: str | None, tracker: Any,
+              previous_metrics: dict[str, dict[str, float]] | None) -> dict[str, Any]:
+    """Train, evaluate, version and register step ``index``; its record appears atomically at the end."""
+    name = task_name(tasks[index])
+    learned = tasks[: index + 1]
+    with tracker.step(index, name), atomic_directory(step_dir(out, index, name)) as tmp:
+        method_dir = train_task(cfg, method_dir_in, name, tasks[index], manifest, tmp / METHOD_DIR)
+        metrics = evaluate_all_tasks(cfg, method_dir, manifest, task_of_product(learned))
+        tracker.log_step_metrics(index, metrics)
+        meta = {
+            "step": index,
+            "task": name,
+            "tasks": [task_name(t) for t in learned],
+            "products": product_dirs(manifest, [p for t in learned for p in t]),
+            "task_of_product": task_of_product(learned),
+            "method": cfg.method,
+            "metrics": _clean_metrics(metrics),
+            "parent": parent_version,
+            "config_fingerprint": config_fingerprint(cfg),
+        }
+        version = version_memory_bank(cfg, method_dir, meta)
+        bank_manifest = BankStore(cfg.banks.store_dir).show(version)
+        model_version = tracker.register_step_model(method_dir, version, index, manifest=bank_manifest)
+        gate = _promote_if_gate_passes(cfg, tracker, model_version, tasks[index], metrics, previous_metrics)
+        record = {**meta, "bank_version": version, "model_version": model_version, "promotion": gate,
+                  "completed": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        atomic_write_json(tmp / STEP_RECORD, record)
+    return record
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+
+
+def _attach_tracker(cfg: Config, out: Path, tracker: Any, run_record: dict[str, Any]) -> bool:
+    """Log the config on the parent run and remember its id for resume; True when it is a new parent run."""
+    tracker.log_config(cfg)
+    run_id = getattr(tracker, "run_id", None)
+    if run_id is None or run_record.get("mlflow_run_id") == run_id:
+        return False
+    run_record.update(mlflow_run_id=run_id, tracking_uri=cfg.tracking.uri)
+    atomic_write_json(Path(out) / RUN_RECORD, run_record)
+    return True
+
+
+@flow(name="continual_run", validate_parameters=False, persist_result=False)
+def continual_run(cfg: Config, out: Path) -> dict[str, Any]:
+    """Validate, cache masks, then train/evaluate/version every task of the protocol; writes OUT/metrics.json + report."""
+    logger = run_logger()
+    out = Path(out)
+    run_record = check_run_record(cfg, out)
+    manifest, tasks = _prepare(cfg)
+    check_data_fingerprint(out, run_record, manifest)
+    products = [p for t in tasks for p in t]
+    if uses_structure_masks(cfg):
+        cache_masks(cfg, manifest, products)
+    matrix = AccuracyMatrix(products, len(tasks), steps=tasks)
+    tracker = open_tracker(cfg, run_record)
+    method_dir: Path | None = None
+    version: str | None = None
+    previous: dict[str, dict[str, float]] | None = None
+    with tracker, _progress(Console(stderr=True)) as progress:
+        new_parent_run = _attach_tracker(cfg, out, tracker, run_record)
+        bar = progress.add_task("continual steps", total=len(tasks))
+        for index, step_products in enumerate(tasks):
+            name = task_name(step_products)
+            record = read_step_record(out, index, name)
+            if record is None:
+                progress.update(bar, description=f"step {index + 1}/{len(tasks)}: {name}")
+                logger.info("step %d/%d: learning %s", index + 1, len(tasks), name)
+                record = _run_step(cfg, out, index, tasks, manifest, method_dir, version, tracker, previous)
+            else:
+                logger.info("step %d/%d (%s) already completed (bank version %s); not retraining", index + 1, len(tasks), name, record["bank_version"][:12])
+                if new_parent_run:
+                    with tracker.step(index, name):
+                        tracker.log_step_metrics(index, record["metrics"])
+            for product, values in record["metrics"].items():
+                matrix.record(index, product, values)
+            method_dir = step_dir(out, index, name) / METHOD_DIR
+            version = record["bank_version"]
+            previous = record["metrics"]
+            progress.advance(bar)
+        metrics_json = matrix.to_metrics_json(cfg.method, cfg.protocol.name)
+        metrics_json["bank_version"] = version
+        overlays = overlay_examples(cfg, method_dir, manifest, task_of_product(tasks)) if cfg.eval.overlays_per_task > 0 else None  # type: ignore[arg-type]
+        report = write_report(out, metrics_json, overlays)
+        write_matrix_csvs(out, metrics_json)
+        with report_artifacts(out) as artifacts:
+            tracker.log_sequence(metrics_json, artifacts)
+    logger.info("continual run finished: metrics %s, report %s", out / METRICS_FILE, report)
+    return metrics_json
+
+
+# ---------------------------------------------------------------------------------- commands
+def run_config(cfg: Config, out: Path) -> Config:
+    """``cfg`` with the bank store inside ``out`` unless ``banks.store_dir`` was set explicitly."""
+    from components.config import BanksConfig
+
+    cfg = cfg.model_copy(deep=True)
+    if cfg.banks.store_dir == BanksConfig().store_dir:
+        cfg.banks.store_dir = str(Path(out) / "banks")
+    return cfg
+
+
+def execute(cfg: Config, out: Path) -> dict[str, Any]:
+    """Run the ``continual_run`` flow with Prefect results persisted under ``OUT/.prefect-results``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str((out / RESULTS_DIR).resolve())}):
+        return continual_run(cfg, out)
+
+
+@flow(name="contad-run", validate_parameters=True, persist_result=False)
+def run_from_params(out: str, params: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
+    """Deployment entry point (JSON parameters): load ``params`` + ``overrides`` and run the sequence into ``out``."""
+    from components.config import load_config
+
+    cfg = run_config(load_config(params, overrides or []), Path(out))
+    return execute(cfg, Path(out))
+
+
+def summary_table(metrics_json: dict[str, Any], metrics: tuple[str, ...] = ("image_auroc", "pixel_auroc", "aupro")) -> Any:
+    """A rich table of the final metrics per product plus average and forgetting."""
+    from rich.table import Table
+
+    table = Table(title=f"{metrics_json['method']} ({metrics_json['protocol']}): after the last step")
+    table.add_column("product")
+    for m in metrics:
+        table.add_column(m, justify="right")
+
+    def fmt(v: Any) -> str:
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    for p in metrics_json["tasks"]:
+        table.add_row(p, *(fmt(metrics_json["final"][m][p]) for m in metrics))
+    table.add_row("[bold]average", *(fmt(metrics_json["average"].get(m)) for m in metrics))
+    table.add_row("[bold]forgetting", *(fmt(metrics_json["forgetting"].get(m)) for m in metrics))
+    return table
+
+
+def run_command(cfg: Config, out: Path) -> int:
+    """``contad run --out DIR``: train the task sequence, evaluate after every step, write metrics + report."""
+    out = Path(out)
+    cfg = run_config(cfg, out)
+    metrics_json = execute(cfg, out)
+    console = Console()
+    console.print(summary_table(metrics_json))
+    print(f"metrics: {out / METRICS_FILE}\nreport:  {out / REPORT_FILE}\nbanks:   contad banks list --store {cfg.banks.store_dir}")
+    return 0
+
+
+__all__ = [
+    "cache_masks",
+    "continual_run",
+    "evaluate_all_tasks",
+    "run_command",
+    "run_from_params",
+    "train_task",
+    "validate_dataset",
+    "version_memory_bank",
+]
