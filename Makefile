@@ -38,7 +38,9 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not integration" $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) -m benchmarks.run_all
+	$(PY) -m benchmarks.bench_methods
+	$(PY) -m benchmarks.bench_masks
+	$(PY) -m benchmarks.real_sequence
 
 lock: $(STAMP)
 	{ echo "# Fully pinned environment (pip freeze of a known-good install, Python 3.11). Regenerate with: make lock"; \

@@ -79,5 +79,9 @@ def demo_command(cfg: Config, out: Path) -> int:
     if cfg.tracking.enabled:
         lines.append(f"  MLflow UI:     mlflow ui --backend-store-uri {cfg.tracking.uri}")
     lines.append(f"  bank versions: contad banks list --store {cfg.banks.store_dir}")
+    lines.append(
+        "  add a product: contad add-product PRODUCT_DIR --name NAME"
+        f" banks.store_dir={cfg.banks.store_dir} tracking.uri={cfg.tracking.uri} masks.cache_dir={cfg.masks.cache_dir}"
+    )
     print("\n".join(lines))  # plain print: paths and commands must not be wrapped
     return 0

@@ -56,12 +56,13 @@ from components.atomic import atomic_directory, atomic_write_json, atomic_write_
 from components.backbones.base import PromptedBackbone
 from components.backbones.registry import build_backbone
 from components.config import Config, config_to_dict
-from components.data.loading import task_data, task_image_paths, test_batch
+from components.data.loading import load_images, task_data, task_image_paths, test_batch, train_split
 from components.data.protocol import ordered_products, task_name, task_of_product, task_sequence
 from components.errors import ContadError, DataError
 from components.eval.continual import AccuracyMatrix
 from components.eval.evaluate import evaluate_tasks, predict_batch
 from components.eval.report import write_report
+from components.eval.thresholds import heldout_thresholds
 from components.memory.store import BankStore
 from components.methods.base import ContinualMethod
 from components.methods.registry import build_method
@@ -272,6 +273,20 @@ def overlay_examples(cfg: Config, method_dir: Path, manifest: pd.DataFrame, task
         batch = test_batch(chosen, product, cfg.data.image_size)
         examples[product] = (batch, predict_batch(method, batch, task_of_product, cfg.eval.batch_size))
     return examples
+
+
+def normal_thresholds(cfg: Config, method_dir: Path, manifest: pd.DataFrame, products: list[str]) -> dict[str, Any] | None:
+    """Image/pixel decision thresholds from the held-out normal TRAINING images of ``products`` (never test data)."""
+    _, held = train_split(manifest, products, cfg.data.heldout_fraction, cfg.seed)
+    if held.empty:
+        return None
+    batch = ImageBatch(
+        images=load_images(list(held["image_path"]), cfg.data.image_size),
+        products=list(held["product"]),
+        paths=list(held["image_path"]),
+        labels=torch.zeros(len(held), dtype=torch.long),
+    )
+    return heldout_thresholds(load_method(cfg, Path(method_dir)), batch, cfg).to_dict()
 
 
 @io_task(name="version_memory_bank")
@@ -492,7 +507,13 @@ def continual_run(cfg: Config, out: Path) -> dict[str, Any]:
             progress.advance(bar)
         metrics_json = matrix.to_metrics_json(cfg.method, cfg.protocol.name)
         metrics_json["bank_version"] = version
-        overlays = overlay_examples(cfg, method_dir, manifest, task_of_product(tasks)) if cfg.eval.overlays_per_task > 0 else None  # type: ignore[arg-type]
+        overlays = None
+        if cfg.eval.overlays_per_task > 0:
+            learned = [p for step_products in tasks for p in step_products]
+            thresholds = normal_thresholds(cfg, method_dir, manifest, learned)  # type: ignore[arg-type]
+            if thresholds is not None:
+                metrics_json["thresholds"] = thresholds
+            overlays = overlay_examples(cfg, method_dir, manifest, task_of_product(tasks))  # type: ignore[arg-type]
         report = write_report(out, metrics_json, overlays)
         write_matrix_csvs(out, metrics_json)
         with report_artifacts(out) as artifacts:

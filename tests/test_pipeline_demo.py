@@ -62,6 +62,9 @@ def test_demo_end_to_end_with_mlflow_and_resume(
     assert doc["method"] == "ucad" and len(doc["tasks"]) == 2
     assert all(Path(out / "data" / p).is_dir() for p in doc["tasks"])
     assert (out / "report.md").is_file() and any((out / "figures").glob("overlay_*.png"))
+    # decision thresholds come from held-out TRAINING normals only (train/good slice, never test images)
+    assert doc["thresholds"]["n_images"] >= 1 and doc["thresholds"]["quantile"] == 0.99
+    assert "held-out training normals" in (out / "report.md").read_text()
     store = BankStore(out / "banks")
     assert [v.step for v in store.list()] == [0, 1] and store.current() == doc["bank_version"]
 
