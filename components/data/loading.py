@@ -14,10 +14,11 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from components.config import Config
 from components.errors import DataError
+from components.progress import progress_bar
 from components.types import ImageBatch, TaskData
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def read_mask(path: str, image_size: int | None = None) -> np.ndarray:
 
 
 def _progress(items: list[str], what: str) -> list[str] | tqdm:
-    return tqdm(items, desc=what, leave=False, disable=True if len(items) < PROGRESS_MIN_ITEMS else None)
+    return progress_bar(items, desc=what, leave=False, disable=True if len(items) < PROGRESS_MIN_ITEMS else None)
 
 
 def load_images(paths: list[str], image_size: int) -> torch.Tensor:

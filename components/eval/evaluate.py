@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 
 import torch
-from tqdm.auto import tqdm
 
 from components.config import Config
 from components.errors import ContadError
 from components.eval.metrics import task_metrics
 from components.methods.base import ContinualMethod
+from components.progress import progress_bar
 from components.types import ImageBatch, Prediction
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def evaluate_tasks(
         raise ContadError(f"products {unknown} have test images but no task in task_of_product {task_of_product}")
     metrics: dict[str, dict[str, float]] = {}
     predictions: dict[str, Prediction] = {}
-    for product, batch in tqdm(batches.items(), desc="evaluate", unit="product", leave=False):
+    for product, batch in progress_bar(batches.items(), desc="evaluate", unit="product", leave=False):
         prediction = predict_batch(method, batch, task_of_product, cfg.eval.batch_size)
         metrics[product] = task_metrics(prediction, batch, task_of_product, cfg.eval)
         predictions[product] = prediction

@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from components.progress import progress_bar
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -29,6 +30,6 @@ def batched(
     """``extract`` applied to ``images`` in batches of ``batch_size`` on ``device``; concatenated on CPU."""
     outputs = []
     starts = range(0, images.shape[0], max(1, batch_size))
-    for start in tqdm(starts, desc=desc, disable=desc is None or len(starts) < 2, leave=False):
+    for start in progress_bar(starts, desc=desc, disable=desc is None or len(starts) < 2, leave=False):
         outputs.append(extract(images[start : start + batch_size].to(device)).float().cpu())
     return torch.cat(outputs) if outputs else torch.empty(0)

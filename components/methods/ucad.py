@@ -24,7 +24,6 @@ import time
 from typing import Any, ClassVar
 
 import torch
-from tqdm.auto import tqdm
 
 from components.backbones.base import PromptedBackbone, TaskPrompt
 from components.config import Config
@@ -36,6 +35,7 @@ from components.methods.extract import batched, module_device
 from components.methods.knn import NearestNeighbours
 from components.methods.routing import KeyRouter
 from components.methods.scoring import anomaly_maps, score_patches
+from components.progress import progress_bar
 from components.segment.grid import downsample_label_map
 from components.types import Prediction, TaskData
 
@@ -158,7 +158,7 @@ class UCAD(ContinualMethod):
         for epoch in range(1, cfg.epochs + 1):
             order = torch.randperm(len(images), generator=generator)
             running, seen = 0.0, 0
-            for start in tqdm(range(0, len(images), cfg.batch_size), desc=f"{data.name}: prompt epoch {epoch}", leave=False):
+            for start in progress_bar(range(0, len(images), cfg.batch_size), desc=f"{data.name}: prompt epoch {epoch}", leave=False):
                 batch = order[start : start + cfg.batch_size]
                 loss = self._contrastive_loss(prompt, images[batch], labels[batch], generator)
                 optimizer.zero_grad(set_to_none=True)

@@ -23,11 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from components.atomic import atomic_write_bytes, atomic_write_json
 from components.config import Config, MasksConfig
 from components.errors import DataError
+from components.progress import progress_bar
 from components.segment.provider import MaskProvider, as_rgb_uint8, provider_config, provider_config_hash
 from components.segment.registry import make_provider
 
@@ -255,7 +256,7 @@ def plan_build(cache: MaskCache, items: Sequence[tuple[str, str]], summary: Buil
     """Images whose entry is missing or corrupt (each image hashed, each entry verified)."""
     pending: list[PendingImage] = []
     seen: set[str] = set()
-    for image_path, product in tqdm(items, desc="checking mask cache", unit="img", leave=False):
+    for image_path, product in progress_bar(items, desc="checking mask cache", unit="img", leave=False):
         image_sha256 = sha256_hex(read_image_bytes(image_path))
         if image_sha256 in seen:
             summary.cached += 1  # identical bytes: one entry serves both
@@ -340,7 +341,7 @@ def build_cache(cache: MaskCache, items: Sequence[tuple[str, str]], workers: int
              cache.directory, summary.total, summary.cached, summary.built, summary.rebuilt)
     parallel = workers > 1 and len(pending) > 1 and cache.provider_name in CPU_PROVIDERS and not cache.has_injected_provider
     try:
-        with tqdm(total=len(pending), desc=f"masks ({cache.provider_name})", unit="img") as progress:
+        with progress_bar(total=len(pending), desc=f"masks ({cache.provider_name})", unit="img") as progress:
             if parallel:
                 _build_parallel(cache, pending, min(workers, len(pending)), progress)
             else:
