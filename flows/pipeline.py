@@ -170,10 +170,33 @@ def product_dirs(manifest: pd.DataFrame, products: list[str]) -> dict[str, str]:
     return dirs
 
 
+def fingerprinted_config(doc: dict[str, Any]) -> dict[str, Any]:
+    """The part of a config dict (``config_to_dict``) that changes what a run computes.
+
+    Tracking and bank location are excluded, and so is ``data.synth``: it only says how synthetic data
+    is generated, and the data itself is fingerprinted separately (``check_data_fingerprint``).
+    """
+    kept = {k: v for k, v in doc.items() if k not in FINGERPRINT_EXCLUDES}
+    kept["data"] = {k: v for k, v in (kept.get("data") or {}).items() if k != "synth"}
+    return kept
+
+
 def config_fingerprint(cfg: Config) -> str:
-    """Hash of everything that changes what a run computes (tracking and bank location excluded)."""
-    doc = {k: v for k, v in config_to_dict(cfg).items() if k not in FINGERPRINT_EXCLUDES}
+    """Hash of ``fingerprinted_config``."""
+    doc = fingerprinted_config(config_to_dict(cfg))
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    changed: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key} ({a!r} -> {b!r})")
+    return changed
 
 
 def _clean_number(value: Any) -> Any:
@@ -328,8 +351,10 @@ def check_run_record(cfg: Config, out: Path) -> dict[str, Any]:
         except (OSError, json.JSONDecodeError) as exc:
             raise ContadError(f"{path}: unreadable run record ({exc})") from exc
         if record.get("fingerprint") != fingerprint:
+            changed = _changed_keys(fingerprinted_config(record.get("config") or {}), fingerprinted_config(config_to_dict(cfg)))
             raise ContadError(
-                f"{path}: {out} holds a run with a different configuration; "
+                f"{path}: {out} holds a run with a different configuration "
+                f"(changed: {', '.join(changed) or 'none found; recorded by another contad version?'}); "
                 "use another --out directory (or delete this one) to start a new run"
             )
         return record

@@ -91,7 +91,7 @@ def test_resume_after_failure_continues_and_matches_uninterrupted_run(
 
     # a different configuration in the same directory is refused (nothing is trained)
     changed = FitCounter(monkeypatch)
-    with pytest.raises(ContadError, match="different configuration"):
+    with pytest.raises(ContadError, match=r"different configuration \(changed: .*ucad\.epochs \(1 -> 2\)"):
         from flows.pipeline import run_command
 
         run_command(tiny_config(products, tmp_path, "ucad.epochs=2"), resumed)

@@ -129,3 +129,13 @@ def offline_env(api_url: str | None) -> dict[str, str]:
 
 def iter_files(root: Path) -> Iterator[Path]:
     return (p for p in sorted(root.rglob("*")) if p.is_file())
+
+
+def test_fingerprint_ignores_how_synthetic_data_is_made() -> None:
+    """``data.synth`` does not change what a run computes (the data is fingerprinted separately)."""
+    from flows.pipeline import config_fingerprint
+
+    base = load_config(REPO_ROOT / "params.yaml", ["data.root=/data"])
+    assert config_fingerprint(base) == config_fingerprint(load_config(REPO_ROOT / "params.yaml", ["data.root=/data", "data.synth.train_per_product=3"]))
+    assert config_fingerprint(base) != config_fingerprint(load_config(REPO_ROOT / "params.yaml", ["data.root=/data", "data.image_size=128"]))
+    assert config_fingerprint(base) != config_fingerprint(load_config(REPO_ROOT / "params.yaml", ["data.root=/data", "ucad.lr=0.5"]))
