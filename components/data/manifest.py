@@ -61,6 +61,14 @@ def visible_subdirs(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
 
 
+def read_product_folders(
+    root: Path, is_product: Callable[[Path], bool], read_product: Callable[[Path, str], list[ImageRecord]]
+) -> list[ImageRecord]:
+    """Records of ``root`` when it is one product folder, else of every product folder directly under it."""
+    products = [root] if is_product(root) else [d for d in visible_subdirs(root) if is_product(d)]
+    return [record for product in products for record in read_product(product, product.name)]
+
+
 def file_sha256(path: Path) -> str:
     """Hex sha256 of a file's bytes."""
     digest = hashlib.sha256()

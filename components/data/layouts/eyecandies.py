@@ -19,7 +19,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from components.data.manifest import ImageRecord, visible_subdirs
+from components.data.manifest import ImageRecord, read_product_folders, visible_subdirs
 from components.errors import DataError
 
 SPLITS = (("train", "train"), ("val", "train"), ("test_public", "test"))
@@ -77,8 +77,5 @@ def read_eyecandies_product(product_dir: Path, name: str) -> list[ImageRecord]:
 
 
 def read_eyecandies(root: Path) -> list[ImageRecord]:
-    products = [root] if _is_product(root) else [d for d in visible_subdirs(root) if _is_product(d)]
-    records: list[ImageRecord] = []
-    for product_dir in products:
-        records.extend(read_eyecandies_product(product_dir, product_dir.name))
-    return records
+    """Records of every product folder under ``root`` (or of ``root`` itself when it is one)."""
+    return read_product_folders(root, _is_product, read_eyecandies_product)

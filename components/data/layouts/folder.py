@@ -16,7 +16,7 @@ from __future__ import annotations
 import zlib
 from pathlib import Path
 
-from components.data.manifest import ImageRecord, is_image_file, list_images, visible_subdirs
+from components.data.manifest import ImageRecord, is_image_file, list_images, read_product_folders, visible_subdirs
 
 NORMAL_DIRS = ("normal", "good", "ok")
 ABNORMAL_DIRS = ("abnormal", "anomaly", "anomalous", "defect", "defective", "bad", "ng")
@@ -79,8 +79,5 @@ def read_folder_product(product: Path, name: str) -> list[ImageRecord]:
 
 
 def read_folder(root: Path) -> list[ImageRecord]:
-    products = [root] if _is_product(root) else [d for d in visible_subdirs(root) if _is_product(d)]
-    records: list[ImageRecord] = []
-    for product in products:
-        records.extend(read_folder_product(product, product.name))
-    return records
+    """Records of every product folder under ``root`` (or of ``root`` itself when it is one)."""
+    return read_product_folders(root, _is_product, read_folder_product)

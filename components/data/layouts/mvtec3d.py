@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from components.data.manifest import ImageRecord, is_image_file, list_images, visible_subdirs
+from components.data.manifest import ImageRecord, is_image_file, list_images, read_product_folders, visible_subdirs
 
 GOOD = "good"
 SPLITS = (("train", "train"), ("validation", "train"), ("test", "test"))
@@ -48,8 +48,5 @@ def read_mvtec3d_product(product_dir: Path, name: str) -> list[ImageRecord]:
 
 
 def read_mvtec3d(root: Path) -> list[ImageRecord]:
-    products = [root] if _is_product(root) else [d for d in visible_subdirs(root) if _is_product(d)]
-    records: list[ImageRecord] = []
-    for product_dir in products:
-        records.extend(read_mvtec3d_product(product_dir, product_dir.name))
-    return records
+    """Records of every product folder under ``root`` (or of ``root`` itself when it is one)."""
+    return read_product_folders(root, _is_product, read_mvtec3d_product)
