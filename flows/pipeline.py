@@ -284,9 +284,8 @@ def evaluate_all_tasks(cfg: Config, method_dir: Path, manifest: pd.DataFrame, ta
     return metrics
 
 
-def overlay_examples(cfg: Config, method_dir: Path, manifest: pd.DataFrame, task_of_product: dict[str, str]) -> dict[str, tuple[ImageBatch, Prediction]]:
+def overlay_examples(cfg: Config, method: ContinualMethod, manifest: pd.DataFrame, task_of_product: dict[str, str]) -> dict[str, tuple[ImageBatch, Prediction]]:
     """A few test images per product (defective first) with their predictions, for the report figures."""
-    method = load_method(cfg, Path(method_dir))
     examples: dict[str, tuple[ImageBatch, Prediction]] = {}
     for product in task_of_product:
         rows = manifest[(manifest["product"] == product) & (manifest["split"] == "test")].sort_values(["label", "image_path"], ascending=[False, True])
@@ -298,7 +297,7 @@ def overlay_examples(cfg: Config, method_dir: Path, manifest: pd.DataFrame, task
     return examples
 
 
-def normal_thresholds(cfg: Config, method_dir: Path, manifest: pd.DataFrame, products: list[str]) -> dict[str, Any] | None:
+def normal_thresholds(cfg: Config, method: ContinualMethod, manifest: pd.DataFrame, products: list[str]) -> dict[str, Any] | None:
     """Image/pixel decision thresholds from the held-out normal TRAINING images of ``products`` (never test data)."""
     _, held = train_split(manifest, products, cfg.data.heldout_fraction, cfg.seed)
     if held.empty:
@@ -309,7 +308,7 @@ def normal_thresholds(cfg: Config, method_dir: Path, manifest: pd.DataFrame, pro
         paths=list(held["image_path"]),
         labels=torch.zeros(len(held), dtype=torch.long),
     )
-    return heldout_thresholds(load_method(cfg, Path(method_dir)), batch, cfg).to_dict()
+    return heldout_thresholds(method, batch, cfg).to_dict()
 
 
 @io_task(name="version_memory_bank")
@@ -534,11 +533,12 @@ def continual_run(cfg: Config, out: Path) -> dict[str, Any]:
         metrics_json["bank_version"] = version
         overlays = None
         if cfg.eval.overlays_per_task > 0:
+            final_method = load_method(cfg, method_dir)
             learned = [p for step_products in tasks for p in step_products]
-            thresholds = normal_thresholds(cfg, method_dir, manifest, learned)  # type: ignore[arg-type]
+            thresholds = normal_thresholds(cfg, final_method, manifest, learned)  # type: ignore[arg-type]
             if thresholds is not None:
                 metrics_json["thresholds"] = thresholds
-            overlays = overlay_examples(cfg, method_dir, manifest, task_of_product(tasks))  # type: ignore[arg-type]
+            overlays = overlay_examples(cfg, final_method, manifest, task_of_product(tasks))  # type: ignore[arg-type]
         report = write_report(out, metrics_json, overlays)
         write_matrix_csvs(out, metrics_json)
         with report_artifacts(out) as artifacts:
