@@ -4,12 +4,51 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+
+# Temporary names carry the writer's pid (".NAME.<pid>.<random>.tmp") so cleanup can tell a
+# crashed writer's leftovers from a live writer's in-flight file.
+_TEMP_PID = re.compile(r"^\..*\.(\d+)\.[^.]+\.tmp$")
+
+
+def temp_prefix(name: str) -> str:
+    """Prefix of this process's temporary files for ``name`` (see ``is_stale_temporary``)."""
+    return f".{name}.{os.getpid()}."
+
+
+def writer_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_stale_temporary(path: Path, min_age_s: float = 60.0) -> bool:
+    """Whether ``path`` is a temporary file/dir whose writer is gone.
+
+    Named with a pid: stale when that process no longer exists. Without a pid (older
+    writers): stale only when untouched for ``min_age_s`` seconds.
+    """
+    match = _TEMP_PID.match(path.name)
+    if match:
+        pid = int(match.group(1))
+        return pid != os.getpid() and not writer_alive(pid)
+    try:
+        return time.time() - path.lstat().st_mtime > min_age_s
+    except FileNotFoundError:
+        return False
 
 
 def _fsync_dir(path: Path) -> None:
@@ -34,7 +73,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temporary file in the same directory and rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
     os.chmod(tmp, _default_mode(is_dir=False))
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -67,7 +106,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp"))
     os.chmod(tmp, _default_mode(is_dir=True))
     try:
         yield tmp

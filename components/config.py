@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError
 
 
 class Section(BaseModel):
@@ -23,12 +23,12 @@ class Section(BaseModel):
 class SynthConfig(Section):
     """Procedural synthetic products (``contad data synth``)."""
 
-    products: int = 5
+    products: PositiveInt = 5
     seed: int = 0
-    image_size: int = 256
-    train_per_product: int = 24
-    test_good_per_product: int = 10
-    test_defect_per_type: int = 4
+    image_size: PositiveInt = 256
+    train_per_product: PositiveInt = 24
+    test_good_per_product: NonNegativeInt = 10
+    test_defect_per_type: NonNegativeInt = 4
 
 
 class DataConfig(Section):
@@ -36,17 +36,17 @@ class DataConfig(Section):
 
     root: str = "data/synth"
     products: list[str] = Field(default_factory=list)  # ordered task sequence; [] = alphabetical
-    image_size: int = 224  # model input size (square resize)
-    heldout_fraction: float = 0.1  # slice of train/good held out for early stopping + thresholds
-    num_workers: int = 0
+    image_size: PositiveInt = 224  # model input size (square resize)
+    heldout_fraction: float = Field(0.1, ge=0, lt=1)  # slice of train/good held out for early stopping + thresholds
+    num_workers: NonNegativeInt = 0
     synth: SynthConfig = Field(default_factory=SynthConfig)
 
 
 class ProtocolConfig(Section):
     """Task sequence protocol: plain ordered products, or IUF-style "X-Y with N steps"."""
 
-    base_tasks: int = 1  # X: products trained together as the first task
-    step_tasks: int = 1  # Y: products added per later step
+    base_tasks: PositiveInt = 1  # X: products trained together as the first task
+    step_tasks: PositiveInt = 1  # Y: products added per later step
 
     @property
     def name(self) -> str:
@@ -58,7 +58,7 @@ class ProtocolConfig(Section):
 class PromptConfig(Section):
     """Per-task prompts of a prompted backbone."""
 
-    length: int = 4  # ViT: prefix tokens per prompted layer
+    length: PositiveInt = 4  # ViT: prefix tokens per prompted layer
     layers: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4, 5])  # ViT blocks with prefixes
     spatial: bool = True  # CNN: additive spatial prompt besides channel scale/shift
 
@@ -78,52 +78,52 @@ class BackboneConfig(Section):
 class UCADConfig(Section):
     """UCAD: task keys, prompts trained with structure-based contrastive loss, knowledge memory."""
 
-    key_size: int = 196  # k-center-greedy sample of un-prompted patch features per task
-    knowledge_size: int = 784  # coreset of prompted patch features per task (paper: 196 at 196 patches/img)
-    epochs: int = 3
-    lr: float = 1e-2
-    batch_size: int = 8
-    temperature: float = 0.1
-    pairs_per_image: int = 256  # patch pairs sampled per image for the contrastive loss
-    early_stopping_patience: int = 0  # 0 = fixed epochs; else stop on held-out train normals
+    key_size: PositiveInt = 196  # k-center-greedy sample of un-prompted patch features per task
+    knowledge_size: PositiveInt = 784  # coreset of prompted patch features per task (paper: 196 at 196 patches/img)
+    epochs: NonNegativeInt = 3
+    lr: PositiveFloat = 1e-2
+    batch_size: PositiveInt = 8
+    temperature: PositiveFloat = 0.1
+    pairs_per_image: PositiveInt = 256  # patch pairs sampled per image for the contrastive loss
+    early_stopping_patience: NonNegativeInt = 0  # 0 = fixed epochs; else stop on held-out train normals
     reweight: bool = False  # PatchCore-style re-weighting of the image score
 
 
 class PatchCoreConfig(Section):
     """PatchCore baselines: finetune (forgets), replay, per-task oracle."""
 
-    coreset_size: int = 1000
-    replay_buffer: int = 20  # images kept from past tasks (patchcore_replay)
-    num_neighbors: int = 1
+    coreset_size: PositiveInt = 1000
+    replay_buffer: NonNegativeInt = 20  # images kept from past tasks (patchcore_replay)
+    num_neighbors: PositiveInt = 1
     reweight: bool = False
 
 
 class SAMConfig(Section):
     checkpoint: str | None = None  # ViT-B SAM checkpoint path
     model_type: str = "vit_b"
-    points_per_side: int = 16
-    pred_iou_thresh: float = 0.86
-    stability_score_thresh: float = 0.92
-    min_mask_region_area: int = 0
+    points_per_side: PositiveInt = 16
+    pred_iou_thresh: float = Field(0.86, ge=0, le=1)
+    stability_score_thresh: float = Field(0.92, ge=0, le=1)
+    min_mask_region_area: NonNegativeInt = 0
 
 
 class GroundedSAMConfig(Section):
     dino_checkpoint: str | None = None  # local Grounding DINO directory (transformers format)
-    box_threshold: float = 0.3
-    text_threshold: float = 0.25
+    box_threshold: float = Field(0.3, ge=0, le=1)
+    text_threshold: float = Field(0.25, ge=0, le=1)
     prompts: dict[str, list[str]] = Field(default_factory=dict)  # product -> text prompts
 
 
 class FelzenszwalbConfig(Section):
-    scale: float = 200.0
-    sigma: float = 0.5  # tuned on synthetic object products: object silhouette IoU >= 0.89
-    min_size: int = 200
+    scale: PositiveFloat = 200.0
+    sigma: NonNegativeFloat = 0.5  # tuned on synthetic object products: object silhouette IoU >= 0.89
+    min_size: NonNegativeInt = 200
 
 
 class SLICConfig(Section):
-    n_segments: int = 32
-    compactness: float = 10.0
-    sigma: float = 1.0
+    n_segments: PositiveInt = 32
+    compactness: PositiveFloat = 10.0
+    sigma: NonNegativeFloat = 1.0
 
 
 class MasksConfig(Section):
@@ -131,8 +131,8 @@ class MasksConfig(Section):
 
     provider: Literal["felzenszwalb", "slic", "sam", "grounded_sam"] = "felzenszwalb"
     cache_dir: str = "runs/mask_cache"
-    image_size: int = 224  # label maps are computed at this size
-    workers: int = 2
+    image_size: PositiveInt = 224  # label maps are computed at this size
+    workers: PositiveInt = 2
     device: str = "auto"  # sam / grounded_sam: auto | cpu | cuda
     sam: SAMConfig = Field(default_factory=SAMConfig)
     grounded_sam: GroundedSAMConfig = Field(default_factory=GroundedSAMConfig)
@@ -143,12 +143,12 @@ class MasksConfig(Section):
 class EvalConfig(Section):
     """Cross-task evaluation."""
 
-    pixel_resolution: int | None = None  # None = model input size
-    aupro_fpr_limit: float = 0.3
-    threshold_quantile: float = 0.99  # binary threshold from held-out training normals
-    overlays_per_task: int = 3
-    smoothing_sigma: float = 4.0
-    batch_size: int = 16  # images per predict call during evaluation
+    pixel_resolution: PositiveInt | None = None  # None = model input size
+    aupro_fpr_limit: float = Field(0.3, gt=0, le=1)
+    threshold_quantile: float = Field(0.99, gt=0, lt=1)  # binary threshold from held-out training normals
+    overlays_per_task: NonNegativeInt = 3
+    smoothing_sigma: NonNegativeFloat = 4.0
+    batch_size: PositiveInt = 16  # images per predict call during evaluation
 
 
 class TrackingConfig(Section):
@@ -163,14 +163,15 @@ class TrackingConfig(Section):
 class PromotionConfig(Section):
     """Gate for moving the ``champion`` alias after an incremental run."""
 
-    min_new_image_auroc: float = 0.8
-    max_forgetting: float = 0.02  # max drop of image AUROC on every old product
+    min_new_image_auroc: NonNegativeFloat = 0.8
+    max_forgetting: NonNegativeFloat = 0.02  # max drop of image AUROC on every old product
 
 
 class BanksConfig(Section):
     """Versioned memory-bank store."""
 
     store_dir: str = "runs/banks"
+    lock_timeout_s: NonNegativeFloat = 3600.0  # how long a command waits for another one's lock on the store
 
 
 class Config(Section):

@@ -11,3 +11,7 @@ class DataError(ContadError):
 
 class WeightsError(ContadError):
     """Pretrained weights missing or unreadable (message names the config key)."""
+
+
+class UnreadableDataError(DataError):
+    """A data folder cannot be read at all (missing permission, symlink loop)."""

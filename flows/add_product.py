@@ -4,8 +4,9 @@
 masks, trains the new task starting from the current memory-bank version, evaluates ALL
 products (old products' test data located through the bank manifest's ``products``), versions
 the bank, registers the detector and applies the promotion gate. Only a step that passes the
-gate moves the bank store's ``CURRENT`` pointer and the registry's ``champion`` alias; on gate
-failure or any error both stay where they were.
+gate moves the bank store's ``CURRENT`` pointer and the registry's ``champion`` alias, together,
+through ``flows.promotion.promote``; on gate failure or any error both stay where they were. The
+whole read-modify-write holds the bank store's lock.
 
 ``--via-server`` instead emits the ``contad.product.added`` event to the Prefect server, where
 ``contad serve`` runs this same flow.
@@ -32,8 +33,9 @@ from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from components.atomic import atomic_write_json
 from components.config import Config, config_to_dict
 from components.errors import ContadError, DataError
-from components.memory.store import SHORT_HASH, BankStore
-from flows.promotion import GATE_METRIC, GateDecision, promotion_gate
+from components.faults import fault_point
+from components.memory.store import CURRENT_FILE, SHORT_HASH, BankStore
+from flows.promotion import GATE_METRIC, GateDecision, Registry, check_agreement, promote, promotion_gate, store_transaction
 from flows.tracking import make_tracker
 
 log = logging.getLogger(__name__)
@@ -149,21 +151,38 @@ def _old_manifest(products: dict[str, str]) -> pd.DataFrame:
 
 
 def add_product(cfg: Config, path: Path, name: str, out: Path | None = None) -> AddProductResult:
-    """Run the incremental step for product ``name`` at ``path``; raises ``AddProductError`` on any failure."""
-    from flows import pipeline
+    """Run the incremental step for product ``name`` at ``path``; raises ``AddProductError`` on any failure.
 
+    Holds the bank store's lock from reading the champion to moving it (a concurrent add-product
+    waits), so no product is ever lost; a crash anywhere leaves (or ``recover`` restores) the
+    previous bank current and champion.
+    """
     path = Path(path).resolve()
     check_product_name(name)
     if not path.is_dir():
         raise DataError(f"product folder {path} does not exist or is not a directory")
     out = Path(out or default_out(name)).resolve()
     store = BankStore(Path(cfg.banks.store_dir))
-    previous = store.current() if store.root.is_dir() else None
+    if not (store.root / CURRENT_FILE).is_file():
+        raise _no_champion(store)
+    with store_transaction(cfg, store) as (store, registry):
+        return _add_product_locked(cfg, path, name, out, store, registry)
+
+
+def _no_champion(store: BankStore) -> AddProductError:
+    return AddProductError(
+        f"no current memory-bank version in {store.root}: add-product builds on the current champion, so train a "
+        f"sequence first (contad run --out DIR) and point banks.store_dir at its store (DIR/banks)"
+    )
+
+
+def _add_product_locked(cfg: Config, path: Path, name: str, out: Path, store: BankStore, registry: Registry | None) -> AddProductResult:
+    from flows import pipeline
+
+    previous = store.current()
     if previous is None:
-        raise AddProductError(
-            f"no current memory-bank version in {store.root}: add-product builds on the current champion, so train a "
-            f"sequence first (contad run --out DIR) and point banks.store_dir at its store (DIR/banks)"
-        )
+        raise _no_champion(store)
+    check_agreement(store, registry)
     base = store.show(previous)
     if base.get("method") not in (None, cfg.method):
         raise AddProductError(f"bank version {previous[:SHORT_HASH]} holds a {base['method']!r} model but method={cfg.method!r}; use the configuration of the run that produced it")
@@ -171,9 +190,6 @@ def add_product(cfg: Config, path: Path, name: str, out: Path | None = None) -> 
     if name in old_products:
         raise AddProductError(f"product {name!r} is already learned by bank version {previous[:SHORT_HASH]} (from {old_products[name]}); choose another --name")
     tracker = make_tracker(cfg, run_name=f"add-product-{name}")
-    champion = tracker.champion() if cfg.tracking.enabled else None
-    if champion and champion[1] and champion[1] != previous:
-        log.warning("registry champion v%s is bank %s but the bank store's current version is %s; building on the bank store's current version", champion[0], champion[1][:SHORT_HASH], previous[:SHORT_HASH])
     log.info("adding product %s from %s on top of bank version %s (products: %s)", name, path, previous[:SHORT_HASH], ", ".join(old_products))
 
     with _stage("validating the product data", name, previous):
@@ -186,6 +202,7 @@ def add_product(cfg: Config, path: Path, name: str, out: Path | None = None) -> 
     with _stage("training the new task", name, previous):
         base_dir = store.checkout(previous, out / "base_method")
         method_dir = pipeline.train_task(cfg, base_dir, name, [name], manifest, out / "method")
+    fault_point("after_train")
     task_of_product = {**_task_of_product(base), name: name}
     with _stage("evaluating all products", name, previous):
         metrics = pipeline.evaluate_all_tasks(cfg, method_dir, manifest, task_of_product)
@@ -204,39 +221,42 @@ def add_product(cfg: Config, path: Path, name: str, out: Path | None = None) -> 
         "metrics": _json_metrics(metrics),
         "gate": gate.to_dict(),
         "trigger": "add-product",
+        "parent": previous,
     }
-    bank_version = previous
-    try:
-        with _stage("versioning the memory bank", name, previous):
-            bank_version = pipeline.version_memory_bank(cfg, method_dir, meta)
-        with _stage("tracking and registering the model", name, previous):
-            model_version = _track(cfg, tracker, step, name, metrics, method_dir, bank_version, store, gate)
-    except BaseException:
-        _restore_current(store, previous)
-        raise
-    if not gate.passed:
-        _restore_current(store, previous)
+    with _stage("versioning the memory bank", name, previous):
+        bank_version = pipeline.version_memory_bank(cfg, method_dir, meta)  # a candidate: not current yet
+    fault_point("after_store")
+    with _stage("tracking and registering the model", name, previous):
+        model_version = _track(cfg, tracker, step, name, metrics, method_dir, bank_version, store)
+    fault_point("after_register")
+    if gate.passed:
+        with _stage("promoting the new version", name, previous):
+            promote(store, registry, bank_version, model_version)
+            _mark_promoted(tracker, model_version)
     result = AddProductResult(name, previous, bank_version, model_version, gate.passed, gate, metrics)
     atomic_write_json(out / "add_product.json", result.to_dict())
     return result
 
 
-def _track(cfg: Config, tracker: Any, step: int, name: str, metrics: dict[str, dict[str, float]], method_dir: Path, bank_version: str, store: BankStore, gate: GateDecision) -> str | None:
-    """Log the step, register its detector, and move the champion alias when the gate passed."""
+def _track(cfg: Config, tracker: Any, step: int, name: str, metrics: dict[str, dict[str, float]], method_dir: Path, bank_version: str, store: BankStore) -> str | None:
+    """Log the step and register its detector (the champion alias moves only in ``promote``)."""
     with tracker:
         tracker.log_config(cfg)
         with tracker.step(step, name):
             tracker.log_step_metrics(step, metrics)
             model_version = tracker.register_step_model(method_dir, bank_version, step, config=cfg, manifest=store.show(bank_version))
-        if gate.passed:
-            tracker.promote(model_version)
     return model_version
 
 
-def _restore_current(store: BankStore, previous: str) -> None:
-    if store.current() != previous:
-        store.rollback(previous)
-        log.info("bank store %s: current version restored to %s", store.root, previous[:SHORT_HASH])
+def _mark_promoted(tracker: Any, model_version: str | None) -> None:
+    """Tag the step run of the promoted model version (best effort: the promotion itself is done)."""
+    if model_version is None or not hasattr(tracker, "client"):
+        return
+    try:
+        run_id = tracker.client.get_model_version(tracker.cfg.registered_model, model_version).run_id
+        tracker.mark_promoted(run_id)
+    except Exception as exc:  # noqa: BLE001 - a missing tag must not undo a committed promotion
+        log.warning("could not tag the promoted run of model version %s: %s", model_version, exc)
 
 
 @flow(name="contad-add-product", log_prints=True)

@@ -7,9 +7,11 @@ applied on top of ``--params`` (default ``params.yaml``).
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import re
 import sys
+import traceback
 from pathlib import Path
 
 from components.config import ConfigError, load_config
@@ -24,6 +26,25 @@ Typical use:
   contad report runs/ucad runs/patchcore_finetune --out runs/compare
 """
 
+EXIT_CODES = """\
+exit codes:
+  0    success (run / add-product: the final step was promoted: current bank + champion)
+  1    promotion gate rejected the (final) step: stored, but not current and not champion;
+       banks doctor: a problem remains
+  2    invalid input, configuration or usage (the message names the file or key)
+  3    output not writable (read-only file system or permission denied)
+  4    disk full (no space left on device)
+  5    tracking database unreadable or corrupt (tracking.uri)
+  6    data folder unreadable (permission denied, symlink loop)
+  70   unexpected internal error (rerun with --verbose for the traceback)
+  75   bank store locked by another command for longer than banks.lock_timeout_s
+  86   injected fault (CONTAD_FAULT, tests only)
+  130  interrupted
+Errors are one line on stderr; --verbose adds debug logs and the full traceback.
+"""
+EXIT_OK, EXIT_REJECTED, EXIT_INPUT, EXIT_READ_ONLY, EXIT_DISK_FULL, EXIT_TRACKING_DB, EXIT_DATA_UNREADABLE = 0, 1, 2, 3, 4, 5, 6
+EXIT_INTERNAL, EXIT_LOCKED, EXIT_INTERRUPTED = 70, 75, 130
+
 
 def _add_params(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml", help="YAML config file (default: params.yaml)")
@@ -31,8 +52,8 @@ def _add_params(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="contad", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = argparse.ArgumentParser(prog="contad", description=DESCRIPTION, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = sub.add_parser("data", help="generate and validate datasets").add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
@@ -64,9 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default=None, help="output directory (default: first run dir)")
 
     banks = sub.add_parser("banks", help="versioned memory banks").add_subparsers(dest="banks_command", required=True, metavar="SUBCOMMAND")
-    for name, helptext in (("list", "list versions (current marked)"), ("show", "show one version's manifest"), ("rollback", "move the current pointer to a version (never deletes)")):
+    for name, helptext in (("list", "list versions (current marked)"), ("show", "show one version's manifest"),
+                           ("rollback", "make a version current and its model champion, together (never deletes)"),
+                           ("doctor", "repair an interrupted promotion, verify every version's hashes, check CURRENT == champion")):
         b = banks.add_parser(name, help=helptext)
-        if name != "list":
+        if name not in ("list", "doctor"):
             b.add_argument("version", help="version hash (a unique prefix is enough)")
         b.add_argument("--store", default=None, help="bank store directory (default: banks.store_dir)")
         _add_params(b)
@@ -113,7 +136,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return report_command([Path(r) for r in args.runs], out=Path(args.out) if args.out else None)
     if args.command == "banks":
-        from components.memory.cli import banks_command
+        from flows.promotion import banks_command
 
         cfg = load_config(args.params, overrides)
         return banks_command(cfg, args.banks_command, getattr(args, "version", None), store=Path(args.store) if args.store else None)
@@ -143,14 +166,70 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from (``__cause__``/``__context__``), outermost first."""
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return chain
+
+
+def classify_error(exc: BaseException) -> tuple[int, str]:
+    """(exit code, one-line message) for an exception that ended a command (see ``EXIT_CODES``)."""
+    from components.errors import UnreadableDataError
+    from components.memory.store import BankLockTimeout
+
+    for cause in _causes(exc):
+        name = type(cause).__name__
+        if name == "TrackingStoreError":
+            return EXIT_TRACKING_DB, str(cause)
+        if isinstance(cause, BankLockTimeout):
+            return EXIT_LOCKED, str(cause)
+        if isinstance(cause, UnreadableDataError):
+            return EXIT_DATA_UNREADABLE, str(cause)
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return EXIT_DISK_FULL, f"disk full: no space left writing {cause.filename or 'output'}; free space and rerun the same command (it resumes)"
+        if isinstance(cause, OSError) and cause.errno == errno.ELOOP:
+            return EXIT_DATA_UNREADABLE, f"{cause.filename or 'a path'}: symlink loop ({cause.strerror})"
+        if isinstance(cause, OSError) and cause.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return EXIT_READ_ONLY, f"cannot write {cause.filename or 'output'}: {cause.strerror}; choose a writable --out / store location"
+    if isinstance(exc, (ContadError, ConfigError)):
+        return EXIT_INPUT, str(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, "interrupted"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return EXIT_INTERNAL, f"unexpected {type(exc).__name__}: {text} (rerun with --verbose for the traceback)"
+
+
+def _quiet_framework_logs() -> None:
+    """Without --verbose, Prefect's own loggers stay silent about failures (the CLI prints each problem once)."""
+
+    class _NoFailureEcho(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return record.levelno < logging.ERROR and not record.exc_info and "Finished in state Failed" not in record.getMessage()
+
+    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.engine", "prefect.flow_engine", "prefect.task_engine"):
+        logging.getLogger(name).addFilter(_NoFailureEcho())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.command in ("run", "demo", "add-product", "serve"):
+            from flows.server_guard import install
+
+            install()  # the temporary Prefect server dies with this process
+            if not args.verbose:
+                _quiet_framework_logs()
         return _dispatch(args)
-    except (ContadError, ConfigError) as exc:
-        print(f"contad: error: {exc}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as exc:
+        code, message = classify_error(exc)
+        if args.verbose:
+            traceback.print_exception(exc, file=sys.stderr)
+        print(f"contad: error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -139,3 +139,39 @@ def load_detector(tracking_uri: str, model_name: str, alias_or_version: str = CH
     mlflow.set_registry_uri(tracking_uri)
     ref = f"models:/{model_name}/{alias_or_version}" if str(alias_or_version).isdigit() else f"models:/{model_name}@{alias_or_version}"
     return mlflow.pyfunc.load_model(ref)
+
+
+# ------------------------------------------------------------------ champion alias (transactions)
+def champion_alias_version(client: Any, model_name: str) -> str | None:
+    """Model version number the ``champion`` alias points to; None when unset or unregistered."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(model_name, CHAMPION_ALIAS).version)
+    except MlflowException:
+        return None
+
+
+def set_champion_alias(client: Any, model_name: str, version: str | None) -> None:
+    """Point ``champion`` at model ``version``; ``None`` removes the alias (no champion)."""
+    from mlflow.exceptions import MlflowException
+
+    if version is not None:
+        client.set_registered_model_alias(model_name, CHAMPION_ALIAS, str(version))
+        return
+    try:
+        client.delete_registered_model_alias(model_name, CHAMPION_ALIAS)
+    except MlflowException:
+        pass  # no such model or alias: there is no champion already
+
+
+def model_version_tag(client: Any, model_name: str, version: str, tag: str) -> str | None:
+    """Tag ``tag`` of model version ``version`` (None when missing)."""
+    return client.get_model_version(model_name, str(version)).tags.get(tag)
+
+
+def latest_version_with_tag(client: Any, model_name: str, tag: str, value: str) -> str | None:
+    """Highest model version of ``model_name`` whose tag ``tag`` equals ``value``; None when none."""
+    versions = client.search_model_versions(f"name = '{model_name}'")
+    matching = [int(v.version) for v in versions if v.tags.get(tag) == value]
+    return str(max(matching)) if matching else None

@@ -28,6 +28,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 import zlib
@@ -63,7 +64,8 @@ from components.eval.continual import AccuracyMatrix
 from components.eval.evaluate import evaluate_tasks, predict_batch
 from components.eval.report import write_report
 from components.eval.thresholds import heldout_thresholds
-from components.memory.store import BankStore
+from components.faults import fault_point
+from components.memory.store import BankStore, state_files
 from components.methods.base import ContinualMethod
 from components.methods.registry import build_method
 from components.segment.cache import MaskCache, build_cache, label_maps_for
@@ -74,6 +76,7 @@ logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API
 
 STEPS_DIR = "steps"
 STEP_RECORD = "step.json"
+STATE_HASHES = "state_files"  # step record key: {relative path: sha256} of the saved method state
 METHOD_DIR = "method"
 TRAIN_LOG = "train_log.json"
 RUN_RECORD = "run.json"
@@ -173,11 +176,12 @@ def product_dirs(manifest: pd.DataFrame, products: list[str]) -> dict[str, str]:
 def fingerprinted_config(doc: dict[str, Any]) -> dict[str, Any]:
     """The part of a config dict (``config_to_dict``) that changes what a run computes.
 
-    Tracking and bank location are excluded, and so is ``data.synth``: it only says how synthetic data
+    Tracking, bank and mask-cache locations are excluded, and so is ``data.synth``: it only says how synthetic data
     is generated, and the data itself is fingerprinted separately (``check_data_fingerprint``).
     """
     kept = {k: v for k, v in doc.items() if k not in FINGERPRINT_EXCLUDES}
     kept["data"] = {k: v for k, v in (kept.get("data") or {}).items() if k != "synth"}
+    kept["masks"] = {k: v for k, v in (kept.get("masks") or {}).items() if k != "cache_dir"}  # where, not what
     return kept
 
 
@@ -313,8 +317,8 @@ def normal_thresholds(cfg: Config, method: ContinualMethod, manifest: pd.DataFra
 
 @io_task(name="version_memory_bank")
 def version_memory_bank(cfg: Config, method_dir: Path, meta: dict[str, Any]) -> str:
-    """Store the state in ``method_dir`` as an immutable bank version in ``cfg.banks.store_dir``; returns its hash."""
-    version = BankStore(cfg.banks.store_dir).commit(Path(method_dir), meta)
+    """Store the state in ``method_dir`` as an immutable, not-yet-current bank version in ``cfg.banks.store_dir``; returns its hash."""
+    version = BankStore(cfg.banks.store_dir).commit(Path(method_dir), meta, make_current=False)  # a candidate until promoted
     run_logger().info("bank version %s (step %s) in %s", version[:12], meta.get("step"), cfg.banks.store_dir)
     return version
 
@@ -337,7 +341,23 @@ def read_step_record(out: Path, index: int, name: str) -> dict[str, Any] | None:
         raise ContadError(f"{path}: unreadable step record ({exc}); delete {path.parent} to retrain that step") from exc
     if record.get("task") != name or record.get("step") != index:
         raise ContadError(f"{path}: records task {record.get('task')!r} at step {record.get('step')}, expected {name!r} at step {index}")
+    verify_step_state(path.parent, record)
     return record
+
+
+def verify_step_state(directory: Path, record: dict[str, Any]) -> None:
+    """Refuse a step whose saved method state no longer matches the content hashes in its record."""
+    from components.memory.store import mismatched_files
+
+    recorded = record.get(STATE_HASHES)
+    if not isinstance(recorded, dict):
+        return  # a record written before hashes were recorded
+    bad = mismatched_files(directory / METHOD_DIR, recorded)
+    if bad:
+        raise ContadError(
+            f"{directory / METHOD_DIR / bad[0]}: does not match the content hash recorded in {directory / STEP_RECORD} "
+            f"({len(bad)} file(s) differ); delete {directory} to retrain that step"
+        )
 
 
 def check_run_record(cfg: Config, out: Path) -> dict[str, Any]:
@@ -349,17 +369,29 @@ def check_run_record(cfg: Config, out: Path) -> dict[str, Any]:
             record = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ContadError(f"{path}: unreadable run record ({exc})") from exc
-        if record.get("fingerprint") != fingerprint:
-            changed = _changed_keys(fingerprinted_config(record.get("config") or {}), fingerprinted_config(config_to_dict(cfg)))
+        changed = [] if record.get("fingerprint") == fingerprint else _changed_keys(fingerprinted_config(record.get("config") or {}), fingerprinted_config(config_to_dict(cfg)))
+        if record.get("fingerprint") != fingerprint and not changed and record.get("config"):
+            record.update(fingerprint=fingerprint, config=config_to_dict(cfg))  # recorded before a location key left the fingerprint
+            atomic_write_json(path, record)
+            return record
+        if changed and not completed_steps(out):
+            log.info("%s: no step of the earlier run completed; starting over with the new configuration", path)
+        elif record.get("fingerprint") != fingerprint:
             raise ContadError(
                 f"{path}: {out} holds a run with a different configuration "
                 f"(changed: {', '.join(changed) or 'none found; recorded by another contad version?'}); "
                 "use another --out directory (or delete this one) to start a new run"
             )
-        return record
+        else:
+            return record
     record = {"fingerprint": fingerprint, "config": config_to_dict(cfg), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write_json(path, record)
     return record
+
+
+def completed_steps(out: Path) -> list[Path]:
+    """Step records already written in ``OUT/steps``."""
+    return sorted((Path(out) / STEPS_DIR).glob(f"*/{STEP_RECORD}"))
 
 
 def check_data_fingerprint(out: Path, run_record: dict[str, Any], manifest: pd.DataFrame) -> None:
@@ -426,13 +458,15 @@ def open_tracker(cfg: Config, run_record: dict[str, Any]) -> Any:
     return Tracker(cfg.tracking, cfg.protocol.name, run_id=run_record.get("mlflow_run_id") if same_store else None)
 
 
-def _promote_if_gate_passes(cfg: Config, tracker: Any, model_version: str | None, new_products: list[str],
+def _promote_if_gate_passes(cfg: Config, tracker: Any, bank_version: str, model_version: str | None, new_products: list[str],
                             after: dict[str, dict[str, float]], before: dict[str, dict[str, float]] | None) -> dict[str, Any]:
-    from flows.promotion import promotion_gate
+    """Gate the step; when it passes, make its bank version current and its model champion (one transaction)."""
+    from flows.promotion import promote, promotion_gate, registry_for
 
     decision = promotion_gate(cfg.promotion, new_products, after, before)
-    if decision.passed and model_version is not None:
-        tracker.promote(model_version)
+    if decision.passed:
+        promote(BankStore(cfg.banks.store_dir), registry_for(cfg), bank_version, model_version)
+        tracker.mark_promoted()
     run_logger().info("%s", decision.message())
     return decision.to_dict()
 
@@ -454,6 +488,7 @@ def _run_step(cfg: Config, out: Path, index: int, tasks: list[list[str]], manife
     learned = tasks[: index + 1]
     with tracker.step(index, name), atomic_directory(step_dir(out, index, name)) as tmp:
         method_dir = train_task(cfg, method_dir_in, name, tasks[index], manifest, tmp / METHOD_DIR)
+        fault_point("after_train")
         metrics = evaluate_all_tasks(cfg, method_dir, manifest, task_of_product(learned))
         tracker.log_step_metrics(index, metrics)
         meta = {
@@ -468,11 +503,13 @@ def _run_step(cfg: Config, out: Path, index: int, tasks: list[list[str]], manife
             "config_fingerprint": config_fingerprint(cfg),
         }
         version = version_memory_bank(cfg, method_dir, meta)
+        fault_point("after_store")
         bank_manifest = BankStore(cfg.banks.store_dir).show(version)
         model_version = tracker.register_step_model(method_dir, version, index, manifest=bank_manifest)
-        gate = _promote_if_gate_passes(cfg, tracker, model_version, tasks[index], metrics, previous_metrics)
+        fault_point("after_register")
+        gate = _promote_if_gate_passes(cfg, tracker, version, model_version, tasks[index], metrics, previous_metrics)
         record = {**meta, "bank_version": version, "model_version": model_version, "promotion": gate,
-                  "completed": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                  STATE_HASHES: state_files(method_dir), "completed": time.strftime("%Y-%m-%dT%H:%M:%S")}
         atomic_write_json(tmp / STEP_RECORD, record)
     return record
 
@@ -495,8 +532,14 @@ def _attach_tracker(cfg: Config, out: Path, tracker: Any, run_record: dict[str, 
 @flow(name="continual_run", validate_parameters=False, persist_result=False)
 def continual_run(cfg: Config, out: Path) -> dict[str, Any]:
     """Validate, cache masks, then train/evaluate/version every task of the protocol; writes OUT/metrics.json + report."""
+    from flows.promotion import store_transaction
+
+    with store_transaction(cfg):  # the bank store is ours until the run ends; an interrupted promotion is repaired first
+        return _continual_run(cfg, Path(out))
+
+
+def _continual_run(cfg: Config, out: Path) -> dict[str, Any]:
     logger = run_logger()
-    out = Path(out)
     run_record = check_run_record(cfg, out)
     manifest, tasks = _prepare(cfg)
     check_data_fingerprint(out, run_record, manifest)
@@ -519,6 +562,7 @@ def continual_run(cfg: Config, out: Path) -> dict[str, Any]:
                 logger.info("step %d/%d: learning %s", index + 1, len(tasks), name)
                 record = _run_step(cfg, out, index, tasks, manifest, method_dir, version, tracker, previous)
             else:
+                BankStore(cfg.banks.store_dir).verify(record["bank_version"])
                 logger.info("step %d/%d (%s) already completed (bank version %s); not retraining", index + 1, len(tasks), name, record["bank_version"][:12])
                 if new_parent_run:
                     with tracker.step(index, name):
@@ -531,6 +575,7 @@ def continual_run(cfg: Config, out: Path) -> dict[str, Any]:
             progress.advance(bar)
         metrics_json = matrix.to_metrics_json(cfg.method, cfg.protocol.name)
         metrics_json["bank_version"] = version
+        metrics_json["promoted"] = bool((record.get("promotion") or {}).get("passed", True))
         overlays = None
         if cfg.eval.overlays_per_task > 0:
             final_method = load_method(cfg, method_dir)
@@ -595,13 +640,21 @@ def summary_table(metrics_json: dict[str, Any], metrics: tuple[str, ...] = ("ima
 
 
 def run_command(cfg: Config, out: Path) -> int:
-    """``contad run --out DIR``: train the task sequence, evaluate after every step, write metrics + report."""
+    """``contad run --out DIR``: train the task sequence, evaluate after every step, write metrics + report.
+
+    Returns 0 when the final step passed the promotion gate (its bank version is current and its
+    model champion), 1 when the gate rejected it (stored, but neither current nor champion).
+    """
     out = Path(out)
     cfg = run_config(cfg, out)
     metrics_json = execute(cfg, out)
     console = Console()
     console.print(summary_table(metrics_json))
     print(f"metrics: {out / METRICS_FILE}\nreport:  {out / REPORT_FILE}\nbanks:   contad banks list --store {cfg.banks.store_dir}")
+    if not metrics_json.get("promoted", True):
+        final = str(metrics_json.get("bank_version") or "-")[:12]
+        print(f"contad: the final step (bank version {final}) failed the promotion gate: it is stored but not current and not champion", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -75,13 +76,82 @@ def local_artifact_root(uri: str) -> str | None:
     return (db.parent / "mlartifacts").as_uri() if db is not None else None
 
 
-def make_client(cfg: TrackingConfig) -> MlflowClient:
-    """An ``MlflowClient`` for ``cfg.uri`` (creates a sqlite database's directory)."""
-    db = sqlite_path(cfg.uri)
+class TrackingStoreError(ContadError):
+    """The MLflow tracking database cannot be read (corrupt, not a database, locked)."""
+
+
+_CORRUPT_MARKERS = ("file is not a database", "database disk image is malformed", "malformed", "no such table", "unable to open database")
+
+
+@contextmanager
+def tracking_errors(uri: str) -> Iterator[None]:
+    """Turn a corrupt/unreadable tracking database into one ``TrackingStoreError`` naming it."""
+    try:
+        yield
+    except ContadError:
+        raise
+    except Exception as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        corrupt = type(exc).__module__.startswith("sqlalchemy") or any(m in text.lower() for m in _CORRUPT_MARKERS)
+        if not corrupt:
+            raise
+        where = sqlite_path(uri) or uri
+        raise TrackingStoreError(
+            f"tracking database {where} is unreadable ({text}); move it aside or set tracking.uri to another database"
+        ) from exc
+
+
+def make_client_for_uri(uri: str) -> MlflowClient:
+    """An ``MlflowClient`` for ``uri`` (creates a sqlite database's directory; corrupt database -> ``TrackingStoreError``)."""
+    db = sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
-    uri = normalized_uri(cfg.uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    uri = normalized_uri(uri)
+    with tracking_errors(uri):
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def make_client(cfg: TrackingConfig) -> MlflowClient:
+    """An ``MlflowClient`` for ``cfg.uri`` (creates a sqlite database's directory)."""
+    return make_client_for_uri(cfg.uri)
+
+
+PID_TAG = "contad.pid"
+HOST_TAG = "contad.host"
+
+
+def process_tags() -> dict[str, str]:
+    """Tags naming the process that owns a RUNNING run (so a later start can tell it died)."""
+    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark FAILED the RUNNING runs of ``experiment_id`` whose contad process (same host) is gone; returns their ids."""
+    host = socket.gethostname()
+    failed = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        if tags.get(HOST_TAG) != host or not str(tags.get(PID_TAG, "")).isdigit():
+            continue
+        pid = int(tags[PID_TAG])
+        if pid == os.getpid() or _process_alive(pid):
+            continue
+        client.set_terminated(run.info.run_id, "FAILED")
+        client.set_tag(run.info.run_id, "contad.failed_reason", f"process {pid} died without ending the run")
+        failed.append(run.info.run_id)
+    if failed:
+        log.warning("marked %d MLflow run(s) of dead contad processes FAILED: %s", len(failed), ", ".join(failed))
+    return failed
 
 
 def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
@@ -149,11 +219,15 @@ class Tracker:
 
     # -- parent run -----------------------------------------------------------------------
     def __enter__(self) -> Tracker:
-        self.experiment_id = ensure_experiment(self.client, experiment_name(self.cfg, self.protocol), self.tracking_uri)
+        with tracking_errors(self.tracking_uri):
+            self.experiment_id = ensure_experiment(self.client, experiment_name(self.cfg, self.protocol), self.tracking_uri)
+            fail_dead_runs(self.client, self.experiment_id)
         if self.run_id is not None:
             self.client.update_run(self.run_id, status="RUNNING")
+            for key, value in process_tags().items():
+                self.client.set_tag(self.run_id, key, value)
         else:
-            run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags={"contad.protocol": self.protocol})
+            run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags={"contad.protocol": self.protocol, **process_tags()})
             self.run_id = run.info.run_id
         log.info("MLflow run %s in experiment %s (%s)", self.run_id, experiment_name(self.cfg, self.protocol), self.tracking_uri)
         return self
@@ -190,7 +264,7 @@ class Tracker:
         run = self.client.create_run(
             self.experiment_id,
             run_name=f"step-{step_index}-{task_name}",
-            tags={PARENT_RUN_TAG: parent, "contad.step": str(step_index), "contad.task": task_name},
+            tags={PARENT_RUN_TAG: parent, "contad.step": str(step_index), "contad.task": task_name, **process_tags()},
         )
         run_id = run.info.run_id
         self.client.log_batch(run_id, params=[Param("step", str(step_index)), Param("task", task_name)])
@@ -290,6 +364,10 @@ class Tracker:
             self.client.set_tag(self.active_run_id, "contad.promoted", "true")
         log.info("champion of %s is now version %s", self.cfg.registered_model, version)
 
+    def mark_promoted(self, run_id: str | None = None) -> None:
+        """Tag ``run_id`` (default: the active run) as the run whose model became champion."""
+        self.client.set_tag(run_id or self.active_run_id, "contad.promoted", "true")
+
     def champion(self) -> tuple[str, str | None] | None:
         """(version, bank version) of the current champion, or None when there is none."""
         return champion_version(self.client, self.cfg.registered_model)
@@ -338,6 +416,9 @@ class NullTracker:
         return None
 
     def promote(self, version: str | None) -> None:
+        return None
+
+    def mark_promoted(self, run_id: str | None = None) -> None:
         return None
 
     def champion(self) -> tuple[str, str | None] | None:

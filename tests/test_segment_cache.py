@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -157,7 +159,8 @@ def test_interrupted_build_keeps_finished_work_and_resumes(tmp_path: Path) -> No
         build_cache(cache, items)
     assert len(list(cache.directory.glob("*.png"))) == 2
     assert len(json.loads((cache.directory / "index.json").read_text())["entries"]) == 2
-    (cache.directory / ".leftover.png.abc.tmp").write_bytes(b"partial")  # a killed writer's temp file
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    (cache.directory / f".leftover.png.{dead.stdout.strip()}.abc.tmp").write_bytes(b"partial")  # a killed writer's temp file
     resumed = counting()
     summary = build_cache(MaskCache(tmp_path / "cache", CFG, provider=resumed), items)
     assert summary.as_dict() == {"total": 5, "cached": 2, "built": 3, "rebuilt": 0}

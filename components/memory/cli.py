@@ -1,4 +1,9 @@
-"""``contad banks list|show|rollback``: inspect the memory-bank store and move its current pointer."""
+"""``contad banks list|show|rollback``: inspect the memory-bank store and move its current pointer.
+
+The ``contad`` CLI reaches these through ``flows.promotion.banks_command``, which holds the store's
+lock, repairs an interrupted promotion first, and does ``rollback`` (pointer *and* champion) and
+``doctor`` itself; ``rollback`` here moves only the pointer (stores without a registry).
+"""
 
 from __future__ import annotations
 

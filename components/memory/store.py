@@ -6,21 +6,34 @@ Layout of a store directory::
       versions/<sha256>/state/...      the saved method directory (keys, prompts, knowledge, config)
       versions/<sha256>/manifest.json  meta: step, tasks, products, metrics, parent, created, files
       CURRENT                          the version hash the pipeline continues from
+      JOURNAL.json                     the last "make V current (and champion)" transaction
+      .lock                            advisory lock held around every read-modify-write
 
 A version's hash is the SHA-256 of its state files (relative path + content hash of every file),
 so identical states share one version. Versions are written into a temporary sibling directory
 and renamed into place; ``CURRENT`` is replaced atomically afterwards, so a crash at any point
 leaves the previous version current. Nothing is ever deleted: rollback only moves ``CURRENT``.
+
+``lock()`` serialises writers (a second process waits, saying who holds the lock);
+``JOURNAL.json`` lets ``flows.promotion`` move ``CURRENT`` and the registry's champion alias
+together and repair a crash between the two (see docs/ARCHITECTURE.md, "Transactions").
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,12 +48,25 @@ VERSIONS_DIR = "versions"
 STATE_DIR = "state"
 MANIFEST_FILE = "manifest.json"
 CURRENT_FILE = "CURRENT"
+JOURNAL_FILE = "JOURNAL.json"
+LOCK_FILE = ".lock"
+DEFAULT_LOCK_TIMEOUT_S = 3600.0
+_LOCK_POLL_S = 0.2
 SHORT_HASH = 12
 _CHUNK = 1 << 20
 
 
 class BankError(ContadError):
     """A bank store or version is missing, ambiguous or corrupt."""
+
+
+class BankLockTimeout(BankError):
+    """Another process held the store's lock for longer than the caller was willing to wait."""
+
+
+# Per-process re-entrant lock bookkeeping: {resolved lock path: (open fd, depth)}.
+_HELD: dict[str, tuple[int, int]] = {}
+_HELD_GUARD = threading.RLock()
 
 
 class SavableState(Protocol):
@@ -107,6 +133,86 @@ class BankStore:
         return self.root / VERSIONS_DIR
 
     # ------------------------------------------------------------------ writing
+    @contextmanager
+    def lock(self, timeout_s: float = DEFAULT_LOCK_TIMEOUT_S, waiting: Any = None) -> Iterator[None]:
+        """Hold the store's exclusive lock (re-entrant within a process) for a read-modify-write.
+
+        When another process holds it, says so once (``waiting(message)``, default: stderr) and
+        waits up to ``timeout_s`` seconds, then raises ``BankLockTimeout``; never proceeds unlocked.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / LOCK_FILE
+        key = str(path.resolve())
+        with _HELD_GUARD:
+            held = _HELD.get(key)
+            if held is not None:
+                _HELD[key] = (held[0], held[1] + 1)
+        if held is None:
+            fd = self._acquire(path, timeout_s, waiting)
+            with _HELD_GUARD:
+                _HELD[key] = (fd, 1)
+        try:
+            yield
+        finally:
+            with _HELD_GUARD:
+                fd, depth = _HELD[key]
+                if depth > 1:
+                    _HELD[key] = (fd, depth - 1)
+                else:
+                    del _HELD[key]
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                    os.close(fd)
+
+    def _acquire(self, path: Path, timeout_s: float, waiting: Any) -> int:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        deadline = time.monotonic() + timeout_s
+        told = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = _read_holder(path)
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise BankLockTimeout(f"bank store {self.root} is locked by {holder}; gave up after {timeout_s:.0f} s (banks.lock_timeout_s)") from None
+                if not told:
+                    message = f"contad: bank store {self.root} is locked by {holder}; waiting for it to finish (up to {timeout_s:.0f} s)"
+                    (waiting or _print_stderr)(message)
+                    log.info("%s", message)
+                    told = True
+                time.sleep(_LOCK_POLL_S)
+        holder_line = f"pid {os.getpid()} on {socket.gethostname()} since {_now()}: {' '.join(sys.argv[:4])}\n"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder_line.encode("utf-8", "replace"), 0)
+        return fd
+
+    def read_journal(self) -> dict[str, Any] | None:
+        """The transaction journal (``JOURNAL.json``), or None when there is none."""
+        path = self.root / JOURNAL_FILE
+        if not path.is_file():
+            return None
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BankError(f"{path}: unreadable transaction journal ({exc}); run `contad banks doctor --store {self.root}` after checking it") from exc
+        if not isinstance(doc, dict) or doc.get("state") not in ("pending", "committed"):
+            raise BankError(f"{path}: not a contad transaction journal (state must be pending or committed)")
+        return doc
+
+    def write_journal(self, doc: dict[str, Any]) -> None:
+        """Atomically replace the transaction journal."""
+        atomic_write_json(self.root / JOURNAL_FILE, {**_json_safe(doc), "updated": _now()})
+
+    def set_current(self, version: str | None) -> None:
+        """Point ``CURRENT`` at ``version`` (a full stored hash), or remove it (None = empty store)."""
+        if version is None:
+            (self.root / CURRENT_FILE).unlink(missing_ok=True)
+            return
+        if not (self.versions_dir / version / MANIFEST_FILE).is_file():
+            raise BankError(f"cannot make {version!r} current: it is not a stored version in {self.versions_dir}")
+        self._set_current(version)
+
     def commit(self, method_dir_or_state: str | Path | SavableState, meta: dict[str, Any], make_current: bool = True) -> str:
         """Store a version of a method state and (by default) make it current; returns its hash.
 
@@ -116,6 +222,10 @@ class BankStore:
         current version). Committing a state that already exists keeps the existing (immutable)
         version. ``make_current=False`` stores a candidate without moving ``CURRENT``.
         """
+        with self.lock():
+            return self._commit(method_dir_or_state, meta, make_current)
+
+    def _commit(self, method_dir_or_state: str | Path | SavableState, meta: dict[str, Any], make_current: bool) -> str:
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         parent = meta["parent"] if "parent" in meta else self.current()
         staging = Path(tempfile.mkdtemp(dir=self.versions_dir, prefix=".staging-"))
@@ -143,10 +253,17 @@ class BankStore:
 
     def rollback(self, version: str) -> str:
         """Make ``version`` (a unique prefix is enough) current; returns the full hash. Never deletes."""
+        with self.lock():
+            full = self.resolve(version)
+            self._verify(full)
+            self._set_current(full)
+        log.info("bank store %s: current version is now %s", self.root, full[:SHORT_HASH])
+        return full
+
+    def verify(self, version: str) -> str:
+        """Full hash of ``version`` after checking every stored file against its manifest hash."""
         full = self.resolve(version)
         self._verify(full)
-        self._set_current(full)
-        log.info("bank store %s: current version is now %s", self.root, full[:SHORT_HASH])
         return full
 
     def checkout(self, version: str, dest: str | Path) -> Path:
@@ -233,12 +350,32 @@ class BankStore:
 
     def _verify(self, version: str) -> None:
         manifest = self.show(version)
-        files = state_files(self.versions_dir / version / STATE_DIR)
-        if files != manifest.get("files") or content_hash(files) != version:
-            raise BankError(f"bank version {version[:SHORT_HASH]} in {self.versions_dir} is corrupt: its files no longer match the manifest hashes")
+        state = self.versions_dir / version / STATE_DIR
+        bad = mismatched_files(state, manifest.get("files") or {})
+        if bad or content_hash(state_files(state)) != version:
+            named = ", ".join(str(state / rel) for rel in bad[:3]) or str(self.versions_dir / version / MANIFEST_FILE)
+            raise BankError(f"bank version {version[:SHORT_HASH]} is corrupt: {named} no longer match(es) the hashes recorded in its manifest; roll back to another version")
 
     def _set_current(self, version: str) -> None:
         atomic_write_text(self.root / CURRENT_FILE, version + "\n")
+
+
+def mismatched_files(directory: Path, recorded: dict[str, str]) -> list[str]:
+    """Relative paths whose content differs from ``recorded`` (``state_files`` form): changed, missing or extra."""
+    actual = state_files(directory) if directory.is_dir() else {}
+    return sorted(rel for rel in set(actual) | set(recorded) if actual.get(rel) != recorded.get(rel))
+
+
+def _read_holder(path: Path) -> str:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        text = ""
+    return text or "another process"
+
+
+def _print_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:

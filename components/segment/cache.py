@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from components.atomic import atomic_write_bytes, atomic_write_json
+from components.atomic import atomic_write_bytes, atomic_write_json, is_stale_temporary
 from components.config import Config, MasksConfig
 from components.errors import DataError
 from components.progress import progress_bar
@@ -206,10 +206,14 @@ class MaskCache:
         return atomic_write_json(self.directory / "index.json", index)
 
     def remove_stale_temporaries(self) -> int:
-        """Delete temporary files left by a killed writer; returns how many."""
+        """Delete temporary files left by a killed writer; returns how many.
+
+        Only files whose writer process is gone (``components.atomic.is_stale_temporary``): a
+        concurrent builder's in-flight temporaries are left alone.
+        """
         if not self.directory.is_dir():
             return 0
-        stale = list(self.directory.glob(".*.tmp"))
+        stale = [path for path in self.directory.glob(".*.tmp") if is_stale_temporary(path)]
         for path in stale:
             path.unlink(missing_ok=True)
         return len(stale)
