@@ -472,7 +472,24 @@ def _promote_if_gate_passes(cfg: Config, tracker: Any, bank_version: str, model_
 
 
 # ---------------------------------------------------------------------------------- the flow
+def check_data_root(root: Path, key: str = "data.root") -> Path:
+    """``root`` resolved, or ``UnreadableDataError`` (symlink loop, no permission) / ``DataError`` (missing)."""
+    from components.errors import UnreadableDataError
+
+    try:
+        resolved = Path(root).resolve(strict=True)
+        with os.scandir(resolved):
+            pass
+    except FileNotFoundError as exc:
+        raise DataError(f"{key}={root}: does not exist") from exc
+    except (RuntimeError, OSError) as exc:  # RuntimeError: Python's "Symlink loop" from resolve()
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UnreadableDataError(f"{key}={root}: cannot be read ({reason})") from exc
+    return resolved
+
+
 def _prepare(cfg: Config) -> tuple[pd.DataFrame, list[list[str]]]:
+    check_data_root(Path(cfg.data.root))
     manifest = validate_dataset(Path(cfg.data.root))
     products = ordered_products(manifest, cfg)
     manifest = manifest[manifest["product"].isin(products)].reset_index(drop=True)
@@ -647,6 +664,7 @@ def run_command(cfg: Config, out: Path) -> int:
     """
     out = Path(out)
     cfg = run_config(cfg, out)
+    check_data_root(Path(cfg.data.root))  # fail fast, before Prefect starts
     metrics_json = execute(cfg, out)
     console = Console()
     console.print(summary_table(metrics_json))

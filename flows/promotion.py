@@ -282,15 +282,19 @@ def _short(version: str | None) -> str:
     return version[:SHORT_HASH] if version else "-"
 
 
-def banks_command(cfg: Config, sub: str, version: str | None, store_dir: Path | None) -> int:
+def banks_command(cfg: Config, sub: str, version: str | None, store: Path | None) -> int:
     """``contad banks list|show|rollback|doctor``: every subcommand first repairs an interrupted promotion.
 
     ``rollback`` moves ``CURRENT`` and the champion together; ``doctor`` also verifies every
     version's hashes and that ``CURRENT`` equals the champion's bank (exit 1 when a problem remains).
     """
+    bank_store = BankStore(store if store is not None else Path(cfg.banks.store_dir))
+    return _banks_locked(cfg, sub, version, bank_store)
+
+
+def _banks_locked(cfg: Config, sub: str, version: str | None, store: BankStore) -> int:
     from components.memory.cli import banks_command as inspect_command
 
-    store = BankStore(store_dir if store_dir is not None else Path(cfg.banks.store_dir))
     if not store.root.is_dir():
         raise BankError(f"no bank store at {store.root} (set banks.store_dir or --store)")
     registry = registry_for(cfg)
