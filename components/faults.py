@@ -2,8 +2,9 @@
 
 Commit points of ``contad add-product`` and ``contad run`` call ``fault_point(name)``; when the
 environment variable ``CONTAD_FAULT`` names that point the process ends at once with
-``os._exit(FAULT_EXIT_CODE)`` (no cleanup, no ``finally`` blocks: like ``kill -9``). Unset in
-normal use, so each call costs one environment lookup.
+``os._exit(FAULT_EXIT_CODE)`` (no cleanup, no ``finally`` blocks: like ``kill -9``).
+``CONTAD_FAULT=<point>:<n>`` dies at the n-th time the point is reached (e.g. the second step of a
+run). Unset in normal use, so each call costs one environment lookup.
 """
 
 from __future__ import annotations
@@ -17,11 +18,21 @@ FAULT_EXIT_CODE = 86
 FAULT_POINTS = ("after_train", "after_store", "after_register", "between_pointer_and_alias")
 
 
+_HITS: dict[str, int] = {}
+
+
 def fault_point(name: str) -> None:
-    """Die like ``kill -9`` when ``CONTAD_FAULT`` equals ``name``."""
+    """Die like ``kill -9`` when ``CONTAD_FAULT`` names this point (and its hit count, when given)."""
     if name not in FAULT_POINTS:
         raise ValueError(f"unknown fault point {name!r}; known: {', '.join(FAULT_POINTS)}")
-    if os.environ.get(FAULT_ENV) == name:
+    wanted = os.environ.get(FAULT_ENV)
+    if not wanted:
+        return
+    point, _, nth = wanted.partition(":")
+    if point != name:
+        return
+    _HITS[name] = _HITS.get(name, 0) + 1
+    if _HITS[name] == int(nth or 1):
         sys.stderr.write(f"contad: injected fault {name}: exiting with {FAULT_EXIT_CODE}\n")
         sys.stderr.flush()
         os._exit(FAULT_EXIT_CODE)
