@@ -19,6 +19,7 @@ ephemeral API) unless ``PREFECT_API_URL`` points to a server.
 from __future__ import annotations
 
 import csv
+import errno
 import functools
 import hashlib
 import io
@@ -109,8 +110,8 @@ def retry_on_transient_io(task: Any, task_run: Any, state: Any) -> bool:
         state.result()
     except DETERMINISTIC_OS_ERRORS:
         return False
-    except OSError:
-        return True
+    except OSError as exc:
+        return exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # disk full / read-only: retrying cannot help
     except BaseException:  # noqa: BLE001 - anything else is deterministic: do not retry
         return False
     return False
