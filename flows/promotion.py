@@ -193,12 +193,27 @@ def promote(store: BankStore, registry: Registry | None, bank: str, model_versio
         after = {"bank": full, "model_version": model_version}
         journal: dict[str, Any] = {"state": "pending", "before": before, "after": after, "registry": registry.to_dict() if registry else None}
         store.write_journal(journal)
-        store.set_current(full)
-        fault_point("between_pointer_and_alias")
-        if registry is not None:
-            registry.set_champion(model_version)
-        store.write_journal({**journal, "state": "committed"})
+        try:
+            store.set_current(full)
+            fault_point("between_pointer_and_alias")
+            if registry is not None:
+                registry.set_champion(model_version)
+            store.write_journal({**journal, "state": "committed"})
+        except BaseException:
+            _undo_now(store, registry)
+            raise
     log.info("bank %s is current and model version %s is champion", full[:SHORT_HASH], model_version or "-")
+
+
+def _undo_now(store: BankStore, registry: Registry | None) -> None:
+    """After a failed promotion (disk full, registry down): put both back at once when possible.
+
+    When that fails too, the journal stays pending and the next command repairs it.
+    """
+    try:
+        recover(store, registry)
+    except Exception as exc:  # noqa: BLE001 - the original error is the one to report
+        log.warning("could not undo the interrupted promotion now (%s); the next command on %s repairs it", exc, store.root)
 
 
 def rollback(store: BankStore, registry: Registry | None, version: str) -> tuple[str, str | None]:

@@ -89,6 +89,7 @@ def test_crash_between_pointer_and_alias_is_rolled_back_to_last_agreement(tmp_pa
         raise SystemExit("killed between pointer and alias")
 
     monkeypatch.setattr(registry, "set_champion", die)
+    monkeypatch.setattr("flows.promotion._undo_now", lambda store, registry: None)  # a killed process undoes nothing
     with pytest.raises(SystemExit):
         promote(store, registry, v2, m2)
     assert store.current() == v2 and registry.champion() == m1  # the torn state a crash leaves
@@ -96,6 +97,22 @@ def test_crash_between_pointer_and_alias_is_rolled_back_to_last_agreement(tmp_pa
     assert "rolled back" in (recover(store, registry) or "")
     assert store.current() == v1 and registry.champion_bank() == v1
     assert recover(store, registry) is None  # idempotent
+
+
+def test_failed_alias_move_is_undone_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, registry, v1, m1, v2, m2 = _two_versions(tmp_path)
+    real = registry.set_champion
+
+    def registry_down(version: str | None) -> None:
+        if version == m2:
+            raise OSError(errno.ENOSPC, "No space left on device", "mlflow.db")
+        real(version)
+
+    monkeypatch.setattr(registry, "set_champion", registry_down)
+    with pytest.raises(OSError):
+        promote(store, registry, v2, m2)
+    assert store.current() == v1 and registry.champion() == m1  # pointer and champion never disagree
+    assert store.read_journal()["state"] == "committed"
 
 
 def test_rollback_moves_pointer_and_champion_together(tmp_path: Path) -> None:
