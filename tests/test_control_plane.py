@@ -362,6 +362,27 @@ def test_guarded_server_child_dies_with_a_killed_parent() -> None:
             pass
 
 
+def test_prefect_temporary_server_is_started_through_the_guard(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.server.api import server
+
+    from flows.server_guard import install
+
+    started: list[list[str]] = []
+
+    class FakePopen:
+        def __init__(self, args: list[str], **kwargs: object) -> None:
+            started.append(list(args))
+            assert kwargs["pass_fds"]
+
+    monkeypatch.setattr(server, "subprocess", server.subprocess)  # restored after the test
+    monkeypatch.setattr(subprocess, "Popen", FakePopen)
+    assert install()
+    server.SubprocessASGIServer(port=1)._run_uvicorn_command()
+    server.SubprocessASGIServer._instances.pop(1, None)
+    (argv,) = started
+    assert argv[1] == "-c" and "contad-parent-watch" in argv[2] and argv[4] == "uvicorn" and "127.0.0.1" in argv
+
+
 def test_running_mlflow_runs_of_dead_processes_are_marked_failed(tmp_path: Path) -> None:
     from components.config import TrackingConfig
     from flows.tracking import HOST_TAG, PID_TAG, Tracker, make_client
