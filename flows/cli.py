@@ -202,15 +202,19 @@ def classify_error(exc: BaseException) -> tuple[int, str]:
     return EXIT_INTERNAL, f"unexpected {type(exc).__name__}: {text} (rerun with --verbose for the traceback)"
 
 
+class _NoFailureEcho(logging.Filter):
+    """Drops Prefect's failure records (error logs, tracebacks, "Finished in state Failed")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR and not record.exc_info and "Finished in state Failed" not in record.getMessage()
+
+
 def _quiet_framework_logs() -> None:
     """Without --verbose, Prefect's own loggers stay silent about failures (the CLI prints each problem once)."""
-
-    class _NoFailureEcho(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return record.levelno < logging.ERROR and not record.exc_info and "Finished in state Failed" not in record.getMessage()
-
-    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.engine", "prefect.flow_engine", "prefect.task_engine"):
-        logging.getLogger(name).addFilter(_NoFailureEcho())
+    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoFailureEcho) for f in logger.filters):
+            logger.addFilter(_NoFailureEcho())
 
 
 def main(argv: list[str] | None = None) -> int:
