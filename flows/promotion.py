@@ -106,11 +106,20 @@ class Registry:
 
         return make_client_for_uri(self.uri)
 
+    def _missing(self) -> bool:
+        """Whether the registry is a sqlite database that does not exist (yet): nothing registered, don't create it."""
+        from flows.tracking import sqlite_path
+
+        db = sqlite_path(self.uri)
+        return db is not None and not db.is_file()
+
     def champion(self) -> str | None:
         """Model version the champion alias points to (None: no champion)."""
         from flows.model_registry import champion_alias_version
         from flows.tracking import tracking_errors
 
+        if self._missing():
+            return None
         with tracking_errors(self.uri):
             return champion_alias_version(self.client(), self.model)
 
@@ -137,6 +146,8 @@ class Registry:
         from flows.model_registry import latest_version_with_tag
         from flows.tracking import tracking_errors
 
+        if self._missing():
+            return None
         with tracking_errors(self.uri):
             return latest_version_with_tag(self.client(), self.model, BANK_VERSION_TAG, bank)
 
