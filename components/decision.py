@@ -39,6 +39,10 @@ IMAGE_SIGNATURES: dict[str, tuple[bytes, ...]] = {
 MASK_SIZE = 32  # side of the compact defect mask returned on request
 
 
+class ImageTooLarge(DataError):
+    """The image has more pixels than allowed (``serve.max_pixels``)."""
+
+
 def sniff_format(data: bytes) -> str | None:
     """The image format named by the first bytes of ``data`` (PNG, JPEG, BMP, TIFF), else None."""
     for name, signatures in IMAGE_SIGNATURES.items():
@@ -56,7 +60,7 @@ def decode_image(data: bytes, max_pixels: int, source: str = "image") -> np.ndar
         with Image.open(io.BytesIO(data), formats=[kind]) as img:
             width, height = img.size
             if width * height > max_pixels:
-                raise DataError(f"{source}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} (serve.max_pixels)")
+                raise ImageTooLarge(f"{source}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} (serve.max_pixels)")
             img.load()
             rgb = _to_rgb(img)
     except DataError:
@@ -164,4 +168,4 @@ def read_config_json(path: Path) -> Config:
         raise ContadError(f"{path}: unreadable contad config ({exc})") from exc
 
 
-__all__ = ["NG", "Detector", "Verdict", "decode_image", "normalise", "read_config_json", "sniff_format"]
+__all__ = ["NG", "Detector", "ImageTooLarge", "Verdict", "decode_image", "normalise", "read_config_json", "sniff_format"]

@@ -1,0 +1,111 @@
+"""Per-product decision thresholds from held-out TRAINING normals and ``contad predict``.
+
+Uses the 2-product sequence trained once per session (``tracking_support.trained_base``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from components.data.manifest import read_dataset
+from components.eval.thresholds import CALIBRATION_FILE, read_calibration
+from components.memory.store import BankStore
+from flows.cli import main
+from flows.pipeline import STEPS_DIR, calibrate_method, load_method
+from tests.tracking_support import TrainedBase, tiny_config, trained_base
+
+# Config overrides that rebuild the trained base's method from a bank store.
+BASE_OVERRIDES = ["method=patchcore_finetune", "data.image_size=64", "backbone.device=cpu", "patchcore.coreset_size=64"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> TrainedBase:
+    return trained_base(tmp_path_factory)
+
+
+def _final_method_dir(base: TrainedBase) -> Path:
+    return sorted((base.work / STEPS_DIR).iterdir())[-1] / "method"
+
+
+def test_thresholds_come_from_training_normals_only(base: TrainedBase) -> None:
+    method_dir = _final_method_dir(base)
+    stored = read_calibration(method_dir)
+    products = [f.name for f in base.old]
+    assert stored is not None and set(stored.tasks) == set(products) and stored.target_fpr == 0.01
+    assert all(t.n_images >= 1 for t in stored.tasks.values())
+    # the calibration is part of the versioned bank state (content hash) and of metrics.json
+    store = BankStore(base.work / "banks")
+    assert CALIBRATION_FILE in store.show(store.current())["files"]
+    metrics = json.loads((base.work / "metrics.json").read_text())
+    assert metrics["thresholds"] == stored.to_dict()
+    for key in ("escape_rate", "false_reject_rate"):
+        assert set(metrics["final"][key]) == set(products) and all(0.0 <= v <= 1.0 for v in metrics["final"][key].values())
+
+    cfg = tiny_config(base.work, base.old[0].parent)
+    manifest = pd.concat([read_dataset(f.parent, products=[f.name]) for f in base.old], ignore_index=True)
+    method = load_method(cfg, method_dir)
+    # different test data: no test rows at all, or test rows pointing at other (defective) images
+    without_test = manifest[manifest["split"] != "test"]
+    defects = manifest[(manifest["split"] == "test") & (manifest["label"] == 1)]["image_path"].tolist()
+    other_test = manifest.copy()
+    test_rows = other_test["split"] == "test"
+    other_test.loc[test_rows, "image_path"] = [defects[i % len(defects)] for i in range(int(test_rows.sum()))]
+    for changed in (without_test, other_test):
+        recalibrated = calibrate_method(cfg, method, changed)
+        assert json.dumps(recalibrated.to_dict()) == json.dumps(stored.to_dict())  # bit-identical
+    # but the held-out TRAINING normals do matter
+    train_good = (manifest["split"] == "train") & (manifest["label"] == 0)
+    shifted = manifest.copy()
+    shifted.loc[train_good, "image_path"] = [defects[i % len(defects)] for i in range(int(train_good.sum()))]
+    assert calibrate_method(cfg, method, shifted).to_dict() != stored.to_dict()
+
+
+def test_predict_cli_on_a_synthetic_folder(base: TrainedBase, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    product = base.old[0]
+    images = tmp_path / "images"
+    shutil.copytree(product / "test", images / "test")
+    (images / "notes.txt").write_text("not an image, not an image suffix: ignored in folders")
+    good = sorted((images / "test" / "good").glob("*.png"))[0]
+    (images / "truncated.png").write_bytes(good.read_bytes()[:200])
+    (images / "text.png").write_text("hello")
+    out = tmp_path / "out"
+    store = base.work / "banks"
+
+    assert main(["predict", str(images), str(product / "train" / "good" / "*.png"), "--bank", str(store), "--out", str(out), *BASE_OVERRIDES]) == 0
+    printed = capsys.readouterr()
+    assert "truncated.png" in printed.err and "text.png" in printed.err and "2 skipped" in printed.out
+
+    with (out / "predictions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    jsonl = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    n_test = len(list((images / "test").rglob("*.png")))
+    n_train = len(list((product / "train" / "good").glob("*.png")))
+    assert len(rows) == len(jsonl) == n_test + n_train
+    assert list(rows[0]) == ["path", "product", "score", "threshold", "decision", "overlay", "model_version", "bank_version"]
+    calibration = read_calibration(_final_method_dir(base))
+    version = BankStore(store).current()
+    for row in jsonl:
+        assert row["threshold"] == calibration.for_task(row["product"]).image
+        assert row["decision"] == ("NG" if row["score"] > row["threshold"] else "OK")
+        assert row["bank_version"] == version and row["model_version"] is None
+        with Image.open(out / row["overlay"]) as overlay:
+            assert overlay.format == "PNG" and overlay.size == (256, 256)
+    test_rows = [r for r in jsonl if "/test/" in r["path"]]
+    assert sum(r["product"] == product.name for r in test_rows) >= 0.8 * len(test_rows)  # routed by content alone
+    defective = [r for r in test_rows if "/good/" not in r["path"]]
+    assert sum(r["decision"] == "NG" for r in defective) >= 1
+    skipped = (out / "skipped.csv").read_text()
+    assert "truncated.png" in skipped and "text.png" in skipped and "notes.txt" not in skipped
+
+    # a missing model source or no matching input: clear errors (exit 2)
+    assert main(["predict", str(tmp_path / "nothing*.png"), "--bank", str(store), "--out", str(out), *BASE_OVERRIDES]) == 2
+    assert "no input files" in capsys.readouterr().err
+    assert main(["predict", str(images), "--bank", str(tmp_path), "--out", str(out), *BASE_OVERRIDES]) == 2
+    assert "not a bank store" in capsys.readouterr().err
