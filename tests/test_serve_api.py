@@ -178,3 +178,33 @@ def test_schema_fuzzing_finds_no_server_error(served: tuple[str, Config]) -> Non
 
         fuzz()
     assert len(calls) >= 2 * len(operations) and max(calls) < 500
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_returns_decisions_without_the_source_tree(base: TrainedBase, tmp_path: Path) -> None:
+    """``mlflow models serve -m models:/contad-detector@champion --env-manager local`` from a directory outside
+    this tree (no PYTHONPATH): the model brings its own ``components`` code and answers with decisions."""
+    import base64
+    import os
+
+    from tests.tracking_support import VENV_BIN, background, free_port, wait_http_ok
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{base.work / 'mlflow.db'}", MLFLOW_DISABLE_TELEMETRY="true",
+               PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}")  # the environment's uvicorn, as in an activated venv
+    cmd = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@{CHAMPION_ALIAS}", "--env-manager", "local",
+           "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
+    image = sorted(p for p in (base.old[0] / "test").rglob("*.png") if "/good/" not in str(p))[0]
+    payload = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image.read_bytes()).decode()]]}, "params": {"mask": True}}
+    log = tmp_path / "serve.log"
+    with background(cmd, log, env=env, cwd=tmp_path) as process:
+        wait_http_ok(f"http://127.0.0.1:{port}/ping", process, log)
+        response = httpx.post(f"http://127.0.0.1:{port}/invocations", json=payload, timeout=120)
+        bad = httpx.post(f"http://127.0.0.1:{port}/invocations", json={"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b"text").decode()]]}}, timeout=120)
+    assert response.status_code == 200, response.text + log.read_text()[-2000:]
+    (row,) = response.json()["predictions"]
+    assert row["product"] in {p.name for p in base.old} and row["decision"] in {"OK", "NG"}
+    assert row["decision"] == ("NG" if row["score"] > row["threshold"] else "OK")
+    assert len(row["mask"].split("\n")) == 32
+    assert bad.status_code == 400 and "not a supported image" in bad.text
