@@ -206,6 +206,12 @@ async def image_bytes(request: Request, max_bytes: int) -> bytes:
     return await upload.read()
 
 
+def decode_and_decide(detector: Detector, data: bytes, max_pixels: int) -> tuple[Any, Any]:
+    """(decoded RGB image, verdict) of one encoded image."""
+    rgb = decode_image(data, max_pixels, source="request body")
+    return rgb, detector.decide([rgb])[0]
+
+
 def create_app(cfg: Config, source: DetectorSource, token: str | None = None, start_reloader: bool = True) -> FastAPI:
     """The FastAPI app serving ``source``; the reloader thread runs for the app's lifetime."""
     slot = ModelSlot()
@@ -275,13 +281,12 @@ def create_app(cfg: Config, source: DetectorSource, token: str | None = None, st
         data = await image_bytes(request, cfg.serve.max_bytes)
         if not data:
             raise HTTPException(400, "empty request body: send the encoded image")
-        try:
-            rgb = decode_image(data, cfg.serve.max_pixels, source="request body")
+        try:  # decoding is bounded work too: it runs in the inference slot, off the event loop
+            rgb, verdict = await limiter.run(decode_and_decide, deployed.detector, data, cfg.serve.max_pixels)
         except ImageTooLarge as exc:
             raise HTTPException(413, str(exc)) from None
         except DataError as exc:
             raise HTTPException(400, str(exc)) from None
-        verdict = (await limiter.run(deployed.detector.decide, [rgb]))[0]
         result = PredictResponse(**verdict.to_dict(), model_version=deployed.version.model_version, bank_version=deployed.version.bank_version,
                                  latency_ms=round(1000 * (time.perf_counter() - started), 3))
         if heatmap == "png":

@@ -68,7 +68,8 @@ def test_thresholds_come_from_training_normals_only(base: TrainedBase) -> None:
 
 
 def test_predict_cli_on_a_synthetic_folder(base: TrainedBase, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    product = base.old[0]
+    last = json.loads((base.work / "metrics.json").read_text())["tasks"][-1]
+    product = next(f for f in base.old if f.name == last)  # patchcore_finetune keeps only the last product
     images = tmp_path / "images"
     shutil.copytree(product / "test", images / "test")
     (images / "notes.txt").write_text("not an image, not an image suffix: ignored in folders")

@@ -110,7 +110,12 @@ def test_bad_input_is_a_clear_4xx_and_the_service_keeps_serving(served: tuple[st
     assert httpx.post(f"{url}/v1/predict", content=png, headers=octet).status_code == 200  # still serving
 
 
-def test_non_loopback_bind_needs_a_token() -> None:
+def test_non_loopback_bind_needs_a_token(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli import main
+
+    monkeypatch.delenv("CONTAD_API_TOKEN", raising=False)
+    assert main(["serve-api", "--bank", "nowhere", "serve.host=0.0.0.0"]) == 2
+    assert "refusing to bind 0.0.0.0" in capsys.readouterr().err
     with pytest.raises(ContadError, match="CONTAD_API_TOKEN"):
         check_bind("0.0.0.0", None, "CONTAD_API_TOKEN")
     check_bind("0.0.0.0", "secret", "CONTAD_API_TOKEN")
