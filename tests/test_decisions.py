@@ -110,3 +110,15 @@ def test_predict_cli_on_a_synthetic_folder(base: TrainedBase, tmp_path: Path, ca
     assert "no input files" in capsys.readouterr().err
     assert main(["predict", str(images), "--bank", str(tmp_path), "--out", str(out), *BASE_OVERRIDES]) == 2
     assert "not a bank store" in capsys.readouterr().err
+
+
+def test_forgetting_of_error_rates_is_their_rise() -> None:
+    from components.eval.continual import AccuracyMatrix
+
+    matrix = AccuracyMatrix(["a", "b"], 2)
+    matrix.record(0, "a", {"image_auroc": 0.9, "escape_rate": 0.1, "false_reject_rate": 0.2})
+    matrix.record(1, "a", {"image_auroc": 0.8, "escape_rate": 0.4, "false_reject_rate": 0.0})
+    matrix.record(1, "b", {"image_auroc": 1.0, "escape_rate": 0.0, "false_reject_rate": 0.0})
+    forgetting = matrix.forgetting()
+    assert forgetting["image_auroc"] == pytest.approx(0.1)
+    assert forgetting["escape_rate"] == pytest.approx(0.3) and forgetting["false_reject_rate"] == pytest.approx(-0.2)

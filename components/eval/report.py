@@ -107,7 +107,8 @@ def run_markdown(doc: dict[str, Any], figures: dict[str, str]) -> str:
         f"- routing accuracy (last step, mean over products): {fmt(doc.get('routing_accuracy'))}%",
         "- values in %; Average = mean of the last row of the accuracy matrix; FM = forgetting measure "
         "(mean over products learned before the last step of the best earlier value minus the final value; "
-        "lower is better); BWT = backward transfer (final minus value right after learning).",
+        "lower is better); BWT = backward transfer (final minus value right after learning). Escape and "
+        "false-reject rates (decisions at the deployed per-product thresholds) are lower-is-better: their FM is the rise.",
         "- `–` = not learned yet or undefined (e.g. pixel metrics of a product without defective test images).",
         "",
         "## Final results",
