@@ -105,6 +105,19 @@ def test_predict_cli_on_a_synthetic_folder(base: TrainedBase, tmp_path: Path, ca
     skipped = (out / "skipped.csv").read_text()
     assert "truncated.png" in skipped and "text.png" in skipped and "notes.txt" not in skipped
 
+    # the same through the registry: the champion's version and bank version on every row
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{base.work / 'mlflow.db'}"
+    champion = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias("contad-detector", "champion")
+    via_model = tmp_path / "via_model"
+    assert main(["predict", str(images / "test" / "good"), "--model", "models:/contad-detector@champion", "--out", str(via_model),
+                 f"tracking.uri={uri}", *BASE_OVERRIDES]) == 0
+    registry_rows = [json.loads(line) for line in (via_model / "predictions.jsonl").read_text().splitlines()]
+    assert registry_rows and all(r["model_version"] == str(champion.version) and r["bank_version"] == champion.tags["bank_version"] for r in registry_rows)
+    by_path = {r["path"]: r for r in jsonl}
+    assert all(r["score"] == pytest.approx(by_path[r["path"]]["score"], rel=1e-5) for r in registry_rows)
+
     # a missing model source or no matching input: clear errors (exit 2)
     assert main(["predict", str(tmp_path / "nothing*.png"), "--bank", str(store), "--out", str(out), *BASE_OVERRIDES]) == 2
     assert "no input files" in capsys.readouterr().err
