@@ -48,6 +48,18 @@ def test_thresholds_come_from_training_normals_only(base: TrainedBase) -> None:
     for key in ("escape_rate", "false_reject_rate"):
         assert set(metrics["final"][key]) == set(products) and all(0.0 <= v <= 1.0 for v in metrics["final"][key].values())
 
+    # ... and MLflow has them per product next to AUROC
+    from mlflow.tracking import MlflowClient
+
+    from flows.tracking import metric_key
+
+    uri = f"sqlite:///{base.work / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    (parent,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()]) if "mlflow.parentRunId" not in r.data.tags]
+    for product in products:
+        for key in ("image_auroc", "escape_rate", "false_reject_rate"):
+            assert metric_key(key, product) in parent.data.metrics
+
     cfg = tiny_config(base.work, base.old[0].parent)
     manifest = pd.concat([read_dataset(f.parent, products=[f.name]) for f in base.old], ignore_index=True)
     method = load_method(cfg, method_dir)
