@@ -213,3 +213,35 @@ def test_mlflow_models_serve_returns_decisions_without_the_source_tree(base: Tra
     assert row["decision"] == ("NG" if row["score"] > row["threshold"] else "OK")
     assert len(row["mask"].split("\n")) == 32
     assert bad.status_code == 400 and "not a supported image" in bad.text
+
+
+def test_inference_slots_and_timeout_are_bounded() -> None:
+    import asyncio
+
+    from fastapi import HTTPException
+
+    from flows.api import Limiter
+
+    running: list[int] = []
+    peak: list[int] = []
+
+    def work(seconds: float) -> float:
+        running.append(1)
+        peak.append(len(running))
+        time.sleep(seconds)
+        running.pop()
+        return seconds
+
+    async def scenario() -> list[object]:
+        limiter = Limiter(max_concurrent=1, timeout_s=0.3)
+        slow = [limiter.run(work, 0.5)]  # longer than the timeout: 503, but keeps its slot until it really ends
+        quick = [limiter.run(work, 0.01) for _ in range(2)]  # must wait for the slot: 503 too (timeout while queued)
+        results = await asyncio.gather(*slow, *quick, return_exceptions=True)
+        await asyncio.sleep(0.4)
+        results.append(await Limiter(max_concurrent=2, timeout_s=5).run(work, 0.01))
+        return results
+
+    results = asyncio.run(scenario())
+    assert all(isinstance(r, HTTPException) and r.status_code == 503 for r in results[:3]), results
+    assert "serve.request_timeout_s" in results[0].detail and "busy" in results[1].detail
+    assert results[3] == 0.01 and max(peak) == 1
