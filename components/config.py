@@ -145,7 +145,6 @@ class EvalConfig(Section):
 
     pixel_resolution: PositiveInt | None = None  # None = model input size
     aupro_fpr_limit: float = Field(0.3, gt=0, le=1)
-    threshold_quantile: float = Field(0.99, gt=0, lt=1)  # binary threshold from held-out training normals
     overlays_per_task: NonNegativeInt = 3
     smoothing_sigma: NonNegativeFloat = 4.0
     batch_size: PositiveInt = 16  # images per predict call during evaluation
@@ -174,6 +173,28 @@ class BanksConfig(Section):
     lock_timeout_s: NonNegativeFloat = 3600.0  # how long a command waits for another one's lock on the store
 
 
+class DecisionConfig(Section):
+    """OK/NG decisions: per-task thresholds calibrated on held-out TRAINING normals only."""
+
+    target_fpr: float = Field(0.01, ge=0.0, lt=1.0)  # false-reject rate the image threshold is set for
+    pixel_fpr: float = Field(0.001, ge=0.0, lt=1.0)  # fraction of normal pixels above the contour threshold
+
+
+class ServeConfig(Section):
+    """The REST inference service (``contad serve-api``) and ``contad predict``."""
+
+    host: str = "127.0.0.1"  # a non-loopback address needs a token (token_env)
+    port: int = Field(8000, ge=0, le=65535)
+    model: str = "models:/contad-detector@champion"  # registry URI; ``contad serve-api --bank DIR`` overrides
+    token_env: str = "CONTAD_API_TOKEN"  # env var holding the bearer token; unset/empty = no auth
+    max_bytes: int = Field(20_000_000, ge=1)  # largest accepted request body
+    max_pixels: int = Field(40_000_000, ge=1)  # largest accepted decoded image (width * height)
+    request_timeout_s: float = Field(30.0, gt=0)  # inference time limit per request (503 after)
+    max_concurrent: int = Field(2, ge=1)  # inferences running at once; more wait (bounded by the timeout)
+    reload_poll_s: float = Field(10.0, ge=0)  # how often the champion alias is polled; 0 = never reload
+    heatmap_size: int = Field(256, ge=16, le=2048)  # side of returned heat-map overlays
+
+
 class Config(Section):
     """Root configuration: one object for the whole pipeline."""
 
@@ -189,6 +210,8 @@ class Config(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     banks: BanksConfig = Field(default_factory=BanksConfig)
+    decision: DecisionConfig = Field(default_factory=DecisionConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
 
 class ConfigError(ValueError):

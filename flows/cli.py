@@ -24,6 +24,8 @@ Typical use:
   contad demo --out runs/demo                  synthetic products -> full continual pipeline -> report
   contad run --out runs/x method=ucad data.root=DIR
   contad report runs/ucad runs/patchcore_finetune --out runs/compare
+  contad predict images/ --model models:/contad-detector@champion --out runs/predictions
+  contad serve-api --model models:/contad-detector@champion
 """
 
 EXIT_CODES = """\
@@ -103,7 +105,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="register a Prefect deployment that runs add-product on contad.product.added events and serve it")
     _add_params(serve)
+
+    predict = sub.add_parser("predict", help="OK/NG decisions, scores and heat-map overlays for images, folders or globs (exit 0 even when parts are NG)")
+    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or glob patterns")
+    _add_model_source(predict, required=True)
+    predict.add_argument("--out", required=True, help="output directory: predictions.csv, predictions.jsonl, overlays/")
+    _add_params(predict)
+
+    api = sub.add_parser("serve-api", help="REST inference service (POST /v1/predict; binds serve.host, default 127.0.0.1)")
+    _add_model_source(api, required=False)
+    _add_params(api)
     return parser
+
+
+def _add_model_source(p: argparse.ArgumentParser, required: bool) -> None:
+    source = p.add_mutually_exclusive_group(required=required)
+    source.add_argument("--model", default=None, help="registered model, e.g. models:/contad-detector@champion (registry: tracking.uri)"
+                        + ("" if required else "; default: serve.model"))
+    source.add_argument("--bank", default=None, help="bank store DIR or DIR@VERSION (method from the config: pass the run's --params/overrides)")
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -149,6 +168,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         from flows.serve import serve_command
 
         return serve_command(load_config(args.params, overrides))
+    if args.command == "predict":
+        from flows.predict import predict_command
+
+        return predict_command(load_config(args.params, overrides), args.paths, Path(args.out), model=args.model, bank=args.bank)
+    if args.command == "serve-api":
+        from flows.api import serve_api_command
+
+        return serve_api_command(load_config(args.params, overrides), model=args.model, bank=args.bank)
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -1,14 +1,10 @@
-"""The registered contad detector: an MLflow pyfunc wrapping one saved method directory.
+"""Packaging and loading of the registered contad detector (the pyfunc itself: ``flows/detector_model.py``).
 
-Input: a ``pandas.DataFrame`` with an ``image_path`` column (any image file readable by the
-data layer), or a float array ``(B, 3, H, W)`` already ImageNet-normalised at
-``data.image_size``. Output: a dict with ``image_score`` ``(B,)``, ``anomaly_map``
-``(B, H, W)`` and ``routed_task`` (task each image was routed to).
-
-The model's artifacts are the method state (``method/``: ``model.safetensors`` +
-``model.json``) and the full contad config (``config.json``); ``load_context`` rebuilds the
-backbone and method from them. The model is logged "from code" (``flows/detector_model.py``),
-not pickled; loading needs the ``contad`` package importable.
+A logged model is self-contained: the model-from-code file, a copy of the ``components``
+package (``code/components``, put on ``sys.path`` by MLflow on load), the method state with its
+``calibration.json`` (``artifacts/method``), the full contad config (``artifacts/config.json``),
+a signature (image bytes/paths in; product, score, threshold, decision, optional mask out) and
+pinned pip requirements. It never needs ``flows`` or this source tree.
 """
 
 from __future__ import annotations
@@ -17,6 +13,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,16 +22,15 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 import mlflow.pyfunc  # noqa: E402 - after the telemetry defaults
-import numpy as np  # noqa: E402
 
-from components.config import Config, config_to_dict
-from components.errors import ContadError
+import components  # noqa: E402
+from components.config import Config, config_to_dict  # noqa: E402
+from components.errors import ContadError  # noqa: E402
+from components.eval.thresholds import read_calibration  # noqa: E402
+from flows.detector_model import CONFIG_ARTIFACT, METHOD_ARTIFACT, detector_signature  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-IMAGE_PATH_COLUMN = "image_path"
-METHOD_ARTIFACT = "method"
-CONFIG_ARTIFACT = "config"
 CHAMPION_ALIAS = "champion"
 MODEL_CODE = Path(__file__).with_name("detector_model.py")
 
@@ -67,66 +63,25 @@ def runtime_requirements() -> list[str]:
     return pins
 
 
-class ContadDetector(mlflow.pyfunc.PythonModel):
-    """Pyfunc detector: images in, image scores + anomaly maps out."""
-
-    # Input is a DataFrame of paths *or* an array batch: no MLflow type-hint schema validation.
-    _skip_type_hint_validation = True
-
-    def load_context(self, context: Any) -> None:
-        """Rebuild the backbone and the continual method from the model's artifacts."""
-        from components.backbones.registry import build_backbone
-        from components.methods.registry import build_method
-
-        config_path = Path(context.artifacts[CONFIG_ARTIFACT])
-        self.config = Config.model_validate(json.loads(config_path.read_text()))
-        backbone = build_backbone(self.config.backbone, self.config.data.image_size)
-        self.method = build_method(self.config, backbone)
-        self.method.load(Path(context.artifacts[METHOD_ARTIFACT]))
-
-    def _images(self, model_input: Any) -> Any:
-        """The (B, 3, H, W) normalised tensor for a DataFrame of paths or an array batch."""
-        import pandas as pd
-        import torch
-
-        if isinstance(model_input, pd.DataFrame):
-            if IMAGE_PATH_COLUMN not in model_input.columns:
-                raise ContadError(f"detector input DataFrame needs an {IMAGE_PATH_COLUMN!r} column, got {list(model_input.columns)}")
-            from components.data.loading import load_images
-
-            return load_images([str(p) for p in model_input[IMAGE_PATH_COLUMN]], self.config.data.image_size)
-        array = np.asarray(model_input, dtype=np.float32)
-        size = self.config.data.image_size
-        if array.ndim != 4 or array.shape[1] != 3 or array.shape[2:] != (size, size):
-            raise ContadError(f"detector input array must be (B, 3, {size}, {size}) normalised images, got shape {array.shape}")
-        return torch.from_numpy(array)
-
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 - MLflow would read hints as a schema
-        """Score images; returns ``image_score``, ``anomaly_map`` and ``routed_task``."""
-        import torch
-
-        images = self._images(model_input)
-        with torch.no_grad():
-            prediction = self.method.predict(images)
-        return {
-            "image_score": prediction.image_scores.detach().cpu().numpy().astype(np.float32),
-            "anomaly_map": prediction.anomaly_maps.detach().cpu().numpy().astype(np.float32),
-            "routed_task": list(prediction.routed_tasks),
-        }
-
-
 def save_detector(method_dir: Path, config: Config, dest: Path, metadata: dict[str, str] | None = None) -> Path:
     """Write the pyfunc model for ``method_dir`` into the new directory ``dest``."""
     method_dir = Path(method_dir)
     if not method_dir.is_dir():
         raise ContadError(f"method directory {method_dir} does not exist")
+    if read_calibration(method_dir) is None:
+        raise ContadError(f"{method_dir} has no calibration.json: a registered detector must make decisions "
+                          "(thresholds come from held-out training normals; is data.heldout_fraction 0?)")
     with tempfile.TemporaryDirectory(prefix="contad-config-") as tmp:
         config_path = Path(tmp) / "config.json"
         config_path.write_text(json.dumps(config_to_dict(config), indent=2))
+        code = Path(tmp) / "components"
+        shutil.copytree(Path(components.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         mlflow.pyfunc.save_model(
             path=str(dest),
             python_model=str(MODEL_CODE),
             artifacts={METHOD_ARTIFACT: str(method_dir), CONFIG_ARTIFACT: str(config_path)},
+            code_paths=[str(code)],
+            signature=detector_signature(),
             pip_requirements=runtime_requirements(),
             metadata=metadata or {},
         )

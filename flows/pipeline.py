@@ -64,7 +64,7 @@ from components.errors import ContadError, DataError
 from components.eval.continual import AccuracyMatrix
 from components.eval.evaluate import evaluate_tasks, predict_batch
 from components.eval.report import write_report
-from components.eval.thresholds import heldout_thresholds
+from components.eval.thresholds import Calibration, calibrate_heldout, decision_metrics, learned_task_of_product, read_calibration, write_calibration
 from components.faults import fault_point
 from components.memory.store import BankStore, state_files
 from components.methods.base import ContinualMethod
@@ -274,6 +274,9 @@ def train_task(cfg: Config, method_dir_in: Path | None, task_name: str, products
     train_log = method.fit_task(data)
     seconds = time.perf_counter() - started
     method.save(out_dir)
+    calibration = calibrate_method(cfg, method, manifest)
+    if calibration is not None:
+        write_calibration(out_dir, calibration)  # part of the state: versioned with the bank, shipped with the model
     atomic_write_json(out_dir.parent / TRAIN_LOG, {"task": task_name, "products": products, "seconds": seconds, "log": train_log})
     logger.info("task %s trained in %.1f s; state saved to %s", task_name, seconds, out_dir)
     return out_dir
@@ -284,17 +287,26 @@ def evaluate_all_tasks(cfg: Config, method_dir: Path, manifest: pd.DataFrame, ta
     """Metrics of every product in ``task_of_product`` (all learned so far); images carry no product label."""
     method = load_method(cfg, Path(method_dir))
     batches = {p: test_batch(manifest, p, cfg.data.image_size) for p in task_of_product}
-    metrics, _ = evaluate_tasks(method, batches, task_of_product, cfg)
+    metrics, predictions = evaluate_tasks(method, batches, task_of_product, cfg)
+    calibration = read_calibration(Path(method_dir))
+    if calibration is not None:  # OK/NG at the deployed per-task thresholds, next to the threshold-free metrics
+        for product, prediction in predictions.items():
+            metrics[product].update(decision_metrics(prediction, batches[product], calibration))
     run_logger().info("evaluated %d products with %s", len(metrics), method_dir)
     return metrics
 
 
 def overlay_examples(cfg: Config, method: ContinualMethod, manifest: pd.DataFrame, task_of_product: dict[str, str]) -> dict[str, tuple[ImageBatch, Prediction]]:
-    """A few test images per product (defective first) with their predictions, for the report figures."""
+    """A few test images per product for the report figures: defective ones and at least one good one
+    (so false rejects are visible too)."""
     examples: dict[str, tuple[ImageBatch, Prediction]] = {}
+    n = cfg.eval.overlays_per_task
+    n_good = max(1, n // 3)
     for product in task_of_product:
-        rows = manifest[(manifest["product"] == product) & (manifest["split"] == "test")].sort_values(["label", "image_path"], ascending=[False, True])
-        chosen = manifest.loc[rows.index[: cfg.eval.overlays_per_task]]
+        rows = manifest[(manifest["product"] == product) & (manifest["split"] == "test")].sort_values("image_path")
+        good, defective = rows[rows["label"] == 0], rows[rows["label"] != 0]
+        n_defective = min(len(defective), max(n - min(n_good, len(good)), 0))
+        chosen = pd.concat([defective.iloc[:n_defective], good.iloc[: n - n_defective]])
         if chosen.empty:
             continue
         batch = test_batch(chosen, product, cfg.data.image_size)
@@ -302,10 +314,19 @@ def overlay_examples(cfg: Config, method: ContinualMethod, manifest: pd.DataFram
     return examples
 
 
-def normal_thresholds(cfg: Config, method: ContinualMethod, manifest: pd.DataFrame, products: list[str]) -> dict[str, Any] | None:
-    """Image/pixel decision thresholds from the held-out normal TRAINING images of ``products`` (never test data)."""
+def calibrate_method(cfg: Config, method: ContinualMethod, manifest: pd.DataFrame) -> Calibration | None:
+    """Per-task decision thresholds of every task ``method`` learned, from the held-out normal TRAINING
+    images of their products in ``manifest`` (test rows are never read); None without held-out images."""
+    learned = learned_task_of_product(method)
+    products = [p for p in learned if p in set(manifest["product"])]
+    missing = sorted(set(learned) - set(products))
+    if missing:
+        run_logger().warning("no data for learned products %s: their tasks get no decision threshold", missing)
+    if not products:
+        return None
     _, held = train_split(manifest, products, cfg.data.heldout_fraction, cfg.seed)
     if held.empty:
+        run_logger().warning("data.heldout_fraction=%s leaves no held-out normals: no decision thresholds", cfg.data.heldout_fraction)
         return None
     batch = ImageBatch(
         images=load_images(list(held["image_path"]), cfg.data.image_size),
@@ -313,7 +334,7 @@ def normal_thresholds(cfg: Config, method: ContinualMethod, manifest: pd.DataFra
         paths=list(held["image_path"]),
         labels=torch.zeros(len(held), dtype=torch.long),
     )
-    return heldout_thresholds(method, batch, cfg).to_dict()
+    return calibrate_heldout(method, batch, cfg)
 
 
 @io_task(name="version_memory_bank")
@@ -595,12 +616,11 @@ def _continual_run(cfg: Config, out: Path) -> dict[str, Any]:
         metrics_json["bank_version"] = version
         metrics_json["promoted"] = bool((record.get("promotion") or {}).get("passed", True))
         overlays = None
+        calibration = read_calibration(method_dir)  # type: ignore[arg-type]
+        if calibration is not None:
+            metrics_json["thresholds"] = calibration.to_dict()
         if cfg.eval.overlays_per_task > 0:
             final_method = load_method(cfg, method_dir)
-            learned = [p for step_products in tasks for p in step_products]
-            thresholds = normal_thresholds(cfg, final_method, manifest, learned)  # type: ignore[arg-type]
-            if thresholds is not None:
-                metrics_json["thresholds"] = thresholds
             overlays = overlay_examples(cfg, final_method, manifest, task_of_product(tasks))  # type: ignore[arg-type]
         report = write_report(out, metrics_json, overlays)
         write_matrix_csvs(out, metrics_json)

@@ -207,7 +207,7 @@ def test_resume_refuses_a_tampered_step_state(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------- config (case 6)
 @pytest.mark.parametrize("override", ["ucad.batch_size=0", "data.image_size=0", "ucad.lr=-5", "ucad.epochs=-1",
-                                      "patchcore.coreset_size=0", "eval.threshold_quantile=1", "data.heldout_fraction=1.5"])
+                                      "patchcore.coreset_size=0", "decision.target_fpr=1", "data.heldout_fraction=1.5"])
 def test_out_of_range_config_is_refused_up_front(override: str) -> None:
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

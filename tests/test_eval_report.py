@@ -15,7 +15,7 @@ from components.errors import ContadError
 from components.eval.continual import AccuracyMatrix, protocol_steps, task_of_product, validate_metrics_json
 from components.eval.evaluate import evaluate_tasks, select_overlays
 from components.eval.report import report_command, write_report
-from components.eval.thresholds import heldout_thresholds, metrics_at_threshold, quantile_threshold
+from components.eval.thresholds import Calibration, calibrate_heldout, decision_metrics, quantile_threshold
 from components.methods.base import ContinualMethod
 from components.types import ImageBatch, Prediction, TaskData
 
@@ -103,9 +103,9 @@ def _run_sequence(out: Path, cfg: Config, method_name: str = "mean_distance") ->
     assert all(n <= cfg.eval.batch_size for n, _ in method.calls)  # mini-batched
     assert all(true is None for _, true in method.calls)  # no product labels given
     heldout = ImageBatch(torch.cat([h.images for h in heldouts]), sum((h.products for h in heldouts), []), [])
-    thresholds = heldout_thresholds(method, heldout, cfg)
+    calibration = calibrate_heldout(method, heldout, cfg)
     doc = matrix.to_metrics_json(method_name, cfg.protocol.name)
-    doc["thresholds"] = thresholds.to_dict()
+    doc["thresholds"] = calibration.to_dict()
     overlays = select_overlays(tests, predictions, cfg.eval.overlays_per_task)
     write_report(out, doc, overlays)
     return doc
@@ -190,14 +190,23 @@ def test_oracle_gets_task_labels_and_thresholds_use_normals_only() -> None:
     method = MeanImageDistance(cfg)
     method.fit_task(_task("alpha", gen))
     with pytest.raises(ContadError, match="defective labels"):
-        heldout_thresholds(method, _test_batch("alpha", gen), cfg)
+        calibrate_heldout(method, _test_batch("alpha", gen), cfg)
     heldout = _task("alpha", gen).heldout
-    thresholds = heldout_thresholds(method, heldout, cfg)
-    assert thresholds.n_images == 3 and thresholds.quantile == cfg.eval.threshold_quantile
+    calibration = calibrate_heldout(method, heldout, cfg)
+    threshold = calibration.for_product("alpha")
+    assert threshold.n_images == 3 and calibration.target_fpr == cfg.decision.target_fpr
+    # 3 normals, target 1 %: the threshold is their maximum (no held-out normal is rejected)
+    assert threshold.image == pytest.approx(float(method.predict(heldout.images).image_scores.max()))
+    assert Calibration.from_dict(json.loads(json.dumps(calibration.to_dict()))) == calibration
     test = _test_batch("alpha", gen)
     pred = method.predict(test.images)
-    at = metrics_at_threshold(pred, test, thresholds)
-    assert at["image_tpr_at_threshold"] == 1.0 and 0.0 <= at["image_fpr_at_threshold"] <= 1.0
+    rates = decision_metrics(pred, test, calibration)
+    decided_ng = pred.image_scores.numpy() > threshold.image
+    assert rates["escape_rate"] == pytest.approx(float((~decided_ng[4:]).mean()))
+    assert rates["false_reject_rate"] == pytest.approx(float(decided_ng[:4].mean()))
+    # at most target_fpr of the normals strictly above the threshold (order statistic, not interpolated)
+    scores = torch.arange(200, dtype=torch.float32)
+    assert quantile_threshold(scores, 0.01) == 198.0 and int((scores > 198.0).sum()) <= 2
     assert quantile_threshold(torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0]), 0.5) == pytest.approx(2.0)
-    with pytest.raises(ContadError, match="threshold_quantile"):
+    with pytest.raises(ContadError, match="decision.target_fpr"):
         quantile_threshold(torch.ones(3), 1.5)

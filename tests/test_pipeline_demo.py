@@ -63,8 +63,10 @@ def test_demo_end_to_end_with_mlflow_and_resume(
     assert all(Path(out / "data" / p).is_dir() for p in doc["tasks"])
     assert (out / "report.md").is_file() and any((out / "figures").glob("overlay_*.png"))
     # decision thresholds come from held-out TRAINING normals only (train/good slice, never test images)
-    assert doc["thresholds"]["n_images"] >= 1 and doc["thresholds"]["quantile"] == 0.99
+    assert all(t["n_images"] >= 1 for t in doc["thresholds"]["tasks"].values()) and doc["thresholds"]["target_fpr"] == 0.01
+    assert set(doc["thresholds"]["tasks"]) == set(doc["tasks"])
     assert "held-out training normals" in (out / "report.md").read_text()
+    assert set(doc["final"]["escape_rate"]) == set(doc["tasks"]) and "false_reject_rate" in doc["final"]
     store = BankStore(out / "banks")
     assert [v.step for v in store.list()] == [0, 1] and store.current() == doc["bank_version"]
 

@@ -119,6 +119,7 @@ def trained_method_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, 
     """A tiny PatchCore (packaged EfficientNet-Lite0 weights, 64 px) trained on one task of random images, saved."""
     from components.backbones.registry import build_backbone
     from components.methods.registry import build_method
+    from components.eval.thresholds import calibrate_heldout, write_calibration
     from components.types import ImageBatch, TaskData
 
     root = tmp_path_factory.mktemp("method")
@@ -128,7 +129,10 @@ def trained_method_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, 
     images = torch.randn(4, 3, IMAGE_SIZE, IMAGE_SIZE)
     batch = ImageBatch(images=images, products=["a"] * 4, paths=[""] * 4)
     method.fit_task(TaskData(name="a", products=["a"], train=batch, heldout=batch))
-    return method.save(root / "method"), cfg
+    method_dir = method.save(root / "method")
+    heldout = ImageBatch(images=torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE), products=["a"] * 3, paths=[""] * 3)
+    write_calibration(method_dir, calibrate_heldout(method, heldout, cfg))
+    return method_dir, cfg
 
 
 def test_registered_detector_versions_alias_and_prediction(tmp_path: Path, store: Path, trained_method_dir: tuple[Path, Config]) -> None:
@@ -155,7 +159,8 @@ def test_registered_detector_versions_alias_and_prediction(tmp_path: Path, store
     assert champion_version(client, "registry-model") == ("1", "bank-aaa")
     assert champion_version(client, "no-such-model") is None
 
-    # Predictions of the registered champion equal the method's own, for arrays and image paths.
+    # Decisions of the registered champion equal the method's own scores against the calibrated threshold,
+    # for image bytes and image paths.
     paths = []
     for i in range(2):
         rgb = (np.random.default_rng(i).random((IMAGE_SIZE, IMAGE_SIZE, 3)) * 255).astype(np.uint8)
@@ -166,17 +171,21 @@ def test_registered_detector_versions_alias_and_prediction(tmp_path: Path, store
     reference.load(method_dir)
     expected = reference.predict(images)
 
+    from components.eval.thresholds import read_calibration
+
+    threshold = read_calibration(method_dir).for_task("a").image
     detector = load_detector(cfg.tracking.uri, "registry-model", "champion")
     from_paths = detector.predict(pd.DataFrame({"image_path": paths}))
-    from_array = detector.predict(images.numpy())
-    for out in (from_paths, from_array):
-        assert out["image_score"].shape == (2,)
-        assert out["anomaly_map"].shape == (2, IMAGE_SIZE, IMAGE_SIZE)
-        np.testing.assert_allclose(out["image_score"], expected.image_scores.numpy(), rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(out["anomaly_map"], expected.anomaly_maps.numpy(), rtol=1e-4, atol=1e-4)
-        assert out["routed_task"] == ["a", "a"]
-    with pytest.raises(Exception, match="image_path"):
-        detector.predict(pd.DataFrame({"file": paths}))
+    from_bytes = detector.predict(pd.DataFrame({"image": [Path(p).read_bytes() for p in paths]}), params={"mask": True})
+    for out in (from_paths, from_bytes):
+        assert list(out["product"]) == ["a", "a"] and list(out["threshold"]) == [threshold, threshold]
+        np.testing.assert_allclose(out["score"], expected.image_scores.numpy(), rtol=1e-4, atol=1e-4)
+        assert list(out["decision"]) == ["NG" if s > threshold else "OK" for s in out["score"]]
+    masks = [m.split("\n") for m in from_bytes["mask"]]
+    assert all(len(m) == 32 and all(len(row) == 32 and set(row) <= {"0", "1"} for row in m) for m in masks)
+    with pytest.raises(Exception, match="row 0: not a supported image"):
+        detector.predict(pd.DataFrame({"image": [b"not an image"]}))
+    assert detector.metadata.get_input_schema().input_names() == ["image", "image_path"]
 
 
 def test_promotion_gate_thresholds() -> None:

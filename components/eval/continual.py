@@ -30,6 +30,8 @@ from components.eval.metrics import METRIC_KEYS
 
 NAN = float("nan")
 ROUTING_KEY = "routing_accuracy"
+# Error rates (decisions at the deployed thresholds): lower is better, so forgetting is their rise.
+LOWER_IS_BETTER = frozenset({"escape_rate", "false_reject_rate"})
 SCHEMA_KEYS: tuple[str, ...] = ("method", "protocol", "tasks", "matrix", "final", "average", "forgetting", "routing_accuracy")
 
 
@@ -152,7 +154,7 @@ class AccuracyMatrix:
                 earlier = [v for step in range(self.step_learned(p), last) if not _is_missing(v := self.value(step, p, m))]
                 now = self.value(last, p, m)
                 if earlier and not _is_missing(now):
-                    drops.append(max(earlier) - now)  # type: ignore[type-var, operator]
+                    drops.append(now - min(earlier) if m in LOWER_IS_BETTER else max(earlier) - now)  # type: ignore[type-var, operator]
             out[m] = _mean(drops)
         return out
 

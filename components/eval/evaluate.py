@@ -77,14 +77,17 @@ def evaluate_tasks(
 def select_overlays(
     batches: dict[str, ImageBatch], predictions: dict[str, Prediction], per_product: int
 ) -> dict[str, tuple[ImageBatch, Prediction]]:
-    """Up to ``per_product`` test images per product for overlay figures: defective ones first."""
+    """Up to ``per_product`` test images per product for overlay figures: defective ones, then at
+    least one good one (``max(1, per_product // 3)``) so false rejects are visible too."""
     chosen: dict[str, tuple[ImageBatch, Prediction]] = {}
     for product, batch in batches.items():
         if product not in predictions or per_product <= 0:
             continue
         labels = batch.labels.tolist() if batch.labels is not None else [0] * len(batch)
-        order = [i for i, y in enumerate(labels) if y == 1] + [i for i, y in enumerate(labels) if y != 1]
-        idx = order[:per_product]
+        defective = [i for i, y in enumerate(labels) if y == 1]
+        good = [i for i, y in enumerate(labels) if y != 1]
+        n_defective = min(len(defective), max(per_product - min(max(1, per_product // 3), len(good)), 0))
+        idx = defective[:n_defective] + good[: per_product - n_defective]
         pred = predictions[product]
         chosen[product] = (
             ImageBatch(

@@ -19,6 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from components.eval.metrics import METRIC_KEYS
+from components.eval.thresholds import Calibration
 from components.types import ImageBatch, Prediction
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -33,6 +34,8 @@ METRIC_TITLES = {
     "image_f1max": "Image F1-max",
     "pixel_f1max": "Pixel F1-max",
     "routing_accuracy": "Routing accuracy",
+    "escape_rate": "Escape rate @ deployed thr.",
+    "false_reject_rate": "False-reject rate @ deployed thr.",
 }
 
 
@@ -134,11 +137,13 @@ def step_curves(doc: dict[str, Any], metric: str = "image_auroc") -> bytes:
     return to_png(fig)
 
 
-def overlay_figure(product: str, batch: ImageBatch, prediction: Prediction, pixel_threshold: float | None = None) -> bytes:
-    """Rows of (image, ground truth, anomaly heatmap) for a few test images of one product.
+def overlay_figure(product: str, batch: ImageBatch, prediction: Prediction, calibration: Calibration | None = None) -> bytes:
+    """Rows of (image, ground truth, anomaly heatmap) for a few test images (good and defective) of one product.
 
-    The heatmap colour scale is shared by the rows (min..max of the shown maps); the white
-    contour is ``pixel_threshold`` (from held-out training normals) when given.
+    The heatmap colour scale is shared by the rows (min..max of the shown maps). With a
+    ``calibration`` (held-out training normals only) each row shows the OK/NG decision at the
+    image threshold of the task the image was routed to, and the white contour is that task's
+    pixel threshold.
     """
     rgb = denormalise(batch.images)
     maps = prediction.anomaly_maps.detach().float().cpu()
@@ -154,9 +159,16 @@ def overlay_figure(product: str, batch: ImageBatch, prediction: Prediction, pixe
         label = int(batch.labels[i]) if batch.labels is not None else -1
         mask = batch.masks[i].cpu().numpy() if batch.masks is not None else np.zeros(rgb.shape[1:3])
         routed = prediction.routed_tasks[i] if prediction.routed_tasks else "?"
-        verdict = {0: "good", 1: "defect"}.get(label, "unlabelled")
+        truth = {0: "good", 1: "defect"}.get(label, "unlabelled")
+        score = float(prediction.image_scores[i])
+        title = f"{truth} | score {score:.3g}"
+        pixel_threshold = None
+        if calibration is not None and routed in calibration.tasks:
+            threshold = calibration.for_task(routed)
+            title += f" > {threshold.image:.3g}: NG" if score > threshold.image else f" <= {threshold.image:.3g}: OK"
+            pixel_threshold = threshold.pixel
         axes[i, 0].imshow(rgb[i])
-        axes[i, 0].set_title(f"{verdict} | score {float(prediction.image_scores[i]):.3g}", fontsize=8)
+        axes[i, 0].set_title(title, fontsize=8, color="black" if ("NG" in title) == (label == 1) or label < 0 else "red")
         axes[i, 1].imshow(rgb[i])
         axes[i, 1].imshow(np.ma.masked_where(mask == 0, mask), cmap="autumn", alpha=0.6, vmin=0, vmax=1)
         axes[i, 1].set_title("ground truth", fontsize=8)
@@ -168,8 +180,36 @@ def overlay_figure(product: str, batch: ImageBatch, prediction: Prediction, pixe
         for ax in axes[i]:
             ax.set_axis_off()
         fig.colorbar(heat, ax=axes[i, 2], fraction=0.046, pad=0.02)
-    fig.suptitle(f"{product}: test images, ground truth, anomaly map", fontsize=10)
+    fig.suptitle(f"{product}: test images, ground truth, anomaly map (red title: wrong decision)", fontsize=10)
     return to_png(fig, dpi=90)
+
+
+def heatmap_overlay_png(rgb: np.ndarray, anomaly_map: np.ndarray, pixel_threshold: float | None, vmax: float | None = None, size: int = 256) -> bytes:
+    """One operator overlay as PNG: the image with a jet heat map blended in and a white contour
+    where the map exceeds ``pixel_threshold``.
+
+    ``rgb``: HxWx3 uint8; ``anomaly_map``: hxw float. The colour scale runs from 0 to ``vmax``
+    (default twice the pixel threshold, so "at threshold" is the middle of the scale).
+    """
+    from PIL import Image
+
+    base = Image.fromarray(np.ascontiguousarray(rgb)).convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    amap = Image.fromarray(np.asarray(anomaly_map, dtype=np.float32)).resize((size, size), Image.Resampling.BILINEAR)
+    values = np.asarray(amap, dtype=np.float64)
+    top = vmax if vmax is not None else (2.0 * pixel_threshold if pixel_threshold and pixel_threshold > 0 else float(values.max()) or 1.0)
+    colours = colormaps["jet"](np.clip(values / top, 0.0, 1.0))[..., :3]
+    blended = 0.55 * np.asarray(base, dtype=np.float64) / 255.0 + 0.45 * colours
+    if pixel_threshold is not None:
+        above = values > pixel_threshold
+        interior = above.copy()
+        interior[1:, :] &= above[:-1, :]
+        interior[:-1, :] &= above[1:, :]
+        interior[:, 1:] &= above[:, :-1]
+        interior[:, :-1] &= above[:, 1:]
+        blended[above & ~interior] = 1.0
+    buffer = io.BytesIO()
+    Image.fromarray((np.clip(blended, 0.0, 1.0) * 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def comparison_figure(runs: Sequence[tuple[str, dict[str, Any]]], products: list[str], metric: str = "image_auroc") -> bytes:

@@ -25,6 +25,7 @@ from components.eval.figures import (
     step_curves,
 )
 from components.eval.metrics import METRIC_KEYS
+from components.eval.thresholds import Calibration
 from components.types import ImageBatch, Prediction
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,23 @@ def _step_names(doc: dict[str, Any], n_rows: int) -> list[str]:
     return [str(i) for i in range(n_rows)]
 
 
+def thresholds_markdown(thresholds: dict[str, Any]) -> list[str]:
+    """Lines describing the deployed per-task thresholds (a ``Calibration.to_dict()``)."""
+    rows = [[f"`{task}`", f"{t['image']:.4g}", f"{t['pixel']:.4g}", str(t["n_images"])] for task, t in thresholds["tasks"].items()]
+    return [
+        "## Decision thresholds",
+        "",
+        f"Per task, from held-out training normals only (never test images): image threshold at a target "
+        f"false-reject rate of {100 * thresholds['target_fpr']:.3g}% (a part is NG when its score is above the threshold "
+        f"of the task it is routed to), pixel threshold (heat-map contour) at {100 * thresholds['pixel_fpr']:.3g}% of normal "
+        "pixels. With n held-out normals the false-reject rate is controlled only to 1/n. Escape rate (defective parts "
+        "passed as OK) and false-reject rate (good parts rejected) of the test images at these thresholds are in the "
+        "tables above.",
+        "",
+        markdown_table(["task", "image threshold", "pixel threshold", "held-out normals"], rows),
+    ]
+
+
 def run_markdown(doc: dict[str, Any], figures: dict[str, str]) -> str:
     """The ``report.md`` text of one run; ``figures`` maps a figure key to its relative path."""
     tasks = doc["tasks"]
@@ -89,7 +107,8 @@ def run_markdown(doc: dict[str, Any], figures: dict[str, str]) -> str:
         f"- routing accuracy (last step, mean over products): {fmt(doc.get('routing_accuracy'))}%",
         "- values in %; Average = mean of the last row of the accuracy matrix; FM = forgetting measure "
         "(mean over products learned before the last step of the best earlier value minus the final value; "
-        "lower is better); BWT = backward transfer (final minus value right after learning).",
+        "lower is better); BWT = backward transfer (final minus value right after learning). Escape and "
+        "false-reject rates (decisions at the deployed per-product thresholds) are lower-is-better: their FM is the rise.",
         "- `–` = not learned yet or undefined (e.g. pixel metrics of a product without defective test images).",
         "",
         "## Final results",
@@ -102,10 +121,8 @@ def run_markdown(doc: dict[str, Any], figures: dict[str, str]) -> str:
             ],
         ),
     ]
-    if "thresholds" in doc:
-        thr = doc["thresholds"]
-        parts += ["", f"Decision thresholds from held-out training normals (quantile {thr.get('quantile')}): "
-                  f"image {thr.get('image'):.4g}, pixel {thr.get('pixel'):.4g}."]
+    if "tasks" in (doc.get("thresholds") or {}):
+        parts += ["", *thresholds_markdown(doc["thresholds"])]
     parts += ["", "## Accuracy matrices", "", "Rows: after training step; columns: evaluated product."]
     for m in metrics:
         rows = doc["matrix"][m]
@@ -118,7 +135,7 @@ def run_markdown(doc: dict[str, Any], figures: dict[str, str]) -> str:
         parts += ["", "## Image AUROC across steps", "", f"![image AUROC per product across steps]({figures['curves']})"]
     overlays = [k for k in figures if k.startswith("overlay_")]
     if overlays:
-        parts += ["", "## Anomaly maps", "", "Image, ground truth, anomaly heatmap (white contour: pixel threshold from held-out normals)."]
+        parts += ["", "## Anomaly maps", "", "Good and defective test images: image (title: score vs. the routed task's image threshold and the decision; red = wrong decision), ground truth, anomaly heatmap (white contour: the routed task's pixel threshold from held-out training normals)."]
         parts += [f"\n### {k.removeprefix('overlay_')}\n\n![{k}]({figures[k]})" for k in overlays]
     return "\n".join(parts) + "\n"
 
@@ -129,7 +146,7 @@ def write_report(
     """Write ``metrics.json``, ``figures/*.png`` and ``report.md`` into ``run_dir``; returns report path.
 
     ``metrics`` is a ``metrics.json`` document (``AccuracyMatrix.to_metrics_json``); an optional
-    ``"thresholds": {"pixel": ...}`` entry draws threshold contours on the overlays.
+    ``"thresholds"`` entry (``Calibration.to_dict()``) adds decisions and contours to the overlays.
     """
     run_dir = Path(run_dir)
     validate_metrics_json(metrics, f"metrics for {run_dir}")
@@ -143,11 +160,11 @@ def write_report(
     for m in metrics["matrix"]:
         save(f"heatmap_{m}", f"matrix_{safe_name(m)}.png", matrix_heatmap(metrics, m))
     save("curves", "image_auroc_steps.png", step_curves(metrics, "image_auroc"))
-    pixel_threshold = (metrics.get("thresholds") or {}).get("pixel")
+    calibration = Calibration.from_dict(metrics["thresholds"]) if "tasks" in (metrics.get("thresholds") or {}) else None
     for product, (batch, prediction) in (overlays or {}).items():
         if len(batch) == 0:
             continue
-        save(f"overlay_{product}", f"overlay_{safe_name(product)}.png", overlay_figure(product, batch, prediction, pixel_threshold))
+        save(f"overlay_{product}", f"overlay_{safe_name(product)}.png", overlay_figure(product, batch, prediction, calibration))
     path = atomic_write_text(run_dir / REPORT_FILE, run_markdown(metrics, figures))
     log.info("report written to %s (%d figures)", path, len(figures))
     return path

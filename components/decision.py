@@ -1,0 +1,171 @@
+"""From images to OK/NG decisions: a learned method plus its calibrated per-task thresholds.
+
+``Detector`` is what ``contad predict``, the REST service and the registered MLflow model all
+run: it routes each image by itself (no product label), scores it, and compares the score
+with the image threshold of the task it was routed to (``components.eval.thresholds``).
+
+``decode_image`` turns untrusted bytes into an RGB array with bounded cost: the format is
+sniffed from the content (never from a file name or header), the pixel count is checked from
+the image header before decoding, and truncated or corrupt data is a ``DataError``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+
+from components.config import Config
+from components.data.loading import IMAGENET_MEAN, IMAGENET_STD, _to_rgb
+from components.errors import ContadError, DataError
+from components.eval.thresholds import NG, Calibration, read_calibration
+from components.methods.base import ContinualMethod
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated image is an error, never silently padded
+
+# Magic numbers of the accepted formats: the content decides, not the file name or Content-Type.
+IMAGE_SIGNATURES: dict[str, tuple[bytes, ...]] = {
+    "PNG": (b"\x89PNG\r\n\x1a\n",),
+    "JPEG": (b"\xff\xd8\xff",),
+    "BMP": (b"BM",),
+    "TIFF": (b"II*\x00", b"MM\x00*"),
+}
+MASK_SIZE = 32  # side of the compact defect mask returned on request
+
+
+class ImageTooLarge(DataError):
+    """The image has more pixels than allowed (``serve.max_pixels``)."""
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The image format named by the first bytes of ``data`` (PNG, JPEG, BMP, TIFF), else None."""
+    for name, signatures in IMAGE_SIGNATURES.items():
+        if any(data.startswith(s) for s in signatures):
+            return name
+    return None
+
+
+def decode_image(data: bytes, max_pixels: int, source: str = "image") -> np.ndarray:
+    """HxWx3 uint8 RGB from encoded bytes; ``DataError`` naming ``source`` for anything else."""
+    kind = sniff_format(data)
+    if kind is None:
+        raise DataError(f"{source}: not a supported image (PNG, JPEG, BMP or TIFF content expected, got bytes {data[:8]!r})")
+    try:
+        with Image.open(io.BytesIO(data), formats=[kind]) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageTooLarge(f"{source}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} (serve.max_pixels)")
+            img.load()
+            rgb = _to_rgb(img)
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any decoder failure (truncated, corrupt) is bad input
+        raise DataError(f"{source}: cannot decode {kind} image ({exc})") from exc
+    return np.array(rgb, dtype=np.uint8)
+
+
+def normalise(rgbs: list[np.ndarray], image_size: int) -> torch.Tensor:
+    """``(B, 3, S, S)`` ImageNet-normalised model input from HxWx3 uint8 images (bilinear square resize)."""
+    out = torch.empty((len(rgbs), 3, image_size, image_size), dtype=torch.float32)
+    for i, rgb in enumerate(rgbs):
+        resized = Image.fromarray(rgb).resize((image_size, image_size), Image.Resampling.BILINEAR)
+        out[i] = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+    return (out - IMAGENET_MEAN) / IMAGENET_STD
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The decision on one image. ``product`` is the task the image was routed to."""
+
+    product: str
+    score: float
+    threshold: float
+    pixel_threshold: float
+    decision: str  # "OK" | "NG"
+    anomaly_map: np.ndarray  # (H, W) float32 at model input resolution
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"product": self.product, "score": self.score, "threshold": self.threshold, "decision": self.decision}
+
+    def compact_mask(self, size: int = MASK_SIZE) -> list[str]:
+        """The defect mask (map above the pixel threshold) at ``size``x``size`` as rows of "0"/"1"."""
+        amap = torch.from_numpy(self.anomaly_map)[None, None]
+        small = torch.nn.functional.adaptive_max_pool2d(amap, size)[0, 0].numpy()
+        return ["".join("1" if v > self.pixel_threshold else "0" for v in row) for row in small]
+
+
+class Detector:
+    """A learned continual method with its calibration: images in, per-image verdicts out."""
+
+    def __init__(self, method: ContinualMethod, calibration: Calibration, config: Config,
+                 model_version: str | None = None, bank_version: str | None = None) -> None:
+        if method.uses_task_labels:
+            raise ContadError(f"method {config.method!r} needs the product label of every image (an oracle): it cannot make label-free decisions")
+        missing = sorted(set(method.tasks) - set(calibration.tasks))
+        if missing:
+            raise ContadError(f"calibration has no thresholds for learned tasks {missing}")
+        self.method = method
+        self.calibration = calibration
+        self.config = config
+        self.model_version = model_version
+        self.bank_version = bank_version
+
+    @classmethod
+    def from_method_dir(cls, method_dir: Path, config: Config, model_version: str | None = None, bank_version: str | None = None) -> Detector:
+        """Rebuild backbone + method from a saved method directory holding ``calibration.json``."""
+        from components.backbones.registry import build_backbone
+        from components.methods.registry import build_method
+
+        method_dir = Path(method_dir)
+        calibration = read_calibration(method_dir)
+        if calibration is None:
+            raise ContadError(f"{method_dir} holds no calibration.json: retrain with this contad version (thresholds are calibrated after training)")
+        method = build_method(config, build_backbone(config.backbone, config.data.image_size))
+        method.load(method_dir)
+        return cls(method, calibration, config, model_version, bank_version)
+
+    @property
+    def image_size(self) -> int:
+        return self.config.data.image_size
+
+    def decide(self, rgbs: list[np.ndarray]) -> list[Verdict]:
+        """Verdicts for HxWx3 uint8 images (each routed by itself)."""
+        if not rgbs:
+            return []
+        with torch.no_grad():
+            prediction = self.method.predict(normalise(rgbs, self.image_size))
+        scores = prediction.image_scores.detach().float().cpu().numpy()
+        maps = prediction.anomaly_maps.detach().float().cpu().numpy()
+        verdicts = []
+        for score, amap, task in zip(scores, maps, prediction.routed_tasks):
+            threshold = self.calibration.for_task(task)
+            verdicts.append(Verdict(task, float(score), threshold.image, threshold.pixel, self.calibration.decide(float(score), task), amap))
+        return verdicts
+
+    def describe(self) -> dict[str, Any]:
+        """What is deployed: versions, method, tasks and their thresholds."""
+        return {
+            "model_version": self.model_version,
+            "bank_version": self.bank_version,
+            "method": self.config.method,
+            "image_size": self.image_size,
+            "tasks": list(self.method.tasks),
+            "thresholds": self.calibration.to_dict(),
+        }
+
+
+def read_config_json(path: Path) -> Config:
+    """A ``Config`` from a JSON dump (``config_to_dict``), with a clear error naming the file."""
+    try:
+        return Config.model_validate(json.loads(Path(path).read_text()))
+    except (OSError, ValueError) as exc:
+        raise ContadError(f"{path}: unreadable contad config ({exc})") from exc
+
+
+__all__ = ["NG", "Detector", "ImageTooLarge", "Verdict", "decode_image", "normalise", "read_config_json", "sniff_format"]

@@ -1,0 +1,325 @@
+"""``contad serve-api``: the REST inference service for the line camera (FastAPI + uvicorn).
+
+Endpoints (OpenAPI schema at ``/openapi.json``, docs at ``/docs``):
+
+- ``POST /v1/predict``: one image as the raw request body (``application/octet-stream`` or
+  ``image/*``) or as the ``image`` file of a ``multipart/form-data`` form. Returns JSON
+  ``{product, score, threshold, decision, model_version, bank_version, latency_ms}``; with
+  ``?heatmap=png`` the heat-map overlay PNG instead (decision fields in ``X-Contad-*`` headers).
+- ``GET /v1/model``: what is deployed (versions, tasks, thresholds, source, reloads).
+- ``GET /healthz`` (process alive) and ``GET /readyz`` (a model is loaded).
+
+Bounded inputs: ``serve.max_bytes`` (413), ``serve.max_pixels`` (413, checked from the image
+header before decoding), content sniffed from the bytes (400 when not PNG/JPEG/BMP/TIFF or
+truncated), unsupported Content-Type (415), ``serve.max_concurrent`` inferences at once and
+``serve.request_timeout_s`` per request (503). Bad input never gives a 500.
+
+Auth: when the environment variable named by ``serve.token_env`` is set, ``/v1/*`` needs
+``Authorization: Bearer <token>`` (401 otherwise); binding a non-loopback address without a
+token is refused.
+
+Hot reload: a background thread polls the source (``serve.reload_poll_s``); when the champion
+alias (or the bank store's current pointer) moves, the new detector is loaded beside the old
+one and swapped in with one reference assignment. A request takes the detector reference once
+when it starts, so in-flight requests finish on the old model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+
+from components.config import Config
+from components.decision import Detector, ImageTooLarge, decode_image
+from components.errors import ContadError, DataError
+from components.eval.figures import heatmap_overlay_png
+from flows.deployed import DeployedVersion, DetectorSource
+
+log = logging.getLogger(__name__)
+
+RAW_CONTENT_TYPES = ("application/octet-stream", "image/")
+MULTIPART = "multipart/form-data"
+IMAGE_FIELD = "image"
+
+
+class PredictResponse(BaseModel):
+    """The decision on one image."""
+
+    product: str
+    score: float
+    threshold: float
+    decision: Literal["OK", "NG"]
+    model_version: str | None
+    bank_version: str | None
+    latency_ms: float
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+
+
+@dataclass
+class Deployed:
+    """The detector serving right now and the version it was built from."""
+
+    detector: Detector
+    version: DeployedVersion
+    loaded_at: float = field(default_factory=time.time)
+
+
+class ModelSlot:
+    """Holds the serving detector; ``swap`` replaces it atomically (readers never see a partial state)."""
+
+    def __init__(self) -> None:
+        self.deployed: Deployed | None = None
+        self.reloads = 0
+        self.last_error: str | None = None
+        self._lock = threading.Lock()
+
+    def swap(self, deployed: Deployed) -> None:
+        with self._lock:
+            if self.deployed is not None:
+                self.reloads += 1
+            self.deployed = deployed  # one reference assignment: requests already holding the old one finish on it
+
+
+class Reloader:
+    """Loads the source's current version at start, then polls it and swaps in new versions."""
+
+    def __init__(self, source: DetectorSource, slot: ModelSlot, poll_s: float) -> None:
+        self.source, self.slot, self.poll_s = source, slot, poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="contad-reloader", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def check(self) -> bool:
+        """Load and swap in the source's current version if it differs from the serving one; True when swapped."""
+        version = self.source.current()
+        serving = self.slot.deployed
+        if serving is not None and serving.version.key == version.key:
+            return False
+        log.info("loading %s (%s) beside the serving model", self.source.description, version.key)
+        self.slot.swap(Deployed(self.source.load(version), version))
+        log.info("now serving %s", version.key)
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.check()
+                self.slot.last_error = None
+            except Exception as exc:  # noqa: BLE001 - keep serving the old model; report on /v1/model
+                self.slot.last_error = str(exc)
+                log.warning("model reload from %s failed (still serving the previous model): %s", self.source.description, exc)
+            if self.poll_s <= 0 and self.slot.deployed is not None:
+                return
+            self._stop.wait(self.poll_s if self.poll_s > 0 else 1.0)
+
+
+class Limiter:
+    """At most ``max_concurrent`` inferences at once; each request waits and runs within ``timeout_s``."""
+
+    def __init__(self, max_concurrent: int, timeout_s: float) -> None:
+        self.max_concurrent, self.timeout_s = max_concurrent, timeout_s
+        self._semaphore: asyncio.Semaphore | None = None
+
+    async def run(self, fn: Any, *args: Any) -> Any:
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self.max_concurrent)
+        semaphore = self._semaphore
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            await asyncio.wait_for(semaphore.acquire(), self.timeout_s)
+        except TimeoutError:
+            raise HTTPException(503, f"busy: no inference slot free within serve.request_timeout_s={self.timeout_s} s") from None
+        work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        work.add_done_callback(lambda _: semaphore.release())  # the slot stays taken until the work really ends
+        try:
+            return await asyncio.wait_for(asyncio.shield(work), max(deadline - time.monotonic(), 0.001))
+        except TimeoutError:
+            raise HTTPException(503, f"inference did not finish within serve.request_timeout_s={self.timeout_s} s") from None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address or ``localhost``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def api_token(cfg: Config) -> str | None:
+    """The bearer token from the environment variable ``serve.token_env`` (None when unset or empty)."""
+    return os.environ.get(cfg.serve.token_env) or None
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused with 413 as soon as it exceeds ``max_bytes``."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise HTTPException(413, f"request body of {declared} bytes exceeds serve.max_bytes={max_bytes}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise HTTPException(413, f"request body exceeds serve.max_bytes={max_bytes}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def image_bytes(request: Request, max_bytes: int) -> bytes:
+    """The encoded image of a raw-body or multipart request (the content type only chooses how to read it)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not (content_type.startswith(RAW_CONTENT_TYPES) or content_type == MULTIPART):
+        raise HTTPException(415, f"unsupported Content-Type {content_type or '(none)'!r}: send the image as "
+                                 f"application/octet-stream, image/* or {MULTIPART} with an {IMAGE_FIELD!r} file")
+    body = await read_body(request, max_bytes)
+    if content_type != MULTIPART:
+        return body
+    request._body = body  # noqa: SLF001 - let Starlette parse the already size-checked body
+    try:
+        form = await request.form(max_files=1, max_fields=8)
+    except Exception as exc:  # noqa: BLE001 - malformed multipart is bad input
+        raise HTTPException(400, f"malformed {MULTIPART} body: {exc}") from None
+    upload = form.get(IMAGE_FIELD)
+    if upload is None or isinstance(upload, str):
+        raise HTTPException(400, f"{MULTIPART} request needs a file field named {IMAGE_FIELD!r}")
+    return await upload.read()
+
+
+def decode_and_decide(detector: Detector, data: bytes, max_pixels: int) -> tuple[Any, Any]:
+    """(decoded RGB image, verdict) of one encoded image."""
+    rgb = decode_image(data, max_pixels, source="request body")
+    return rgb, detector.decide([rgb])[0]
+
+
+def create_app(cfg: Config, source: DetectorSource, token: str | None = None, start_reloader: bool = True) -> FastAPI:
+    """The FastAPI app serving ``source``; the reloader thread runs for the app's lifetime."""
+    slot = ModelSlot()
+    reloader = Reloader(source, slot, cfg.serve.reload_poll_s)
+    limiter = Limiter(cfg.serve.max_concurrent, cfg.serve.request_timeout_s)
+
+    async def lifespan(app: FastAPI):  # noqa: ANN202
+        if start_reloader:
+            reloader.start()
+        yield
+        if start_reloader:
+            reloader.stop()
+
+    app = FastAPI(title="contad inference API", version="1", lifespan=lifespan,
+                  description="OK/NG decisions and heat maps from the deployed continual anomaly detector.")
+    app.state.slot, app.state.reloader = slot, reloader
+    errors = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}
+
+    def authorise(request: Request) -> None:
+        if token is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(value.strip().encode(), token.encode()):
+            raise HTTPException(401, "missing or invalid bearer token (Authorization: Bearer <token>)", headers={"WWW-Authenticate": "Bearer"})
+
+    def serving() -> Deployed:
+        deployed = slot.deployed
+        if deployed is None:
+            raise HTTPException(503, f"no model loaded yet from {source.description}" + (f" ({slot.last_error})" if slot.last_error else ""))
+        return deployed
+
+    @app.get("/healthz", responses={200: {"content": {"application/json": {}}}})
+    async def healthz() -> dict[str, str]:
+        """The process is alive."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"model": ErrorResponse}})
+    async def readyz() -> dict[str, Any]:
+        """A model is loaded and requests can be served."""
+        deployed = serving()
+        return {"status": "ready", "model_version": deployed.version.model_version, "bank_version": deployed.version.bank_version}
+
+    @app.get("/v1/model", responses=errors)
+    async def model_info(request: Request) -> dict[str, Any]:
+        """The deployed detector: versions, tasks, thresholds, source and reload count."""
+        authorise(request)
+        deployed = serving()
+        return {**deployed.detector.describe(), "source": source.description, "loaded_at": deployed.loaded_at,
+                "reloads": slot.reloads, "last_reload_error": slot.last_error}
+
+    body_schema = {"type": "string", "format": "binary"}
+    request_body = {"required": True, "content": {
+        "application/octet-stream": {"schema": body_schema},
+        "image/png": {"schema": body_schema},
+        "image/jpeg": {"schema": body_schema},
+        MULTIPART: {"schema": {"type": "object", "properties": {IMAGE_FIELD: body_schema}, "required": [IMAGE_FIELD]}},
+    }}
+
+    @app.post("/v1/predict", response_model=PredictResponse, openapi_extra={"requestBody": request_body},
+              responses={**errors, 200: {"content": {"image/png": {}}, "description": "decision (JSON) or, with heatmap=png, the overlay"}})
+    async def predict(request: Request, heatmap: Literal["png"] | None = Query(None, description="png: return the heat-map overlay")) -> Any:
+        """Decide OK/NG for one image (raw body or multipart ``image`` file)."""
+        started = time.perf_counter()
+        authorise(request)
+        deployed = serving()  # taken once: a reload during this request does not affect it
+        data = await image_bytes(request, cfg.serve.max_bytes)
+        if not data:
+            raise HTTPException(400, "empty request body: send the encoded image")
+        try:  # decoding is bounded work too: it runs in the inference slot, off the event loop
+            rgb, verdict = await limiter.run(decode_and_decide, deployed.detector, data, cfg.serve.max_pixels)
+        except ImageTooLarge as exc:
+            raise HTTPException(413, str(exc)) from None
+        except DataError as exc:
+            raise HTTPException(400, str(exc)) from None
+        result = PredictResponse(**verdict.to_dict(), model_version=deployed.version.model_version, bank_version=deployed.version.bank_version,
+                                 latency_ms=round(1000 * (time.perf_counter() - started), 3))
+        if heatmap == "png":
+            png = await asyncio.to_thread(heatmap_overlay_png, rgb, verdict.anomaly_map, verdict.pixel_threshold, None, cfg.serve.heatmap_size)
+            headers = {f"X-Contad-{k.replace('_', '-').title()}": str(v) for k, v in result.model_dump().items()}
+            return Response(png, media_type="image/png", headers=headers)
+        return result
+
+    @app.exception_handler(ContadError)
+    async def contad_error(request: Request, exc: ContadError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    return app
+
+
+def check_bind(host: str, token: str | None, token_env: str) -> None:
+    """Refuse to expose the service beyond loopback without a bearer token."""
+    if not is_loopback(host) and token is None:
+        raise ContadError(f"refusing to bind {host} (not loopback) without a bearer token: set the environment variable "
+                          f"{token_env} (serve.token_env) or bind 127.0.0.1")
+
+
+def serve_api_command(cfg: Config, model: str | None = None, bank: str | None = None) -> int:
+    """``contad serve-api``: serve ``--model`` (default ``serve.model``) or ``--bank`` until interrupted."""
+    import uvicorn
+
+    from flows.deployed import make_source
+
+    token = api_token(cfg)
+    check_bind(cfg.serve.host, token, cfg.serve.token_env)
+    source = make_source(cfg, model if model or bank else cfg.serve.model, bank)
+    source.current()  # fail fast on a wrong model/bank reference
+    app = create_app(cfg, source, token)
+    print(f"serving {source.description} on http://{cfg.serve.host}:{cfg.serve.port} (docs: /docs; auth: {'bearer token' if token else 'none'})")
+    uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="warning", timeout_graceful_shutdown=10)
+    return 0
