@@ -74,7 +74,7 @@ def threaded_cluster() -> Iterator[str]:
     """An existing Dask cluster (in-process scheduler + 2 threaded workers) for ``compute.dask_address``."""
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None, host="127.0.0.1") as cluster:
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp", dashboard_address=None, host="127.0.0.1") as cluster:
         yield cluster.scheduler_address
 
 

@@ -8,6 +8,7 @@ Skipped only when the PostgreSQL server binaries are absent (`make test` install
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -110,7 +111,7 @@ def test_run_tracked_on_postgres_with_served_artifacts(mlflow_on_postgres: tuple
     # ... and artifacts are proxied by the tracking server: clients never see the server's folder.
     assert parent.info.artifact_uri.startswith("mlflow-artifacts:")
     downloaded = Path(client.download_artifacts(parent.info.run_id, "metrics.json", str(tmp_path / "download")))
-    assert downloaded.read_text() == (tmp_path / "work" / "metrics.json").read_text()
+    assert json.loads(downloaded.read_text()) == json.loads((tmp_path / "work" / "metrics.json").read_text())
     model_files = Path(client.download_artifacts(champion.run_id, "model", str(tmp_path / "model")))
     assert (model_files / "MLmodel").is_file()
     stored = Path(env["CONTAD_SERVICES_DIR"]) / "mlartifacts"
