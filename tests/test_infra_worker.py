@@ -172,3 +172,14 @@ def _os_environ() -> dict[str, str]:
     import os
 
     return dict(os.environ)
+
+
+def test_auto_device_picks_cuda_when_torch_sees_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from components.backbones.common import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
