@@ -18,7 +18,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DO_NOT_TRACK := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test test-fast lock bench clean-venv
+.PHONY: venv demo test test-fast lock bench clean-venv system-deps services services-stop
 
 venv: $(STAMP)
 
@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml requirements.lock
 demo: $(STAMP)
 	$(VENV)/bin/contad demo --out $(OUT)
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
@@ -48,3 +48,24 @@ lock: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# System packages the integration tests and `make services` need (PostgreSQL server + client, curl).
+# Idempotent and quick when present; installs with apt-get when run as root on Debian/Ubuntu, else
+# says what is missing (the PostgreSQL tests then skip with that reason). No default cluster is
+# created: infra/services.sh and the tests run their own, on 127.0.0.1.
+system-deps:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v curl >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "system-deps: installing postgresql, curl (apt-get)"; \
+	  mkdir -p /etc/postgresql-common/createcluster.d && \
+	  echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/contad.conf && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql postgresql-client curl >/dev/null \
+	    || echo "system-deps: apt-get install failed; the PostgreSQL tests will be skipped" >&2; \
+	else echo "system-deps: PostgreSQL server binaries or curl missing; install them as root (apt-get install postgresql curl)" >&2; fi
+
+# Local services on 127.0.0.1: PostgreSQL, MLflow tracking server (artifacts served), Prefect server.
+services: $(STAMP) system-deps
+	VENV_BIN=$(VENV)/bin bash infra/services.sh start
+
+services-stop:
+	bash infra/services.sh stop

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, field_validator
+
 
 
 class Section(BaseModel):
@@ -195,6 +196,26 @@ class ServeConfig(Section):
     heatmap_size: int = Field(256, ge=16, le=2048)  # side of returned heat-map overlays
 
 
+class ComputeConfig(Section):
+    """Where the embarrassingly parallel work runs (mask caching, per-product evaluation): ``flows/fanout.py``."""
+
+    workers: int = Field(default=1, ge=1, le=256)  # > 1: a local Dask cluster of this many worker processes
+    threads_per_worker: int = Field(default=1, ge=1, le=64)  # threads of each local Dask worker
+    dask_address: str | None = None  # e.g. tcp://scheduler:8786: an existing Dask cluster (overrides workers)
+
+    @property
+    def fanout(self) -> bool:
+        """Whether work is fanned out to Dask (a local cluster or ``dask_address``)."""
+        return self.workers > 1 or bool(self.dask_address)
+
+    @field_validator("dask_address")
+    @classmethod
+    def _scheduler_address(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value:
+            raise ValueError(f"{value!r} is not a Dask scheduler address (e.g. tcp://scheduler:8786)")
+        return value or None
+
+
 class Config(Section):
     """Root configuration: one object for the whole pipeline."""
 
@@ -212,6 +233,8 @@ class Config(Section):
     banks: BanksConfig = Field(default_factory=BanksConfig)
     decision: DecisionConfig = Field(default_factory=DecisionConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
 
 
 class ConfigError(ValueError):

@@ -71,6 +71,7 @@ from components.methods.base import ContinualMethod
 from components.methods.registry import build_method
 from components.segment.cache import MaskCache, build_cache, label_maps_for
 from components.types import ImageBatch, Prediction
+from flows import fanout
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
@@ -90,7 +91,7 @@ METHODS_WITH_STRUCTURE_MASKS = frozenset({"ucad"})
 # Parts of a run directory that are not report artifacts (state, data, stores).
 NON_ARTIFACTS = frozenset({STEPS_DIR, "banks", "data", "mask_cache", "mlartifacts", RESULTS_DIR})
 # Config sections that do not change what a run computes (they may differ on resume).
-FINGERPRINT_EXCLUDES = ("tracking", "banks")
+FINGERPRINT_EXCLUDES = ("tracking", "banks", "compute")
 IO_RETRIES = 2
 IO_RETRY_DELAY_S = 2.0
 DETERMINISTIC_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
@@ -285,14 +286,20 @@ def train_task(cfg: Config, method_dir_in: Path | None, task_name: str, products
 @io_task(name="evaluate_all_tasks")
 def evaluate_all_tasks(cfg: Config, method_dir: Path, manifest: pd.DataFrame, task_of_product: dict[str, str]) -> dict[str, dict[str, float]]:
     """Metrics of every product in ``task_of_product`` (all learned so far); images carry no product label."""
-    method = load_method(cfg, Path(method_dir))
     batches = {p: test_batch(manifest, p, cfg.data.image_size) for p in task_of_product}
+    metrics = evaluate_batches(cfg, Path(method_dir), batches, task_of_product)
+    run_logger().info("evaluated %d products with %s", len(metrics), method_dir)
+    return metrics
+
+
+def evaluate_batches(cfg: Config, method_dir: Path, batches: dict[str, ImageBatch], task_of_product: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Threshold-free metrics of each product's test batch, plus OK/NG metrics at the deployed per-task thresholds."""
+    method = load_method(cfg, method_dir)
     metrics, predictions = evaluate_tasks(method, batches, task_of_product, cfg)
-    calibration = read_calibration(Path(method_dir))
-    if calibration is not None:  # OK/NG at the deployed per-task thresholds, next to the threshold-free metrics
+    calibration = read_calibration(method_dir)
+    if calibration is not None:
         for product, prediction in predictions.items():
             metrics[product].update(decision_metrics(prediction, batches[product], calibration))
-    run_logger().info("evaluated %d products with %s", len(metrics), method_dir)
     return metrics
 
 
@@ -528,7 +535,8 @@ def _run_step(cfg: Config, out: Path, index: int, tasks: list[list[str]], manife
     with tracker.step(index, name), atomic_directory(step_dir(out, index, name)) as tmp:
         method_dir = train_task(cfg, method_dir_in, name, tasks[index], manifest, tmp / METHOD_DIR)
         fault_point("after_train")
-        metrics = evaluate_all_tasks(cfg, method_dir, manifest, task_of_product(learned))
+        evaluate = fanout.evaluate_all_tasks if cfg.compute.fanout else evaluate_all_tasks  # per-product Dask tasks
+        metrics = evaluate(cfg, method_dir, manifest, task_of_product(learned))
         tracker.log_step_metrics(index, metrics)
         meta = {
             "step": index,
@@ -584,7 +592,7 @@ def _continual_run(cfg: Config, out: Path) -> dict[str, Any]:
     check_data_fingerprint(out, run_record, manifest)
     products = [p for t in tasks for p in t]
     if uses_structure_masks(cfg):
-        cache_masks(cfg, manifest, products)
+        (fanout.cache_masks if cfg.compute.fanout else cache_masks)(cfg, manifest, products)
     matrix = AccuracyMatrix(products, len(tasks), steps=tasks)
     tracker = open_tracker(cfg, run_record)
     method_dir: Path | None = None
@@ -646,7 +654,7 @@ def execute(cfg: Config, out: Path) -> dict[str, Any]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str((out / RESULTS_DIR).resolve())}):
-        return continual_run(cfg, out)
+        return fanout.with_task_runner(continual_run, cfg.compute)(cfg, out)
 
 
 @flow(name="contad-run", validate_parameters=True, persist_result=False)
