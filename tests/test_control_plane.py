@@ -408,3 +408,15 @@ def test_infra_docs_bind_loopback_and_require_auth() -> None:
     assert "prefect server start --host 127.0.0.1" in text and "--host 127.0.0.1 --port 5000" in text
     for setting in ("PREFECT_SERVER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING", "--app-name basic-auth", "127.0.0.1"):
         assert setting in text, setting
+
+
+def test_banks_doctor_command_reports_and_exits_nonzero_on_corruption(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli import main
+
+    store, version = _store_with_version(tmp_path)
+    argv = ["banks", "doctor", "--store", str(store.root), "tracking.enabled=false"]
+    assert main(argv) == 0
+    assert "1 version(s) checked" in capsys.readouterr().out
+    (store.state_dir(version) / "model.safetensors").write_bytes(b"t")
+    assert main(argv) == 1
+    assert "problem: bank version" in capsys.readouterr().out

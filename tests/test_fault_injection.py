@@ -130,7 +130,8 @@ def add_reference(base: TrainedBase, tmp_path_factory: pytest.TempPathFactory) -
     return result.metrics
 
 
-@pytest.mark.parametrize("point", [pytest.param(p, marks=() if p == "between_pointer_and_alias" else pytest.mark.slow) for p in FAULT_POINTS])
+@pytest.mark.slow  # a child process per fault point (imports + training): ~15-20 s each on an idle 2-core machine
+@pytest.mark.parametrize("point", FAULT_POINTS)
 def test_add_product_killed_at_commit_point_recovers(point: str, base: TrainedBase, add_reference: dict[str, Any], tmp_path: Path, plain_tasks: None) -> None:
     from flows.add_product import add_product
 
