@@ -173,7 +173,7 @@ class LeMOConfig(Section):
     prototypes: int = Field(10, ge=2)  # K memory prototypes per task
     adapter_dim: int | None = Field(None, ge=1)  # D of the embedding; None = backbone feature dim
     adapter_init: Literal["identity", "random"] = "identity"  # identity needs adapter_dim = feature dim
-    prototype_init: Literal["qr", "kmeans"] = "qr"  # qr = "decoupled noise"; kmeans = k-means of the first image
+    prototype_init: Literal["qr", "kmeans"] = "kmeans"  # kmeans = k-means of the first image; qr = "decoupled noise" (paper default)
     memory_update: Literal["frozen", "learned", "feature_enhanced"] = "learned"
     margin: float = Field(1e-5, ge=0.0)  # r of m(d, r) = max(d - r, 0)
     temperature: float = Field(0.1, gt=0.0)  # tau of AnoNCE
@@ -183,6 +183,7 @@ class LeMOConfig(Section):
     weight_decay: float = Field(5e-4, ge=0.0)
     shared_adapter: bool = False  # True: one adapter for all tasks (forgets); False: one per task, key-routed
     key_size: int = Field(196, ge=1)  # k-center sample of pooled features per task for routing
+    key_update_every: int = Field(8, ge=1)  # learned images between re-draws of the key sample
     feature_momentum: float = Field(0.1, gt=0.0, le=1.0)  # feature_enhanced: re-clustering step
     min_usage: float = Field(0.1, ge=0.0, lt=1.0)  # feature_enhanced: split prototypes used < min_usage / K
     batch_size: int = Field(8, ge=1)  # inference batch (training is batch 1, one pass)

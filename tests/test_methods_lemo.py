@@ -58,7 +58,7 @@ def test_identity_adapter_starts_at_normalised_features() -> None:
 
 @pytest.mark.parametrize("memory_update", ["learned", "frozen", "feature_enhanced"])
 def test_anonce_gradient_reaches_adapter_and_prototypes_unless_frozen(memory_update: str) -> None:
-    cfg = lemo_config(memory_update=memory_update, adapter_init="random")
+    cfg = lemo_config(memory_update=memory_update, adapter_init="random", prototype_init="qr")
     method = LeMO(cfg, ToyBackbone())
     t = method.add_task("red")
     feats = method.frozen_features(product_images("red", 1, seed=0))

@@ -66,16 +66,25 @@ def test_each_image_is_scored_before_it_updates_the_model(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("policy", ["all", "below_threshold"])
-def test_update_policy_keeps_defects_out_only_below_threshold(tmp_path: Path, policy: str) -> None:
-    cfg = stream_config(update=policy, warmup=8)
-    normal = write_images(tmp_path / "img", product_images("red", 10, seed=2), "n")
-    defects = write_images(tmp_path / "img", product_images("red", 2, seed=3, defect="blue"), "d")
+def test_update_policy_and_threshold_from_normals_seen_so_far(tmp_path: Path, policy: str) -> None:
+    cfg = stream_config(update=policy, warmup=5, threshold_sigma=0.5)
+    images = torch.cat([product_images("red", 8, seed=2), product_images("blue", 3, seed=3), product_images("red", 3, seed=4)])
     method = LeMO(cfg, ToyBackbone())
-    run_stream(cfg, method, iter(normal + defects), "red", tmp_path / "out")
-    tail = records(tmp_path / "out")[-2:]
-    assert [line["decision"] for line in tail] == ["anomalous", "anomalous"]
-    assert [line["learned"] for line in tail] == [policy == "all"] * 2
-    assert method.images_learned[0] == (12 if policy == "all" else 10)
+    run_stream(cfg, method, iter(write_images(tmp_path / "img", images, "f")), "red", tmp_path / "out")
+    lines = records(tmp_path / "out")
+    normal_scores: list[float] = []
+    for line in lines:
+        if len(normal_scores) < cfg.stream.warmup:
+            assert line["decision"] == "warmup" and line["threshold"] is None
+        else:
+            expected = float(np.mean(normal_scores) + 0.5 * np.std(normal_scores, ddof=1))
+            assert line["threshold"] == pytest.approx(expected, rel=1e-6)
+            assert line["decision"] == ("anomalous" if line["score"] > expected else "normal")
+        if line["decision"] != "anomalous":
+            normal_scores.append(line["score"])
+        assert line["learned"] == (policy == "all" or line["decision"] != "anomalous")
+    assert any(line["decision"] == "anomalous" for line in lines)
+    assert method.images_learned[0] == sum(line["learned"] for line in lines)
 
 
 def test_folder_watch_picks_up_images_added_while_running(tmp_path: Path) -> None:

@@ -16,8 +16,9 @@ score is the maximum of the map.
 
 Continual use (our design; the paper trains one model per class):
 - Default: every task gets its own adapter, prototypes and Adam state, and a *key*: a k-center
-  sample (``lemo.key_size``) of its 2x2-average-pooled frozen features, grown online (each learned
-  image's pooled patches are merged into the key and the k-center sample is re-drawn). At test
+  sample (``lemo.key_size``) of its 2x2-average-pooled frozen features, grown online (the pooled
+  patches of every ``lemo.key_update_every`` learned images are merged into the key and the
+  k-center sample is re-drawn; the queue is part of the saved state). At test
   time an image is routed by itself to the task with the nearest key (``KeyRouter``), using the
   same backbone pass that feeds the adapter, so routing costs no extra forward. Old tasks are never
   touched by later ones: no forgetting by construction unless routing fails.
@@ -69,6 +70,7 @@ class LeMO(ContinualMethod):
         """Forget every task (used before rebuilding a saved state)."""
         self.tasks = []
         self.keys: list[torch.Tensor] = []  # per task (K_t, C); empty until the task learned an image
+        self.pending_keys: list[torch.Tensor] = []  # per task: pooled patches not yet merged into the key
         self.adapters: list[LeMOAdapter] = []  # per task, or a single one with shared_adapter
         self.prototypes: list[torch.nn.Parameter] = []  # per task (K, D)
         self.usage: list[torch.Tensor] = []  # per task (K,) assignment shares (feature_enhanced)
@@ -108,6 +110,7 @@ class LeMO(ContinualMethod):
         self.prototypes.append(prototypes)
         self.usage.append(torch.full((cfg.prototypes,), 1.0 / cfg.prototypes))
         self.keys.append(torch.empty(0, self.backbone.feature_dim))
+        self.pending_keys.append(torch.empty(0, self.backbone.feature_dim))
         self.images_learned.append(0)
         self.prototypes_ready.append(cfg.prototype_init == "qr")
         self.score_stats.append({})
@@ -154,9 +157,7 @@ class LeMO(ContinualMethod):
                 z0 = adapter(feats.to(self.device), grid)[0]
                 prototypes.copy_(kmeans_prototypes(z0.cpu(), cfg.prototypes, self._generator(task_index)).to(self.device))
             self.prototypes_ready[task_index] = True
-        merged = torch.cat([self.keys[task_index], self.key_features(feats)[0]])
-        self.keys[task_index] = coreset(merged, cfg.key_size)
-        self._router = None
+        self._grow_key(task_index, self.key_features(feats)[0])
         adapter.train()
         z = adapter(feats.to(self.device), grid)
         loss = anonce_loss(z, prototypes, cfg.positives, cfg.negatives, cfg.margin, cfg.temperature)
@@ -169,6 +170,23 @@ class LeMO(ContinualMethod):
             enhance_prototypes(prototypes.data, self.usage[task_index], z.detach()[0], cfg.feature_momentum, cfg.min_usage)
         self.images_learned[task_index] += 1
         return float(loss.detach())
+
+    def _grow_key(self, task_index: int, pooled: torch.Tensor) -> None:
+        """Queue one image's pooled patches; every ``lemo.key_update_every`` images (and on the first) re-draw the k-center key."""
+        pending = torch.cat([self.pending_keys[task_index], pooled])
+        images_pending = pending.shape[0] // pooled.shape[0]
+        if len(self.keys[task_index]) and images_pending < self.config.lemo.key_update_every:
+            self.pending_keys[task_index] = pending
+            return
+        self.flush_key(task_index, pending)
+
+    def flush_key(self, task_index: int, pending: torch.Tensor | None = None) -> None:
+        """Merge the queued patches of task ``task_index`` into its key (k-center greedy, ``lemo.key_size``)."""
+        pending = self.pending_keys[task_index] if pending is None else pending
+        if len(pending):
+            self.keys[task_index] = coreset(torch.cat([self.keys[task_index], pending]), self.config.lemo.key_size)
+        self.pending_keys[task_index] = pending[:0]
+        self._router = None
 
     @torch.no_grad()
     def patch_scores(self, feats: torch.Tensor, task_index: int) -> torch.Tensor:
@@ -203,6 +221,7 @@ class LeMO(ContinualMethod):
         losses = []
         for i in progress_bar(order.tolist(), desc=f"{data.name}: lemo online pass", leave=False):
             losses.append(self.learn_features(self.frozen_features(images[i : i + 1]), t))
+        self.flush_key(t)
         self.score_stats[t] = self._heldout_stats(data, t)
         seconds = time.perf_counter() - started
         log.info("lemo: task %r learned from %d images in %.1fs (AnoNCE %.4f -> %.4f)", data.name, len(images), seconds, losses[0], losses[-1])
@@ -247,6 +266,7 @@ class LeMO(ContinualMethod):
                 tensors[f"adapter/{a}/{name}"] = value.detach().cpu()
         for t in range(len(self.tasks)):
             tensors[f"key/{t}"] = self.keys[t]
+            tensors[f"pending_key/{t}"] = self.pending_keys[t]
             tensors[f"prototypes/{t}"] = self.prototypes[t].detach().cpu()
             tensors[f"usage/{t}"] = self.usage[t]
             for p, state in self.optimizers[t].state_dict()["state"].items():
@@ -281,6 +301,7 @@ class LeMO(ContinualMethod):
             adapter.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
         for t in range(len(self.tasks)):
             self.keys[t] = tensors[f"key/{t}"].float().contiguous()
+            self.pending_keys[t] = tensors[f"pending_key/{t}"].float().contiguous()
             with torch.no_grad():
                 self.prototypes[t].copy_(tensors[f"prototypes/{t}"])
             self.usage[t] = tensors[f"usage/{t}"].float().clone()
