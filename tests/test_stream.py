@@ -161,3 +161,19 @@ def test_kill_9_then_resume_equals_an_uninterrupted_stream(tmp_path: Path) -> No
     assert [line["score"] for line in got] == pytest.approx([line["score"] for line in want], abs=1e-5)
     store = BankStore(out / "banks")
     assert store.show(store.current())["step"] == 9 and [v.step for v in store.list()] == [3, 6, 9]
+
+
+def test_sources_text_file_and_stdin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from components.errors import ContadError
+    from flows.stream import open_source
+
+    cfg = stream_config()
+    listing = tmp_path / "paths.txt"
+    listing.write_text("a.png\n# a comment\n\n/abs/b.png\n")
+    assert list(open_source(str(listing), cfg)) == [str(tmp_path.cwd() / "a.png"), "/abs/b.png"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("/x/1.png\n/x/2.png\n"))
+    assert list(open_source("-", cfg)) == ["/x/1.png", "/x/2.png"]
+    with pytest.raises(ContadError, match="not a folder"):
+        open_source(str(tmp_path / "missing"), cfg)
