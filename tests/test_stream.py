@@ -134,6 +134,7 @@ run_stream(cfg, LeMO(cfg, ToyBackbone()), iter(paths), "red", {out!r})
 """
 
 
+@pytest.mark.slow  # a subprocess importing torch + prefect: ~10 s quiet, 30-50 s on the shared 2-core machine
 def test_kill_9_then_resume_equals_an_uninterrupted_stream(tmp_path: Path) -> None:
     cfg = stream_config(checkpoint_every=3)
     paths = write_images(tmp_path / "img", product_images("red", 9, seed=8), "r")
