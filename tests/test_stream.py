@@ -178,3 +178,12 @@ def test_sources_text_file_and_stdin(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert list(open_source("-", cfg)) == ["/x/1.png", "/x/2.png"]
     with pytest.raises(ContadError, match="not a folder"):
         open_source(str(tmp_path / "missing"), cfg)
+
+
+def test_methods_without_streaming_are_refused(tmp_path: Path) -> None:
+    from components.errors import ContadError
+    from components.methods.patchcore import PatchCoreOracle
+
+    cfg = stream_config()
+    with pytest.raises(ContadError, match="does not support streaming"):
+        run_stream(cfg, PatchCoreOracle(cfg, ToyBackbone()), iter([]), "red", tmp_path / "out")

@@ -10,6 +10,12 @@ Per image (batch 1, one pass, one Adam step; ``lemo.*`` config):
    next ``negatives`` ones; the gradient trains the adapter and (``memory_update=learned`` or
    ``feature_enhanced``) the K prototypes; ``frozen`` keeps the QR prototypes fixed;
    ``feature_enhanced`` adds the ODC-style re-clustering/balancing step after each update.
+Design decisions (the paper leaves them open or they fail at our scale): prototypes start as k-means of
+the task's first image by default (``lemo.prototype_init=qr`` is the paper's "decoupled noise"; with
+Adam at lr 1e-3 a prototype moves about lr * sqrt(D) per step, so noise prototypes cannot reach the
+feature distribution within a 25-image stream); the adapter starts as the identity and embeddings are
+L2-normalised (the scale of the unit-norm prototypes); D = feature dim; tau = 0.1; 3 positives and
+3 negatives (CFA).
 Scores: patch score = softmin weight of the nearest prototype x distance to it; the anomaly map is
 the patch grid upsampled bilinearly and Gaussian smoothed (``eval.smoothing_sigma``); the image
 score is the maximum of the map.
