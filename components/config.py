@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, field_validator
-
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -167,6 +166,46 @@ class PromotionConfig(Section):
     max_forgetting: NonNegativeFloat = 0.02  # max drop of image AUROC on every old product
 
 
+class LeMOConfig(Section):
+    """LeMO: frozen features + CoordConv 1x1 adapter, K learnable prototypes, AnoNCE loss, one online pass."""
+
+    prototypes: int = Field(10, ge=2)  # K memory prototypes per task
+    adapter_dim: int | None = Field(None, ge=1)  # D of the embedding; None = backbone feature dim
+    adapter_init: Literal["identity", "random"] = "identity"  # identity needs adapter_dim = feature dim
+    prototype_init: Literal["qr", "kmeans"] = "kmeans"  # kmeans = k-means of the first image; qr = "decoupled noise" (paper default)
+    memory_update: Literal["frozen", "learned", "feature_enhanced"] = "learned"
+    margin: float = Field(1e-5, ge=0.0)  # r of m(d, r) = max(d - r, 0)
+    temperature: float = Field(0.1, gt=0.0)  # tau of AnoNCE
+    positives: int = Field(3, ge=1)  # nearest prototypes per patch used as p+
+    negatives: int = Field(3, ge=1)  # next nearest prototypes used as p-
+    lr: float = Field(1e-3, gt=0.0)  # Adam
+    weight_decay: float = Field(5e-4, ge=0.0)
+    shared_adapter: bool = False  # True: one adapter for all tasks (forgets); False: one per task, key-routed
+    key_size: int = Field(196, ge=1)  # k-center sample of pooled features per task for routing
+    key_update_every: int = Field(8, ge=1)  # learned images between re-draws of the key sample
+    feature_momentum: float = Field(0.1, gt=0.0, le=1.0)  # feature_enhanced: re-clustering step
+    min_usage: float = Field(0.1, ge=0.0, lt=1.0)  # feature_enhanced: split prototypes used < min_usage / K
+    batch_size: int = Field(8, ge=1)  # inference batch (training is batch 1, one pass)
+
+    @model_validator(mode="after")
+    def _counts_fit(self) -> "LeMOConfig":
+        if self.positives + self.negatives > self.prototypes:
+            raise ValueError(f"lemo.positives + lemo.negatives ({self.positives} + {self.negatives}) must not exceed lemo.prototypes ({self.prototypes})")
+        return self
+
+
+class StreamConfig(Section):
+    """Online mode (``contad stream``): prequential scoring, online updates, checkpoints."""
+
+    update: Literal["all", "below_threshold"] = "all"  # below_threshold keeps likely defects out of the memory
+    warmup: int = Field(10, ge=1)  # images always learned before the threshold exists
+    threshold_sigma: float = Field(3.0, gt=0.0)  # threshold = mean + sigma * std of normal scores so far
+    checkpoint_every: int = Field(50, ge=1)  # images between checkpoints (also one at exit)
+    poll_s: float = Field(0.5, gt=0.0)  # folder watch: seconds between directory scans
+    idle_timeout_s: float = Field(30.0, ge=0.0)  # folder watch: stop after this long without new files (0 = never)
+    max_images: int | None = Field(None, ge=1)  # stop after this many new images (None = until the source ends)
+
+
 class BanksConfig(Section):
     """Versioned memory-bank store."""
 
@@ -219,7 +258,7 @@ class ComputeConfig(Section):
 class Config(Section):
     """Root configuration: one object for the whole pipeline."""
 
-    method: Literal["ucad", "patchcore_finetune", "patchcore_replay", "patchcore_oracle"] = "ucad"
+    method: Literal["ucad", "patchcore_finetune", "patchcore_replay", "patchcore_oracle", "lemo"] = "ucad"
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
     protocol: ProtocolConfig = Field(default_factory=ProtocolConfig)
@@ -235,6 +274,9 @@ class Config(Section):
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
+
+    lemo: LeMOConfig = Field(default_factory=LeMOConfig)
+    stream: StreamConfig = Field(default_factory=StreamConfig)
 
 
 class ConfigError(ValueError):

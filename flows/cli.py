@@ -103,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--via-server", action="store_true", help="emit the contad.product.added event to the Prefect server instead of running locally")
     _add_params(add)
 
+    stream = sub.add_parser("stream", help="online mode: score each image of a live stream, then learn it (prequential); checkpoints are bank versions")
+    stream.add_argument("source", help="a folder watched for new images, a text file of image paths, or - for paths on stdin")
+    stream.add_argument("--product", required=True, help="the product (task) this stream learns")
+    stream.add_argument("--out", required=True, help="stream directory: stream.jsonl, checkpoint/, banks/ (rerun to resume)")
+    stream.add_argument("--init", default=None, help="saved method directory to start from (default: a fresh model)")
+    _add_params(stream)
+
     serve = sub.add_parser("serve", help="register a Prefect deployment that runs add-product on contad.product.added events and serve it")
     _add_params(serve)
 
@@ -164,6 +171,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         cfg = load_config(args.params, overrides)
         return add_product_command(cfg, Path(args.path), name=args.name, out=Path(args.out) if args.out else None, via_server=args.via_server)
+    if args.command == "stream":
+        from flows.stream import stream_command
+
+        cfg = load_config(args.params, overrides)
+        return stream_command(cfg, args.source, args.product, Path(args.out), init=Path(args.init) if args.init else None)
     if args.command == "serve":
         from flows.serve import serve_command
 
