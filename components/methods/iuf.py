@@ -74,16 +74,16 @@ class IUF(ContinualMethod):
 
     def __init__(self, config: Config, backbone: PromptedBackbone) -> None:
         super().__init__(config, backbone)
-        self.extractor = build_feature_extractor(config.reconstruction, config.backbone, backbone)
-        self.device = next(self.extractor.net.parameters()).device
-        self.grid = self.extractor.grid_size(config.data.image_size)
+        with torch.random.fork_rng(devices=[]):  # seeded: random-weight extractors (tests) and the network are reproducible
+            torch.manual_seed(config.seed)
+            self.extractor = build_feature_extractor(config.reconstruction, config.backbone, backbone)
+            self.device = next(self.extractor.net.parameters()).device
+            self.grid = self.extractor.grid_size(config.data.image_size)
+            self.network = IUFNetwork(self.extractor.channels, self.grid, config).to(self.device)
         self.cache = FeatureCache(self.extractor, config.reconstruction.batch_size)
         self.products: list[str] = []
         self.task_of_product: dict[str, str] = {}
         self.spans: dict[str, ActivationSpan] = {}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            self.network = IUFNetwork(self.extractor.channels, self.grid, config).to(self.device)
 
     # ------------------------------------------------------------------ helpers
     def projected_modules(self) -> dict[str, nn.Linear]:
