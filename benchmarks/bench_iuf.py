@@ -96,8 +96,8 @@ def run_row(cfg: Config, manifest: Any, tasks: list[list[str]], batches: dict[st
             matrix.record(index, product, metrics[product])
         steps.append({"task": data.name, "fit_wall_s": fit_wall, "fit_cpu_s": fit_cpu, "eval_wall_s": eval_wall, "eval_cpu_s": eval_cpu,
                       "epoch_losses": fit_log["epoch_losses"], "load": os.getloadavg()[0]})
-        print(f"[{name}] step {index} {data.name}: fit {fit_wall:.0f}s wall / {fit_cpu:.0f}s cpu, eval {eval_wall:.0f}s; "
-              f"image AUROC {{{', '.join(f'{p}: {metrics[p]['image_auroc']:.3f}' for p in seen)}}}", flush=True)
+        aurocs = ", ".join(f"{p}: {metrics[p]['image_auroc']:.3f}" for p in seen)
+        print(f"[{name}] step {index} {data.name}: fit {fit_wall:.0f}s wall / {fit_cpu:.0f}s cpu, eval {eval_wall:.0f}s; image AUROC {aurocs}", flush=True)
     doc = matrix.to_metrics_json("iuf", cfg.protocol.name)
     doc["bench_steps"] = steps
     return doc

@@ -158,6 +158,7 @@ def test_pooled_max_score_is_the_max_of_the_average_pooled_map() -> None:
     assert to_tokens(torch.zeros(2, 5, 3, 4)).shape == (2, 12, 5)
 
 
+@pytest.mark.slow  # starts the session's Prefect test server (~2 min on a loaded 2-core machine)
 def test_synthetic_end_to_end_run_with_a_joint_base_step(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     from flows.cli import main
     from tests.test_pipeline_helpers import TINY_OVERRIDES, make_tiny_products, shared_prefect_api
