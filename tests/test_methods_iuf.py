@@ -27,7 +27,7 @@ def tiny_iuf_config(*overrides: str) -> Config:
     return load_config(None, [
         "method=iuf", "backbone.pretrained=false", "backbone.device=cpu", f"data.image_size={SIZE}",
         "reconstruction.hidden=32", "reconstruction.ffn=32", "reconstruction.heads=2",
-        "iuf.epochs=2", "iuf.batch_size=4", "iuf.scl_tail_index=2", "iuf.score_pool=4", *overrides,
+        "iuf.epochs=2", "iuf.min_steps=0", "iuf.batch_size=4", "iuf.scl_tail_index=2", "iuf.score_pool=4", *overrides,
     ])
 
 
@@ -167,7 +167,7 @@ def test_synthetic_end_to_end_run_with_a_joint_base_step(tmp_path: Path, request
     data = make_tiny_products(tmp_path / "data", n_products=3)
     out = tmp_path / "run"
     code = main(["run", "--out", str(out), f"data.root={data}", *TINY_OVERRIDES, "tracking.enabled=false",
-                 f"masks.cache_dir={tmp_path / 'masks'}", "method=iuf", "protocol.base_tasks=2", "iuf.epochs=2",
+                 f"masks.cache_dir={tmp_path / 'masks'}", "method=iuf", "protocol.base_tasks=2", "iuf.epochs=2", "iuf.min_steps=0",
                  "reconstruction.hidden=32", "reconstruction.ffn=32", "iuf.score_pool=4", "iuf.scl_tail_index=2"])
     assert code == 0
     doc = json.loads((out / "metrics.json").read_text())

@@ -7,6 +7,7 @@ Per step (one task = one or several products trained jointly):
   label (its head grows with every new product), whose block outputs multiply the queries of the
   encoder layers (Eq. 4). At test time it runs on the image itself: no product label;
 - semantic compression loss (``iuf.scl``, Eqs. 5-7) on decoder latents, with live gradients;
+- epochs: ``iuf.epochs``, raised so that every task gets at least ``iuf.min_steps`` updates;
 - later steps (``iuf.update_strategy=projected``): every weight update of the ``projection_layers``
   is projected on the singular directions of old products' input activations and weighted by Omega
   (Eqs. 10-12), then all parameters are pulled toward the previous model (retention, Eq. 9).
@@ -175,16 +176,18 @@ class IUF(ContinualMethod):
         history: dict[str, list[float]] = {}
         heldout_losses: list[float] = []
         best = (float("inf"), 0, None)
-        bar = progress_bar(range(1, cfg.epochs + 1), desc=f"iuf {data.name}", leave=False)
+        batches_per_epoch = max(1, len(feats) // cfg.batch_size)
+        epochs = max(cfg.epochs, -(-cfg.min_steps // batches_per_epoch))  # ceil: at least min_steps updates
+        bar = progress_bar(range(1, epochs + 1), desc=f"iuf {data.name}", leave=False)
         for epoch in bar:
             self.network.train()
             order = torch.randperm(len(feats), generator=generator)
             sums: dict[str, float] = {}
             windows: dict[int, torch.Tensor] = {}
-            for start in range(0, len(feats), cfg.batch_size):
-                batch = order[start : start + cfg.batch_size]
-                if len(batch) < 2 and len(feats) >= 2:
-                    continue  # a single-row batch gives SCL no tail and CE a trivial target
+            for start in range(0, batches_per_epoch * cfg.batch_size, cfg.batch_size):
+                batch = order[start : start + cfg.batch_size]  # full batches (the last one takes the remainder)
+                if start + 2 * cfg.batch_size > len(feats):
+                    batch = order[start:]
                 losses = self._losses(feats[batch], images[batch], labels[batch], windows, generator)
                 optimizer.zero_grad(set_to_none=True)
                 self._total(losses).backward()
