@@ -70,6 +70,13 @@ def test_other_timm_cnn_without_checkpoint_names_the_key() -> None:
         build_feature_extractor(cfg.reconstruction, cfg.backbone)
 
 
+def test_scl_layers_beyond_the_decoder_are_refused() -> None:
+    from components.errors import ContadError
+
+    with pytest.raises(ContadError, match="iuf.scl_layers"):
+        tiny_iuf("reconstruction.decoder_layers=1")
+
+
 def test_oasa_head_growth_keeps_old_logits() -> None:
     torch.manual_seed(0)
     disc = ObjectDiscriminator((4, 4), dim=16, heads=2, blocks=2, ffn=16, dropout=0.0).eval()

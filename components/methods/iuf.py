@@ -75,6 +75,9 @@ class IUF(ContinualMethod):
 
     def __init__(self, config: Config, backbone: PromptedBackbone) -> None:
         super().__init__(config, backbone)
+        bad = [i for i in config.iuf.scl_layers if not 0 <= i < config.reconstruction.decoder_layers]
+        if bad:
+            raise ContadError(f"iuf.scl_layers={config.iuf.scl_layers}: decoder layers {bad} do not exist (reconstruction.decoder_layers={config.reconstruction.decoder_layers})")
         with torch.random.fork_rng(devices=[]):  # seeded: random-weight extractors (tests) and the network are reproducible
             torch.manual_seed(config.seed)
             self.extractor = build_feature_extractor(config.reconstruction, config.backbone, backbone)
@@ -151,8 +154,6 @@ class IUF(ContinualMethod):
         if cfg.scl:
             terms = []
             for layer in cfg.scl_layers:
-                if layer >= len(latents):
-                    raise ContadError(f"iuf.scl_layers: decoder layer {layer} does not exist (reconstruction.decoder_layers={len(latents)})")
                 terms.append(semantic_compression_loss(latents[layer], windows.get(layer), cfg.scl_tail_index, cfg.scl_threshold))
                 if cfg.scl_window > 0:
                     fresh = latents[layer].detach().mean(dim=1)
