@@ -183,3 +183,13 @@ def test_synthetic_end_to_end_run_with_a_joint_base_step(tmp_path: Path, request
     assert all(final[p] is not None and 0.0 <= final[p] <= 1.0 for p in doc["tasks"])
     log = json.loads(next((out / "steps").glob("01-*/train_log.json")).read_text())
     assert log["log"]["update"] == "projected" and log["log"]["projected_layers"]
+
+
+def test_early_stopping_keeps_the_best_epoch_on_heldout_training_normals() -> None:
+    method = tiny_iuf("iuf.epochs=4", "iuf.early_stopping_patience=1")
+    data = task("red")
+    log = method.fit_task(data)
+    losses = log["heldout_losses"]
+    assert 1 <= len(losses) <= 4 and log["best_epoch"] == 1 + losses.index(min(losses))
+    held = method.cache.features(data.heldout.images, data.heldout.paths).flatten(2).transpose(1, 2)
+    assert method.heldout_loss(held, data.heldout.images) == pytest.approx(min(losses), rel=1e-5)
