@@ -1,0 +1,150 @@
+"""IUF and its ablations on the real sequence (../shared/data/real-ad) under X-Y protocols.
+
+Run: ``.venv/bin/python -m benchmarks.bench_iuf [--data DIR] [--out runs/bench-iuf] [--rows ...] [--protocols 1-1x3,2-1x2] [key=value ...]``
+
+Rows: ``iuf_full`` (defaults), ``iuf_no_oasa`` (iuf.oasa=false), ``iuf_no_scl`` (iuf.scl=false),
+``iuf_finetune`` (iuf.update_strategy=finetune, "w/o update strategy"), ``joint`` (all products in one
+step: the upper bound; one run serves every protocol). Each row trains the real ``IUF`` method step by
+step and evaluates every learned product after every step with the pipeline's own evaluation
+(``evaluate_tasks``, ``AccuracyMatrix``: ACC = final average, FM = Chaudhry forgetting), without
+Prefect/MLflow so that one process can share the frozen backbone's features between rows: features
+are computed once per image (train images by path, test images by content) and reused by every
+row, which is legitimate because the backbone is frozen. Per-step wall and CPU seconds are recorded
+(the first row pays for the features). Results: ``OUT/<protocol>/<row>/metrics.json`` + a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from components.atomic import atomic_write_json
+from components.backbones.registry import build_backbone
+from components.config import Config, load_config
+from components.data.loading import task_data, test_batch
+from components.data.manifest import read_dataset
+from components.data.protocol import task_name, task_of_product, task_sequence
+from components.eval.continual import AccuracyMatrix
+from components.eval.evaluate import evaluate_tasks
+from components.methods.iuf import IUF
+from components.methods.reconstruction import FeatureCache, MultiStageFeatures
+
+PRODUCTS = ["grid", "hazelnut_toy", "magnetic_tile", "pcb"]
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-ad"
+ROWS = {
+    "iuf_full": [],
+    "iuf_finetune": ["iuf.update_strategy=finetune"],
+    "iuf_no_oasa": ["iuf.oasa=false"],
+    "iuf_no_scl": ["iuf.scl=false"],
+    "joint": [],
+}
+PROTOCOLS = {"1-1x3": (1, 1), "2-1x2": (2, 1)}
+
+log = logging.getLogger("bench_iuf")
+
+
+class MemoFeatures:
+    """A frozen extractor whose per-image outputs are memoised by image content (shared by all rows)."""
+
+    def __init__(self, extractor: MultiStageFeatures) -> None:
+        self.extractor = extractor
+        self.net = extractor.net
+        self.channels = extractor.channels
+        self.grid_size = extractor.grid_size
+        self._store: dict[str, torch.Tensor] = {}
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        keys = [hashlib.blake2b(img.detach().cpu().numpy().tobytes(), digest_size=16).hexdigest() for img in images]
+        missing = [i for i, k in enumerate(keys) if k not in self._store]
+        if missing:
+            for i, feats in zip(missing, self.extractor(images[missing]).cpu(), strict=True):
+                self._store[keys[i]] = feats
+        return torch.stack([self._store[k] for k in keys]).to(images.device)
+
+
+def run_row(cfg: Config, manifest: Any, tasks: list[list[str]], batches: dict[str, Any], shared: dict[str, Any], name: str) -> dict[str, Any]:
+    """Train ``tasks`` one step at a time, evaluating all learned products after each step."""
+    backbone = shared.setdefault("backbone", build_backbone(cfg.backbone, cfg.data.image_size))
+    method = IUF(cfg, backbone)
+    if "memo" not in shared:
+        shared["memo"] = MemoFeatures(method.extractor)
+        shared["cache"] = FeatureCache(method.extractor, cfg.reconstruction.batch_size)
+    method.extractor, method.cache = shared["memo"], shared["cache"]  # type: ignore[assignment]
+    products = [p for t in tasks for p in t]
+    matrix = AccuracyMatrix(products, len(tasks), tasks)
+    owners = task_of_product(tasks)
+    steps = []
+    for index, group in enumerate(tasks):
+        data = task_data(manifest, task_name(group), group, cfg, None)
+        torch.manual_seed(cfg.seed + index)
+        wall, cpu = time.perf_counter(), time.process_time()
+        fit_log = method.fit_task(data)
+        fit_wall, fit_cpu = time.perf_counter() - wall, time.process_time() - cpu
+        seen = [p for t in tasks[: index + 1] for p in t]
+        wall, cpu = time.perf_counter(), time.process_time()
+        metrics, _ = evaluate_tasks(method, {p: batches[p] for p in seen}, {p: owners[p] for p in seen}, cfg)
+        eval_wall, eval_cpu = time.perf_counter() - wall, time.process_time() - cpu
+        for product in seen:
+            matrix.record(index, product, metrics[product])
+        steps.append({"task": data.name, "fit_wall_s": fit_wall, "fit_cpu_s": fit_cpu, "eval_wall_s": eval_wall, "eval_cpu_s": eval_cpu,
+                      "epoch_losses": fit_log["epoch_losses"], "load": os.getloadavg()[0]})
+        aurocs = ", ".join(f"{p}: {metrics[p]['image_auroc']:.3f}" for p in seen)
+        print(f"[{name}] step {index} {data.name}: fit {fit_wall:.0f}s wall / {fit_cpu:.0f}s cpu, eval {eval_wall:.0f}s; image AUROC {aurocs}", flush=True)
+    doc = matrix.to_metrics_json("iuf", cfg.protocol.name)
+    doc["bench_steps"] = steps
+    return doc
+
+
+def table(docs: dict[str, dict[str, Any]]) -> str:
+    """Markdown rows: final image AUROC per product, ACC/FM image + pixel, seconds per step."""
+    products = PRODUCTS
+    lines = [f"| row | {' | '.join(products)} | ACC img | ACC pix | FM img | FM pix | s/step (wall, fit+eval) |", "|" + "---|" * (len(products) + 6)]
+    for name, doc in docs.items():
+        cells = [doc["final"]["image_auroc"].get(p) for p in products]
+        per_step = [round(s["fit_wall_s"] + s["eval_wall_s"]) for s in doc["bench_steps"]]
+        lines.append(f"| {name} | {' | '.join('–' if c is None else f'{100 * c:.1f}' for c in cells)} | "
+                     f"{100 * doc['average']['image_auroc']:.1f} | {100 * doc['average']['pixel_auroc']:.1f} | "
+                     f"{100 * doc['forgetting']['image_auroc']:.1f} | {100 * doc['forgetting']['pixel_auroc']:.1f} | {per_step} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=os.environ.get("CONTAD_REAL_AD", str(DEFAULT_DATA)))
+    parser.add_argument("--out", default="runs/bench-iuf")
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--protocols", default=",".join(PROTOCOLS))
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    base = load_config("params.yaml", ["method=iuf", f"data.root={args.data}", f"data.products={','.join(PRODUCTS)}", *args.overrides])
+    manifest = read_dataset(Path(args.data), products=PRODUCTS)
+    batches = {p: test_batch(manifest, p, base.data.image_size) for p in PRODUCTS}
+    shared: dict[str, Any] = {}
+    out = Path(args.out)
+    for protocol in args.protocols.split(","):
+        docs: dict[str, dict[str, Any]] = {}
+        for row in args.rows.split(","):
+            path = out / ("joint" if row == "joint" else protocol) / row / "metrics.json"
+            if path.is_file():
+                docs[row] = json.loads(path.read_text())
+                continue
+            x, y = (len(PRODUCTS), 1) if row == "joint" else PROTOCOLS[protocol]
+            cfg = load_config("params.yaml", ["method=iuf", f"data.root={args.data}", f"data.products={','.join(PRODUCTS)}",
+                                              f"protocol.base_tasks={x}", f"protocol.step_tasks={y}", *ROWS[row], *args.overrides])
+            docs[row] = run_row(cfg, manifest, task_sequence(PRODUCTS, x, y), batches, shared, f"{protocol}/{row}")
+            atomic_write_json(path, docs[row])
+        print(f"\n### {protocol}\n\n{table(docs)}\n", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

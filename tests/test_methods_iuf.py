@@ -1,0 +1,195 @@
+"""IUF and the shared feature-reconstruction core: cache, growing OASA head, SCL gradient,
+projected updates, retention, save/load, and a synthetic end-to-end ``contad run method=iuf``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from components.backbones.registry import build_backbone
+from components.config import Config, ReconstructionConfig, load_config
+from components.methods.iuf import IUF
+from components.methods.iuf_network import ActivationSpan, ObjectDiscriminator, project_update, retain_, semantic_compression_loss
+from components.methods.reconstruction import FeatureCache, ReconstructionTransformer, build_feature_extractor, pooled_max_scores, to_tokens
+from components.methods.registry import build_method
+from components.types import ImageBatch, TaskData
+from tests.methods_support import product_images
+
+SIZE = 64
+
+
+def tiny_iuf_config(*overrides: str) -> Config:
+    """Random-weight Lite0 at 64 px (4 x 4 grid) and a small reconstruction network."""
+    return load_config(None, [
+        "method=iuf", "backbone.pretrained=false", "backbone.device=cpu", f"data.image_size={SIZE}",
+        "reconstruction.hidden=32", "reconstruction.ffn=32", "reconstruction.heads=2",
+        "iuf.epochs=2", "iuf.min_steps=0", "iuf.batch_size=4", "iuf.scl_tail_index=2", "iuf.score_pool=4", *overrides,
+    ])
+
+
+def tiny_iuf(*overrides: str) -> IUF:
+    cfg = tiny_iuf_config(*overrides)
+    method = build_method(cfg, build_backbone(cfg.backbone, SIZE))
+    assert isinstance(method, IUF)
+    return method
+
+
+def task(product: str, n: int = 8, seed: int = 0) -> TaskData:
+    """Normal 64 px toy images of ``product`` (train + 2 held out)."""
+    train, held = product_images(product, n, seed, size=SIZE), product_images(product, 2, seed + 1, size=SIZE)
+    return TaskData(name=product, products=[product],
+                    train=ImageBatch(train, [product] * n, [f"{product}/train/{seed}-{i}" for i in range(n)]),
+                    heldout=ImageBatch(held, [product] * 2, [f"{product}/held/{seed}-{i}" for i in range(2)]))
+
+
+def test_feature_cache_equals_on_the_fly_features() -> None:
+    cfg = tiny_iuf_config()
+    extractor = build_feature_extractor(cfg.reconstruction, cfg.backbone)
+    images = product_images("red", 5, seed=1, size=SIZE)
+    paths = [f"img{i}" for i in range(5)]
+    cache = FeatureCache(extractor, batch_size=2)
+    cached = cache.features(images, paths)
+    assert cached.shape == (5, extractor.channels, 4, 4) and extractor.channels == 16 + 24 + 40 + 112
+    torch.testing.assert_close(cached, extractor(images))
+    calls = []
+    extractor.register_forward_hook(lambda *_: calls.append(1))
+    again = cache.features(images[[3, 1]], [paths[3], paths[1]])
+    assert calls == [] and len(cache) == 5, "cached images must not be recomputed"
+    torch.testing.assert_close(again, extractor(images[[3, 1]]))
+
+
+def test_other_timm_cnn_without_checkpoint_names_the_key() -> None:
+    from components.errors import WeightsError
+
+    cfg = tiny_iuf_config("backbone.pretrained=true", "reconstruction.backbone=resnet18")
+    with pytest.raises(WeightsError, match="reconstruction.checkpoint"):
+        build_feature_extractor(cfg.reconstruction, cfg.backbone)
+
+
+def test_scl_layers_beyond_the_decoder_are_refused() -> None:
+    from components.errors import ContadError
+
+    with pytest.raises(ContadError, match="iuf.scl_layers"):
+        tiny_iuf("reconstruction.decoder_layers=1")
+
+
+def test_oasa_head_growth_keeps_old_logits() -> None:
+    torch.manual_seed(0)
+    disc = ObjectDiscriminator((4, 4), dim=16, heads=2, blocks=2, ffn=16, dropout=0.0).eval()
+    disc.head.grow(2)
+    images = torch.randn(3, 3, SIZE, SIZE)
+    maps_before, logits_before = disc(images)
+    disc.head.grow(3)
+    maps_after, logits_after = disc(images)
+    assert logits_after.shape == (3, 5) and disc.head.classes == 5
+    torch.testing.assert_close(logits_after[:, :2], logits_before)
+    assert len(maps_after) == 2 and maps_after[0].shape == (3, 16, 16)
+    torch.testing.assert_close(maps_after[1], maps_before[1])
+
+
+def test_semantic_compression_loss_alone_carries_gradient() -> None:
+    torch.manual_seed(0)
+    net = ReconstructionTransformer(12, (4, 4), ReconstructionConfig(hidden=16, heads=2, ffn=16, dropout=0.0))
+    _, latents = net(torch.randn(6, 16, 12))
+    loss = semantic_compression_loss(latents[0], torch.randn(5, 16), tail_index=2, threshold=0.05)
+    assert float(loss.detach()) > 0
+    loss.backward()
+    grads = [p.grad for p in net.decoder[0].parameters() if p.grad is not None]
+    assert grads and max(float(g.abs().max()) for g in grads) > 0, "the compression loss must train the network"
+
+
+def test_projection_scales_the_old_span_by_omega_and_passes_orthogonal_updates() -> None:
+    dim = 8
+    rotation, _ = torch.linalg.qr(torch.randn(dim, dim, generator=torch.Generator().manual_seed(0)))
+    top, second, outside = rotation[:, 0], rotation[:, 1], rotation[:, 5]
+    coeffs, _ = torch.linalg.qr(torch.randn(200, 2, generator=torch.Generator().manual_seed(1)))  # uncorrelated
+    span = ActivationSpan(dim)
+    span.add_task(3.0 * coeffs[:, :1] * top + 1.0 * coeffs[:, 1:] * second)  # old activations live in 2 directions
+    basis, weights = span.basis(energy=0.9999)
+    assert float(weights[0]) == 0.0 and math.isclose(float(weights[1]), math.log(2) / math.log(dim), rel_tol=1e-6)
+    out = torch.randn(3, generator=torch.Generator().manual_seed(2))
+    for direction, factor in ((top, 0.0), (second, math.log(2) / math.log(dim)), (outside, 1.0)):
+        delta = torch.outer(out, direction)
+        torch.testing.assert_close(project_update(delta, basis, weights), factor * delta, atol=1e-5, rtol=1e-4)
+
+
+def test_retention_pulls_toward_the_old_model() -> None:
+    param, old = torch.tensor([1.0, 3.0]), torch.tensor([0.0, 1.0])
+    retain_(param, old, 0.25)
+    torch.testing.assert_close(param, torch.tensor([0.75, 2.5]))
+
+
+def test_full_retention_keeps_every_old_weight_while_finetune_moves_them() -> None:
+    kept = tiny_iuf("iuf.retention=1.0")
+    kept.fit_task(task("red"))
+    before = {n: p.detach().clone() for n, p in kept.network.named_parameters()}
+    kept.fit_task(task("green", seed=3))
+    for name, param in kept.network.named_parameters():
+        old = before[name]
+        torch.testing.assert_close(param[: old.shape[0]] if name.startswith("oasa.head.") else param, old, msg=name)
+    assert kept.network.oasa is not None and kept.network.oasa.head.classes == 2
+
+    moved = tiny_iuf("iuf.update_strategy=finetune")
+    moved.fit_task(task("red"))
+    before = moved.network.recon.input_proj.weight.detach().clone()
+    moved.fit_task(task("green", seed=3))
+    assert not torch.allclose(moved.network.recon.input_proj.weight, before)
+
+
+def test_save_load_gives_identical_scores_and_label_free_routing(tmp_path: Path) -> None:
+    method = tiny_iuf("iuf.epochs=6", "iuf.ce_weight=2.0")
+    method.fit_task(task("red"))
+    method.fit_task(task("blue", seed=5))
+    images = torch.cat([product_images("red", 3, seed=9, size=SIZE), product_images("blue", 3, seed=9, size=SIZE)])
+    pred = method.predict(images)
+    method.save(tmp_path / "iuf")
+    restored = tiny_iuf()
+    restored.load(tmp_path / "iuf")
+    again = restored.predict(images)
+    assert restored.tasks == ["red", "blue"] and restored.products == ["red", "blue"]
+    torch.testing.assert_close(again.image_scores, pred.image_scores)
+    torch.testing.assert_close(again.anomaly_maps, pred.anomaly_maps)
+    assert pred.anomaly_maps.shape == (6, SIZE, SIZE) and again.routed_tasks == pred.routed_tasks
+    assert pred.routed_tasks == ["red"] * 3 + ["blue"] * 3, "OASA routes each image without its label"
+
+
+def test_pooled_max_score_is_the_max_of_the_average_pooled_map() -> None:
+    maps = torch.zeros(1, 8, 8)
+    maps[0, 2, 2] = 16.0  # a single hot pixel: its 4 x 4 average is 1
+    maps[0, 6:8, 6:8] = 2.0  # a 2 x 2 blob: best 4 x 4 window averages 2 * 4 / 16
+    assert float(pooled_max_scores(maps, 4)[0]) == pytest.approx(1.0)
+    assert to_tokens(torch.zeros(2, 5, 3, 4)).shape == (2, 12, 5)
+
+
+@pytest.mark.slow  # starts the session's Prefect test server (~2 min on a loaded 2-core machine)
+def test_synthetic_end_to_end_run_with_a_joint_base_step(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    from flows.cli import main
+    from tests.test_pipeline_helpers import TINY_OVERRIDES, make_tiny_products, shared_prefect_api
+
+    shared_prefect_api(request)
+    data = make_tiny_products(tmp_path / "data", n_products=3)
+    out = tmp_path / "run"
+    code = main(["run", "--out", str(out), f"data.root={data}", *TINY_OVERRIDES, "tracking.enabled=false",
+                 f"masks.cache_dir={tmp_path / 'masks'}", "method=iuf", "protocol.base_tasks=2", "iuf.epochs=2", "iuf.min_steps=0",
+                 "reconstruction.hidden=32", "reconstruction.ffn=32", "iuf.score_pool=4", "iuf.scl_tail_index=2"])
+    assert code == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["method"] == "iuf" and doc["protocol"] == "2-1" and len(doc["steps"]) == 2
+    final = doc["final"]["image_auroc"]
+    assert all(final[p] is not None and 0.0 <= final[p] <= 1.0 for p in doc["tasks"])
+    log = json.loads(next((out / "steps").glob("01-*/train_log.json")).read_text())
+    assert log["log"]["update"] == "projected" and log["log"]["projected_layers"]
+
+
+def test_early_stopping_keeps_the_best_epoch_on_heldout_training_normals() -> None:
+    method = tiny_iuf("iuf.epochs=4", "iuf.early_stopping_patience=1")
+    data = task("red")
+    log = method.fit_task(data)
+    losses = log["heldout_losses"]
+    assert 1 <= len(losses) <= 4 and log["best_epoch"] == 1 + losses.index(min(losses))
+    held = method.cache.features(data.heldout.images, data.heldout.paths).flatten(2).transpose(1, 2)
+    assert method.heldout_loss(held, data.heldout.images) == pytest.approx(min(losses), rel=1e-5)
