@@ -29,6 +29,7 @@ class SynthConfig(Section):
     train_per_product: int = 24
     test_good_per_product: int = 10
     test_defect_per_type: int = 4
+    depth: bool = False  # True: RGB + xyz object products in the MVTec 3D-AD layout (``contad data synth --depth``)
 
 
 class DataConfig(Section):
@@ -40,6 +41,7 @@ class DataConfig(Section):
     heldout_fraction: float = 0.1  # slice of train/good held out for early stopping + thresholds
     num_workers: int = 0
     synth: SynthConfig = Field(default_factory=SynthConfig)
+    depth_min_valid_fraction: float = Field(0.05, ge=0.0, le=1.0)  # validation: xyz must have at least this share of valid points
 
 
 class ProtocolConfig(Section):

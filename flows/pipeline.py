@@ -56,7 +56,7 @@ from components.atomic import atomic_directory, atomic_write_json, atomic_write_
 from components.backbones.base import PromptedBackbone
 from components.backbones.registry import build_backbone
 from components.config import Config, config_to_dict
-from components.data.loading import load_images, task_data, task_image_paths, test_batch, train_split
+from components.data.loading import depth_of, load_images, task_data, task_image_paths, test_batch, train_split
 from components.data.protocol import ordered_products, task_name, task_of_product, task_sequence
 from components.errors import ContadError, DataError
 from components.eval.continual import AccuracyMatrix
@@ -214,16 +214,18 @@ def _clean_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, 
 
 # ---------------------------------------------------------------------------------- building blocks
 @io_task(name="validate_dataset")
-def validate_dataset(root: Path) -> pd.DataFrame:
+def validate_dataset(root: Path, min_valid_fraction: float | None = None) -> pd.DataFrame:
     """Validate the dataset at ``root`` (never modifies it) and return its manifest.
 
+    ``min_valid_fraction``: minimum share of valid xyz points per tiff (None = validation default).
     Raises ``DataError`` listing every failed check.
     """
     from components.data import validate as data_validation  # Great Expectations: imported on use
 
     logger = run_logger()
     root = Path(root)
-    report = data_validation.validate_dataset(root)
+    floor = data_validation.DEFAULT_MIN_VALID_FRACTION if min_valid_fraction is None else min_valid_fraction
+    report = data_validation.validate_dataset(root, floor)
     if not report.ok or report.manifest is None:
         raise DataError(report.describe())
     manifest = report.manifest
@@ -307,6 +309,7 @@ def normal_thresholds(cfg: Config, method: ContinualMethod, manifest: pd.DataFra
         products=list(held["product"]),
         paths=list(held["image_path"]),
         labels=torch.zeros(len(held), dtype=torch.long),
+        depth=depth_of(held, cfg.data.image_size),
     )
     return heldout_thresholds(method, batch, cfg).to_dict()
 
@@ -439,7 +442,7 @@ def _promote_if_gate_passes(cfg: Config, tracker: Any, model_version: str | None
 
 # ---------------------------------------------------------------------------------- the flow
 def _prepare(cfg: Config) -> tuple[pd.DataFrame, list[list[str]]]:
-    manifest = validate_dataset(Path(cfg.data.root))
+    manifest = validate_dataset(Path(cfg.data.root), cfg.data.depth_min_valid_fraction)
     products = ordered_products(manifest, cfg)
     manifest = manifest[manifest["product"].isin(products)].reset_index(drop=True)
     tasks = task_sequence(products, cfg.protocol.base_tasks, cfg.protocol.step_tasks)
