@@ -58,21 +58,27 @@ def depth_product_specs(n_products: int, seed: int) -> list[ProductSpec]:
 
 
 def render_rgbd(spec: ProductSpec, rng: np.random.Generator, size: int, defect: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(rgb uint8 (S, S, 3), xyz float32 (S, S, 3), exact defect mask or None) of one image."""
-    scene = spec.design.render(rng, size, spec.style)
+    """(rgb uint8 (S, S, 3), xyz float32 (S, S, 3), exact defect mask or None) of one image.
+
+    Scene, defect and sensors draw from separate child streams of ``rng``: with the same ``rng``
+    a geometry-only defect leaves the RGB image bit-identical to the good image, and a colour-only
+    defect leaves the point cloud bit-identical.
+    """
+    scene_rng, defect_rng, camera_rng, scanner_rng = rng.spawn(4)
+    scene = spec.design.render(scene_rng, size, spec.style)
     part_height = HEIGHT_M.get(spec.design.name, DEFAULT_HEIGHT_M) * spec.style.scale
-    height = height_field(rng, scene.foreground, part_height)
+    height = height_field(scene_rng, scene.foreground, part_height)
     image, mask = scene.image, None
     if defect is not None:
-        severity = float(rng.uniform(*SEVERITY_RANGE))
+        severity = float(defect_rng.uniform(*SEVERITY_RANGE))
         if DEFECT_MODALITY[defect] == "geometry":
-            height, mask = GEOMETRY_PAINTERS[defect](rng, height, scene.foreground, severity, part_height)
+            height, mask = GEOMETRY_PAINTERS[defect](defect_rng, height, scene.foreground, severity, part_height)
         else:
-            image, mask, _ = paint_defect(defect, rng, scene, severity)
+            image, mask, _ = paint_defect(defect, defect_rng, scene, severity)
             if DEFECT_MODALITY[defect] == "both":
                 height = np.where(mask, 0.0, height).astype(np.float32)
-    xyz, _ = to_xyz(rng, height, part_height)
-    return light_and_noise(rng, image), xyz, mask
+    xyz, _ = to_xyz(scanner_rng, height, part_height)
+    return light_and_noise(camera_rng, image), xyz, mask
 
 
 def tiff_bytes(xyz: np.ndarray) -> bytes:
