@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class Section(BaseModel):
@@ -175,10 +175,62 @@ class BanksConfig(Section):
     store_dir: str = "runs/banks"
 
 
+class ReconstructionConfig(Section):
+    """Feature-reconstruction core (UniAD style) shared by the reconstruction methods (IUF)."""
+
+    backbone: str = "efficientnet_lite0"  # frozen CNN: efficientnet_lite0 (packaged weights) or any timm CNN
+    checkpoint: str | None = None  # local weights; required for any backbone other than efficientnet_lite0
+    stages: list[int] = Field(default_factory=lambda: [0, 1, 2, 3])  # pyramid levels, resized and concatenated
+    stride: int = Field(16, ge=1)  # feature grid = image_size / stride (14 x 14 at 224 px)
+    hidden: int = Field(96, ge=8)  # transformer width (authors: 256; CPU-friendly default)
+    heads: int = Field(4, ge=1)
+    encoder_layers: int = Field(2, ge=1)  # authors: 4
+    decoder_layers: int = Field(2, ge=1)  # authors: 4
+    ffn: int = Field(192, ge=8)  # authors: 1024
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    jitter_scale: float = Field(20.0, ge=0.0)  # training noise f + N(0,1) * ||f|| / C * scale; 0 = off
+    batch_size: int = Field(16, ge=1)  # feature-extraction batch
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> ReconstructionConfig:
+        if self.hidden % self.heads:
+            raise ValueError(f"reconstruction.hidden={self.hidden} must be divisible by reconstruction.heads={self.heads}")
+        if not self.stages:
+            raise ValueError("reconstruction.stages must name at least one pyramid level")
+        return self
+
+
+class IUFConfig(Section):
+    """IUF: one reconstruction model for all products, object-aware attention, compression, projected updates."""
+
+    oasa: bool = True  # object-aware self-attention (product discriminator modulating encoder queries)
+    scl: bool = True  # semantic compression loss
+    update_strategy: Literal["projected", "finetune"] = "projected"  # incremental steps
+    epochs: int = Field(12, ge=1)  # per step (max epochs with early stopping)
+    early_stopping_patience: int = Field(0, ge=0)  # 0 = fixed epochs; else stop on held-out training normals
+    batch_size: int = Field(16, ge=2)
+    lr: float = Field(1e-3, gt=0.0)  # AdamW, base step
+    incremental_lr: float = Field(1e-3, gt=0.0)  # AdamW, later steps
+    weight_decay: float = Field(1e-4, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    recon_loss: Literal["mse", "l1"] = "mse"  # code: MSE; paper Eq. 1: L1
+    ce_weight: float = Field(0.5, ge=0.0)  # lambda_1 (OASA cross-entropy)
+    scl_weight: float = Field(1.0, ge=0.0)  # lambda_2 (semantic compression)
+    scl_tail_index: int = Field(4, ge=1)  # t: penalise singular values sigma_i, i >= t (0-based)
+    scl_threshold: float = Field(0.0, ge=0.0, lt=1.0)  # also penalise sigma_i / sum(sigma) below this; 0 = off
+    scl_window: int = Field(32, ge=0)  # detached rows of earlier batches stacked under the batch for the SVD
+    scl_layers: list[int] = Field(default_factory=lambda: [0, 1])  # decoder layers whose latents are compressed
+    retention: float = Field(0.05, ge=0.0, le=1.0)  # theta <- (1 - r) theta + r theta_old after every update
+    projection_layers: list[str] = Field(default_factory=lambda: ["recon.*", "oasa.blocks.*"])  # fnmatch on nn.Linear names
+    projection_energy: float = Field(0.99, gt=0.0, le=1.0)  # old-activation span = top directions holding this energy
+    score_pool: int = Field(16, ge=1)  # image score = max of the score_pool x score_pool average-pooled map
+    smoothing_sigma: float = Field(4.0, ge=0.0)  # Gaussian smoothing of the upsampled map (px); 0 = off
+
+
 class Config(Section):
     """Root configuration: one object for the whole pipeline."""
 
-    method: Literal["ucad", "patchcore_finetune", "patchcore_replay", "patchcore_oracle"] = "ucad"
+    method: Literal["ucad", "patchcore_finetune", "patchcore_replay", "patchcore_oracle", "iuf"] = "ucad"
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
     protocol: ProtocolConfig = Field(default_factory=ProtocolConfig)
@@ -190,6 +242,8 @@ class Config(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     banks: BanksConfig = Field(default_factory=BanksConfig)
+    reconstruction: ReconstructionConfig = Field(default_factory=ReconstructionConfig)
+    iuf: IUFConfig = Field(default_factory=IUFConfig)
 
 
 class ConfigError(ValueError):

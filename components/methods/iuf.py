@@ -1,0 +1,315 @@
+"""IUF (Tang et al., ECCV 2024): one reconstruction model for all products, updated step by step.
+
+Per step (one task = one or several products trained jointly):
+- frozen multi-stage CNN features (``reconstruction``), computed once per image and cached;
+- the UniAD-style reconstruction transformer learns to reconstruct them from jittered inputs;
+- OASA (``iuf.oasa``): a discriminator on the raw image, trained with cross-entropy on the product
+  label (its head grows with every new product), whose block outputs multiply the queries of the
+  encoder layers (Eq. 4). At test time it runs on the image itself: no product label;
+- semantic compression loss (``iuf.scl``, Eqs. 5-7) on decoder latents, with live gradients;
+- later steps (``iuf.update_strategy=projected``): every weight update of the ``projection_layers``
+  is projected on the singular directions of old products' input activations and weighted by Omega
+  (Eqs. 10-12), then all parameters are pulled toward the previous model (retention, Eq. 9).
+  ``finetune`` = plain updates (the "w/o update strategy" ablation).
+
+Loss: recon + ce_weight * CE + scl_weight * L_sc. Score: map = channel L2 norm of the
+reconstruction error on the grid, bilinearly upsampled (+ Gaussian smoothing); image score = max of
+the ``score_pool`` average-pooled (unsmoothed) map. Epochs are fixed, or early-stopped on the
+reconstruction loss of held-out TRAINING normals; never on test data.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+import time
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from components.backbones.base import PromptedBackbone
+from components.config import Config
+from components.errors import ContadError
+from components.methods.base import ContinualMethod
+from components.methods.iuf_network import ActivationSpan, ObjectDiscriminator, project_update, retain_, semantic_compression_loss
+from components.methods.reconstruction import (
+    FeatureCache,
+    ReconstructionTransformer,
+    build_feature_extractor,
+    error_maps,
+    feature_jitter,
+    pooled_max_scores,
+    to_tokens,
+    upsample_maps,
+)
+from components.progress import progress_bar
+from components.types import Prediction, TaskData
+
+log = logging.getLogger(__name__)
+
+
+class IUFNetwork(nn.Module):
+    """Reconstruction transformer + optional OASA discriminator (same width, one category map per encoder layer)."""
+
+    def __init__(self, channels: int, grid: tuple[int, int], config: Config) -> None:
+        super().__init__()
+        rcfg = config.reconstruction
+        self.recon = ReconstructionTransformer(channels, grid, rcfg)
+        self.oasa = ObjectDiscriminator(grid, rcfg.hidden, rcfg.heads, rcfg.encoder_layers, rcfg.ffn, rcfg.dropout) if config.iuf.oasa else None
+
+    def forward(self, tokens: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+        """(reconstruction (B, N, C), decoder latents, class logits or None) of input tokens and raw images."""
+        modulations, logits = (None, None) if self.oasa is None else self.oasa(images)
+        recon, latents = self.recon(tokens, modulations)
+        return recon, latents, logits
+
+
+class IUF(ContinualMethod):
+    """Incremental unified framework: one reconstruction network for every product seen so far."""
+
+    name: ClassVar[str] = "iuf"
+
+    def __init__(self, config: Config, backbone: PromptedBackbone) -> None:
+        super().__init__(config, backbone)
+        self.extractor = build_feature_extractor(config.reconstruction, config.backbone, backbone)
+        self.device = next(self.extractor.net.parameters()).device
+        self.grid = self.extractor.grid_size(config.data.image_size)
+        self.cache = FeatureCache(self.extractor, config.reconstruction.batch_size)
+        self.products: list[str] = []
+        self.task_of_product: dict[str, str] = {}
+        self.spans: dict[str, ActivationSpan] = {}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.network = IUFNetwork(self.extractor.channels, self.grid, config).to(self.device)
+
+    # ------------------------------------------------------------------ helpers
+    def projected_modules(self) -> dict[str, nn.Linear]:
+        """The ``nn.Linear`` layers named by ``iuf.projection_layers`` (fnmatch patterns)."""
+        patterns = self.config.iuf.projection_layers
+        return {n: m for n, m in self.network.named_modules() if isinstance(m, nn.Linear) and any(fnmatch.fnmatch(n, p) for p in patterns)}
+
+    def _recon_loss(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(recon, target) if self.config.iuf.recon_loss == "mse" else F.l1_loss(recon, target)
+
+    def _check_new(self, data: TaskData) -> None:
+        if data.name in self.tasks:
+            raise ContadError(f"task {data.name!r} is already learned (tasks: {self.tasks})")
+        if len(data.train) == 0:
+            raise ContadError(f"task {data.name!r} has no training images")
+        known = sorted(set(data.products) & set(self.products))
+        if known:
+            raise ContadError(f"task {data.name!r}: products {known} are already learned")
+        unknown = sorted(set(data.train.products) - set(data.products))
+        if unknown:
+            raise ContadError(f"task {data.name!r}: training images of products {unknown} not in the task's products {data.products}")
+
+    # ------------------------------------------------------------------ training
+    def fit_task(self, data: TaskData) -> dict[str, Any]:
+        """Learn the task's products into the shared network (see the module docstring)."""
+        self._check_new(data)
+        cfg = self.config.iuf
+        started = time.perf_counter()
+        task_index = len(self.tasks)
+        incremental = task_index > 0
+        projected = incremental and cfg.update_strategy == "projected"
+        generator = torch.Generator().manual_seed(self.config.seed + 7919 * (task_index + 1))
+        old_classes = len(self.products)
+        old_state = {n: p.detach().clone() for n, p in self.network.named_parameters()} if projected else {}
+        if self.network.oasa is not None:
+            self.network.oasa.head.grow(len(data.products), generator)
+        class_of = {p: i for i, p in enumerate([*self.products, *data.products])}
+        labels = torch.tensor([class_of[p] for p in data.train.products], dtype=torch.long)
+        feats = to_tokens(self.cache.features(data.train.images, data.train.paths, desc=f"{data.name}: features"))
+        held = None
+        if cfg.early_stopping_patience > 0 and len(data.heldout) > 0:
+            held = (to_tokens(self.cache.features(data.heldout.images, data.heldout.paths)), data.heldout.images)
+        elif cfg.early_stopping_patience > 0:
+            log.warning("iuf: task %r has no held-out normals; early stopping off, %d fixed epochs", data.name, cfg.epochs)
+        bases = {n: self.spans[n].basis(cfg.projection_energy) for n in self.projected_modules() if n in self.spans} if projected else {}
+        train_log = self._train(data, feats, labels, held, generator, old_state, old_classes, bases, lr=cfg.incremental_lr if incremental else cfg.lr)
+        self._add_spans(feats, data.train.images)
+        self.tasks.append(data.name)
+        self.products.extend(data.products)
+        self.task_of_product.update({p: data.name for p in data.products})
+        seconds = time.perf_counter() - started
+        log.info("iuf: task %r (%s) done in %.1fs", data.name, "projected" if projected else "plain", seconds)
+        return {"task": data.name, "products": list(data.products), "train_images": len(data.train), "update": "projected" if projected else "plain",
+                "projected_layers": sorted(bases), "seconds": seconds, **train_log}
+
+    def _losses(self, tokens: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, windows: dict[int, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Recon, CE and SCL losses of one batch (jittered inputs); updates the SCL windows."""
+        cfg = self.config.iuf
+        noisy = feature_jitter(tokens, self.config.reconstruction.jitter_scale, generator)
+        recon, latents, logits = self.network(noisy.to(self.device), images.to(self.device))
+        losses = {"recon": self._recon_loss(recon, tokens.to(self.device))}
+        if logits is not None:
+            losses["ce"] = F.cross_entropy(logits, labels.to(self.device))  # Eq. 3
+        if cfg.scl:
+            terms = []
+            for layer in cfg.scl_layers:
+                if layer >= len(latents):
+                    raise ContadError(f"iuf.scl_layers: decoder layer {layer} does not exist (reconstruction.decoder_layers={len(latents)})")
+                terms.append(semantic_compression_loss(latents[layer], windows.get(layer), cfg.scl_tail_index, cfg.scl_threshold))
+                if cfg.scl_window > 0:
+                    fresh = latents[layer].detach().mean(dim=1)
+                    windows[layer] = torch.cat([fresh, windows.get(layer, fresh[:0])])[: cfg.scl_window]
+            losses["scl"] = torch.stack(terms).mean()
+        return losses
+
+    def _total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        cfg = self.config.iuf
+        weights = {"recon": 1.0, "ce": cfg.ce_weight, "scl": cfg.scl_weight}
+        return sum(weights[k] * v for k, v in losses.items())  # type: ignore[return-value]
+
+    def _train(self, data: TaskData, feats: torch.Tensor, labels: torch.Tensor, held: tuple[torch.Tensor, torch.Tensor] | None, generator: torch.Generator,
+               old_state: dict[str, torch.Tensor], old_classes: int, bases: dict[str, tuple[torch.Tensor, torch.Tensor]], lr: float) -> dict[str, Any]:
+        cfg = self.config.iuf
+        params = [p for p in self.network.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+        modules = self.projected_modules()
+        named = dict(self.network.named_parameters())
+        images = data.train.images
+        history: dict[str, list[float]] = {}
+        heldout_losses: list[float] = []
+        best = (float("inf"), 0, None)
+        bar = progress_bar(range(1, cfg.epochs + 1), desc=f"iuf {data.name}", leave=False)
+        for epoch in bar:
+            self.network.train()
+            order = torch.randperm(len(feats), generator=generator)
+            sums: dict[str, float] = {}
+            windows: dict[int, torch.Tensor] = {}
+            for start in range(0, len(feats), cfg.batch_size):
+                batch = order[start : start + cfg.batch_size]
+                if len(batch) < 2 and len(feats) >= 2:
+                    continue  # a single-row batch gives SCL no tail and CE a trivial target
+                losses = self._losses(feats[batch], images[batch], labels[batch], windows, generator)
+                optimizer.zero_grad(set_to_none=True)
+                self._total(losses).backward()
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                self._step(optimizer, modules, bases)
+                if old_state:
+                    self._retain(named, old_state, old_classes)
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(batch)
+            for k, v in sums.items():
+                history.setdefault(k, []).append(v / len(feats))
+            bar.set_postfix({k: f"{v[-1]:.4f}" for k, v in history.items()})
+            log.info("iuf: task %r epoch %d %s", data.name, epoch, {k: round(v[-1], 5) for k, v in history.items()})
+            if held is None:
+                continue
+            heldout_losses.append(self.heldout_loss(*held))
+            if heldout_losses[-1] < best[0]:
+                best = (heldout_losses[-1], epoch, copy.deepcopy(self.network.state_dict()))
+            elif epoch - best[1] >= cfg.early_stopping_patience:
+                log.info("iuf: task %r early stop at epoch %d (best %d)", data.name, epoch, best[1])
+                break
+        if best[2] is not None:
+            self.network.load_state_dict(best[2])
+        self.network.eval()
+        return {"epoch_losses": history, "heldout_losses": heldout_losses, "best_epoch": best[1] if held is not None else len(history.get("recon", []))}
+
+    def _step(self, optimizer: torch.optim.Optimizer, modules: dict[str, nn.Linear], bases: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Optimizer step; the weight update of every projected layer replaced by its Eq. 12 projection."""
+        before = {n: modules[n].weight.detach().clone() for n in bases}
+        optimizer.step()
+        with torch.no_grad():
+            for name, (basis, weights) in bases.items():
+                weight = modules[name].weight
+                weight.copy_(before[name] + project_update(weight - before[name], basis, weights))
+
+    def _retain(self, named: dict[str, nn.Parameter], old_state: dict[str, torch.Tensor], old_classes: int) -> None:
+        """Eq. 9 on every parameter; of the grown class head only the old products' rows."""
+        rate = self.config.iuf.retention
+        for name, old in old_state.items():
+            param = named[name]
+            if param.shape == old.shape:
+                retain_(param.data, old, rate)
+            elif name.startswith("oasa.head.") and old_classes > 0:
+                retain_(param.data[:old_classes], old[:old_classes], rate)
+
+    @torch.no_grad()
+    def heldout_loss(self, tokens: torch.Tensor, images: torch.Tensor) -> float:
+        """Mean reconstruction loss (no jitter, eval mode) of held-out training normals."""
+        self.network.eval()
+        total = 0.0
+        bs = self.config.iuf.batch_size
+        for start in range(0, len(tokens), bs):
+            recon, _, _ = self.network(tokens[start : start + bs].to(self.device), images[start : start + bs].to(self.device))
+            total += float(self._recon_loss(recon, tokens[start : start + bs].to(self.device))) * len(recon)
+        return total / max(1, len(tokens))
+
+    @torch.no_grad()
+    def _add_spans(self, tokens: torch.Tensor, images: torch.Tensor) -> None:
+        """Add this task's input activations of every projected layer to its old-task span."""
+        modules = self.projected_modules()
+        collected: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+        hooks = [m.register_forward_hook(lambda _m, inp, _out, n=n: collected[n].append(inp[0].detach().reshape(-1, inp[0].shape[-1]).cpu())) for n, m in modules.items()]
+        self.network.eval()
+        try:
+            bs = self.config.iuf.batch_size
+            for start in range(0, len(tokens), bs):
+                self.network(tokens[start : start + bs].to(self.device), images[start : start + bs].to(self.device))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for name, chunks in collected.items():
+            span = self.spans.setdefault(name, ActivationSpan(modules[name].in_features))
+            span.add_task(torch.cat(chunks))
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, true_tasks: list[str] | None = None) -> Prediction:
+        """Score images without any product label (``true_tasks`` is ignored)."""
+        if not self.tasks:
+            raise ContadError("iuf: no task learned yet; train at least one task before predicting")
+        self.network.eval()
+        b, _, h, w = images.shape
+        scores, maps, routed = [], [], []
+        bs = self.config.iuf.batch_size
+        for start in range(0, b, bs):
+            chunk = images[start : start + bs].to(self.device)
+            tokens = to_tokens(self.extractor(chunk))
+            recon, _, logits = self.network(tokens, chunk)
+            grid_maps = error_maps(recon, tokens, self.grid).cpu()
+            raw = upsample_maps(grid_maps, (h, w), 0.0)
+            scores.append(pooled_max_scores(raw, self.config.iuf.score_pool))
+            maps.append(upsample_maps(grid_maps, (h, w), self.config.iuf.smoothing_sigma))
+            if logits is not None:
+                routed += [self.task_of_product[self.products[i]] for i in logits.argmax(dim=1).tolist()]
+            else:
+                routed += [self.tasks[-1]] * len(chunk)
+        return Prediction(image_scores=torch.cat(scores), anomaly_maps=torch.cat(maps), routed_tasks=routed)
+
+    # ------------------------------------------------------------------ state
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {f"net/{k}": v.detach().cpu() for k, v in self.network.state_dict().items()}
+        tensors.update({f"span/{n}": s.moment for n, s in self.spans.items()})
+        return tensors
+
+    def state_meta(self) -> dict[str, Any]:
+        return {
+            "tasks": list(self.tasks),
+            "products": list(self.products),
+            "task_of_product": dict(self.task_of_product),
+            "reconstruction": self.config.reconstruction.model_dump(mode="json"),
+            "oasa": self.config.iuf.oasa,
+            "image_size": self.config.data.image_size,
+            "channels": self.extractor.channels,
+        }
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        if meta["reconstruction"] != self.config.reconstruction.model_dump(mode="json") or meta["oasa"] != self.config.iuf.oasa:
+            raise ValueError("state was trained with other reconstruction/iuf.oasa settings than the current configuration")
+        if meta["image_size"] != self.config.data.image_size:
+            raise ValueError(f"state was trained at image size {meta['image_size']}, not {self.config.data.image_size}")
+        self.products = list(meta["products"])
+        self.task_of_product = dict(meta["task_of_product"])
+        if self.network.oasa is not None:
+            self.network.oasa.head.grow(len(self.products) - self.network.oasa.head.classes)
+        self.network.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net/")}, strict=True)
+        self.network.to(self.device).eval()
+        self.spans = {k[5:]: ActivationSpan(v.shape[0], v) for k, v in tensors.items() if k.startswith("span/")}
+        self.tasks = list(meta["tasks"])

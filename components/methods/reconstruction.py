@@ -1,0 +1,277 @@
+"""Feature reconstruction core shared by the reconstruction-based methods (IUF, IB-IUMAD).
+
+UniAD-style pipeline (You et al. 2022), nothing method-specific:
+
+- ``MultiStageFeatures``: a FROZEN ImageNet CNN whose pyramid levels ``reconstruction.stages`` are
+  bilinearly resized (anti-aliased when shrinking) onto one grid of stride ``reconstruction.stride``
+  and concatenated. Default EfficientNet-Lite0 levels 0-3 (16+24+40+112 = 192 channels, 14 x 14 at
+  224 px), the Lite0 recipe of the authors' B4 levels 1-4; any timm CNN with ``reconstruction.checkpoint``.
+- ``FeatureCache``: the backbone is frozen, so every image's features are computed once per run and
+  reused by every epoch (keyed by image path).
+- ``feature_jitter``: training-time noise on the input tokens, ``f + N(0, 1) * ||f|| / C * scale``.
+- ``ReconstructionTransformer``: Linear C -> hidden, learned row/column positional embedding,
+  post-norm transformer encoder, learned-query decoder with cross-attention, Linear hidden -> C.
+  Encoder layers accept an optional multiplicative modulation of their query input (a generic hook;
+  IUF's object-aware attention plugs in there).
+- ``error_maps`` / ``pooled_max_scores``: per-token L2 reconstruction error, upsampled; image score =
+  max of the average-pooled map.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from components.backbones.base import PromptedBackbone
+from components.backbones.common import check_images, freeze, renormalise
+from components.config import BackboneConfig, ReconstructionConfig
+from components.errors import WeightsError
+from components.methods.extract import batched, module_device
+from components.methods.scoring import gaussian_blur
+
+LITE0_NAMES = ("efficientnet_lite0", "tf_efficientnet_lite0")
+
+
+class MultiStageFeatures(nn.Module):
+    """Frozen CNN pyramid levels resized to one grid and concatenated: (B, sum C_l, H/stride, W/stride)."""
+
+    def __init__(self, net: nn.Module, stages: Sequence[int], stride: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.net = freeze(net)
+        self.stages = list(stages)
+        self.stride = stride
+        self.mean, self.std = tuple(mean), tuple(std)
+        channels = [int(c) for c in self.net.feature_info.channels()]
+        self.channels = sum(channels[s] for s in self.stages)
+
+    def train(self, mode: bool = True) -> MultiStageFeatures:
+        """The frozen network always stays in eval mode."""
+        super().train(mode)
+        self.net.eval()
+        return self
+
+    def grid_size(self, image_size: int) -> tuple[int, int]:
+        side = math.ceil(image_size / self.stride)
+        return side, side
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        check_images(images)
+        x = renormalise(images.to(module_device(self.net)), self.mean, self.std)
+        levels = self.net(x)
+        grid = self.grid_size(images.shape[-1])
+        maps = [F.interpolate(levels[s], size=grid, mode="bilinear", align_corners=False, antialias=levels[s].shape[-1] > grid[1]) for s in self.stages]
+        return torch.cat(maps, dim=1)
+
+
+def _timm_features_net(name: str, stages: Sequence[int], state: dict[str, torch.Tensor] | None, source: str) -> nn.Module:
+    """timm ``name`` as a ``features_only`` pyramid, loaded from ``state`` (every weight must be present)."""
+    try:
+        net = timm.create_model(name, pretrained=False, features_only=True, out_indices=tuple(range(max(stages) + 1)))
+    except (RuntimeError, ValueError) as exc:
+        raise WeightsError(f"reconstruction.backbone={name!r}: not a timm CNN with a feature pyramid ({exc})") from exc
+    if state is not None:
+        missing, _ = net.load_state_dict(state, strict=False)
+        if missing:
+            raise WeightsError(f"reconstruction.checkpoint={source}: {len(missing)} weights of {name} missing (e.g. {missing[0]})")
+    return net
+
+
+def _lite0_features_net(stages: Sequence[int], pretrained: bool, checkpoint: str | None) -> nn.Module:
+    """EfficientNet-Lite0 pyramid carrying the packaged ImageNet weights (or ``checkpoint``)."""
+    from components.backbones.efficientnet import efficientnet_lite0_network
+
+    full = efficientnet_lite0_network(pretrained=pretrained, checkpoint=checkpoint)
+    return _timm_features_net("tf_efficientnet_lite0", stages, full.state_dict(), checkpoint or "packaged Lite0 weights")
+
+
+def build_feature_extractor(cfg: ReconstructionConfig, backbone_cfg: BackboneConfig, backbone: PromptedBackbone | None = None) -> MultiStageFeatures:
+    """The frozen multi-stage extractor of ``cfg`` on the backbone's device.
+
+    EfficientNet-Lite0 reuses the packaged weights (``backbone.pretrained=false``: random, tests only);
+    any other timm CNN needs ``reconstruction.checkpoint`` (no download ever).
+    """
+    device = module_device(backbone) if backbone is not None else torch.device("cpu")
+    if cfg.backbone in LITE0_NAMES:
+        net = _lite0_features_net(cfg.stages, backbone_cfg.pretrained, cfg.checkpoint)
+    else:
+        if cfg.checkpoint is None and backbone_cfg.pretrained:
+            raise WeightsError(f"reconstruction.checkpoint is required for reconstruction.backbone={cfg.backbone!r} (no weights are downloaded)")
+        state = None
+        if cfg.checkpoint is not None:
+            from components.backbones.weights import read_state_dict
+
+            state = read_state_dict(Path(cfg.checkpoint))
+        net = _timm_features_net(cfg.backbone, cfg.stages, state, str(cfg.checkpoint))
+    n_levels = len(net.feature_info.channels())
+    bad = [s for s in cfg.stages if not 0 <= s < n_levels]
+    if bad:
+        raise WeightsError(f"reconstruction.stages={cfg.stages}: levels {bad} do not exist in {cfg.backbone} (0..{n_levels - 1})")
+    pretrained_cfg = getattr(net, "pretrained_cfg", {}) or {}
+    mean = tuple(pretrained_cfg.get("mean", (0.485, 0.456, 0.406)))
+    std = tuple(pretrained_cfg.get("std", (0.229, 0.224, 0.225)))
+    return MultiStageFeatures(net, cfg.stages, cfg.stride, mean, std).to(device).eval()
+
+
+class FeatureCache:
+    """Frozen-backbone features per image path, computed once per run (the backbone never changes)."""
+
+    def __init__(self, extractor: MultiStageFeatures, batch_size: int = 16) -> None:
+        self.extractor = extractor
+        self.batch_size = batch_size
+        self._store: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def features(self, images: torch.Tensor, paths: Sequence[str], desc: str | None = None) -> torch.Tensor:
+        """(B, C, h, w) features of ``images`` (named ``paths``), computing only the missing ones."""
+        if len(paths) != images.shape[0]:
+            raise ValueError(f"{len(paths)} paths for {images.shape[0]} images")
+        missing = [i for i, p in enumerate(paths) if p not in self._store]
+        if missing:
+            fresh = batched(self.extractor, images[missing], self.batch_size, module_device(self.extractor.net), desc=desc)
+            for i, feats in zip(missing, fresh, strict=True):
+                self._store[paths[i]] = feats
+        return torch.stack([self._store[p] for p in paths])
+
+
+def feature_jitter(tokens: torch.Tensor, scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """UniAD feature jitter on (B, N, C) tokens: ``f + N(0, 1) * ||f|| / C * scale`` (per token)."""
+    if scale <= 0:
+        return tokens
+    norm = torch.linalg.vector_norm(tokens, dim=-1, keepdim=True) / tokens.shape[-1]
+    noise = torch.randn(tokens.shape, generator=generator, dtype=tokens.dtype, device=tokens.device)
+    return tokens + noise * norm * scale
+
+
+class Attention(nn.Module):
+    """Multi-head attention with explicit q/k/v/out ``nn.Linear`` layers (hookable for projections)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+        self.dropout = dropout
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        b, n, c = query.shape
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(b, x.shape[1], self.heads, c // self.heads).transpose(1, 2)
+
+        attended = F.scaled_dot_product_attention(split(self.q(query)), split(self.k(key)), split(self.v(value)), dropout_p=self.dropout if self.training else 0.0)
+        return self.out(attended.transpose(1, 2).reshape(b, n, c))
+
+
+class FeedForward(nn.Module):
+    """Linear -> ReLU -> dropout -> Linear."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.linear1, self.linear2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+
+
+class EncoderLayer(nn.Module):
+    """Post-norm self-attention layer; query input ``(x + pos) * modulation`` when a modulation is given."""
+
+    def __init__(self, dim: int, heads: int, ffn: int, dropout: float) -> None:
+        super().__init__()
+        self.attn = Attention(dim, heads, dropout)
+        self.ffn = FeedForward(dim, ffn, dropout)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, modulation: torch.Tensor | None = None) -> torch.Tensor:
+        query = x + pos if modulation is None else (x + pos) * modulation
+        x = self.norm1(x + self.drop(self.attn(query, x + pos, x)))
+        return self.norm2(x + self.drop(self.ffn(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Post-norm decoder layer: self-attention on the queries, cross-attention to the encoder output, FFN."""
+
+    def __init__(self, dim: int, heads: int, ffn: int, dropout: float) -> None:
+        super().__init__()
+        self.self_attn = Attention(dim, heads, dropout)
+        self.cross_attn = Attention(dim, heads, dropout)
+        self.ffn = FeedForward(dim, ffn, dropout)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, tgt: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        tgt = self.norm1(tgt + self.drop(self.self_attn(tgt + pos, tgt + pos, tgt)))
+        tgt = self.norm2(tgt + self.drop(self.cross_attn(tgt + pos, memory + pos, memory)))
+        return self.norm3(tgt + self.drop(self.ffn(tgt)))
+
+
+class ReconstructionTransformer(nn.Module):
+    """UniAD-style reconstruction of (B, N, C) feature tokens on an ``h x w`` grid.
+
+    ``forward`` returns the reconstruction (B, N, C) and the decoder layers' latents
+    [(B, N, hidden)] (for latent-space losses).
+    """
+
+    def __init__(self, channels: int, grid: tuple[int, int], cfg: ReconstructionConfig) -> None:
+        super().__init__()
+        self.grid = grid
+        dim = cfg.hidden
+        self.input_proj = nn.Linear(channels, dim)
+        self.output_proj = nn.Linear(dim, channels)
+        self.row_embed = nn.Parameter(torch.randn(grid[0], dim // 2) * 0.02)
+        self.col_embed = nn.Parameter(torch.randn(grid[1], dim - dim // 2) * 0.02)
+        self.queries = nn.Parameter(torch.randn(grid[0] * grid[1], dim) * 0.02)
+        self.encoder = nn.ModuleList(EncoderLayer(dim, cfg.heads, cfg.ffn, cfg.dropout) for _ in range(cfg.encoder_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(dim, cfg.heads, cfg.ffn, cfg.dropout) for _ in range(cfg.decoder_layers))
+
+    def positions(self) -> torch.Tensor:
+        """(1, h*w, hidden) learned row/column positional embedding."""
+        h, w = self.grid
+        rows = self.row_embed[:, None, :].expand(h, w, -1)
+        cols = self.col_embed[None, :, :].expand(h, w, -1)
+        return torch.cat([rows, cols], dim=-1).reshape(1, h * w, -1)
+
+    def forward(self, tokens: torch.Tensor, modulations: Sequence[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        pos = self.positions()
+        x = self.input_proj(tokens)
+        for i, layer in enumerate(self.encoder):
+            x = layer(x, pos, modulations[i] if modulations is not None else None)
+        tgt = self.queries[None].expand(tokens.shape[0], -1, -1)
+        latents = []
+        for layer in self.decoder:
+            tgt = layer(tgt, x, pos)
+            latents.append(tgt)
+        return self.output_proj(tgt), latents
+
+
+def to_tokens(features: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h*w, C)."""
+    return features.flatten(2).transpose(1, 2)
+
+
+def error_maps(reconstruction: torch.Tensor, target: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, h, w) channel L2 norm of ``reconstruction - target`` (both (B, N, C))."""
+    err = torch.linalg.vector_norm(reconstruction - target, dim=-1)
+    return err.reshape(err.shape[0], *grid)
+
+
+def upsample_maps(grid_maps: torch.Tensor, size: tuple[int, int], sigma: float) -> torch.Tensor:
+    """(B, H, W): bilinear upsampling of (B, h, w) maps to ``size``, then Gaussian smoothing (sigma px, 0 = off)."""
+    up = F.interpolate(grid_maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    return gaussian_blur(up, sigma)
+
+
+def pooled_max_scores(maps: torch.Tensor, pool: int) -> torch.Tensor:
+    """(B,) image scores: max of the ``pool`` x ``pool`` average-pooled (B, H, W) maps (UniAD)."""
+    pool = max(1, min(pool, maps.shape[-1], maps.shape[-2]))
+    return F.avg_pool2d(maps[:, None], kernel_size=pool, stride=1).flatten(1).max(dim=1).values
