@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from components.methods.iuf_network import GrowingHead
 from components.methods.ib_iumad_net.es2d import DIRECTIONS, es2d_scatter, es2d_split
 from components.methods.ib_iumad_net.scan import selective_scan
 
@@ -78,27 +79,17 @@ class MambaDecoderBlock(nn.Module):
 
 
 class ProductHead(nn.Module):
-    """GAP -> Linear -> ReLU -> Linear(K) product classifier whose output grows with the products."""
+    """GAP -> Linear -> ReLU -> Linear(K) product classifier; K grows with the products (``GrowingHead``)."""
 
-    def __init__(self, dim: int, hidden: int, n_products: int = 0) -> None:
+    def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.hidden = nn.Linear(dim, hidden)
-        self.out = nn.Linear(hidden, max(n_products, 1))
-        self.n_products = n_products
+        self.out = GrowingHead(hidden)
 
-    def grow(self, n_products: int) -> None:
-        """Add output rows for new products; rows of known products are kept."""
-        if n_products <= self.n_products:
-            return
-        old = self.out
-        new = nn.Linear(old.in_features, n_products).to(old.weight.device)
-        with torch.no_grad():
-            keep = self.n_products
-            new.weight[:keep] = old.weight[:keep]
-            new.bias[:keep] = old.bias[:keep]
-        self.out, self.n_products = new, n_products
+    def grow(self, new_products: int, generator: torch.Generator | None = None) -> None:
+        """Add output rows for ``new_products``; the logits of known products are unchanged."""
+        self.out.grow(new_products, generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) or (B, N, C) -> (B, K) logits."""
-        pooled = x.flatten(1, -2).mean(dim=1)
-        return self.out(torch.relu(self.hidden(pooled)))[:, : self.n_products]
+        return self.out(torch.relu(self.hidden(x.flatten(1, -2).mean(dim=1))))
