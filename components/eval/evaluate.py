@@ -42,10 +42,9 @@ def predict_batch(
             true_tasks = None
             if method.uses_task_labels:
                 true_tasks = [task_of_product[p] for p in batch.products[start : start + batch_size]]
-            if method.uses_depth:
-                if batch.depth is None:
-                    raise ContadError(f"method {method.name!r} needs xyz point clouds (depth_path) but {batch.paths[start]} has none")
-                parts.append(method.predict(images, true_tasks=true_tasks, depth=batch.depth[start : start + batch_size]))  # type: ignore[call-arg]
+            if method.uses_depth:  # the method checks that it got the point clouds it needs
+                depth = batch.depth[start : start + batch_size] if batch.depth is not None else None
+                parts.append(method.predict(images, true_tasks=true_tasks, depth=depth))  # type: ignore[call-arg]
             else:
                 parts.append(method.predict(images, true_tasks=true_tasks))
     prediction = concat_predictions(parts)
