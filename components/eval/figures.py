@@ -183,8 +183,7 @@ def depth_panel(ax: Any, xyz: torch.Tensor) -> None:
     valid = (xyz.detach().cpu().numpy() != 0).any(axis=0)
     height = np.ma.masked_where(~valid, -z)
     low, high = (np.percentile(-z[valid], [1, 99]) if valid.any() else (0.0, 1.0))
-    ax.set_facecolor("0.6")
-    ax.imshow(height, cmap="viridis", vmin=low, vmax=max(high, low + 1e-9))
+    ax.imshow(height, cmap=colormaps["viridis"].with_extremes(bad="0.6"), vmin=low, vmax=max(high, low + 1e-9))
     ax.set_title("depth (height; grey = invalid)", fontsize=8)
     ax.set_axis_off()
 
