@@ -115,3 +115,20 @@ def test_cli_depth_flag(tmp_path: Path) -> None:
                  "data.synth.train_per_product=2", "data.synth.test_good_per_product=1", "data.synth.test_defect_per_type=1"])
     assert code == 0
     assert (tmp_path / "washer" / "test" / "dent" / "xyz" / "000.tiff").is_file()
+
+
+def test_overlays_show_depth_next_to_rgb(rgbd_root: Path) -> None:
+    import io
+
+    import torch
+    from PIL import Image
+
+    from components.eval.figures import overlay_figure
+    from components.types import Prediction
+
+    batch = test_batch(read_dataset(rgbd_root), "washer", 32)
+    pred = Prediction(image_scores=torch.zeros(len(batch)), anomaly_maps=torch.rand(len(batch), 32, 32))
+    with_depth = Image.open(io.BytesIO(overlay_figure("washer", batch, pred)))
+    batch.depth = None
+    without = Image.open(io.BytesIO(overlay_figure("washer", batch, pred)))
+    assert with_depth.size[0] > without.size[0] * 1.2 and with_depth.size[1] == without.size[1]
