@@ -93,14 +93,15 @@ def run_sequence(cfg: Config, manifest: pd.DataFrame, products: list[str], with_
     types = {p: manifest.set_index("image_path").loc[batches[p].paths, "defect_type"].tolist() for p in products}
     started = time.perf_counter()
     predictions: dict[str, Prediction] = {}
+    losses: dict[str, dict[str, list[float]]] = {}
     for step, product in enumerate(products):
-        method.fit_task(task_data(manifest, product, [product], cfg, None))
+        losses[product] = method.fit_task(task_data(manifest, product, [product], cfg, None))["epoch_losses"]
         learned = {p: p for p in products[: step + 1]}
         metrics, predictions = evaluate_tasks(method, {p: batches[p] for p in learned}, learned, cfg)
         for p, values in metrics.items():
             matrix.record(step, p, values)
     doc = {"acc": matrix.average(), "fm": matrix.forgetting(), "final": matrix.final(), "seconds": time.perf_counter() - started,
-           "matrix_image_auroc": matrix.matrix("image_auroc")}
+           "matrix_image_auroc": matrix.matrix("image_auroc"), "epoch_losses": losses}
     if with_groups:
         doc["groups"] = {g: _mean([group_auroc(batches[p], predictions[p], types[p], g) for p in products]) for g in GROUPS}
     return doc
