@@ -12,7 +12,7 @@ image AUROC and AUPRO side by side.
 
     nice -n 10 .venv/bin/python -m benchmarks.bench_ib_iumad synth --out runs/bench-ib/synth
     nice -n 10 .venv/bin/python -m benchmarks.bench_ib_iumad real --out runs/bench-ib/real
-Options: --epochs N (8), --image-size S (128), --threads N (1), --rows name,... (see ROWS); network sizes: CPU_SIZES.
+Options: --epochs N (8), --lr (1e-3), --image-size S (128), --threads N (1), --rows name,... (see ROWS); network sizes: CPU_SIZES.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ CPU_SIZES = {
 }
 
 
-def config(modalities: str, fusion: str, image_size: int, epochs: int) -> Config:
+def config(modalities: str, fusion: str, image_size: int, epochs: int, lr: float = 1e-3) -> Config:
     """The benchmark configuration (``CPU_SIZES`` on top of the defaults)."""
     cfg = Config(method="ib_iumad")
     cfg.data.image_size = image_size
@@ -71,6 +71,7 @@ def config(modalities: str, fusion: str, image_size: int, epochs: int) -> Config
     cfg.ib_iumad.modalities = modalities  # type: ignore[assignment]
     cfg.ib_iumad.fusion = fusion  # type: ignore[assignment]
     cfg.ib_iumad.epochs = epochs
+    cfg.ib_iumad.lr = lr
     return cfg
 
 
@@ -125,7 +126,7 @@ def synth(args: argparse.Namespace) -> None:
     results = {}
     for row in args.rows.split(","):
         modalities, fusion = ROWS[row]
-        results[row] = run_sequence(config(modalities, fusion, args.image_size, args.epochs), manifest, products, with_groups=True)
+        results[row] = run_sequence(config(modalities, fusion, args.image_size, args.epochs, args.lr), manifest, products, with_groups=True)
         atomic_write_json(Path(args.out) / "results.json", results)
         print(row, json.dumps({k: results[row][k] for k in ("acc", "fm", "groups", "seconds")}, default=str), flush=True)
     lines = ["| modalities / fusion | ACC I-AUROC | ACC AUPRO | FM I-AUROC | FM AUPRO | I-AUROC geometry-only | I-AUROC colour-only | I-AUROC both | s |",
@@ -141,7 +142,7 @@ def real(args: argparse.Namespace) -> None:
     manifest = read_dataset(Path(args.root), products=[args.product])
     results = {}
     for modalities in ("rgb+depth", "rgb"):
-        results[modalities] = run_sequence(config(modalities, "cross_attention", args.image_size, args.epochs), manifest, [args.product], with_groups=False)
+        results[modalities] = run_sequence(config(modalities, "cross_attention", args.image_size, args.epochs, args.lr), manifest, [args.product], with_groups=False)
         atomic_write_json(Path(args.out) / "results.json", results)
     lines = ["| modalities | image AUROC | pixel AUROC | AUPRO | s |", "|---|---|---|---|---|"]
     for modalities, r in results.items():
@@ -165,6 +166,7 @@ def main() -> None:
         p.add_argument("--epochs", type=int, default=8)
         p.add_argument("--image-size", type=int, default=128)
         p.add_argument("--threads", type=int, default=1)
+        p.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     synth(args) if args.bench == "synth" else real(args)
