@@ -30,6 +30,12 @@ class SynthConfig(Section):
     test_good_per_product: NonNegativeInt = 10
     test_defect_per_type: NonNegativeInt = 4
 
+    image_size: int = 256
+    train_per_product: int = 24
+    test_good_per_product: int = 10
+    test_defect_per_type: int = 4
+    depth: bool = False  # True: RGB + xyz object products in the MVTec 3D-AD layout (``contad data synth --depth``)
+
 
 class DataConfig(Section):
     """Where the products live and how images are prepared for the model."""
@@ -40,6 +46,7 @@ class DataConfig(Section):
     heldout_fraction: float = Field(0.1, ge=0, lt=1)  # slice of train/good held out for early stopping + thresholds
     num_workers: NonNegativeInt = 0
     synth: SynthConfig = Field(default_factory=SynthConfig)
+    depth_min_valid_fraction: float = Field(0.05, ge=0.0, le=1.0)  # validation: xyz must have at least this share of valid points
 
 
 class ProtocolConfig(Section):
@@ -308,10 +315,40 @@ class IUFConfig(Section):
     smoothing_sigma: float = Field(4.0, ge=0.0)  # Gaussian smoothing of the upsampled map (px); 0 = off
 
 
+class IBIUMADConfig(Section):
+    """IB-IUMAD: RGB + depth reconstruction branches with Mamba decoders and information-bottleneck fusion."""
+
+    modalities: Literal["rgb+depth", "rgb", "depth"] = "rgb+depth"
+    fusion: Literal["cross_attention", "add", "concat"] = "cross_attention"
+    update_strategy: Literal["finetune", "projected"] = "finetune"  # paper: plain retraining; projected = IUF's Eqs. 9-12
+    score: Literal["fused", "fused+branches"] = "fused+branches"  # fused: |F^g - F_org| only (paper); +branches: plus each branch's reconstruction error
+    mamba_state: int = Field(16, ge=1)  # SSM state size N
+    mamba_expand: int = Field(2, ge=1)  # ESSM inner width = expand * reconstruction.hidden
+    head_hidden: int = Field(64, ge=1)  # product classifier hidden width
+    fusion_heads: int = Field(4, ge=1)  # cross-attention heads (must divide the fused width)
+    bottleneck: int = Field(64, ge=1)  # width of z
+    bottleneck_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(16, ge=2)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    ce_weight: float = Field(1.0, ge=0.0)  # CE_RGB + CE_Depth (Eq. 10)
+    fusion_weight: float = Field(1.0, ge=0.0)  # L_Fusion (Eq. 9)
+    ib_weight: float = Field(1.0, ge=0.0)  # L_IB KL (Eq. 8)
+    anchor_weight: float = Field(1.0, ge=0.0)  # CE on P(Y|F_fu) anchoring the KL
+    recon_weight: float = Field(1.0, ge=0.0)  # per-branch reconstruction of clean features (the MRN target); 0 = paper Eq. 10 only
+    retention: float = Field(0.05, ge=0.0, le=1.0)  # projected: theta <- (1 - r) theta + r theta_old
+    projection_layers: list[str] = Field(default_factory=lambda: ["branches.*.recon.*"])  # projected: fnmatch on nn.Linear names
+    projection_energy: float = Field(0.99, gt=0.0, le=1.0)
+    score_pool: int = Field(16, ge=1)  # image score = max of the score_pool x score_pool average-pooled map
+    smoothing_sigma: float = Field(4.0, ge=0.0)  # Gaussian smoothing of the upsampled map (px); 0 = off
+
+
 class Config(Section):
     """Root configuration: one object for the whole pipeline."""
 
-    method: Literal["ucad", "patchcore_finetune", "patchcore_replay", "patchcore_oracle", "lemo", "iuf"] = "ucad"
+    method: Literal["ucad", "patchcore_finetune", "patchcore_replay", "patchcore_oracle", "lemo", "iuf", "ib_iumad"] = "ucad"
 
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
@@ -334,6 +371,7 @@ class Config(Section):
 
     reconstruction: ReconstructionConfig = Field(default_factory=ReconstructionConfig)
     iuf: IUFConfig = Field(default_factory=IUFConfig)
+    ib_iumad: IBIUMADConfig = Field(default_factory=IBIUMADConfig)
 
 
 class ConfigError(ValueError):

@@ -14,6 +14,8 @@ class ImageBatch:
     images: (B, 3, H, W) float32, ImageNet-normalised.
     labels: (B,) int64, 0 = good, 1 = defective (None for training data).
     masks: (B, H, W) uint8 in {0, 1} ground-truth defect masks (None for training data).
+    depth: (B, 3, H, W) float32 organised point clouds (x, y, z; invalid points all 0) aligned with
+        ``images`` (nearest-resized), or None when the data has no 3-D modality.
     """
 
     images: torch.Tensor
@@ -21,6 +23,7 @@ class ImageBatch:
     paths: list[str]
     labels: torch.Tensor | None = None
     masks: torch.Tensor | None = None
+    depth: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])

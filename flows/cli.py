@@ -63,10 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, help="output directory (one folder per product)")
     synth.add_argument("--products", type=int, default=None, help="number of products (default: data.synth.products)")
     synth.add_argument("--seed", type=int, default=None, help="random seed (default: data.synth.seed)")
+    synth.add_argument("--depth", action="store_true", help="RGB + xyz object products in the MVTec 3D-AD layout (same as data.synth.depth=true)")
     _add_params(synth)
     validate = data.add_parser("validate", help="validate a dataset (Great Expectations suite + image checks); writes a JSON report next to the data")
     validate.add_argument("root", help="dataset root (MVTec-style layout: one folder per product)")
     validate.add_argument("--report", default=None, help="report path (default: ROOT/validation_report.json)")
+    validate.add_argument("--min-valid-fraction", type=float, default=None, help="xyz tiffs: minimum share of valid points (default: data.depth_min_valid_fraction)")
 
     masks = sub.add_parser("masks", help="offline structure masks").add_subparsers(dest="masks_command", required=True, metavar="SUBCOMMAND")
     build = masks.add_parser("build", help="fill the content-addressed mask cache for every training image (resumable)")
@@ -139,12 +141,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "data" and args.data_command == "synth":
         from components.data.synth import synth_command
 
-        cfg = load_config(args.params, overrides)
+        cfg = load_config(args.params, overrides + (["data.synth.depth=true"] if args.depth else []))
         return synth_command(cfg, out=Path(args.out), products=args.products, seed=args.seed)
     if args.command == "data" and args.data_command == "validate":
         from components.data.validate import validate_command
 
-        return validate_command(Path(args.root), report_path=Path(args.report) if args.report else None)
+        floor = args.min_valid_fraction
+        if floor is None:
+            from components.config import DataConfig
+
+            floor = DataConfig().depth_min_valid_fraction
+        return validate_command(Path(args.root), report_path=Path(args.report) if args.report else None, min_valid_fraction=floor)
     if args.command == "masks":
         from components.segment.cache import build_command
 

@@ -58,7 +58,7 @@ from components.atomic import atomic_directory, atomic_write_json, atomic_write_
 from components.backbones.base import PromptedBackbone
 from components.backbones.registry import build_backbone
 from components.config import Config, config_to_dict
-from components.data.loading import load_images, task_data, task_image_paths, test_batch, train_split
+from components.data.loading import depth_of, load_images, task_data, task_image_paths, test_batch, train_split
 from components.data.protocol import ordered_products, task_name, task_of_product, task_sequence
 from components.errors import ContadError, DataError
 from components.eval.continual import AccuracyMatrix
@@ -220,16 +220,18 @@ def _clean_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, 
 
 # ---------------------------------------------------------------------------------- building blocks
 @io_task(name="validate_dataset")
-def validate_dataset(root: Path) -> pd.DataFrame:
+def validate_dataset(root: Path, min_valid_fraction: float | None = None) -> pd.DataFrame:
     """Validate the dataset at ``root`` (never modifies it) and return its manifest.
 
+    ``min_valid_fraction``: minimum share of valid xyz points per tiff (None = validation default).
     Raises ``DataError`` listing every failed check.
     """
     from components.data import validate as data_validation  # Great Expectations: imported on use
 
     logger = run_logger()
     root = Path(root)
-    report = data_validation.validate_dataset(root)
+    floor = data_validation.DEFAULT_MIN_VALID_FRACTION if min_valid_fraction is None else min_valid_fraction
+    report = data_validation.validate_dataset(root, floor)
     if not report.ok or report.manifest is None:
         raise DataError(report.describe())
     manifest = report.manifest
@@ -340,6 +342,7 @@ def calibrate_method(cfg: Config, method: ContinualMethod, manifest: pd.DataFram
         products=list(held["product"]),
         paths=list(held["image_path"]),
         labels=torch.zeros(len(held), dtype=torch.long),
+        depth=depth_of(held, cfg.data.image_size),
     )
     return calibrate_heldout(method, batch, cfg)
 
@@ -519,7 +522,7 @@ def check_data_root(root: Path, key: str = "data.root") -> Path:
 
 def _prepare(cfg: Config) -> tuple[pd.DataFrame, list[list[str]]]:
     check_data_root(Path(cfg.data.root))
-    manifest = validate_dataset(Path(cfg.data.root))
+    manifest = validate_dataset(Path(cfg.data.root), cfg.data.depth_min_valid_fraction)
     products = ordered_products(manifest, cfg)
     manifest = manifest[manifest["product"].isin(products)].reset_index(drop=True)
     tasks = task_sequence(products, cfg.protocol.base_tasks, cfg.protocol.step_tasks)

@@ -85,6 +85,38 @@ def load_masks(paths: list[str], image_size: int) -> torch.Tensor:
     return out
 
 
+def read_xyz(path: str, image_size: int | None = None) -> np.ndarray:
+    """An organised point cloud as (H, W, 3) float32 (optionally nearest-resized); ``DataError`` if unreadable."""
+    import tifffile
+
+    try:
+        xyz = np.asarray(tifffile.imread(path), dtype=np.float32)
+    except Exception as exc:  # noqa: BLE001 - any reader failure is a data problem
+        raise DataError(f"cannot read xyz tiff {path}: {exc}") from exc
+    if xyz.ndim != 3 or xyz.shape[2] != 3:
+        raise DataError(f"xyz tiff {path} has shape {xyz.shape}, expected (H, W, 3)")
+    if image_size is not None and xyz.shape[:2] != (image_size, image_size):
+        rows = (np.arange(image_size) * xyz.shape[0] // image_size).clip(0, xyz.shape[0] - 1)
+        cols = (np.arange(image_size) * xyz.shape[1] // image_size).clip(0, xyz.shape[1] - 1)
+        xyz = xyz[rows[:, None], cols[None, :]]  # nearest: never mixes valid and invalid (0) points
+    return xyz
+
+
+def load_depth(paths: list[str], image_size: int) -> torch.Tensor:
+    """``(N, 3, S, S)`` float32 xyz point clouds (nearest-resized, invalid points 0)."""
+    out = torch.empty((len(paths), 3, image_size, image_size), dtype=torch.float32)
+    for i, path in enumerate(_progress(list(paths), "loading xyz")):
+        out[i] = torch.from_numpy(np.ascontiguousarray(read_xyz(path, image_size))).permute(2, 0, 1)
+    return out
+
+
+def depth_of(rows: pd.DataFrame, image_size: int) -> torch.Tensor | None:
+    """xyz of ``rows`` when every row has a ``depth_path`` (RGB-D data), else None."""
+    if rows.empty or "depth_path" not in rows or not rows["depth_path"].astype(bool).all():
+        return None
+    return load_depth(rows["depth_path"].tolist(), image_size)
+
+
 def denormalize(images: torch.Tensor) -> torch.Tensor:
     """Inverse of the ImageNet normalisation: ``(N, 3, H, W)`` in [0, 1]."""
     return (images * IMAGENET_STD.to(images.device) + IMAGENET_MEAN.to(images.device)).clamp(0.0, 1.0)
@@ -110,6 +142,7 @@ def test_batch(manifest: pd.DataFrame, product: str, image_size: int) -> ImageBa
         paths=paths,
         labels=torch.tensor(rows["label"].to_numpy(dtype=np.int64)),
         masks=load_masks(rows["mask_path"].tolist(), image_size),
+        depth=depth_of(rows, image_size),
     )
 
 
@@ -156,7 +189,7 @@ def task_image_paths(manifest: pd.DataFrame, products: list[str], cfg: Config) -
 
 def _batch(rows: pd.DataFrame, image_size: int) -> ImageBatch:
     paths = rows["image_path"].tolist()
-    return ImageBatch(images=load_images(paths, image_size), products=rows["product"].tolist(), paths=paths)
+    return ImageBatch(images=load_images(paths, image_size), products=rows["product"].tolist(), paths=paths, depth=depth_of(rows, image_size))
 
 
 def task_data(manifest: pd.DataFrame, name: str, products: list[str], cfg: Config, label_maps: torch.Tensor | None) -> TaskData:

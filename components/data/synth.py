@@ -71,10 +71,16 @@ def render_image(spec: ProductSpec, rng: np.random.Generator, size: int, defect:
     if defect is not None:
         severity = float(rng.uniform(*SEVERITY_RANGE))
         image, defect_mask, foreground = paint_defect(defect, rng, scene, severity)
+    return SynthImage(light_and_noise(rng, image), defect_mask, foreground)
+
+
+def light_and_noise(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """Camera effects on a rendered (S, S, 3) float image: white balance, lighting field, sensor noise -> uint8."""
+    size = image.shape[0]
     white_balance = (1.0 + rng.uniform(-0.02, 0.02, size=3)).astype(np.float32)
     image = image * lighting_field(rng, size, LIGHTING_STRENGTH)[..., None] * white_balance
     image = image + SENSOR_NOISE * rng.standard_normal(image.shape, dtype=np.float32)
-    return SynthImage(to_uint8(image), defect_mask, foreground)
+    return to_uint8(image)
 
 
 def _image_rng(seed: int, product_index: int, split: str, type_index: int, index: int) -> np.random.Generator:
@@ -206,6 +212,11 @@ def synth_command(cfg: Config, out: Path, products: int | None, seed: int | None
     synth_cfg = cfg.data.synth
     n_products = synth_cfg.products if products is None else products
     use_seed = synth_cfg.seed if seed is None else seed
-    names = generate_products(Path(out), n_products, use_seed, synth_cfg)
-    print(f"wrote {len(names)} synthetic products to {out}: {', '.join(names)}")
+    if synth_cfg.depth:
+        from components.data.synth_depth import generate_depth_products
+
+        names = generate_depth_products(Path(out), n_products, use_seed, synth_cfg)
+    else:
+        names = generate_products(Path(out), n_products, use_seed, synth_cfg)
+    print(f"wrote {len(names)} synthetic {'RGB + xyz ' if synth_cfg.depth else ''}products to {out}: {', '.join(names)}")
     return 0

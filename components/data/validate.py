@@ -22,10 +22,17 @@ Rules:
   train_good_empty     a product has no train/good images
   no_test_images       a product has no test images
   duplicate_product    two product names differ only by case
+  depth_missing        an MVTec 3D-AD rgb image has no xyz TIFF
+  depth_unreadable     the xyz TIFF (``depth_path``) cannot be read
+  depth_format         the xyz array is not float32 of shape (H, W, 3)
+  depth_size_mismatch  xyz and rgb differ in height/width
+  depth_not_finite     the xyz array holds NaN or inf values
+  depth_few_valid      the share of valid points (not all-zero xyz) is below ``min_valid_fraction``
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import warnings
@@ -50,6 +57,7 @@ FALLBACK_REPORT_DIR = Path("runs") / "validation"
 MIN_SIDE = 16
 MAX_SIDE = 16384
 DECODE_THREADS = 2
+DEFAULT_MIN_VALID_FRACTION = 0.05
 
 
 @dataclass(frozen=True)
@@ -227,8 +235,31 @@ def _decode(path: str) -> tuple[np.ndarray | None, str]:
         return None, f"{type(exc).__name__}: {exc}"
 
 
-def _check_row(row: dict[str, Any]) -> list[ValidationFailure]:
-    """Decode one image (and its mask) and check readability, size, mask rules."""
+def check_depth(depth_path: str, image: np.ndarray | None, min_valid_fraction: float) -> list[ValidationFailure]:
+    """Rules of one organised point cloud: readable, float32 (H, W, 3), rgb size, finite, enough valid points."""
+    import tifffile
+
+    try:
+        xyz = tifffile.imread(depth_path)
+    except Exception as exc:  # noqa: BLE001 - any reader error means unreadable
+        return [ValidationFailure("depth_unreadable", depth_path, f"cannot read xyz tiff: {type(exc).__name__}: {exc}")]
+    if xyz.dtype != np.float32 or xyz.ndim != 3 or xyz.shape[2] != 3:
+        return [ValidationFailure("depth_format", depth_path, f"xyz is {xyz.dtype} of shape {xyz.shape}, expected float32 (H, W, 3)")]
+    failures = []
+    if image is not None and xyz.shape[:2] != image.shape[:2]:
+        failures.append(ValidationFailure("depth_size_mismatch", depth_path, f"xyz is {xyz.shape[1]}x{xyz.shape[0]}, rgb is {image.shape[1]}x{image.shape[0]}"))
+    finite = np.isfinite(xyz)
+    if not finite.all():
+        failures.append(ValidationFailure("depth_not_finite", depth_path, f"{int((~finite).any(axis=-1).sum())} points hold NaN or inf"))
+    valid = finite.all(axis=-1) & (xyz != 0).any(axis=-1)
+    fraction = float(valid.mean()) if valid.size else 0.0
+    if fraction < min_valid_fraction:
+        failures.append(ValidationFailure("depth_few_valid", depth_path, f"only {fraction:.1%} of the points are valid (minimum {min_valid_fraction:.1%})"))
+    return failures
+
+
+def _check_row(row: dict[str, Any], min_valid_fraction: float = DEFAULT_MIN_VALID_FRACTION) -> list[ValidationFailure]:
+    """Decode one image (and its mask and xyz) and check readability, size, mask and depth rules."""
     failures: list[ValidationFailure] = []
     image_path = row["image_path"]
     image, error = _decode(image_path)
@@ -238,6 +269,8 @@ def _check_row(row: dict[str, Any]) -> list[ValidationFailure]:
         height, width = image.shape[:2]
         if min(height, width) < MIN_SIDE or max(height, width) > MAX_SIDE:
             failures.append(ValidationFailure("image_size", image_path, f"decoded size {width}x{height} outside [{MIN_SIDE}, {MAX_SIDE}]"))
+    if row.get("depth_path"):
+        failures += check_depth(row["depth_path"], image, min_valid_fraction)
     mask_path = row["mask_path"]
     if int(row["label"]) == 1:
         if not mask_path:
@@ -278,12 +311,12 @@ def _check_mask(mask_path: str, image: np.ndarray | None) -> list[ValidationFail
     return failures
 
 
-def check_images(manifest: pd.DataFrame) -> list[ValidationFailure]:
-    """Decode every image and mask of the manifest (a few threads) and apply the image rules."""
-    rows = manifest[["image_path", "mask_path", "label", "defect_type"]].to_dict("records")
+def check_images(manifest: pd.DataFrame, min_valid_fraction: float = DEFAULT_MIN_VALID_FRACTION) -> list[ValidationFailure]:
+    """Decode every image, mask and xyz tiff of the manifest (a few threads) and apply the image rules."""
+    rows = manifest[["image_path", "mask_path", "depth_path", "label", "defect_type"]].to_dict("records")
     failures: list[ValidationFailure] = []
     with ThreadPoolExecutor(max_workers=DECODE_THREADS) as pool:
-        for found in pool.map(_check_row, rows):
+        for found in pool.map(functools.partial(_check_row, min_valid_fraction=min_valid_fraction), rows):
             failures.extend(found)
     return failures
 
@@ -364,8 +397,8 @@ def _counts(manifest: pd.DataFrame) -> dict[str, dict[str, int]]:
     return counts
 
 
-def validate_dataset(root: Path) -> ValidationReport:
-    """Validate the dataset at ``root``: GX manifest suite + image, mask and product checks."""
+def validate_dataset(root: Path, min_valid_fraction: float = DEFAULT_MIN_VALID_FRACTION) -> ValidationReport:
+    """Validate the dataset at ``root``: GX manifest suite + image, mask, xyz and product checks."""
     root = Path(root)
     report = ValidationReport(root=str(root.resolve()) if root.exists() else str(root))
     try:
@@ -378,9 +411,11 @@ def validate_dataset(root: Path) -> ValidationReport:
     report.products = _counts(manifest)
     log.info("validating %d images of %d product(s) in %s", len(manifest), len(report.products), root)
     gx_failures, report.expectations = run_manifest_suite(manifest)
-    failures = gx_failures + check_images(manifest) + check_products(manifest)
+    failures = gx_failures + check_images(manifest, min_valid_fraction) + check_products(manifest)
     if report.layout == "mvtec":
         failures += check_mvtec_folders(root, manifest)
+    if report.layout == "mvtec3d":
+        failures += [ValidationFailure("depth_missing", path, "rgb image has no xyz/<stem>.tiff") for path in manifest.loc[manifest["depth_path"] == "", "image_path"]]
     unique = {(f.rule, f.path, f.message): f for f in failures}
     report.failures = sorted(unique.values(), key=lambda f: (f.path, f.rule, f.message))
     return report
@@ -414,9 +449,9 @@ def write_report(report: ValidationReport, report_path: Path | None) -> Path:
         return atomic_write_json(fallback, report.to_dict())
 
 
-def validate_command(root: Path, report_path: Path | None) -> int:
+def validate_command(root: Path, report_path: Path | None, min_valid_fraction: float = DEFAULT_MIN_VALID_FRACTION) -> int:
     """CLI entry: validate, write the JSON report, print every failure; 0 when valid, 1 otherwise."""
-    report = validate_dataset(Path(root))
+    report = validate_dataset(Path(root), min_valid_fraction)
     written = write_report(report, report_path)
     print(report.describe())
     print(f"validation report: {written.resolve()}")

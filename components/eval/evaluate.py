@@ -42,7 +42,11 @@ def predict_batch(
             true_tasks = None
             if method.uses_task_labels:
                 true_tasks = [task_of_product[p] for p in batch.products[start : start + batch_size]]
-            parts.append(method.predict(images, true_tasks=true_tasks))
+            if method.uses_depth:  # the method checks that it got the point clouds it needs
+                depth = batch.depth[start : start + batch_size] if batch.depth is not None else None
+                parts.append(method.predict(images, true_tasks=true_tasks, depth=depth))  # type: ignore[call-arg]
+            else:
+                parts.append(method.predict(images, true_tasks=true_tasks))
     prediction = concat_predictions(parts)
     if prediction.image_scores.shape[0] != len(batch) or prediction.anomaly_maps.shape[0] != len(batch):
         raise ContadError(f"method {method.name!r} returned {prediction.image_scores.shape[0]} scores for {len(batch)} images")
@@ -96,6 +100,7 @@ def select_overlays(
                 paths=[batch.paths[i] for i in idx],
                 labels=batch.labels[idx] if batch.labels is not None else None,
                 masks=batch.masks[idx] if batch.masks is not None else None,
+                depth=batch.depth[idx] if batch.depth is not None else None,
             ),
             Prediction(
                 image_scores=pred.image_scores[idx],

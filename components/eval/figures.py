@@ -153,8 +153,13 @@ def overlay_figure(product: str, batch: ImageBatch, prediction: Prediction, cali
     vmin, vmax = float(maps_np.min()), float(maps_np.max())
     vmax = vmax if vmax > vmin else vmin + 1e-6
     n = len(batch)
-    fig = Figure(figsize=(7.5, 2.5 * n + 0.3))
-    axes = fig.subplots(n, 3, squeeze=False)
+    extra = int(batch.depth is not None)  # RGB-D data: a depth panel next to the image
+    fig = Figure(figsize=(7.5 + 2.5 * extra, 2.5 * n + 0.3))
+    axes = fig.subplots(n, 3 + extra, squeeze=False)
+    if extra:
+        for i in range(n):
+            depth_panel(axes[i, 1], batch.depth[i])
+        axes = np.concatenate([axes[:, :1], axes[:, 2:]], axis=1)
     for i in range(n):
         label = int(batch.labels[i]) if batch.labels is not None else -1
         mask = batch.masks[i].cpu().numpy() if batch.masks is not None else np.zeros(rgb.shape[1:3])
@@ -210,6 +215,16 @@ def heatmap_overlay_png(rgb: np.ndarray, anomaly_map: np.ndarray, pixel_threshol
     buffer = io.BytesIO()
     Image.fromarray((np.clip(blended, 0.0, 1.0) * 255).astype(np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+def depth_panel(ax: Any, xyz: torch.Tensor) -> None:
+    """Height (-z, per-image 1-99 % range) of a (3, H, W) point cloud; invalid points (all 0) in grey."""
+    z = xyz[2].detach().float().cpu().numpy()
+    valid = (xyz.detach().cpu().numpy() != 0).any(axis=0)
+    height = np.ma.masked_where(~valid, -z)
+    low, high = (np.percentile(-z[valid], [1, 99]) if valid.any() else (0.0, 1.0))
+    ax.imshow(height, cmap=colormaps["viridis"].with_extremes(bad="0.6"), vmin=low, vmax=max(high, low + 1e-9))
+    ax.set_title("depth (height; grey = invalid)", fontsize=8)
+    ax.set_axis_off()
 
 
 def comparison_figure(runs: Sequence[tuple[str, dict[str, Any]]], products: list[str], metric: str = "image_auroc") -> bytes:

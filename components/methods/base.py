@@ -26,6 +26,7 @@ class ContinualMethod(ABC):
 
     name: ClassVar[str]
     uses_task_labels: ClassVar[bool] = False
+    uses_depth: ClassVar[bool] = False  # True: ``predict`` also takes ``depth=`` (B, 3, H, W) xyz, ``fit_task`` reads ``ImageBatch.depth``
 
     def __init__(self, config: Config, backbone: PromptedBackbone) -> None:
         self.config = config

@@ -6,12 +6,13 @@ from components.backbones.base import PromptedBackbone
 from components.config import Config
 from components.errors import ContadError
 from components.methods.base import ContinualMethod
+from components.methods.ib_iumad import IBIUMAD
 from components.methods.iuf import IUF
 from components.methods.lemo import LeMO
 from components.methods.patchcore import PatchCoreFinetune, PatchCoreOracle, PatchCoreReplay
 from components.methods.ucad import UCAD
 
-METHODS: dict[str, type[ContinualMethod]] = {cls.name: cls for cls in (UCAD, PatchCoreFinetune, PatchCoreReplay, PatchCoreOracle, LeMO, IUF)}
+METHODS: dict[str, type[ContinualMethod]] = {cls.name: cls for cls in (UCAD, PatchCoreFinetune, PatchCoreReplay, PatchCoreOracle, LeMO, IUF, IBIUMAD)}
 
 
 def build_method(cfg: Config, backbone: PromptedBackbone) -> ContinualMethod:

@@ -1,0 +1,306 @@
+"""IB-IUMAD (incremental unified multimodal AD with an information bottleneck): RGB + depth, one model.
+
+Network: ``components/methods/ib_iumad_net`` (paper: ../shared/papers/ib-iumad.txt; note with every gap:
+../shared/methods/ib-iumad.md). Per step (a task = one or several products):
+- frozen multi-stage CNN features of the RGB image and of the xyz point cloud turned into a
+  normalised 3-channel image (``xyz_to_image``), each computed once per image and cached;
+- per modality a Mamba decoder (Eq. 2, ES2D scan) conditions the encoder of that modality's
+  reconstruction transformer and feeds a product classifier whose head grows with the products;
+- IB fusion of the branches' middle/last decoder latents (Eqs. 4-5) -> F^g at the target features
+  (RGB, or depth when ``modalities=depth``);
+- loss (Eq. 10): ce * (CE_RGB + CE_Depth) + fusion * L_Fusion (Eq. 9) + ib * KL (Eq. 8) + anchor * CE(P(Y|F_fu))
+  + recon * sum of branch reconstruction losses (the MRN target; ``recon_weight=0`` = paper only);
+- ``update_strategy=projected``: IUF's projected update (Eqs. 10-12) + retention (Eq. 9) on later steps.
+
+Score: map = channel L2 norm of F^g - F_org on the grid (``score=fused``, the paper's), or that plus
+every branch's reconstruction error, each divided by its mean on held-out normal TRAINING images
+(``fused+branches``); bilinear upsampling (+ Gaussian smoothing); image score = max of the
+``score_pool`` average-pooled unsmoothed map. No product label at test time: the fused product head
+only names the routed task (reported, never used for scoring).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from components.backbones.base import PromptedBackbone
+from components.config import Config
+from components.errors import ContadError
+from components.methods.base import ContinualMethod
+from components.methods.ib_iumad_net.depth_image import xyz_to_image
+from components.methods.ib_iumad_net.fusion import fusion_loss, ib_loss
+from components.methods.ib_iumad_net.network import IBIUMADNetwork, NetworkOutput
+from components.methods.iuf_network import ActivationSpan, project_update, retain_
+from components.methods.reconstruction import (
+    FeatureCache,
+    build_feature_extractor,
+    error_maps,
+    feature_jitter,
+    pooled_max_scores,
+    to_tokens,
+    upsample_maps,
+)
+from components.progress import progress_bar
+from components.types import ImageBatch, Prediction, TaskData
+
+log = logging.getLogger(__name__)
+
+FUSED = "fused"
+
+
+class IBIUMAD(ContinualMethod):
+    """One RGB + depth reconstruction model for every product seen so far."""
+
+    name: ClassVar[str] = "ib_iumad"
+    uses_depth: ClassVar[bool] = True
+
+    def __init__(self, config: Config, backbone: PromptedBackbone) -> None:
+        super().__init__(config, backbone)
+        self.modalities = config.ib_iumad.modalities.split("+")
+        self.target = "rgb" if "rgb" in self.modalities else "depth"
+        self.extractor = build_feature_extractor(config.reconstruction, config.backbone, backbone)
+        self.device = next(self.extractor.net.parameters()).device
+        self.grid = self.extractor.grid_size(config.data.image_size)
+        self.caches = {m: FeatureCache(self.extractor, config.reconstruction.batch_size) for m in self.modalities}
+        self.products: list[str] = []
+        self.task_of_product: dict[str, str] = {}
+        self.spans: dict[str, ActivationSpan] = {}
+        self.map_means: dict[str, list[float]] = {}  # per score map: its mean on each task's held-out normals
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.network = IBIUMADNetwork(self.modalities, self.extractor.channels, self.grid, config.reconstruction, config.ib_iumad).to(self.device)
+
+    # ------------------------------------------------------------------ inputs
+    def _modality_images(self, images: torch.Tensor, depth: torch.Tensor | None, where: str) -> dict[str, torch.Tensor]:
+        """Backbone inputs per modality: the RGB images, and the xyz point clouds as normalised 3-channel images."""
+        out = {}
+        if "rgb" in self.modalities:
+            out["rgb"] = images
+        if "depth" in self.modalities:
+            if depth is None:
+                raise ContadError(f"ib_iumad.modalities={self.config.ib_iumad.modalities}: {where} has no xyz point clouds (depth_path)")
+            out["depth"] = xyz_to_image(depth)
+        return out
+
+    def _tokens(self, batch: ImageBatch, desc: str | None = None) -> dict[str, torch.Tensor]:
+        """(N, h*w, C) cached feature tokens per modality of a batch."""
+        inputs = self._modality_images(batch.images, batch.depth, batch.paths[0] if batch.paths else "the batch")
+        return {m: to_tokens(self.caches[m].features(x, batch.paths, desc=f"{desc} {m}" if desc else None)) for m, x in inputs.items()}
+
+    # ------------------------------------------------------------------ training
+    def _check_new(self, data: TaskData) -> None:
+        if data.name in self.tasks:
+            raise ContadError(f"task {data.name!r} is already learned (tasks: {self.tasks})")
+        if len(data.train) == 0:
+            raise ContadError(f"task {data.name!r} has no training images")
+        known = sorted(set(data.products) & set(self.products))
+        if known:
+            raise ContadError(f"task {data.name!r}: products {known} are already learned")
+
+    def fit_task(self, data: TaskData) -> dict[str, Any]:
+        """Learn the task's products into the shared network (see the module docstring)."""
+        self._check_new(data)
+        cfg = self.config.ib_iumad
+        started = time.perf_counter()
+        projected = bool(self.tasks) and cfg.update_strategy == "projected"
+        generator = torch.Generator().manual_seed(self.config.seed + 7919 * (len(self.tasks) + 1))
+        old_state = {n: p.detach().clone() for n, p in self.network.named_parameters()} if projected else {}
+        old_classes = len(self.products)
+        self.network.grow(len(data.products), generator)
+        class_of = {p: i for i, p in enumerate([*self.products, *data.products])}
+        labels = torch.tensor([class_of[p] for p in data.train.products], dtype=torch.long)
+        tokens = self._tokens(data.train, desc=f"{data.name}: features")
+        bases = {n: self.spans[n].basis(cfg.projection_energy) for n in self._projected_modules() if n in self.spans} if projected else {}
+        history = self._train(data.name, tokens, labels, generator, old_state, old_classes, bases)
+        normals = data.heldout if len(data.heldout) > 0 else data.train
+        heldout_tokens = self._tokens(normals)
+        history["heldout_loss"] = self._heldout_loss(heldout_tokens)
+        self._record_map_means(heldout_tokens)
+        if cfg.update_strategy == "projected":
+            self._add_spans(tokens)
+        self.tasks.append(data.name)
+        self.products.extend(data.products)
+        self.task_of_product.update({p: data.name for p in data.products})
+        history["seconds"] = time.perf_counter() - started
+        log.info("ib_iumad: task %r (%s) done in %.1fs", data.name, "projected" if projected else "plain", history["seconds"])
+        return history
+
+    def _losses(self, clean: dict[str, torch.Tensor], labels: torch.Tensor, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        cfg = self.config.ib_iumad
+        noisy = {m: feature_jitter(t, self.config.reconstruction.jitter_scale, generator) if generator is not None else t for m, t in clean.items()}
+        out = self.network({m: t.to(self.device) for m, t in clean.items()}, {m: t.to(self.device) for m, t in noisy.items()})
+        labels = labels.to(self.device)
+        kl, anchor = ib_loss(out.logits_fused, out.logits_guided, labels)
+        losses = {
+            "ce": sum(F.cross_entropy(b.logits, labels) for b in out.branches.values()),  # CE_RGB + CE_Depth
+            "fusion": fusion_loss(out.guided, clean[self.target].to(self.device)),  # Eq. 9
+            "ib": kl,  # Eq. 8
+            "anchor": anchor,
+            "recon": sum(F.mse_loss(b.reconstruction, clean[m].to(self.device)) for m, b in out.branches.items()),
+        }
+        return losses  # type: ignore[return-value]
+
+    def _total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        cfg = self.config.ib_iumad
+        weights = {"ce": cfg.ce_weight, "fusion": cfg.fusion_weight, "ib": cfg.ib_weight, "anchor": cfg.anchor_weight, "recon": cfg.recon_weight}
+        return sum(weights[k] * v for k, v in losses.items())  # type: ignore[return-value]
+
+    def _train(self, name: str, tokens: dict[str, torch.Tensor], labels: torch.Tensor, generator: torch.Generator,
+               old_state: dict[str, torch.Tensor], old_classes: int, bases: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+        cfg = self.config.ib_iumad
+        params = [p for p in self.network.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        modules = self._projected_modules()
+        named = dict(self.network.named_parameters())
+        n = len(labels)
+        history: dict[str, list[float]] = {}
+        for epoch in progress_bar(range(1, cfg.epochs + 1), desc=f"ib_iumad {name}", leave=False):
+            self.network.train()
+            order = torch.randperm(n, generator=generator)
+            sums: dict[str, float] = {}
+            for start in range(0, n, cfg.batch_size):
+                batch = order[start : start + cfg.batch_size]
+                losses = self._losses({m: t[batch] for m, t in tokens.items()}, labels[batch], generator)
+                optimizer.zero_grad(set_to_none=True)
+                self._total(losses).backward()
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                self._step(optimizer, modules, bases)
+                if old_state:
+                    self._retain(named, old_state, old_classes)
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(batch)
+            for k, v in sums.items():
+                history.setdefault(k, []).append(v / n)
+            log.info("ib_iumad: task %r epoch %d %s", name, epoch, {k: round(v[-1], 5) for k, v in history.items()})
+        self.network.eval()
+        return {"epoch_losses": history}
+
+    def _projected_modules(self) -> dict[str, nn.Linear]:
+        patterns = self.config.ib_iumad.projection_layers
+        return {n: m for n, m in self.network.named_modules() if isinstance(m, nn.Linear) and any(fnmatch.fnmatch(n, p) for p in patterns)}
+
+    def _step(self, optimizer: torch.optim.Optimizer, modules: dict[str, nn.Linear], bases: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Optimizer step; with ``bases`` every projected layer's update is replaced by its IUF Eq. 12 projection."""
+        before = {n: modules[n].weight.detach().clone() for n in bases}
+        optimizer.step()
+        with torch.no_grad():
+            for name, (basis, weights) in bases.items():
+                weight = modules[name].weight
+                weight.copy_(before[name] + project_update(weight - before[name], basis, weights))
+
+    def _retain(self, named: dict[str, nn.Parameter], old_state: dict[str, torch.Tensor], old_classes: int) -> None:
+        """IUF Eq. 9 on every parameter; of grown product heads only the old products' rows."""
+        rate = self.config.ib_iumad.retention
+        for name, old in old_state.items():
+            param = named[name]
+            if param.shape == old.shape:
+                retain_(param.data, old, rate)
+            elif old_classes > 0 and param.shape[1:] == old.shape[1:]:
+                retain_(param.data[:old_classes], old[:old_classes], rate)
+
+    @torch.no_grad()
+    def _add_spans(self, tokens: dict[str, torch.Tensor]) -> None:
+        """Add this task's input activations of every projected layer to its old-task span."""
+        modules = self._projected_modules()
+        collected: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+        hooks = [m.register_forward_hook(lambda _m, inp, _o, n=n: collected[n].append(inp[0].detach().reshape(-1, inp[0].shape[-1]).cpu())) for n, m in modules.items()]
+        try:
+            self._forward_batches(tokens)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for name, chunks in collected.items():
+            self.spans.setdefault(name, ActivationSpan(modules[name].in_features)).add_task(torch.cat(chunks))
+
+    # ------------------------------------------------------------------ scoring
+    def _forward_batches(self, tokens: dict[str, torch.Tensor]) -> list[tuple[dict[str, torch.Tensor], NetworkOutput]]:
+        self.network.eval()
+        outputs = []
+        n = next(iter(tokens.values())).shape[0]
+        for start in range(0, n, self.config.ib_iumad.batch_size):
+            clean = {m: t[start : start + self.config.ib_iumad.batch_size].to(self.device) for m, t in tokens.items()}
+            outputs.append((clean, self.network(clean, clean)))
+        return outputs
+
+    def _grid_maps(self, clean: dict[str, torch.Tensor], out: NetworkOutput) -> dict[str, torch.Tensor]:
+        """(B, h, w) error maps: F^g vs the target features, and (``fused+branches``) each branch's reconstruction error."""
+        maps = {FUSED: error_maps(out.guided, clean[self.target], self.grid)}
+        if self.config.ib_iumad.score == "fused+branches":
+            maps.update({m: error_maps(b.reconstruction, clean[m], self.grid) for m, b in out.branches.items()})
+        return maps
+
+    @torch.no_grad()
+    def _heldout_loss(self, tokens: dict[str, torch.Tensor]) -> float:
+        """Mean Eq. 9 fusion loss (no jitter, eval mode) on held-out training normals (reported only)."""
+        results = self._forward_batches(tokens)
+        total = sum(float(fusion_loss(out.guided, clean[self.target])) * out.guided.shape[0] for clean, out in results)
+        return total / max(1, sum(out.guided.shape[0] for _, out in results))
+
+    @torch.no_grad()
+    def _record_map_means(self, tokens: dict[str, torch.Tensor]) -> None:
+        """Mean of every score map on this task's held-out normal training images (the scale used to combine maps)."""
+        sums: dict[str, float] = {}
+        count = 0
+        for clean, out in self._forward_batches(tokens):
+            for k, v in self._grid_maps(clean, out).items():
+                sums[k] = sums.get(k, 0.0) + float(v.mean()) * v.shape[0]
+            count += out.guided.shape[0]
+        for k, v in sums.items():
+            self.map_means.setdefault(k, []).append(v / max(1, count))
+
+    def _combined(self, maps: dict[str, torch.Tensor]) -> torch.Tensor:
+        if len(maps) == 1:
+            return maps[FUSED]
+        scale = {k: max(sum(v) / len(v), 1e-8) for k, v in self.map_means.items()}
+        return sum(m / scale[k] for k, m in maps.items())  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, true_tasks: list[str] | None = None, depth: torch.Tensor | None = None) -> Prediction:
+        """Score (B, 3, H, W) images (+ (B, 3, H, W) xyz) without any product label (``true_tasks`` is ignored)."""
+        if not self.tasks:
+            raise ContadError("ib_iumad: no task learned yet; train at least one task before predicting")
+        _, _, h, w = images.shape
+        inputs = self._modality_images(images, depth, "the images to score")
+        tokens = {m: to_tokens(self.extractor(x.to(self.device))) for m, x in inputs.items()}
+        scores, maps, routed = [], [], []
+        for clean, out in self._forward_batches(tokens):
+            grid_map = self._combined(self._grid_maps(clean, out)).cpu()
+            scores.append(pooled_max_scores(upsample_maps(grid_map, (h, w), 0.0), self.config.ib_iumad.score_pool))
+            maps.append(upsample_maps(grid_map, (h, w), self.config.ib_iumad.smoothing_sigma))
+            routed += [self.task_of_product[self.products[i]] for i in out.logits_fused.argmax(dim=1).tolist()]
+        return Prediction(image_scores=torch.cat(scores), anomaly_maps=torch.cat(maps), routed_tasks=routed)
+
+    # ------------------------------------------------------------------ state
+    def _settings(self) -> dict[str, Any]:
+        return {"reconstruction": self.config.reconstruction.model_dump(mode="json"), "ib_iumad": self.config.ib_iumad.model_dump(mode="json"),
+                "image_size": self.config.data.image_size, "channels": self.extractor.channels}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {f"net/{k}": v.detach().cpu() for k, v in self.network.state_dict().items()}
+        tensors.update({f"span/{n}": s.moment for n, s in self.spans.items()})
+        return tensors
+
+    def state_meta(self) -> dict[str, Any]:
+        return {"tasks": list(self.tasks), "products": list(self.products), "task_of_product": dict(self.task_of_product),
+                "map_means": self.map_means, **self._settings()}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        settings = self._settings()
+        changed = [k for k in settings if meta.get(k) != settings[k]]
+        if changed:
+            raise ValueError(f"state was trained with other settings ({', '.join(changed)}) than the current configuration")
+        self.products = list(meta["products"])
+        self.task_of_product = dict(meta["task_of_product"])
+        self.map_means = {k: list(v) for k, v in meta["map_means"].items()}
+        self.network.grow(len(self.products) - self.network.fusion.head_fused.classes)
+        self.network.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net/")}, strict=True)
+        self.network.to(self.device).eval()
+        self.spans = {k[5:]: ActivationSpan(v.shape[0], v) for k, v in tensors.items() if k.startswith("span/")}
+        self.tasks = list(meta["tasks"])

@@ -1,0 +1,115 @@
+"""IB-IUMAD on tiny synthetic RGB-D products: training, label-free scoring, modalities, fusions, round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from components.config import Config, SynthConfig
+from components.data.loading import task_data, test_batch
+from components.data.manifest import read_dataset
+from components.data.synth_depth import generate_depth_products
+from components.errors import ContadError
+from components.eval.evaluate import predict_batch
+from components.methods.ib_iumad import IBIUMAD
+from components.methods.ib_iumad_net.depth_image import xyz_to_image
+from components.methods.registry import build_method
+from tests.methods_support import ToyBackbone
+
+SIZE = 64
+
+
+def tiny_config(**ib: object) -> Config:
+    cfg = Config(method="ib_iumad")
+    cfg.data.image_size = SIZE
+    cfg.data.heldout_fraction = 0.25
+    cfg.backbone.pretrained = False
+    for key, value in {"hidden": 16, "heads": 2, "encoder_layers": 2, "decoder_layers": 2, "ffn": 32, "batch_size": 8}.items():
+        setattr(cfg.reconstruction, key, value)
+    for key, value in {"mamba_state": 4, "mamba_expand": 1, "head_hidden": 8, "bottleneck": 8, "fusion_heads": 2, "epochs": 2, "batch_size": 4, "score_pool": 8, "smoothing_sigma": 1.0, **ib}.items():
+        setattr(cfg.ib_iumad, key, value)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("rgbd")
+    generate_depth_products(root, 2, seed=1, cfg=SynthConfig(image_size=SIZE, train_per_product=5, test_good_per_product=2, test_defect_per_type=1, depth=True))
+    return read_dataset(root)
+
+
+def _build(cfg: Config) -> IBIUMAD:
+    """A fresh method; seeded because the test extractor has random (not packaged) weights."""
+    torch.manual_seed(0)
+    method = build_method(cfg, ToyBackbone())
+    assert isinstance(method, IBIUMAD)
+    return method
+
+
+def _fit(cfg: Config, manifest) -> IBIUMAD:  # type: ignore[no-untyped-def]
+    method = _build(cfg)
+    assert isinstance(method, IBIUMAD)
+    for product in ("washer", "screw"):
+        method.fit_task(task_data(manifest, product, [product], cfg, None))
+    return method
+
+
+@pytest.fixture(scope="module")
+def trained(manifest) -> IBIUMAD:  # type: ignore[no-untyped-def]
+    return _fit(tiny_config(), manifest)
+
+
+def test_label_free_scores_maps_and_routing(trained: IBIUMAD, manifest) -> None:  # type: ignore[no-untyped-def]
+    batch = test_batch(manifest, "screw", SIZE)
+    pred = predict_batch(trained, batch, {"washer": "washer", "screw": "screw"}, batch_size=5)
+    assert pred.image_scores.shape == (len(batch),) and torch.isfinite(pred.image_scores).all()
+    assert pred.anomaly_maps.shape == (len(batch), SIZE, SIZE)
+    assert set(pred.routed_tasks) <= {"washer", "screw"}
+    assert trained.network.fusion.head_fused.classes == 2
+    assert set(trained.map_means) == {"fused", "rgb", "depth"} and all(len(v) == 2 for v in trained.map_means.values())
+    other_depth = trained.predict(batch.images, depth=torch.flip(batch.depth, dims=[-1]))
+    assert not torch.allclose(other_depth.image_scores, pred.image_scores)  # the depth modality matters
+
+
+def test_save_load_gives_identical_scores(trained: IBIUMAD, manifest, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    batch = test_batch(manifest, "washer", SIZE)
+    before = trained.predict(batch.images, depth=batch.depth)
+    trained.save(tmp_path / "state")
+    restored = _build(tiny_config())
+    restored.load(tmp_path / "state")
+    after = restored.predict(batch.images, depth=batch.depth)
+    assert torch.equal(before.image_scores, after.image_scores) and torch.equal(before.anomaly_maps, after.anomaly_maps)
+    assert after.routed_tasks == before.routed_tasks and restored.tasks == ["washer", "screw"]
+    with pytest.raises(ContadError, match="already learned"):
+        restored.fit_task(task_data(manifest, "washer", ["washer"], tiny_config(), None))
+    with pytest.raises(Exception, match="other settings"):
+        _build(tiny_config(fusion="add")).load(tmp_path / "state")
+
+
+@pytest.mark.parametrize(("modalities", "fusion", "update"), [("rgb", "concat", "projected"), ("depth", "add", "finetune")])
+def test_single_modality_and_other_fusions_train(manifest, modalities: str, fusion: str, update: str) -> None:  # type: ignore[no-untyped-def]
+    cfg = tiny_config(modalities=modalities, fusion=fusion, update_strategy=update, epochs=1)
+    method = _fit(cfg, manifest)
+    batch = test_batch(manifest, "washer", SIZE)
+    pred = method.predict(batch.images, depth=batch.depth if modalities == "depth" else None)
+    assert torch.isfinite(pred.image_scores).all()
+    assert set(method.map_means) == {"fused", modalities}
+    if update == "projected":
+        assert method.spans  # old-product activation spans for the projected update
+    if modalities == "depth":
+        with pytest.raises(ContadError, match="ib_iumad.modalities=depth"):
+            method.predict(batch.images)
+
+
+def test_xyz_image_is_normalised_and_masks_invalid_points() -> None:
+    xyz = torch.zeros(2, 3, 8, 8)
+    xyz[:, 2] = 0.65
+    xyz[0, 2, 2:6, 2:6] = 0.64  # a raised square
+    xyz[:, :, 0, 0] = 0.0  # invalid point
+    xyz[1] = 0.0  # all invalid
+    image = xyz_to_image(xyz)
+    assert image.shape == xyz.shape and torch.isfinite(image).all()
+    assert image[0, 0, 3, 3] > image[0, 0, 7, 7]  # higher surface -> larger height channel
+    assert image[0, :, 0, 0].abs().sum() == 0 and image[1].abs().sum() == 0
