@@ -2,8 +2,8 @@
 
 Every problem becomes one ``ValidationFailure(rule, path, message)`` naming the offending file,
 so a failed validation lists every bad file with the rule it broke. Validation never modifies
-the data; the JSON report goes next to the data (``ROOT/validation_report.json``) or, when the
-data folder is read-only, to ``runs/validation/<root name>_validation_report.json``.
+the data and never writes into it: the JSON report goes to ``OUT/validation_report.json`` (``--out``)
+or by default to ``runs/validation/<root name>_validation_report.json``.
 
 Rules:
   layout               the root is not a readable dataset layout
@@ -386,32 +386,20 @@ def validate_dataset(root: Path) -> ValidationReport:
     return report
 
 
-def _writable(directory: Path) -> bool:
-    """Whether we may write into ``directory`` (permission bits count even for root)."""
-    try:
-        mode = directory.stat().st_mode
-    except OSError:
-        return False
-    return os.access(directory, os.W_OK) and bool(mode & 0o222)
-
-
-def default_report_path(root: Path) -> Path:
-    """``ROOT/validation_report.json``, or ``runs/validation/<name>_validation_report.json`` for read-only data."""
-    root = Path(root)
-    if root.is_dir() and _writable(root):
-        return root / REPORT_NAME
-    return FALLBACK_REPORT_DIR / f"{root.resolve().name or 'dataset'}_{REPORT_NAME}"
+def default_report_path(root: Path, out: Path | None = None) -> Path:
+    """``OUT/validation_report.json``, or ``runs/validation/<root name>_validation_report.json`` without ``out``."""
+    if out is not None:
+        return Path(out) / REPORT_NAME
+    return FALLBACK_REPORT_DIR / f"{Path(root).resolve().name or 'dataset'}_{REPORT_NAME}"
 
 
 def write_report(report: ValidationReport, report_path: Path | None) -> Path:
-    """Write the JSON report (falls back to ``runs/validation/`` when the target is not writable)."""
+    """Write the JSON report to ``report_path`` (default: ``default_report_path``); never inside the dataset."""
     target = Path(report_path) if report_path is not None else default_report_path(Path(report.root))
-    try:
-        return atomic_write_json(target, report.to_dict())
-    except OSError as exc:
-        fallback = FALLBACK_REPORT_DIR / f"{Path(report.root).name or 'dataset'}_{REPORT_NAME}"
-        log.warning("cannot write %s (%s); writing %s instead", target, exc, fallback)
-        return atomic_write_json(fallback, report.to_dict())
+    root = Path(report.root).resolve()
+    if root.is_dir() and target.resolve().is_relative_to(root):
+        raise DataError(f"{target}: the validation report must not be written into the dataset folder {root}; choose --out outside it")
+    return atomic_write_json(target, report.to_dict())
 
 
 def validate_command(root: Path, report_path: Path | None) -> int:
