@@ -183,3 +183,30 @@ def test_module_that_forces_info_is_still_muted(tmp_path: Path) -> None:
     assert shown("great_expectations.data_context.types.base", logging.WARNING)
     assert shown("components.data.validate", logging.INFO) and shown("prefect.flow_runs", logging.INFO)
     assert shown("gitlab_like", logging.INFO)  # whole package names only ("git" does not match "gitlab_like")
+
+
+def test_product_with_only_normal_images_is_valid_but_not_evaluable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import shutil
+
+    from components.config import SynthConfig
+    from components.data.synth import generate_products
+    from components.data.validate import REPORT_NAME
+
+    data = tmp_path / "data"
+    tested, untested = generate_products(data, 2, seed=0, cfg=SynthConfig(image_size=64, train_per_product=3, test_good_per_product=1, test_defect_per_type=1))
+    shutil.rmtree(data / untested / "test")
+    shutil.rmtree(data / untested / "ground_truth")
+    assert main(["data", "validate", str(data), "--out", str(tmp_path / "val")]) == 0
+    out = capsys.readouterr().out
+    assert "is valid" in out and f"not evaluable (normal images only, no test images): {untested}" in out
+    report = json.loads((tmp_path / "val" / REPORT_NAME).read_text())
+    assert report["ok"] and report["not_evaluable"] == [untested]
+    assert report["products"][untested]["train"] == 3 and report["products"][tested]["test_defective"] > 0
+
+    # `contad run` and add-product evaluate every product after every step: they still refuse it, in one line, up front
+    from components.errors import DataError
+    from flows import pipeline
+
+    with pytest.raises(DataError, match=f"{untested} have no test images .*not evaluable"):
+        pipeline.validate_dataset.fn(data)

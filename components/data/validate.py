@@ -20,7 +20,8 @@ Rules:
   mask_for_good_image  a good image has a mask (MVTec ``ground_truth/good``)
   orphan_mask          a mask file whose image does not exist
   train_good_empty     a product has no train/good images
-  no_test_images       a product has no test images
+Not a failure: a product with only ``train/good`` images (no ``test/``) is valid but flagged
+``not_evaluable`` in the report (a new product on a real line arrives with normal images only).
   duplicate_product    two product names differ only by case
 """
 
@@ -74,6 +75,7 @@ class ValidationReport:
     products: dict[str, dict[str, int]] = field(default_factory=dict)
     expectations: list[dict[str, Any]] = field(default_factory=list)
     manifest: pd.DataFrame | None = field(default=None, repr=False)
+    not_evaluable: list[str] = field(default_factory=list)  # valid products without test images
 
     @property
     def ok(self) -> bool:
@@ -86,6 +88,7 @@ class ValidationReport:
             "layout": self.layout,
             "n_images": 0 if self.manifest is None else int(len(self.manifest)),
             "products": self.products,
+            "not_evaluable": self.not_evaluable,
             "n_failures": len(self.failures),
             "failures": [{"rule": f.rule, "path": f.path, "message": f.message} for f in self.failures],
             "expectations": self.expectations,
@@ -95,7 +98,8 @@ class ValidationReport:
         """Human-readable summary; lists every failure."""
         if self.ok:
             parts = ", ".join(f"{name} ({c['train']} train, {c['test_good']} good + {c['test_defective']} defective test)" for name, c in self.products.items())
-            return f"dataset {self.root} is valid ({self.layout} layout): {parts}"
+            flag = f"; not evaluable (normal images only, no test images): {', '.join(self.not_evaluable)}" if self.not_evaluable else ""
+            return f"dataset {self.root} is valid ({self.layout} layout): {parts}{flag}"
         lines = [f"dataset {self.root} FAILED validation: {len(self.failures)} problem(s)"]
         lines += [f"  {failure}" for failure in self.failures]
         return "\n".join(lines)
@@ -301,7 +305,7 @@ def _product_dir(manifest: pd.DataFrame, product: str) -> str:
 
 
 def check_products(manifest: pd.DataFrame) -> list[ValidationFailure]:
-    """Every product has train/good and test images; no two product names differ only by case."""
+    """Every product has train/good images; no two product names differ only by case (see ``untested_products``)."""
     failures: list[ValidationFailure] = []
     by_key: dict[str, list[str]] = {}
     for product in sorted(manifest["product"].unique()):
@@ -310,13 +314,17 @@ def check_products(manifest: pd.DataFrame) -> list[ValidationFailure]:
         folder = _product_dir(manifest, product)
         if not ((rows["split"] == "train") & (rows["label"] == 0)).any():
             failures.append(ValidationFailure("train_good_empty", str(Path(folder) / "train" / "good"), f"product {product!r} has no train/good images"))
-        if not (rows["split"] == "test").any():
-            failures.append(ValidationFailure("no_test_images", str(Path(folder) / "test"), f"product {product!r} has no test images"))
     for names in by_key.values():
         if len(names) > 1:
             for name in names:
                 failures.append(ValidationFailure("duplicate_product", _product_dir(manifest, name), f"product names {names} differ only by case"))
     return failures
+
+
+def untested_products(manifest: pd.DataFrame) -> list[str]:
+    """Products with no test images: valid (normal images only) but not evaluable."""
+    tested = set(manifest.loc[manifest["split"] == "test", "product"])
+    return sorted(set(manifest["product"]) - tested)
 
 
 def _mvtec_product_dirs(root: Path) -> Iterator[Path]:
@@ -376,6 +384,7 @@ def validate_dataset(root: Path) -> ValidationReport:
         return report
     report.manifest = manifest
     report.products = _counts(manifest)
+    report.not_evaluable = untested_products(manifest)
     log.info("validating %d images of %d product(s) in %s", len(manifest), len(report.products), root)
     gx_failures, report.expectations = run_manifest_suite(manifest)
     failures = gx_failures + check_images(manifest) + check_products(manifest)
