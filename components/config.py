@@ -7,6 +7,7 @@ unknown keys are an error. ``flatten_config`` turns it into primitives for MLflo
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -422,11 +423,25 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
+def _suggest_key(loc: tuple[Any, ...]) -> str:
+    """``"; did you mean a.b?"`` for an unknown key at ``loc`` when a field of that section is close, else ``""``."""
+    cls: Any = Config
+    for part in loc[:-1]:
+        field = cls.model_fields.get(str(part)) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+        if field is None:
+            return ""
+        cls = field.annotation
+    if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(cls.model_fields), n=1, cutoff=0.6)
+    return f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])}?" if close else ""
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = "unknown key" + _suggest_key(tuple(e["loc"])) if e["type"] == "extra_forbidden" else e["msg"]
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
 

@@ -7,8 +7,10 @@ applied on top of ``--params`` (default ``params.yaml``).
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import logging
+import os
 import re
 import sys
 import traceback
@@ -53,9 +55,32 @@ def _add_params(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. method=ucad data.products=a,b")
 
 
+class _SuggestingParser(argparse.ArgumentParser):
+    """An ArgumentParser whose "invalid choice" errors (mistyped subcommands) add a "did you mean" hint."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            close = difflib.get_close_matches(m[1], re.findall(r"'([^']*)'", m[2]), n=1, cutoff=0.5)
+            if close:
+                message += f"; did you mean '{close[0]}'?"
+        super().error(message)
+
+
+def _version() -> str:
+    """The installed package's version (package metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("contad")
+    except PackageNotFoundError:
+        return "unknown (not installed; pip install -e .)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="contad", description=DESCRIPTION, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _SuggestingParser(prog="contad", description=DESCRIPTION, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks of errors")
+    parser.add_argument("--version", action="version", version=f"contad {_version()}", help="print the installed version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = sub.add_parser("data", help="generate and validate datasets").add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
@@ -65,9 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=None, help="random seed (default: data.synth.seed)")
     synth.add_argument("--depth", action="store_true", help="RGB + xyz object products in the MVTec 3D-AD layout (same as data.synth.depth=true)")
     _add_params(synth)
-    validate = data.add_parser("validate", help="validate a dataset (Great Expectations suite + image checks); writes a JSON report next to the data")
+    validate = data.add_parser("validate", help="validate a dataset (Great Expectations suite + image checks); writes a JSON report, never into the data")
     validate.add_argument("root", help="dataset root (MVTec-style layout: one folder per product)")
-    validate.add_argument("--report", default=None, help="report path (default: ROOT/validation_report.json)")
+    report_to = validate.add_mutually_exclusive_group()
+    report_to.add_argument("--out", default=None, help="output folder for validation_report.json (default: runs/validation/, as ROOTNAME_validation_report.json)")
+    report_to.add_argument("--report", default=None, help="explicit report file path (outside ROOT)")
     validate.add_argument("--min-valid-fraction", type=float, default=None, help="xyz tiffs: minimum share of valid points (default: data.depth_min_valid_fraction)")
 
     masks = sub.add_parser("masks", help="offline structure masks").add_subparsers(dest="masks_command", required=True, metavar="SUBCOMMAND")
@@ -121,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, help="output directory: predictions.csv, predictions.jsonl, overlays/")
     _add_params(predict)
 
+    config = sub.add_parser("config", help="inspect the configuration").add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    _add_params(config.add_parser("show", help="print the effective, validated config (params file + overrides) as YAML"))
+
     api = sub.add_parser("serve-api", help="REST inference service (POST /v1/predict; binds serve.host, default 127.0.0.1)")
     _add_model_source(api, required=False)
     _add_params(api)
@@ -138,6 +168,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     overrides = getattr(args, "overrides", []) or []
     if hasattr(args, "params"):
         load_config(args.params, overrides)  # fail fast on a bad config, before heavy imports
+    if args.command == "config":
+        import yaml
+
+        from components.config import config_to_dict
+
+        print(yaml.safe_dump(config_to_dict(load_config(args.params, overrides)), sort_keys=False), end="")
+        return EXIT_OK
     if args.command == "data" and args.data_command == "synth":
         from components.data.synth import synth_command
 
@@ -146,12 +183,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "data" and args.data_command == "validate":
         from components.data.validate import validate_command
 
-        floor = args.min_valid_fraction
-        if floor is None:
-            from components.config import DataConfig
+        from components.config import DataConfig
+        from components.data.validate import default_report_path
 
-            floor = DataConfig().depth_min_valid_fraction
-        return validate_command(Path(args.root), report_path=Path(args.report) if args.report else None, min_valid_fraction=floor)
+        floor = args.min_valid_fraction if args.min_valid_fraction is not None else DataConfig().depth_min_valid_fraction
+        report_path = Path(args.report) if args.report else default_report_path(Path(args.root), Path(args.out)) if args.out else None
+        return validate_command(Path(args.root), report_path=report_path, min_valid_fraction=floor)
     if args.command == "masks":
         from components.segment.cache import build_command
 
@@ -263,9 +300,39 @@ def _quiet_framework_logs() -> None:
             logger.addFilter(_NoFailureEcho())
 
 
+# Libraries whose INFO chatter (import-time loader lines, doc decorators, DB migrations) is not for users.
+THIRD_PARTY_LOGGERS = ("great_expectations", "faiss", "mlflow", "alembic", "urllib3", "httpx", "httpcore",
+                       "matplotlib", "PIL", "numexpr", "distributed", "dask", "fsspec", "git", "filelock")
+THIRD_PARTY_QUIET_ENV = {
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # carriage-return "Downloading artifacts" bars
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # MLflow configures its own handler at import time
+}
+
+
+class _ThirdPartyBelowWarning(logging.Filter):
+    """Drops records below WARNING from third-party loggers, even from modules that force their own level to INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        package = record.name.split(".", 1)[0]
+        return record.levelno >= logging.WARNING or package not in THIRD_PARTY_LOGGERS
+
+
+def _quiet_third_party() -> None:
+    """Without --verbose, third-party libraries only speak at WARNING and above (set before they are imported)."""
+    for key, value in THIRD_PARTY_QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _ThirdPartyBelowWarning) for f in handler.filters):
+            handler.addFilter(_ThirdPartyBelowWarning())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        _quiet_third_party()
     try:
         if args.command in ("run", "demo", "add-product", "serve"):
             from flows.server_guard import install

@@ -234,6 +234,8 @@ def validate_dataset(root: Path, min_valid_fraction: float | None = None) -> pd.
     report = data_validation.validate_dataset(root, floor)
     if not report.ok or report.manifest is None:
         raise DataError(report.describe())
+    if report.not_evaluable:  # valid data, but every product is evaluated after every step
+        raise DataError(f"{root}: product(s) {', '.join(report.not_evaluable)} have no test images (normal images only): not evaluable")
     manifest = report.manifest
     logger.info("dataset %s valid: %d images of %d products", root, len(manifest), manifest["product"].nunique())
     return manifest

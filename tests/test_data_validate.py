@@ -25,9 +25,10 @@ def _tree_hashes(root: Path) -> dict[str, str]:
 
 
 def test_valid_synthetic_set_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    generate_products(tmp_path, 2, seed=0, cfg=SMALL)
-    assert main(["data", "validate", str(tmp_path)]) == 0
-    report = json.loads((tmp_path / REPORT_NAME).read_text())
+    generate_products(tmp_path / "data", 2, seed=0, cfg=SMALL)
+    assert main(["data", "validate", str(tmp_path / "data"), "--out", str(tmp_path / "val")]) == 0
+    assert not (tmp_path / "data" / REPORT_NAME).exists()  # never into the data
+    report = json.loads((tmp_path / "val" / REPORT_NAME).read_text())
     assert report["ok"] and report["n_failures"] == 0
     assert any(e["expectation"] == "expect_column_values_to_be_in_set" for e in report["expectations"])
     assert "is valid" in capsys.readouterr().out
@@ -66,10 +67,10 @@ def test_corrupted_dataset_reports_every_file(tmp_path: Path, capsys: pytest.Cap
     shutil.copytree(f, root / fabric.upper())
 
     before = _tree_hashes(root)
-    assert validate_command(root, None) == 1
+    assert validate_command(root, tmp_path / REPORT_NAME) == 1
     assert _tree_hashes(root) == before  # nothing in the data was modified
 
-    found = {(x["rule"], x["path"]) for x in json.loads((root / REPORT_NAME).read_text())["failures"]}
+    found = {(x["rule"], x["path"]) for x in json.loads((tmp_path / REPORT_NAME).read_text())["failures"]}
     expected = {
         ("image_unreadable", str(truncated)),
         ("mask_size_mismatch", str(wrong_size)),

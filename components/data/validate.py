@@ -2,8 +2,8 @@
 
 Every problem becomes one ``ValidationFailure(rule, path, message)`` naming the offending file,
 so a failed validation lists every bad file with the rule it broke. Validation never modifies
-the data; the JSON report goes next to the data (``ROOT/validation_report.json``) or, when the
-data folder is read-only, to ``runs/validation/<root name>_validation_report.json``.
+the data and never writes into it: the JSON report goes to ``OUT/validation_report.json`` (``--out``)
+or by default to ``runs/validation/<root name>_validation_report.json``.
 
 Rules:
   layout               the root is not a readable dataset layout
@@ -20,7 +20,8 @@ Rules:
   mask_for_good_image  a good image has a mask (MVTec ``ground_truth/good``)
   orphan_mask          a mask file whose image does not exist
   train_good_empty     a product has no train/good images
-  no_test_images       a product has no test images
+Not a failure: a product with only ``train/good`` images (no ``test/``) is valid but flagged
+``not_evaluable`` in the report (a new product on a real line arrives with normal images only).
   duplicate_product    two product names differ only by case
   depth_missing        an MVTec 3D-AD rgb image has no xyz TIFF
   depth_unreadable     the xyz TIFF (``depth_path``) cannot be read
@@ -82,6 +83,7 @@ class ValidationReport:
     products: dict[str, dict[str, int]] = field(default_factory=dict)
     expectations: list[dict[str, Any]] = field(default_factory=list)
     manifest: pd.DataFrame | None = field(default=None, repr=False)
+    not_evaluable: list[str] = field(default_factory=list)  # valid products without test images
 
     @property
     def ok(self) -> bool:
@@ -94,6 +96,7 @@ class ValidationReport:
             "layout": self.layout,
             "n_images": 0 if self.manifest is None else int(len(self.manifest)),
             "products": self.products,
+            "not_evaluable": self.not_evaluable,
             "n_failures": len(self.failures),
             "failures": [{"rule": f.rule, "path": f.path, "message": f.message} for f in self.failures],
             "expectations": self.expectations,
@@ -103,7 +106,8 @@ class ValidationReport:
         """Human-readable summary; lists every failure."""
         if self.ok:
             parts = ", ".join(f"{name} ({c['train']} train, {c['test_good']} good + {c['test_defective']} defective test)" for name, c in self.products.items())
-            return f"dataset {self.root} is valid ({self.layout} layout): {parts}"
+            flag = f"; not evaluable (normal images only, no test images): {', '.join(self.not_evaluable)}" if self.not_evaluable else ""
+            return f"dataset {self.root} is valid ({self.layout} layout): {parts}{flag}"
         lines = [f"dataset {self.root} FAILED validation: {len(self.failures)} problem(s)"]
         lines += [f"  {failure}" for failure in self.failures]
         return "\n".join(lines)
@@ -334,7 +338,7 @@ def _product_dir(manifest: pd.DataFrame, product: str) -> str:
 
 
 def check_products(manifest: pd.DataFrame) -> list[ValidationFailure]:
-    """Every product has train/good and test images; no two product names differ only by case."""
+    """Every product has train/good images; no two product names differ only by case (see ``untested_products``)."""
     failures: list[ValidationFailure] = []
     by_key: dict[str, list[str]] = {}
     for product in sorted(manifest["product"].unique()):
@@ -343,13 +347,17 @@ def check_products(manifest: pd.DataFrame) -> list[ValidationFailure]:
         folder = _product_dir(manifest, product)
         if not ((rows["split"] == "train") & (rows["label"] == 0)).any():
             failures.append(ValidationFailure("train_good_empty", str(Path(folder) / "train" / "good"), f"product {product!r} has no train/good images"))
-        if not (rows["split"] == "test").any():
-            failures.append(ValidationFailure("no_test_images", str(Path(folder) / "test"), f"product {product!r} has no test images"))
     for names in by_key.values():
         if len(names) > 1:
             for name in names:
                 failures.append(ValidationFailure("duplicate_product", _product_dir(manifest, name), f"product names {names} differ only by case"))
     return failures
+
+
+def untested_products(manifest: pd.DataFrame) -> list[str]:
+    """Products with no test images: valid (normal images only) but not evaluable."""
+    tested = set(manifest.loc[manifest["split"] == "test", "product"])
+    return sorted(set(manifest["product"]) - tested)
 
 
 def _mvtec_product_dirs(root: Path) -> Iterator[Path]:
@@ -409,6 +417,7 @@ def validate_dataset(root: Path, min_valid_fraction: float = DEFAULT_MIN_VALID_F
         return report
     report.manifest = manifest
     report.products = _counts(manifest)
+    report.not_evaluable = untested_products(manifest)
     log.info("validating %d images of %d product(s) in %s", len(manifest), len(report.products), root)
     gx_failures, report.expectations = run_manifest_suite(manifest)
     failures = gx_failures + check_images(manifest, min_valid_fraction) + check_products(manifest)
@@ -421,32 +430,20 @@ def validate_dataset(root: Path, min_valid_fraction: float = DEFAULT_MIN_VALID_F
     return report
 
 
-def _writable(directory: Path) -> bool:
-    """Whether we may write into ``directory`` (permission bits count even for root)."""
-    try:
-        mode = directory.stat().st_mode
-    except OSError:
-        return False
-    return os.access(directory, os.W_OK) and bool(mode & 0o222)
-
-
-def default_report_path(root: Path) -> Path:
-    """``ROOT/validation_report.json``, or ``runs/validation/<name>_validation_report.json`` for read-only data."""
-    root = Path(root)
-    if root.is_dir() and _writable(root):
-        return root / REPORT_NAME
-    return FALLBACK_REPORT_DIR / f"{root.resolve().name or 'dataset'}_{REPORT_NAME}"
+def default_report_path(root: Path, out: Path | None = None) -> Path:
+    """``OUT/validation_report.json``, or ``runs/validation/<root name>_validation_report.json`` without ``out``."""
+    if out is not None:
+        return Path(out) / REPORT_NAME
+    return FALLBACK_REPORT_DIR / f"{Path(root).resolve().name or 'dataset'}_{REPORT_NAME}"
 
 
 def write_report(report: ValidationReport, report_path: Path | None) -> Path:
-    """Write the JSON report (falls back to ``runs/validation/`` when the target is not writable)."""
+    """Write the JSON report to ``report_path`` (default: ``default_report_path``); never inside the dataset."""
     target = Path(report_path) if report_path is not None else default_report_path(Path(report.root))
-    try:
-        return atomic_write_json(target, report.to_dict())
-    except OSError as exc:
-        fallback = FALLBACK_REPORT_DIR / f"{Path(report.root).name or 'dataset'}_{REPORT_NAME}"
-        log.warning("cannot write %s (%s); writing %s instead", target, exc, fallback)
-        return atomic_write_json(fallback, report.to_dict())
+    root = Path(report.root).resolve()
+    if root.is_dir() and target.resolve().is_relative_to(root):
+        raise DataError(f"{target}: the validation report must not be written into the dataset folder {root}; choose --out outside it")
+    return atomic_write_json(target, report.to_dict())
 
 
 def validate_command(root: Path, report_path: Path | None, min_valid_fraction: float = DEFAULT_MIN_VALID_FRACTION) -> int:
