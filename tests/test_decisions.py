@@ -147,3 +147,17 @@ def test_forgetting_of_error_rates_is_their_rise() -> None:
     forgetting = matrix.forgetting()
     assert forgetting["image_auroc"] == pytest.approx(0.1)
     assert forgetting["escape_rate"] == pytest.approx(0.3) and forgetting["false_reject_rate"] == pytest.approx(-0.2)
+
+
+def test_predict_deployment_entry_point_writes_decisions(base: TrainedBase, tmp_path: Path) -> None:
+    """``flows/deployments.py:predict_from_params`` (the batch-predict deployment of infra/prefect.yaml)."""
+    from flows.deployments import predict_from_params
+
+    last = json.loads((base.work / "metrics.json").read_text())["tasks"][-1]
+    product = next(f for f in base.old if f.name == last)
+    out = tmp_path / "out"
+    result = predict_from_params.fn(inputs=[str(product / "test")], out=str(out), bank=str(base.work / "banks"), overrides=list(BASE_OVERRIDES))
+    with open(result["predictions"]) as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(list((product / "test").rglob("*.png"))) > 0
+    assert {row["decision"] for row in rows} <= {"OK", "NG"} and all(row["product"] for row in rows)

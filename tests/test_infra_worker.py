@@ -34,7 +34,7 @@ def test_every_deployment_loads_its_flow_with_its_parameters() -> None:
 
     doc = _prefect_file()
     names = {d["name"] for d in doc["deployments"]}
-    assert {"continual-cpu", "continual-gpu", "add-product-cpu", "add-product-gpu"} <= names
+    assert {"continual-cpu", "continual-gpu", "add-product-cpu", "add-product-gpu", "predict-cpu", "predict-gpu", "stream-cpu", "stream-gpu"} <= names
     for deployment in doc["deployments"]:
         flow = load_flow_from_entrypoint(str(REPO_ROOT / deployment["entrypoint"].split(":")[0]) + ":" + deployment["entrypoint"].split(":")[1])
         accepted = set(inspect.signature(flow.fn).parameters)
