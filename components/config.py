@@ -182,7 +182,7 @@ class BanksConfig(Section):
 class MemoryConfig(Section):
     """Per-product memory of the memory-based methods (PatchCore banks, UCAD knowledge)."""
 
-    budget_mb: float = Field(default=8.0, gt=0)  # float32 bytes of memory rows per product (bank / knowledge+key)
+    budget_mb: float = Field(default=2.0, gt=0)  # float32 bytes of memory rows per product (bank / knowledge+key)
     coreset_ratio: float = Field(default=0.1, gt=0, le=1)  # k-center-greedy coreset size as a fraction of patches
     projection_dim: int | None = Field(default=64, ge=1)  # Johnson-Lindenstrauss projection for the greedy selection; None = off
 

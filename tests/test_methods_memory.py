@@ -103,3 +103,24 @@ def test_oracle_normalises_each_task_by_its_heldout_normals(tmp_path: Path) -> N
     loaded = PatchCoreOracle(toy_config("patchcore_oracle"), ToyBackbone())
     loaded.load(tmp_path / "o")
     assert loaded.score_stats == oracle.score_stats
+
+
+def test_test_features_are_computed_once_per_image_and_prompt() -> None:
+    method = UCAD(toy_config(epochs=1), ToyBackbone())
+    method.fit_task(toy_task("red"))
+    images = torch.cat([product_images("red", 4, seed=500), product_images("green", 4, seed=501)])
+    first = method.predict(images)
+    method.backbone.calls.update(key_features=0, features=0)
+    again = method.predict(images)
+    assert method.backbone.calls == {"key_features": 0, "features": 0}  # keys and prompted features reused
+    assert torch.equal(first.image_scores, again.image_scores) and torch.equal(first.anomaly_maps, again.anomaly_maps)
+    method.fit_task(toy_task("green"))
+    method.backbone.calls.update(key_features=0, features=0)
+    after = method.predict(images)
+    assert method.backbone.calls["key_features"] == 0  # un-prompted keys: always reused
+    assert method.backbone.calls["features"] == 1  # the green images under the new green prompt only
+    assert after.routed_tasks == ["red"] * 4 + ["green"] * 4
+    assert torch.equal(after.image_scores[:4], first.image_scores[:4])  # red: same prompt, same knowledge, same scale
+    fresh = UCAD(toy_config(epochs=1), ToyBackbone())  # a new backbone object has its own (empty) cache
+    fresh.load_state(method.state_tensors(), method.state_meta())
+    assert torch.allclose(fresh.predict(images).image_scores, after.image_scores)
