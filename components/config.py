@@ -84,7 +84,7 @@ class UCADConfig(Section):
 
     key_size: int = 196  # k-center-greedy sample of un-prompted patch features per task
     knowledge_size: int | None = None  # coreset rows of prompted patch features per task; None = memory.coreset_ratio within memory.budget_mb
-    epochs: int = 3
+    epochs: int = 0  # prompt epochs; 0 = training-free prompts (measured on real-ad, benchmarks/RESULTS.md)
     lr: float = 1e-2
     batch_size: int = 8
     temperature: float = 0.1
