@@ -149,6 +149,8 @@ class UCAD(ContinualMethod):
         """Train a fresh prompt with the structure contrastive loss (fixed epochs or early stopping)."""
         cfg = self.config.ucad
         prompt = self._new_prompt(task_index)
+        if cfg.epochs == 0:  # training-free prompt by configuration (the default, see benchmarks/RESULTS.md)
+            return self._freeze(prompt), {"epoch_losses": [], "heldout_losses": [], "best_epoch": None, "prompt_trained": False}
         if data.label_maps is None:
             log.warning("ucad: task %r has no label maps; using the training-free (initial) prompt", data.name)
             return self._freeze(prompt), {"epoch_losses": [], "heldout_losses": [], "best_epoch": None, "prompt_trained": False}
