@@ -190,7 +190,7 @@ class MemoryConfig(Section):
 class Config(Section):
     """Root configuration: one object for the whole pipeline."""
 
-    method: Literal["ucad", "patchcore_finetune", "patchcore_replay", "patchcore_oracle"] = "ucad"
+    method: Literal["ucad", "patchcore_finetune", "patchcore_replay", "patchcore_oracle", "patchcore_joint"] = "ucad"
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
     protocol: ProtocolConfig = Field(default_factory=ProtocolConfig)

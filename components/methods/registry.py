@@ -6,10 +6,10 @@ from components.backbones.base import PromptedBackbone
 from components.config import Config
 from components.errors import ContadError
 from components.methods.base import ContinualMethod
-from components.methods.patchcore import PatchCoreFinetune, PatchCoreOracle, PatchCoreReplay
+from components.methods.patchcore import PatchCoreFinetune, PatchCoreJoint, PatchCoreOracle, PatchCoreReplay
 from components.methods.ucad import UCAD
 
-METHODS: dict[str, type[ContinualMethod]] = {cls.name: cls for cls in (UCAD, PatchCoreFinetune, PatchCoreReplay, PatchCoreOracle)}
+METHODS: dict[str, type[ContinualMethod]] = {cls.name: cls for cls in (UCAD, PatchCoreFinetune, PatchCoreReplay, PatchCoreOracle, PatchCoreJoint)}
 
 
 def build_method(cfg: Config, backbone: PromptedBackbone) -> ContinualMethod:
