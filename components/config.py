@@ -46,6 +46,8 @@ class DataConfig(Section):
     image_size: PositiveInt = 224  # model input size (square resize)
     heldout_fraction: float = Field(0.1, ge=0, lt=1)  # slice of train/good held out for early stopping + thresholds
     num_workers: NonNegativeInt = 0
+    tile: int | None = Field(default=None, ge=32)  # score overlapping tiles of this many px at data.image_size and stitch; None = one pass
+    tile_overlap: int = Field(default=32, ge=0)  # px shared by neighbouring tiles
     synth: SynthConfig = Field(default_factory=SynthConfig)
     depth_min_valid_fraction: float = Field(0.05, ge=0.0, le=1.0)  # validation: xyz must have at least this share of valid points
 
@@ -81,29 +83,35 @@ class BackboneConfig(Section):
     key_layer: int | None = None  # None = backbone default mid layer for task keys
     device: str = "auto"  # auto | cpu | cuda
     prompt: PromptConfig = Field(default_factory=PromptConfig)
+    # CNN patch features (PatchCore's locally aware aggregation), chosen on real-ad (benchmarks/RESULTS.md):
+    pool_size: int = Field(default=3, ge=1, le=9)  # odd neighbourhood side of the local average (1 = none)
+    pool_padding: Literal["zeros", "reflect", "valid"] = "zeros"  # border cells: zero-padded / mirrored / valid-only mean
+    feature_dim: int | None = Field(default=None, ge=2)  # channel reduction: each stage pooled to feature_dim/2 channels; None = raw concat
 
 
 class UCADConfig(Section):
     """UCAD: task keys, prompts trained with structure-based contrastive loss, knowledge memory."""
 
     key_size: PositiveInt = 196  # k-center-greedy sample of un-prompted patch features per task
-    knowledge_size: PositiveInt = 784  # coreset of prompted patch features per task (paper: 196 at 196 patches/img)
-    epochs: NonNegativeInt = 3
+    knowledge_size: PositiveInt | None = None  # coreset rows of prompted patch features per task; None = memory.coreset_ratio within memory.budget_mb
+    epochs: NonNegativeInt = 0  # prompt epochs; 0 = training-free prompts (speed; the real-data 0-vs-N comparison is still open, RESULTS.md)
     lr: PositiveFloat = 1e-2
     batch_size: PositiveInt = 8
     temperature: PositiveFloat = 0.1
     pairs_per_image: PositiveInt = 256  # patch pairs sampled per image for the contrastive loss
     early_stopping_patience: NonNegativeInt = 0  # 0 = fixed epochs; else stop on held-out train normals
     reweight: bool = False  # PatchCore-style re-weighting of the image score
+    normalise_scores: bool = True  # divide scores by the routed task's mean held-out normal score
 
 
 class PatchCoreConfig(Section):
     """PatchCore baselines: finetune (forgets), replay, per-task oracle."""
 
-    coreset_size: PositiveInt = 1000
+    coreset_size: PositiveInt | None = None  # bank rows per task; None = memory.coreset_ratio within memory.budget_mb
     replay_buffer: NonNegativeInt = 20  # images kept from past tasks (patchcore_replay)
     num_neighbors: PositiveInt = 1
     reweight: bool = False
+    normalise_scores: bool = True  # oracle: divide scores by the task's mean held-out normal score
 
 
 class SAMConfig(Section):
@@ -346,11 +354,18 @@ class IBIUMADConfig(Section):
     smoothing_sigma: float = Field(4.0, ge=0.0)  # Gaussian smoothing of the upsampled map (px); 0 = off
 
 
+class MemoryConfig(Section):
+    """Per-product memory of the memory-based methods (PatchCore banks, UCAD knowledge)."""
+
+    budget_mb: float = Field(default=2.0, gt=0)  # float32 bytes of memory rows per product (bank / knowledge+key)
+    coreset_ratio: float = Field(default=0.1, gt=0, le=1)  # k-center-greedy coreset size as a fraction of patches
+    projection_dim: int | None = Field(default=64, ge=1)  # Johnson-Lindenstrauss projection for the greedy selection; None = off
+
+
 class Config(Section):
     """Root configuration: one object for the whole pipeline."""
 
-    method: Literal["ucad", "patchcore_finetune", "patchcore_replay", "patchcore_oracle", "lemo", "iuf", "ib_iumad"] = "ucad"
-
+    method: Literal["ucad", "patchcore_finetune", "patchcore_replay", "patchcore_oracle", "patchcore_joint", "lemo", "iuf", "ib_iumad"] = "ucad"
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
     protocol: ProtocolConfig = Field(default_factory=ProtocolConfig)
@@ -362,14 +377,12 @@ class Config(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     banks: BanksConfig = Field(default_factory=BanksConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
     decision: DecisionConfig = Field(default_factory=DecisionConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
-
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
-
     lemo: LeMOConfig = Field(default_factory=LeMOConfig)
     stream: StreamConfig = Field(default_factory=StreamConfig)
-
     reconstruction: ReconstructionConfig = Field(default_factory=ReconstructionConfig)
     iuf: IUFConfig = Field(default_factory=IUFConfig)
     ib_iumad: IBIUMADConfig = Field(default_factory=IBIUMADConfig)

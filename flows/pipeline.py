@@ -146,8 +146,17 @@ def _cached_backbone(backbone_json: str, image_size: int) -> PromptedBackbone:
     return build_backbone(BackboneConfig.model_validate_json(backbone_json), image_size)
 
 
+@functools.lru_cache(maxsize=2)
+def _cached_tiled_backbone(backbone_json: str, image_size: int, tile: int, overlap: int) -> PromptedBackbone:
+    from components.backbones.tiled import tiled_backbone
+
+    return tiled_backbone(_cached_backbone(backbone_json, tile), image_size, tile, overlap)
+
+
 def load_backbone(cfg: Config) -> PromptedBackbone:
-    """The frozen backbone of ``cfg`` (built once per process and configuration)."""
+    """The frozen backbone of ``cfg`` (built once per process and configuration; tiled when ``data.tile`` < image size)."""
+    if cfg.data.tile is not None and cfg.data.tile < cfg.data.image_size:
+        return _cached_tiled_backbone(cfg.backbone.model_dump_json(), cfg.data.image_size, cfg.data.tile, cfg.data.tile_overlap)
     return _cached_backbone(cfg.backbone.model_dump_json(), cfg.data.image_size)
 
 
@@ -160,8 +169,8 @@ def load_method(cfg: Config, method_dir: Path | None) -> ContinualMethod:
 
 
 def uses_structure_masks(cfg: Config) -> bool:
-    """Whether ``cfg.method`` trains with structure label maps."""
-    return cfg.method in METHODS_WITH_STRUCTURE_MASKS
+    """Whether ``cfg.method`` trains with structure label maps (UCAD only when it trains prompts)."""
+    return cfg.method in METHODS_WITH_STRUCTURE_MASKS and not (cfg.method == "ucad" and cfg.ucad.epochs == 0)
 
 
 def product_dirs(manifest: pd.DataFrame, products: list[str]) -> dict[str, str]:

@@ -9,10 +9,12 @@ from components.methods.base import ContinualMethod
 from components.methods.ib_iumad import IBIUMAD
 from components.methods.iuf import IUF
 from components.methods.lemo import LeMO
-from components.methods.patchcore import PatchCoreFinetune, PatchCoreOracle, PatchCoreReplay
+from components.methods.patchcore import PatchCoreFinetune, PatchCoreJoint, PatchCoreOracle, PatchCoreReplay
 from components.methods.ucad import UCAD
 
-METHODS: dict[str, type[ContinualMethod]] = {cls.name: cls for cls in (UCAD, PatchCoreFinetune, PatchCoreReplay, PatchCoreOracle, LeMO, IUF, IBIUMAD)}
+METHODS: dict[str, type[ContinualMethod]] = {
+    cls.name: cls for cls in (UCAD, PatchCoreFinetune, PatchCoreReplay, PatchCoreOracle, PatchCoreJoint, LeMO, IUF, IBIUMAD)
+}
 
 
 def build_method(cfg: Config, backbone: PromptedBackbone) -> ContinualMethod:
