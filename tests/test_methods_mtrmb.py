@@ -264,3 +264,18 @@ def test_rscl_masks_fall_back_and_say_so() -> None:
     ucad.masks.provider = "sam"  # no fallback for UCAD: the provider itself raises WeightsError
     assert structure_masks(ucad).used == "sam"
     assert choose_masks(ucad.masks, "sam", "slic").used == "slic"
+
+
+def test_add_product_text_option_sets_the_products_sentence() -> None:
+    from components.errors import ContadError
+    from flows.cli import parse_args, with_product_text
+
+    args = parse_args(["add-product", "data/new", "--name", "bolt", "--text", "a photo of a steel bolt", "method=mtrmb"])
+    assert args.text == "a photo of a steel bolt" and args.overrides == ["method=mtrmb"]
+    cfg = with_product_text(toy_config("mtrmb"), args.name, args.text, via_server=False)
+    assert product_sentence(cfg.text, "bolt") == "a photo of a steel bolt"
+    assert with_product_text(cfg, "bolt", None, via_server=False) is cfg
+    with pytest.raises(ContadError, match="text.prompts.bolt"):
+        with_product_text(cfg, "bolt", "a bolt", via_server=True)
+    with pytest.raises(ContadError, match="empty"):
+        with_product_text(cfg, "bolt", "  ", via_server=False)
