@@ -73,13 +73,17 @@ class BackboneConfig(Section):
     key_layer: int | None = None  # None = backbone default mid layer for task keys
     device: str = "auto"  # auto | cpu | cuda
     prompt: PromptConfig = Field(default_factory=PromptConfig)
+    # CNN patch features (PatchCore's locally aware aggregation), chosen on real-ad (benchmarks/RESULTS.md):
+    pool_size: int = Field(default=3, ge=1, le=9)  # odd neighbourhood side of the local average (1 = none)
+    pool_padding: Literal["zeros", "reflect", "valid"] = "zeros"  # border cells: zero-padded / mirrored / valid-only mean
+    feature_dim: int | None = Field(default=None, ge=2)  # channel reduction: each stage pooled to feature_dim/2 channels; None = raw concat
 
 
 class UCADConfig(Section):
     """UCAD: task keys, prompts trained with structure-based contrastive loss, knowledge memory."""
 
     key_size: int = 196  # k-center-greedy sample of un-prompted patch features per task
-    knowledge_size: int = 784  # coreset of prompted patch features per task (paper: 196 at 196 patches/img)
+    knowledge_size: int | None = None  # coreset rows of prompted patch features per task; None = memory.coreset_ratio within memory.budget_mb
     epochs: int = 3
     lr: float = 1e-2
     batch_size: int = 8
@@ -87,15 +91,17 @@ class UCADConfig(Section):
     pairs_per_image: int = 256  # patch pairs sampled per image for the contrastive loss
     early_stopping_patience: int = 0  # 0 = fixed epochs; else stop on held-out train normals
     reweight: bool = False  # PatchCore-style re-weighting of the image score
+    normalise_scores: bool = True  # divide scores by the routed task's mean held-out normal score
 
 
 class PatchCoreConfig(Section):
     """PatchCore baselines: finetune (forgets), replay, per-task oracle."""
 
-    coreset_size: int = 1000
+    coreset_size: int | None = None  # bank rows per task; None = memory.coreset_ratio within memory.budget_mb
     replay_buffer: int = 20  # images kept from past tasks (patchcore_replay)
     num_neighbors: int = 1
     reweight: bool = False
+    normalise_scores: bool = True  # oracle: divide scores by the task's mean held-out normal score
 
 
 class SAMConfig(Section):
@@ -173,6 +179,14 @@ class BanksConfig(Section):
     store_dir: str = "runs/banks"
 
 
+class MemoryConfig(Section):
+    """Per-product memory of the memory-based methods (PatchCore banks, UCAD knowledge)."""
+
+    budget_mb: float = Field(default=8.0, gt=0)  # float32 bytes of memory rows per product (bank / knowledge+key)
+    coreset_ratio: float = Field(default=0.1, gt=0, le=1)  # k-center-greedy coreset size as a fraction of patches
+    projection_dim: int | None = Field(default=64, ge=1)  # Johnson-Lindenstrauss projection for the greedy selection; None = off
+
+
 class TextConfig(Section):
     """Frozen text encoder and the per-product sentences of text-guided methods (MTRMB)."""
 
@@ -230,6 +244,7 @@ class Config(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     banks: BanksConfig = Field(default_factory=BanksConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
     text: TextConfig = Field(default_factory=TextConfig)
     mtrmb: MTRMBConfig = Field(default_factory=MTRMBConfig)
 

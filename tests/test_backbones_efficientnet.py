@@ -115,3 +115,48 @@ def test_spatial_prompt_knob() -> None:
     assert any("spatial" in name for name, _ in with_spatial.named_parameters())
     assert not any("spatial" in name for name, _ in without.named_parameters())
     assert all(name.endswith(("scale", "shift")) for name, _ in without.named_parameters())
+
+
+def _texture_crops(n: int, seed: int, size: int) -> torch.Tensor:
+    """``n`` random ImageNet-normalised crops of skimage's gravel texture (defect-free, uniform)."""
+    texture = data.gravel()
+    rng = np.random.default_rng(seed)
+    crops = []
+    for _ in range(n):
+        y, x = rng.integers(0, texture.shape[0] - size), rng.integers(0, texture.shape[1] - size)
+        crops.append(np.repeat(texture[y : y + size, x : x + size, None], 3, axis=2))
+    x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div(255.0)
+    return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def _border_share_of_top_patches(padding: str, size: int = 128) -> float:
+    """Share of defect-free test crops whose highest nearest-neighbour patch score is on the border ring."""
+    from components.methods.knn import NearestNeighbours
+
+    backbone = build_backbone(BackboneConfig(name="efficientnet_lite0", device="cpu", pool_padding=padding), size)
+    with torch.inference_mode():
+        train, test = backbone.features(_texture_crops(6, 0, size)), backbone.features(_texture_crops(6, 1, size))
+    scores = NearestNeighbours(train.reshape(-1, train.shape[-1])).nearest_distance(test.reshape(-1, test.shape[-1]))
+    rows, cols = backbone.grid_size(size)
+    top = scores.reshape(test.shape[0], -1).argmax(dim=1)
+    r, c = top // cols, top % cols
+    return float(((r == 0) | (c == 0) | (r == rows - 1) | (c == cols - 1)).float().mean())
+
+
+def test_uniform_texture_does_not_score_highest_on_its_border() -> None:
+    # The ring is 60 of 256 patches (23%); the default zero-padded local average keeps the maximum inside.
+    assert _border_share_of_top_patches("zeros") <= 0.25
+    # Guard of the guard: valid-cells-only averaging (the old default) puts the maximum on the border.
+    assert _border_share_of_top_patches("valid") >= 0.75
+
+
+def test_pooling_and_channel_reduction_knobs() -> None:
+    cfg = BackboneConfig(name="efficientnet_lite0", device="cpu", pretrained=False, pool_size=5, feature_dim=64)
+    backbone = build_backbone(cfg, 96)
+    with torch.inference_mode():
+        feats = backbone.features(torch.randn(1, 3, 96, 96))
+    assert backbone.feature_dim == 64 and feats.shape == (1, 12 * 12, 64)
+    with pytest.raises(ConfigError, match="backbone.pool_size"):
+        build_backbone(BackboneConfig(name="efficientnet_lite0", device="cpu", pretrained=False, pool_size=4), 96)
+    with pytest.raises(ConfigError, match="backbone.feature_dim"):
+        build_backbone(BackboneConfig(name="efficientnet_lite0", device="cpu", pretrained=False, feature_dim=63), 96)

@@ -6,9 +6,18 @@ order, different names). Every shape is checked; a mismatch raises ``WeightsErro
 
 Features (PatchCore style): the feature pyramid of timm's ``feature_info`` has levels
 0..4 at strides 2, 4, 8, 16, 32. ``feature_layer = L`` (default 3) takes levels L-1 and L, averages
-each over a 3x3 neighbourhood, upsamples level L bilinearly onto the level L-1 grid and
-concatenates the channels. The default gives 40 + 112 = 152 channels on the stride-8 grid
-(28 x 28 patches at 224 px). ``key_features`` are the same un-prompted features at
+each over a ``pool_size`` x ``pool_size`` neighbourhood (PatchCore's locally aware aggregation,
+default 3x3), upsamples level L bilinearly onto the level L-1 grid and concatenates the channels.
+The default gives 40 + 112 = 152 channels on the stride-8 grid (28 x 28 patches at 224 px).
+``feature_dim = D`` (channel reduction) resamples each level's channels to D/2 by adaptive
+average pooling before the concatenation (PatchCore's per-layer embedding), so both levels weigh
+the same in the distance whatever their channel counts.
+
+Borders (``pool_padding``): the neighbourhood of a border cell is zero-padded ("zeros", default;
+the cell's mean counts the padding), mirrored ("reflect") or averaged over valid cells only
+("valid"). "valid" averages border cells over 4-6 cells instead of 9, so they are noisier than
+interior cells and the highest patch score of a defect-free image lands on the border ring (on
+pcb 85% of good and defective images alike): the image score becomes a border artefact. ``key_features`` are the same un-prompted features at
 ``key_layer = K`` (default 3), average-pooled onto the coarser level-K grid (14 x 14 at 224 px),
 which keeps routing cheap.
 
@@ -89,9 +98,38 @@ class EfficientNetPrompt(TaskPrompt):
         return self.modulations[key](x) if key in self.modulations else x
 
 
-def _local_average(x: torch.Tensor) -> torch.Tensor:
-    """3x3 neighbourhood mean (PatchCore's local aggregation), borders averaged over valid cells."""
-    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+POOL_PADDINGS = ("zeros", "reflect", "valid")
+
+
+def local_average(x: torch.Tensor, size: int = 3, padding: str = "zeros") -> torch.Tensor:
+    """``size`` x ``size`` neighbourhood mean of (B, C, h, w) maps, same grid (PatchCore's local aggregation).
+
+    ``padding``: "zeros" counts zero padding in the mean, "reflect" mirrors the border cells,
+    "valid" averages over the cells inside the map only.
+    """
+    if size <= 1:
+        return x
+    if size % 2 == 0:
+        raise ConfigError(f"backbone.pool_size must be odd, got {size}")
+    pad = size // 2
+    if padding == "zeros":
+        return F.avg_pool2d(x, kernel_size=size, stride=1, padding=pad, count_include_pad=True)
+    if padding == "valid":
+        return F.avg_pool2d(x, kernel_size=size, stride=1, padding=pad, count_include_pad=False)
+    if padding == "reflect":
+        if min(x.shape[-2:]) <= pad:
+            raise ConfigError(f"backbone.pool_padding=reflect needs maps larger than {pad} cells, got {tuple(x.shape[-2:])}")
+        return F.avg_pool2d(F.pad(x, (pad, pad, pad, pad), mode="reflect"), kernel_size=size, stride=1)
+    raise ConfigError(f"backbone.pool_padding={padding!r} is not one of {POOL_PADDINGS}")
+
+
+def reduce_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """(B, C, h, w) -> (B, channels, h, w) by adaptive average pooling over the channel axis."""
+    if x.shape[1] == channels:
+        return x
+    b, c, h, w = x.shape
+    flat = x.permute(0, 2, 3, 1).reshape(b * h * w, 1, c)
+    return F.adaptive_avg_pool1d(flat, channels).reshape(b, h, w, channels).permute(0, 3, 1, 2)
 
 
 class EfficientNetLite0Backbone(PromptedBackbone):
@@ -105,6 +143,9 @@ class EfficientNetLite0Backbone(PromptedBackbone):
         key_level: int = DEFAULT_KEY_LEVEL,
         spatial_prompt: bool = True,
         device: torch.device | str = "cpu",
+        pool_size: int = 3,
+        pool_padding: str = "zeros",
+        feature_dim: int | None = None,
     ) -> None:
         super().__init__()
         info = net.feature_info
@@ -122,9 +163,18 @@ class EfficientNetLite0Backbone(PromptedBackbone):
         self.feature_level = feature_level
         self.key_level = key_level
         self.spatial_prompt = spatial_prompt
+        if pool_size < 1 or pool_size % 2 == 0:
+            raise ConfigError(f"backbone.pool_size must be an odd number >= 1, got {pool_size}")
+        if pool_padding not in POOL_PADDINGS:
+            raise ConfigError(f"backbone.pool_padding={pool_padding!r} is not one of {POOL_PADDINGS}")
+        if feature_dim is not None and (feature_dim < 2 or feature_dim % 2):
+            raise ConfigError(f"backbone.feature_dim must be an even number >= 2 (half per level), got {feature_dim}")
+        self.pool_size = pool_size
+        self.pool_padding = pool_padding
+        self.level_dim = None if feature_dim is None else feature_dim // 2
         self.mean = tuple(net.pretrained_cfg["mean"])
         self.std = tuple(net.pretrained_cfg["std"])
-        self.feature_dim = self._level_channels[feature_level - 1] + self._level_channels[feature_level]
+        self.feature_dim = feature_dim or self._level_channels[feature_level - 1] + self._level_channels[feature_level]
         self.key_dim = self._level_channels[key_level - 1] + self._level_channels[key_level]
         self._prompt_stages = self._stage_shapes(image_size)
 
@@ -154,11 +204,11 @@ class EfficientNetLite0Backbone(PromptedBackbone):
         if prompt is not None and not isinstance(prompt, EfficientNetPrompt):
             raise TypeError(f"EfficientNet-Lite0 needs an EfficientNetPrompt, got {type(prompt).__name__}")
         maps = self._pyramid(images, self.feature_level, prompt)
-        return self._patch_features(maps, self.feature_level).flatten(2).transpose(1, 2)
+        return self._patch_features(maps, self.feature_level, self.level_dim).flatten(2).transpose(1, 2)
 
     def key_features(self, images: torch.Tensor) -> torch.Tensor:
         maps = self._pyramid(images, self.key_level, None)
-        patches = self._patch_features(maps, self.key_level)
+        patches = self._patch_features(maps, self.key_level, None)
         pooled = F.adaptive_avg_pool2d(patches, maps[self.key_level].shape[-2:])
         return pooled.flatten(2).transpose(1, 2)
 
@@ -179,12 +229,16 @@ class EfficientNetLite0Backbone(PromptedBackbone):
                 maps[wanted[stage_index]] = x
         return maps
 
-    @staticmethod
-    def _patch_features(maps: dict[int, torch.Tensor], level: int) -> torch.Tensor:
-        """(B, C, h, w): local averages of levels ``level - 1`` and ``level`` on the finer grid."""
-        fine = _local_average(maps[level - 1])
-        coarse = _local_average(maps[level])
+    def _patch_features(self, maps: dict[int, torch.Tensor], level: int, level_dim: int | None) -> torch.Tensor:
+        """(B, C, h, w): local averages of levels ``level - 1`` and ``level`` on the finer grid.
+
+        ``level_dim`` set: each level's channels are first reduced to ``level_dim`` (equal weight per level).
+        """
+        fine = local_average(maps[level - 1], self.pool_size, self.pool_padding)
+        coarse = local_average(maps[level], self.pool_size, self.pool_padding)
         coarse = F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear", align_corners=False)
+        if level_dim is not None:
+            fine, coarse = reduce_channels(fine, level_dim), reduce_channels(coarse, level_dim)
         return torch.cat([fine, coarse], dim=1)
 
     @torch.no_grad()
@@ -227,4 +281,7 @@ def build_efficientnet_lite0(cfg: BackboneConfig, image_size: int, device: torch
         key_level=cfg.key_layer if cfg.key_layer is not None else DEFAULT_KEY_LEVEL,
         spatial_prompt=cfg.prompt.spatial,
         device=device,
+        pool_size=cfg.pool_size,
+        pool_padding=cfg.pool_padding,
+        feature_dim=cfg.feature_dim,
     )

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
+
+from components.config import MemoryConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,3 +58,32 @@ def coreset(features: torch.Tensor, k: int, projection_dim: int | None = None, s
     index = k_center_greedy(features, k, projection_dim=projection_dim, seed=seed)
     log.debug("coreset: %d of %d rows", len(index), features.shape[0])
     return features.detach().float()[index].contiguous()
+
+
+BYTES_PER_VALUE = 4  # memory rows are float32
+
+
+def budget_rows(budget_mb: float, dim: int, reserved_bytes: int = 0) -> int:
+    """Rows of ``dim`` float32 values that fit in ``budget_mb`` MB after ``reserved_bytes`` (at least 1)."""
+    available = budget_mb * 1024 * 1024 - reserved_bytes
+    return max(1, int(available // (dim * BYTES_PER_VALUE)))
+
+
+def memory_rows(n_patches: int, dim: int, memory: MemoryConfig, reserved_bytes: int = 0, size: int | None = None) -> int:
+    """Coreset size of one product: ``size`` if given, else ``memory.coreset_ratio`` of the patches,
+    capped by what fits in ``memory.budget_mb`` (after ``reserved_bytes`` of other per-product state)."""
+    wanted = size if size is not None else max(1, math.ceil(memory.coreset_ratio * n_patches))
+    return min(n_patches, wanted, budget_rows(memory.budget_mb, dim, reserved_bytes))
+
+
+def memory_coreset(
+    features: torch.Tensor, memory: MemoryConfig, seed: int = 0, reserved_bytes: int = 0, size: int | None = None
+) -> torch.Tensor:
+    """Indices of the budgeted, JL-projected k-center-greedy coreset of ``features`` (N, C)."""
+    k = memory_rows(features.shape[0], features.shape[1], memory, reserved_bytes, size)
+    return k_center_greedy(features, k, projection_dim=memory.projection_dim, seed=seed)
+
+
+def nbytes(tensors: list[torch.Tensor]) -> int:
+    """Total bytes of ``tensors``' storage (for the memory report)."""
+    return int(sum(t.numel() * t.element_size() for t in tensors))

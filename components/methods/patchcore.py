@@ -5,7 +5,9 @@
   (``patchcore.replay_buffer`` images in total, an equal share per task; part of the saved state).
 - ``PatchCoreOracle``: one bank per task, scored with the TRUE task of each image (upper bound).
 
-The banks are k-center-greedy coresets (``patchcore.coreset_size``) of the patch features.
+The banks are k-center-greedy coresets of the patch features, selected on a Johnson-Lindenstrauss
+random projection (``memory.projection_dim``): ``patchcore.coreset_size`` rows when set, else
+``memory.coreset_ratio`` of the task's patches, capped by the per-product ``memory.budget_mb``.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ from typing import Any, ClassVar
 import torch
 
 from components.backbones.base import PromptedBackbone
-from components.config import Config
+from components.config import Config, MemoryConfig
 from components.errors import ContadError
 from components.methods.base import ContinualMethod
-from components.methods.coreset import k_center_greedy
+from components.methods.coreset import memory_coreset, nbytes
 from components.methods.extract import batched, module_device
 from components.methods.knn import NearestNeighbours
-from components.methods.scoring import anomaly_maps, score_patches
+from components.methods.scoring import anomaly_maps, heldout_score_stats, normalisation_scale, score_patches
 from components.types import Prediction, TaskData
 
 log = logging.getLogger(__name__)
@@ -41,12 +43,20 @@ class MemoryBank:
         self.index = NearestNeighbours(self.features)
 
     @classmethod
-    def fit(cls, features: torch.Tensor, origin: torch.Tensor, size: int) -> MemoryBank:
-        """Coreset of ``features`` (B, N, C) whose image ``i`` came from task ``origin[i]``."""
+    def fit(cls, features: torch.Tensor, origin: torch.Tensor, memory: MemoryConfig, size: int | None = None, seed: int = 0) -> MemoryBank:
+        """Budgeted coreset of ``features`` (B, N, C) whose image ``i`` came from task ``origin[i]``.
+
+        ``size`` rows when given, else ``memory.coreset_ratio`` of the patches within ``memory.budget_mb``.
+        """
         b, n, c = features.shape
         flat_origin = origin.long().repeat_interleave(n)
-        index = k_center_greedy(features.reshape(b * n, c), size)
+        index = memory_coreset(features.reshape(b * n, c), memory, seed=seed, size=size)
         return cls(features.reshape(b * n, c)[index], flat_origin[index])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored rows (features + origin)."""
+        return nbytes([self.features, self.origin])
 
     def score(self, features: torch.Tensor, reweight: bool, num_neighbors: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(patch_scores (B, N), image_scores (B,), majority origin task of the patches' nearest rows (B,))."""
@@ -63,6 +73,10 @@ class _PatchCoreBase(ContinualMethod):
 
     def _features(self, images: torch.Tensor, desc: str | None = None) -> torch.Tensor:
         return batched(self.backbone.features, images, BATCH_SIZE, module_device(self.backbone), desc=desc)
+
+    def _fit_bank(self, feats: torch.Tensor, origin: torch.Tensor) -> MemoryBank:
+        """The task's bank: ``patchcore.coreset_size`` rows or the ``memory`` ratio/budget coreset."""
+        return MemoryBank.fit(feats, origin, self.config.memory, self.config.patchcore.coreset_size, self.config.seed)
 
     def _require_tasks(self) -> None:
         if not self.tasks:
@@ -105,9 +119,10 @@ class PatchCoreFinetune(_PatchCoreBase):
         started = time.perf_counter()
         feats = self._features(data.train.images, desc=f"{data.name}: features")
         origin = torch.full((feats.shape[0],), len(self.tasks))
-        self.bank = MemoryBank.fit(feats, origin, self.config.patchcore.coreset_size)
+        self.bank = self._fit_bank(feats, origin)
         self.tasks.append(data.name)
-        return {"task": data.name, "bank_size": int(self.bank.features.shape[0]), "train_images": len(data.train), "seconds": time.perf_counter() - started}
+        return {"task": data.name, "bank_size": int(self.bank.features.shape[0]), "memory_bytes": self.bank.nbytes,
+                "train_images": len(data.train), "seconds": time.perf_counter() - started}
 
     def predict(self, images: torch.Tensor, true_tasks: list[str] | None = None) -> Prediction:
         self._require_tasks()
@@ -151,12 +166,13 @@ class PatchCoreReplay(PatchCoreFinetune):
         images = torch.cat([data.train.images, *replay])
         origin = torch.cat([torch.full((len(data.train),), task_index), *replay_origin])
         feats = self._features(images, desc=f"{data.name}: features (+{len(images) - len(data.train)} replayed)")
-        self.bank = MemoryBank.fit(feats, origin, self.config.patchcore.coreset_size)
+        self.bank = self._fit_bank(feats, origin)
         self.tasks.append(data.name)
         self._update_buffer(data.train.images, task_index)
         return {
             "task": data.name,
             "bank_size": int(self.bank.features.shape[0]),
+            "memory_bytes": self.bank.nbytes + sum(int(b.numel() * b.element_size()) for b in self.buffer_images),
             "train_images": len(data.train),
             "replayed_images": len(images) - len(data.train),
             "buffer_sizes": [len(b) for b in self.buffer_images],
@@ -193,15 +209,19 @@ class PatchCoreOracle(_PatchCoreBase):
     def __init__(self, config: Config, backbone: PromptedBackbone) -> None:
         super().__init__(config, backbone)
         self.banks: list[MemoryBank] = []
+        self.score_stats: list[dict[str, float]] = []
 
     def fit_task(self, data: TaskData) -> dict[str, Any]:
         self._check_new(data)
         started = time.perf_counter()
         task_index = len(self.tasks)
         feats = self._features(data.train.images, desc=f"{data.name}: features")
-        self.banks.append(MemoryBank.fit(feats, torch.full((feats.shape[0],), task_index), self.config.patchcore.coreset_size))
+        self.banks.append(self._fit_bank(feats, torch.full((feats.shape[0],), task_index)))
         self.tasks.append(data.name)
-        return {"task": data.name, "bank_size": int(self.banks[-1].features.shape[0]), "train_images": len(data.train), "seconds": time.perf_counter() - started}
+        heldout = self._predict_with(self.banks[-1], data.heldout.images)[0] if len(data.heldout) else torch.empty(0)
+        self.score_stats.append(heldout_score_stats(heldout))
+        return {"task": data.name, "bank_size": int(self.banks[-1].features.shape[0]), "memory_bytes": self.banks[-1].nbytes,
+                "train_images": len(data.train), "seconds": time.perf_counter() - started}
 
     def predict(self, images: torch.Tensor, true_tasks: list[str] | None = None) -> Prediction:
         """Score each image with the bank of its true task (``true_tasks`` is required)."""
@@ -215,16 +235,25 @@ class PatchCoreOracle(_PatchCoreBase):
         image_scores, maps = torch.empty(b), torch.empty(b, h, w)
         for task in sorted(set(true_tasks)):
             members = torch.tensor([i for i, t in enumerate(true_tasks) if t == task])
-            scores, task_maps, _ = self._predict_with(self.banks[self.tasks.index(task)], images[members])
-            image_scores[members], maps[members] = scores, task_maps
+            task_index = self.tasks.index(task)
+            scores, task_maps, _ = self._predict_with(self.banks[task_index], images[members])
+            scale = self.score_scale(task_index)
+            image_scores[members], maps[members] = scores / scale, task_maps / scale
         return Prediction(image_scores=image_scores, anomaly_maps=maps, routed_tasks=list(true_tasks))
+
+    def score_scale(self, task_index: int) -> float:
+        """Divisor of task ``task_index``'s scores and maps (``patchcore.normalise_scores``; 1.0 when off)."""
+        if not self.config.patchcore.normalise_scores:
+            return 1.0
+        return normalisation_scale(self.score_stats[task_index])
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {f"bank/{t}/features": bank.features for t, bank in enumerate(self.banks)}
 
     def state_meta(self) -> dict[str, Any]:
-        return self._bank_meta()
+        return {**self._bank_meta(), "score_stats": list(self.score_stats), "memory_bytes": [bank.nbytes for bank in self.banks]}
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.tasks = list(meta["tasks"])
         self.banks = [MemoryBank(tensors[f"bank/{t}/features"], torch.full((tensors[f"bank/{t}/features"].shape[0],), t)) for t in range(len(self.tasks))]
+        self.score_stats = list(meta.get("score_stats", [{"count": 0} for _ in self.tasks]))

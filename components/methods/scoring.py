@@ -74,3 +74,26 @@ def score_patches(
     else:
         image_scores = patch_scores.max(dim=1).values
     return patch_scores, image_scores, nn_index
+
+
+def heldout_score_stats(image_scores: torch.Tensor) -> dict[str, float]:
+    """Statistics of one task's held-out training-normal image scores (stored in the method state)."""
+    if image_scores.numel() == 0:
+        return {"count": 0}
+    return {
+        "count": int(image_scores.numel()),
+        "mean": float(image_scores.mean()),
+        "std": float(image_scores.std()) if image_scores.numel() > 1 else 0.0,
+        "max": float(image_scores.max()),
+    }
+
+
+def normalisation_scale(stats: dict[str, float]) -> float:
+    """Per-task score scale: the mean held-out normal image score (1.0 without held-out normals).
+
+    Dividing a task's image scores and maps by it puts every product's normals near 1, so scores
+    are comparable across products; it is monotone per task, so per-product AUROCs are unchanged.
+    Computed from held-out TRAINING normals only, never from test data.
+    """
+    mean = float(stats.get("mean", 0.0)) if stats.get("count", 0) else 0.0
+    return mean if mean > 0 else 1.0

@@ -4,7 +4,10 @@ Per task ``t`` the method stores
 - a *key*: a k-center-greedy sample of the un-prompted key features of the task's training images;
 - a *prompt*: a fresh ``TaskPrompt`` trained with the structure-based contrastive loss on the
   structure label maps (patches of one segment attract, of different segments repel);
-- a *knowledge* memory: a k-center-greedy coreset of the prompted patch features.
+- a *knowledge* memory: a k-center-greedy coreset of the prompted patch features, selected on a
+  Johnson-Lindenstrauss projection; ``ucad.knowledge_size`` rows when set, else
+  ``memory.coreset_ratio`` of the patches, capped so that key + prompt + knowledge fit in the
+  per-product ``memory.budget_mb`` (the same budget as a PatchCore bank).
 
 At test time each image is routed, without any task label, to the task whose key is nearest
 (one un-prompted pass for all stored tasks), then scored with one prompted pass: the patch scores
@@ -30,11 +33,11 @@ from components.config import Config
 from components.errors import ContadError
 from components.methods.base import ContinualMethod
 from components.methods.contrastive import structure_contrastive_loss
-from components.methods.coreset import coreset
+from components.methods.coreset import coreset, memory_coreset, nbytes
 from components.methods.extract import batched, module_device
 from components.methods.knn import NearestNeighbours
 from components.methods.routing import KeyRouter
-from components.methods.scoring import anomaly_maps, score_patches
+from components.methods.scoring import anomaly_maps, heldout_score_stats, normalisation_scale, score_patches
 from components.progress import progress_bar
 from components.segment.grid import downsample_label_map
 from components.types import Prediction, TaskData
@@ -63,7 +66,6 @@ class UCAD(ContinualMethod):
     # ------------------------------------------------------------------ training
     def fit_task(self, data: TaskData) -> dict[str, Any]:
         """Learn the key, prompt and knowledge of one new task from its normal training images."""
-        cfg = self.config.ucad
         if data.name in self.tasks:
             raise ContadError(f"task {data.name!r} is already learned (tasks: {self.tasks})")
         if len(data.train) == 0:
@@ -73,13 +75,9 @@ class UCAD(ContinualMethod):
         images = data.train.images
         log.info("ucad: task %d %r, %d training images", task_index, data.name, len(images))
 
-        key_feats = batched(self.backbone.key_features, images, cfg.batch_size, self.device, desc=f"{data.name}: keys")
-        key = coreset(key_feats.reshape(-1, key_feats.shape[-1]), cfg.key_size)
-
+        key = self._build_key(data)
         prompt, train_log = self._train_prompt(data, task_index)
-
-        feats = batched(lambda x: self.backbone.features(x, prompt), images, cfg.batch_size, self.device, desc=f"{data.name}: knowledge")
-        knowledge = coreset(feats.reshape(-1, feats.shape[-1]), cfg.knowledge_size)
+        knowledge = self._build_knowledge(data, prompt, reserved_bytes=nbytes([key, *prompt.state_dict().values()]))
 
         self.tasks.append(data.name)
         self.keys.append(key)
@@ -93,11 +91,30 @@ class UCAD(ContinualMethod):
             "task": data.name,
             "key_size": int(key.shape[0]),
             "knowledge_size": int(knowledge.shape[0]),
+            "memory_bytes": self.task_bytes(task_index),
             "train_images": int(len(images)),
             "seconds": seconds,
             **train_log,
             "heldout_score_stats": self.score_stats[-1],
         }
+
+    def _build_key(self, data: TaskData) -> torch.Tensor:
+        """The task key: a k-center-greedy sample of the un-prompted key features of its training images."""
+        cfg = self.config.ucad
+        key_feats = batched(self.backbone.key_features, data.train.images, cfg.batch_size, self.device, desc=f"{data.name}: keys")
+        return coreset(key_feats.reshape(-1, key_feats.shape[-1]), cfg.key_size, projection_dim=self.config.memory.projection_dim, seed=self.config.seed)
+
+    def _build_knowledge(self, data: TaskData, prompt: TaskPrompt, reserved_bytes: int) -> torch.Tensor:
+        """The task knowledge: budgeted coreset of the prompted patch features of its training images."""
+        cfg = self.config.ucad
+        feats = batched(lambda x: self.backbone.features(x, prompt), data.train.images, cfg.batch_size, self.device, desc=f"{data.name}: knowledge")
+        flat = feats.reshape(-1, feats.shape[-1])
+        index = memory_coreset(flat, self.config.memory, seed=self.config.seed, reserved_bytes=reserved_bytes, size=cfg.knowledge_size)
+        return flat[index].contiguous()
+
+    def task_bytes(self, task_index: int) -> int:
+        """Bytes of task ``task_index``'s stored state (key + prompt + knowledge)."""
+        return nbytes([self.keys[task_index], self.knowledge[task_index], *self.prompts[task_index].state_dict().values()])
 
     def _new_prompt(self, task_index: int) -> TaskPrompt:
         """A deterministic fresh prompt for task ``task_index`` (seeded; global RNG untouched)."""
@@ -195,16 +212,16 @@ class UCAD(ContinualMethod):
         return prompt.eval()
 
     def _heldout_stats(self, data: TaskData, task_index: int) -> dict[str, float]:
-        """Image-score statistics of the task's held-out training normals under its own prompt."""
+        """Image-score statistics of the task's held-out training normals under its own prompt (raw scores)."""
         if len(data.heldout) == 0:
             return {"count": 0}
-        scores = self._score_task(data.heldout.images, task_index)[1]
-        return {
-            "count": int(len(scores)),
-            "mean": float(scores.mean()),
-            "std": float(scores.std()) if len(scores) > 1 else 0.0,
-            "max": float(scores.max()),
-        }
+        return heldout_score_stats(self._score_task(data.heldout.images, task_index)[1])
+
+    def score_scale(self, task_index: int) -> float:
+        """Divisor of task ``task_index``'s scores (``ucad.normalise_scores``; 1.0 when off)."""
+        if not self.config.ucad.normalise_scores:
+            return 1.0
+        return normalisation_scale(self.score_stats[task_index])
 
     # ------------------------------------------------------------------ inference
     def _memory(self, task_index: int) -> NearestNeighbours:
@@ -244,8 +261,9 @@ class UCAD(ContinualMethod):
         for task_index in routed.unique().tolist():
             members = (routed == task_index).nonzero().flatten()
             patch_scores, scores = self._score_task(images[members], task_index)
-            image_scores[members] = scores
-            maps[members] = anomaly_maps(patch_scores, grid, (h, w), self.config.eval.smoothing_sigma)
+            scale = self.score_scale(task_index)
+            image_scores[members] = scores / scale
+            maps[members] = anomaly_maps(patch_scores / scale, grid, (h, w), self.config.eval.smoothing_sigma)
         return Prediction(image_scores=image_scores, anomaly_maps=maps, routed_tasks=[self.tasks[i] for i in routed.tolist()])
 
     # ------------------------------------------------------------------ state
@@ -266,6 +284,7 @@ class UCAD(ContinualMethod):
             "image_size": self.config.data.image_size,
             "key_sizes": [int(k.shape[0]) for k in self.keys],
             "knowledge_sizes": [int(k.shape[0]) for k in self.knowledge],
+            "memory_bytes": [self.task_bytes(t) for t in range(len(self.tasks))],
             "score_stats": list(self.score_stats),
         }
 
