@@ -181,7 +181,7 @@ def test_routes_and_detects_with_the_routed_tasks_text(trained: MTRMB) -> None:
         assert bad.min() > good.max(), product
     red = product_images("red", 3, seed=11)
     own = trained._score_task(red, 0)[1]
-    assert torch.equal(trained.predict(red).image_scores, own)  # scored with task 0's prompt + fusion + text
+    assert torch.equal(trained.predict(red).image_scores, own / trained.score_scale(0))  # task 0: prompt + fusion + text
     swapped = trained.prompts[0].fusion.text.clone()
     try:  # another task's text under the same fusion gives other scores: the text is used
         trained.prompts[0].fusion.text.copy_(trained.prompts[1].fusion.text)
