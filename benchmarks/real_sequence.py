@@ -4,8 +4,12 @@ Run: ``.venv/bin/python -m benchmarks.real_sequence [--data DIR] [--out runs/ben
 
 Each method runs through the real pipeline (``contad run``: validation, masks, training, banks,
 evaluation after every step); then ``contad report`` renders the side-by-side comparison and a
-markdown table (final image AUROC per product, Average, FM, routing accuracy) is printed.
-Existing finished runs in OUT are reused (the pipeline resumes), so reruns are cheap.
+markdown table (final image AUROC per product, Average, FM, routing accuracy) is printed, then a
+cost table: wall seconds of each method's whole run (train + evaluate after every step), training
+seconds and stored memory (MB) per product, and the machine load (``os.getloadavg``) before and
+after the run: the benchmark machine is shared, so timings are under that load.
+Existing finished runs in OUT are reused (the pipeline resumes), so reruns are cheap
+(their wall time is then not a training time: delete OUT/METHOD to time it).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 
 from flows.cli import main as contad
@@ -38,6 +43,28 @@ def results_table(runs: dict[str, Path], metric: str = "image_auroc") -> str:
     return "\n".join(lines)
 
 
+def step_costs(run: Path) -> list[dict]:
+    """Per step: task, training seconds and stored memory bytes (from each step's train_log.json)."""
+    costs = []
+    for log_path in sorted((run / "steps").glob("*/train_log.json")):
+        doc = json.loads(log_path.read_text())
+        costs.append({"task": doc["task"], "seconds": doc["seconds"], "memory_bytes": doc["log"].get("memory_bytes")})
+    return costs
+
+
+def cost_table(runs: dict[str, Path], walls: dict[str, tuple[float, tuple[float, ...], tuple[float, ...]]]) -> str:
+    """Markdown table: per method, run wall seconds, load before/after, train seconds and MB per product."""
+    lines = ["| method | run wall s | load 1/5/15 min before -> after | train s per product | memory MB per product |", "|---|---|---|---|---|"]
+    for method, run in runs.items():
+        costs = step_costs(run)
+        wall, before, after = walls[method]
+        train = ", ".join(f"{c['task']} {c['seconds']:.0f}" for c in costs)
+        memory = ", ".join(f"{c['task']} {c['memory_bytes'] / 2**20:.2f}" if c["memory_bytes"] is not None else f"{c['task']} –" for c in costs)
+        load = f"{'/'.join(f'{x:.1f}' for x in before)} -> {'/'.join(f'{x:.1f}' for x in after)}"
+        lines.append(f"| {method} | {wall:.0f} | {load} | {train} | {memory} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=os.environ.get("CONTAD_REAL_AD", str(DEFAULT_DATA)))
@@ -47,16 +74,20 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out)
     runs: dict[str, Path] = {}
+    walls: dict[str, tuple[float, tuple[float, ...], tuple[float, ...]]] = {}
     for method in args.methods.split(","):
         runs[method] = out / method
+        before, started = os.getloadavg(), time.perf_counter()
         code = contad(["run", "--out", str(runs[method]), f"method={method}", f"data.root={args.data}",
                        f"data.products={PRODUCTS}", "tracking.enabled=false", f"masks.cache_dir={out / 'mask_cache'}",
                        *args.overrides])
+        walls[method] = (time.perf_counter() - started, before, os.getloadavg())
         if code != 0:
             return code
     contad(["report", *map(str, runs.values()), "--out", str(out / "compare")])
     for metric in ("image_auroc", "pixel_auroc", "aupro"):
         print(f"\n### {metric}\n\n{results_table(runs, metric)}")
+    print(f"\n### cost\n\n{cost_table(runs, walls)}")
     return 0
 
 

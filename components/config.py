@@ -84,7 +84,7 @@ class UCADConfig(Section):
 
     key_size: int = 196  # k-center-greedy sample of un-prompted patch features per task
     knowledge_size: int | None = None  # coreset rows of prompted patch features per task; None = memory.coreset_ratio within memory.budget_mb
-    epochs: int = 3
+    epochs: int = 0  # prompt epochs; 0 = training-free prompts (measured on real-ad, benchmarks/RESULTS.md)
     lr: float = 1e-2
     batch_size: int = 8
     temperature: float = 0.1
@@ -182,7 +182,7 @@ class BanksConfig(Section):
 class MemoryConfig(Section):
     """Per-product memory of the memory-based methods (PatchCore banks, UCAD knowledge)."""
 
-    budget_mb: float = Field(default=8.0, gt=0)  # float32 bytes of memory rows per product (bank / knowledge+key)
+    budget_mb: float = Field(default=2.0, gt=0)  # float32 bytes of memory rows per product (bank / knowledge+key)
     coreset_ratio: float = Field(default=0.1, gt=0, le=1)  # k-center-greedy coreset size as a fraction of patches
     projection_dim: int | None = Field(default=64, ge=1)  # Johnson-Lindenstrauss projection for the greedy selection; None = off
 

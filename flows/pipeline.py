@@ -155,8 +155,8 @@ def load_method(cfg: Config, method_dir: Path | None) -> ContinualMethod:
 
 
 def uses_structure_masks(cfg: Config) -> bool:
-    """Whether ``cfg.method`` trains with structure label maps."""
-    return cfg.method in METHODS_WITH_STRUCTURE_MASKS
+    """Whether ``cfg.method`` trains with structure label maps (UCAD only when it trains prompts)."""
+    return cfg.method in METHODS_WITH_STRUCTURE_MASKS and not (cfg.method == "ucad" and cfg.ucad.epochs == 0)
 
 
 def product_dirs(manifest: pd.DataFrame, products: list[str]) -> dict[str, str]:

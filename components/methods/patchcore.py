@@ -23,7 +23,7 @@ from components.config import Config, MemoryConfig
 from components.errors import ContadError
 from components.methods.base import ContinualMethod
 from components.methods.coreset import memory_coreset, nbytes
-from components.methods.extract import batched, module_device
+from components.methods.extract import batched, feature_cache, module_device
 from components.methods.knn import NearestNeighbours
 from components.methods.scoring import anomaly_maps, heldout_score_stats, normalisation_scale, score_patches
 from components.types import Prediction, TaskData
@@ -91,7 +91,7 @@ class _PatchCoreBase(ContinualMethod):
     def _predict_with(self, bank: MemoryBank, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(image_scores, anomaly_maps, owner task index) of ``images`` against ``bank``."""
         _, _, h, w = images.shape
-        feats = self._features(images)
+        feats = feature_cache(self.backbone).features("features/none", self.backbone.features, images, BATCH_SIZE, module_device(self.backbone))
         patch_scores, image_scores, owner = bank.score(feats, self.config.patchcore.reweight, self.config.patchcore.num_neighbors)
         maps = anomaly_maps(patch_scores, self.backbone.grid_size(h), (h, w), self.config.eval.smoothing_sigma)
         return image_scores, maps, owner

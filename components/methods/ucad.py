@@ -34,7 +34,7 @@ from components.errors import ContadError
 from components.methods.base import ContinualMethod
 from components.methods.contrastive import structure_contrastive_loss
 from components.methods.coreset import coreset, memory_coreset, nbytes
-from components.methods.extract import batched, module_device
+from components.methods.extract import batched, feature_cache, module_device, module_digest
 from components.methods.knn import NearestNeighbours
 from components.methods.routing import KeyRouter
 from components.methods.scoring import anomaly_maps, heldout_score_stats, normalisation_scale, score_patches
@@ -149,6 +149,8 @@ class UCAD(ContinualMethod):
         """Train a fresh prompt with the structure contrastive loss (fixed epochs or early stopping)."""
         cfg = self.config.ucad
         prompt = self._new_prompt(task_index)
+        if cfg.epochs == 0:  # training-free prompt by configuration (the default, see benchmarks/RESULTS.md)
+            return self._freeze(prompt), {"epoch_losses": [], "heldout_losses": [], "best_epoch": None, "prompt_trained": False}
         if data.label_maps is None:
             log.warning("ucad: task %r has no label maps; using the training-free (initial) prompt", data.name)
             return self._freeze(prompt), {"epoch_losses": [], "heldout_losses": [], "best_epoch": None, "prompt_trained": False}
@@ -236,18 +238,29 @@ class UCAD(ContinualMethod):
         return self._router
 
     def route(self, images: torch.Tensor) -> torch.Tensor:
-        """(B,) routed task index of every image: one un-prompted backbone pass per image."""
+        """(B,) routed task index of every image: one un-prompted backbone pass per image (cached across steps)."""
         bs = self.config.ucad.batch_size
         router = self.router()
-        routed = [router.route(batched(self.backbone.key_features, images[s : s + bs], bs, self.device)) for s in range(0, len(images), bs)]
+        cache = feature_cache(self.backbone)
+        routed = [router.route(cache.features("key", self.backbone.key_features, images[s : s + bs], bs, self.device)) for s in range(0, len(images), bs)]
         return torch.cat(routed)
 
-    def _score_task(self, images: torch.Tensor, task_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(patch_scores (B, N), image_scores (B,)) of ``images`` under task ``task_index``."""
+    def task_features(self, images: torch.Tensor, task_index: int) -> torch.Tensor:
+        """(B, N, C) features of ``images`` under task ``task_index``'s prompt, cached per (image, prompt)."""
         prompt = self.prompts[task_index]
-        feats = batched(lambda x: self.backbone.features(x, prompt), images, self.config.ucad.batch_size, self.device)
+        kind = f"features/{module_digest(prompt)}"
+        return feature_cache(self.backbone).features(kind, lambda x: self.backbone.features(x, prompt), images, self.config.ucad.batch_size, self.device)
+
+    def score_features(self, feats: torch.Tensor, task_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(patch_scores (B, N), image_scores (B,)) of prompted features against task ``task_index``'s knowledge (raw)."""
         patch_scores, image_scores, _ = score_patches(feats, self._memory(task_index), self.knowledge[task_index], self.config.ucad.reweight)
         return patch_scores, image_scores
+
+    def _score_task(self, images: torch.Tensor, task_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(patch_scores (B, N), image_scores (B,)) of ``images`` under task ``task_index`` (no cache; raw scores)."""
+        prompt = self.prompts[task_index]
+        feats = batched(lambda x: self.backbone.features(x, prompt), images, self.config.ucad.batch_size, self.device)
+        return self.score_features(feats, task_index)
 
     def predict(self, images: torch.Tensor, true_tasks: list[str] | None = None) -> Prediction:
         """Route every image to a task (``true_tasks`` is ignored), then score it with that task."""
@@ -260,7 +273,7 @@ class UCAD(ContinualMethod):
         maps = torch.empty(b, h, w)
         for task_index in routed.unique().tolist():
             members = (routed == task_index).nonzero().flatten()
-            patch_scores, scores = self._score_task(images[members], task_index)
+            patch_scores, scores = self.score_features(self.task_features(images[members], task_index), task_index)
             scale = self.score_scale(task_index)
             image_scores[members] = scores / scale
             maps[members] = anomaly_maps(patch_scores / scale, grid, (h, w), self.config.eval.smoothing_sigma)
