@@ -208,6 +208,7 @@ class TextConfig(Section):
 class MTRMBConfig(Section):
     """MTRMB: UCAD + text-guided key-prompt-knowledge memory (KPMK) + refined structure contrast (RSCL)."""
 
+    epochs: int = Field(1, ge=0)  # Eq. 8 training epochs per task (replaces ucad.epochs for MTRMB)
     kpmk: bool = True  # text cross-attention fusion, L_cross and the learnable-key pull term L_kp
     rscl: bool = True  # Eq. 5-6 contrastive loss on Grounded-SAM label maps (off: UCAD's loss on masks.provider)
     contrastive_weight: float = Field(1.0, ge=0.0)  # weight of L_contra in Eq. 8

@@ -28,6 +28,7 @@ def minilm() -> TextEncoder:
 
 def _mtrmb(minilm: TextEncoder, **mtrmb: object) -> MTRMB:
     cfg = toy_config("mtrmb")
+    cfg.mtrmb.epochs = cfg.ucad.epochs
     for key, value in mtrmb.items():
         setattr(cfg.mtrmb, key, value)
     method = MTRMB(cfg, ToyBackbone())
@@ -168,6 +169,15 @@ def test_training_moves_fusion_prompt_and_learnable_key(trained: MTRMB) -> None:
     assert torch.count_nonzero(prompt.inner.scale) > 0
     assert not any(p.requires_grad for p in prompt.parameters())  # frozen after its task
     assert trained.texts == [f"a photo of a {p}" for p in PRODUCTS]
+
+
+def test_mtrmb_epochs_train_even_when_ucad_is_training_free(minilm: TextEncoder) -> None:
+    cfg = toy_config("mtrmb", epochs=0)  # UCAD's default: training-free prompts
+    method = MTRMB(cfg, ToyBackbone())  # mtrmb.epochs (default 1) trains prompt + fusion anyway
+    method._text_encoder = minilm
+    log = method.fit_task(toy_task("red", n_train=4, n_heldout=1))
+    assert log["prompt_trained"] is True and len(log["epoch_losses"]) == 1
+    assert torch.count_nonzero(method.prompts[0].fusion.text_to_image.to_out.weight) > 0
 
 
 def test_routes_and_detects_with_the_routed_tasks_text(trained: MTRMB) -> None:

@@ -34,7 +34,11 @@ one task joined by "and"), encoded once by the frozen text encoder (``components
 when the task is learned; the sentence and its token features are stored with the task.
 
 Switches: ``mtrmb.kpmk=false`` drops fusion, L_cross and L_kp; ``mtrmb.rscl=false`` uses UCAD's
-loss on ``masks.provider`` maps. With both off (and ``contrastive_weight=1``) MTRMB is UCAD exactly.
+loss on ``masks.provider`` maps. With both off (and ``contrastive_weight=1``) MTRMB is UCAD trained for
+``mtrmb.epochs`` exactly. ``mtrmb.epochs`` replaces ``ucad.epochs`` for MTRMB (UCAD's default, 0, is
+training-free; without training the fusion stays the identity and MTRMB would be UCAD). The other
+``ucad.*`` knobs (lr, batch size, key size, pairs per image, knowledge size) and ``memory.*`` apply
+as for UCAD; the fusion and text tensors count toward the task's ``memory.budget_mb`` like the prompt.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from components.backbones.text import TextEncoder, build_text_encoder, task_sent
 from components.config import Config
 from components.errors import ContadError
 from components.methods.contrastive import structure_contrastive_loss
+from components.methods.extract import feature_cache
 from components.methods.multimodal import TextImageFusion, cross_alignment_loss, key_pull_loss, refined_contrastive_loss
 from components.methods.ucad import UCAD
 from components.segment.fallback import MasksChoice, choose_masks
@@ -83,6 +88,9 @@ class FusedBackbone(PromptedBackbone):
         self.feature_dim = inner.feature_dim
         self.key_dim = inner.key_dim
         self._new_fusion = new_fusion  # callable -> TextImageFusion, or None without KPMK
+        # Share the wrapped backbone's test-feature cache: un-prompted keys are the same features, and
+        # fused features are cached under the MTRMBPrompt's digest (prompt + fusion + text).
+        self.__dict__["_contad_feature_cache"] = feature_cache(inner)
 
     def grid_size(self, image_size: int) -> tuple[int, int]:
         return self.inner.grid_size(image_size)
@@ -127,6 +135,8 @@ class MTRMB(UCAD):
             "dim": cfg.fusion_dim,
             "heads": cfg.fusion_heads,
         }
+        # MTRMB trains prompt + fusion + learnable key for mtrmb.epochs (UCAD's own default is training-free).
+        config = config.model_copy(update={"ucad": config.ucad.model_copy(update={"epochs": cfg.epochs})})
         super().__init__(config, FusedBackbone(backbone, self._new_fusion if cfg.kpmk else None))
 
     # ------------------------------------------------------------------ masks
