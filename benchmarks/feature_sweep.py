@@ -1,7 +1,7 @@
 """Patch-feature and memory settings on real products, measured without the pipeline (fast sweep).
 
 Run: ``python -m benchmarks.feature_sweep --data ../shared/data/real-ad --products grid,pcb
---variants "size=224,padding=valid;size=224,padding=zeros" [--ratio 0.1] [--budget 8]``.
+--variants "size=224,padding=valid;size=224,padding=zeros;size=448,tile=224,overlap=0" [--ratio 0.1] [--budget 2]``.
 
 For every product and variant: training features of the non-held-out train/good images
 (same split as the pipeline), a budgeted JL k-center-greedy coreset (or ``bank=random:N``),
@@ -22,6 +22,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from components.backbones.registry import build_backbone
+from components.backbones.tiled import tiled_backbone
 from components.config import BackboneConfig, MemoryConfig
 from components.data.loading import load_images, load_masks, train_split
 from components.data.manifest import read_dataset
@@ -41,7 +42,8 @@ def run_variant(manifest, product: str, v: dict[str, str], memory: MemoryConfig,
     size = int(v.get("size", 224))
     bcfg = BackboneConfig(device="cpu", pool_size=int(v.get("pool", 3)), pool_padding=v.get("padding", "zeros"),
                           feature_dim=int(v["dim"]) if "dim" in v else None, feature_layer=int(v.get("layer", 3)))
-    backbone = build_backbone(bcfg, size)
+    tile = int(v["tile"]) if "tile" in v else None
+    backbone = tiled_backbone(build_backbone(bcfg, tile or size), size, tile, int(v.get("overlap", 32)))
     key = (product, size)
     if key not in cache:
         train, _ = train_split(manifest, [product], 0.1, 0)

@@ -39,6 +39,8 @@ class DataConfig(Section):
     image_size: int = 224  # model input size (square resize)
     heldout_fraction: float = 0.1  # slice of train/good held out for early stopping + thresholds
     num_workers: int = 0
+    tile: int | None = Field(default=None, ge=32)  # score overlapping tiles of this many px at data.image_size and stitch; None = one pass
+    tile_overlap: int = Field(default=32, ge=0)  # px shared by neighbouring tiles
     synth: SynthConfig = Field(default_factory=SynthConfig)
 
 
@@ -233,7 +235,7 @@ class MTRMBConfig(Section):
 class Config(Section):
     """Root configuration: one object for the whole pipeline."""
 
-    method: Literal["ucad", "patchcore_finetune", "patchcore_replay", "patchcore_oracle", "mtrmb"] = "ucad"
+    method: Literal["ucad", "patchcore_finetune", "patchcore_replay", "patchcore_oracle", "patchcore_joint", "mtrmb"] = "ucad"
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
     protocol: ProtocolConfig = Field(default_factory=ProtocolConfig)

@@ -141,8 +141,17 @@ def _cached_backbone(backbone_json: str, image_size: int) -> PromptedBackbone:
     return build_backbone(BackboneConfig.model_validate_json(backbone_json), image_size)
 
 
+@functools.lru_cache(maxsize=2)
+def _cached_tiled_backbone(backbone_json: str, image_size: int, tile: int, overlap: int) -> PromptedBackbone:
+    from components.backbones.tiled import tiled_backbone
+
+    return tiled_backbone(_cached_backbone(backbone_json, tile), image_size, tile, overlap)
+
+
 def load_backbone(cfg: Config) -> PromptedBackbone:
-    """The frozen backbone of ``cfg`` (built once per process and configuration)."""
+    """The frozen backbone of ``cfg`` (built once per process and configuration; tiled when ``data.tile`` < image size)."""
+    if cfg.data.tile is not None and cfg.data.tile < cfg.data.image_size:
+        return _cached_tiled_backbone(cfg.backbone.model_dump_json(), cfg.data.image_size, cfg.data.tile, cfg.data.tile_overlap)
     return _cached_backbone(cfg.backbone.model_dump_json(), cfg.data.image_size)
 
 

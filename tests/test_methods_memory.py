@@ -124,3 +124,23 @@ def test_test_features_are_computed_once_per_image_and_prompt() -> None:
     fresh = UCAD(toy_config(epochs=1), ToyBackbone())  # a new backbone object has its own (empty) cache
     fresh.load_state(method.state_tensors(), method.state_meta())
     assert torch.allclose(fresh.predict(images).image_scores, after.image_scores)
+
+
+def test_patchcore_joint_keeps_every_training_patch_and_forgets_nothing(tmp_path: Path) -> None:
+    from components.methods.patchcore import PatchCoreJoint
+    from components.methods.registry import build_method
+
+    joint = build_method(toy_config("patchcore_joint"), ToyBackbone())
+    assert isinstance(joint, PatchCoreJoint)
+    logs = [joint.fit_task(toy_task(product, n_train=6)) for product in ("red", "green")]
+    patches = 6 * 4 * 4  # 6 images x (32 / 8)^2 patches
+    assert [log["bank_size"] for log in logs] == [patches, 2 * patches]
+    assert logs[1]["memory_bytes"] == 2 * patches * (ToyBackbone.feature_dim * 4 + 8)  # grows with every task
+    good, bad = product_images("red", 6, seed=21), product_images("red", 6, seed=22, defect="blue")
+    scores = joint.predict(torch.cat([good, bad])).image_scores
+    assert roc_auc_score([0] * 6 + [1] * 6, scores.numpy()) == 1.0  # red still known after green
+    assert set(joint.predict(good).routed_tasks) == {"red"}
+    joint.save(tmp_path / "j")
+    loaded = build_method(toy_config("patchcore_joint"), ToyBackbone())
+    loaded.load(tmp_path / "j")
+    assert torch.equal(loaded.predict(good).image_scores, joint.predict(good).image_scores)

@@ -257,3 +257,28 @@ class PatchCoreOracle(_PatchCoreBase):
         self.tasks = list(meta["tasks"])
         self.banks = [MemoryBank(tensors[f"bank/{t}/features"], torch.full((tensors[f"bank/{t}/features"].shape[0],), t)) for t in range(len(self.tasks))]
         self.score_stats = list(meta.get("score_stats", [{"count": 0} for _ in self.tasks]))
+
+
+class PatchCoreJoint(PatchCoreFinetune):
+    """One bank over ALL training patches of every task seen so far (no coreset, nothing forgotten).
+
+    The upper bound a single memory can reach, at the cost of storing every training patch: its
+    memory grows with every task (``memory_bytes`` in the training log; not bounded by
+    ``memory.budget_mb``). Images are scored against the joint bank without any task label.
+    """
+
+    name: ClassVar[str] = "patchcore_joint"
+
+    def fit_task(self, data: TaskData) -> dict[str, Any]:
+        self._check_new(data)
+        started = time.perf_counter()
+        feats = self._features(data.train.images, desc=f"{data.name}: features")
+        b, n, c = feats.shape
+        rows = feats.reshape(b * n, c)
+        origin = torch.full((b * n,), len(self.tasks), dtype=torch.long)
+        if self.bank is not None:
+            rows, origin = torch.cat([self.bank.features, rows]), torch.cat([self.bank.origin, origin])
+        self.bank = MemoryBank(rows, origin)
+        self.tasks.append(data.name)
+        return {"task": data.name, "bank_size": int(self.bank.features.shape[0]), "memory_bytes": self.bank.nbytes,
+                "train_images": len(data.train), "seconds": time.perf_counter() - started}

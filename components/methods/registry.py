@@ -7,11 +7,11 @@ from components.config import Config
 from components.errors import ContadError
 from components.methods.base import ContinualMethod
 from components.methods.mtrmb import MTRMB
-from components.methods.patchcore import PatchCoreFinetune, PatchCoreOracle, PatchCoreReplay
+from components.methods.patchcore import PatchCoreFinetune, PatchCoreJoint, PatchCoreOracle, PatchCoreReplay
 from components.methods.ucad import UCAD
 from components.segment.fallback import MasksChoice, choose_masks
 
-METHODS: dict[str, type[ContinualMethod]] = {cls.name: cls for cls in (UCAD, PatchCoreFinetune, PatchCoreReplay, PatchCoreOracle, MTRMB)}
+METHODS: dict[str, type[ContinualMethod]] = {cls.name: cls for cls in (UCAD, PatchCoreFinetune, PatchCoreReplay, PatchCoreOracle, PatchCoreJoint, MTRMB)}
 
 
 def build_method(cfg: Config, backbone: PromptedBackbone) -> ContinualMethod:

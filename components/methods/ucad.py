@@ -15,8 +15,17 @@ are nearest-neighbour distances to that task's knowledge, the image score their 
 (optionally PatchCore re-weighted), and the anomaly map their bilinearly upsampled, Gaussian
 smoothed grid.
 
-Without label maps (``TaskData.label_maps is None``) the prompt is left at its initialisation
-(training-free prompt) and only the key and knowledge are learned.
+Without label maps (``TaskData.label_maps is None``) or with ``ucad.epochs = 0`` (the default,
+see benchmarks/RESULTS.md) the prompt is left at its initialisation (training-free prompt) and
+only the key and knowledge are learned.
+
+Scores are divided by the routed task's mean held-out-normal image score
+(``ucad.normalise_scores``), so products are comparable. Test-image features (un-prompted keys,
+prompted features per image and prompt) are cached on the backbone and reused across steps.
+
+Stages, each its own method (for methods built on UCAD): ``_build_key``, ``_train_prompt``,
+``_build_knowledge``, ``_heldout_stats``; inference: ``route``, ``task_features``,
+``score_features``, ``score_scale``.
 """
 
 from __future__ import annotations

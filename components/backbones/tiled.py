@@ -1,0 +1,84 @@
+"""Tiled scoring at native resolution: a backbone wrapper that encodes overlapping tiles and stitches them.
+
+High-resolution products (thin defects on 512 px board scans) lose their defects when squashed to
+the backbone's usual input size. With ``data.image_size`` at the native resolution and
+``data.tile = T`` the wrapper cuts every image into overlapping T x T tiles (``data.tile_overlap``
+pixels of overlap, tile starts on the patch stride), encodes each tile with the inner backbone and
+averages the tiles' patch features cell by cell onto the full-resolution patch grid. Everything
+downstream (coresets, nearest neighbours, anomaly maps at input resolution, image score = max of the
+stitched map) is unchanged. Task keys use one un-tiled pass of the image resized to T x T (routing
+needs the product, not the defect). A tile that covers the image is exactly the single pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from components.backbones.base import PromptedBackbone, TaskPrompt
+from components.config import ConfigError
+
+
+def tile_starts(size: int, tile: int, overlap: int, stride: int) -> list[int]:
+    """Pixel offsets of overlapping tiles along one side: multiples of ``stride``, the last flush with the edge."""
+    if tile >= size:
+        return [0]
+    step = max(stride, ((tile - overlap) // stride) * stride)
+    starts = list(range(0, size - tile, step))
+    return starts + [size - tile]
+
+
+class TiledBackbone(PromptedBackbone):
+    """``inner`` (built for ``tile`` px inputs) applied to overlapping tiles of larger images."""
+
+    def __init__(self, inner: PromptedBackbone, tile: int, overlap: int) -> None:
+        super().__init__()
+        cells = inner.grid_size(tile)[0]
+        if tile % cells:
+            raise ConfigError(f"data.tile={tile} must be a multiple of the backbone's patch stride")
+        if not 0 <= overlap < tile:
+            raise ConfigError(f"data.tile_overlap={overlap} must be in [0, data.tile={tile})")
+        self.inner = inner
+        self.tile = tile
+        self.overlap = overlap
+        self.stride = tile // cells
+        self.feature_dim = inner.feature_dim
+        self.key_dim = inner.key_dim
+
+    def grid_size(self, image_size: int) -> tuple[int, int]:
+        if image_size <= self.tile:
+            return self.inner.grid_size(image_size)
+        if image_size % self.stride:
+            raise ConfigError(f"data.image_size={image_size} must be a multiple of the patch stride {self.stride} when tiling")
+        return image_size // self.stride, image_size // self.stride
+
+    def new_prompt(self) -> TaskPrompt:
+        return self.inner.new_prompt()
+
+    def key_features(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-1] > self.tile:
+            images = F.interpolate(images, size=(self.tile, self.tile), mode="bilinear", align_corners=False, antialias=True)
+        return self.inner.key_features(images)
+
+    def features(self, images: torch.Tensor, prompt: TaskPrompt | None = None) -> torch.Tensor:
+        b, _, h, w = images.shape
+        if h <= self.tile and w <= self.tile:
+            return self.inner.features(images, prompt)
+        grid_h, grid_w = h // self.stride, w // self.stride
+        cells = self.tile // self.stride
+        total = images.new_zeros(b, self.feature_dim, grid_h, grid_w)
+        count = images.new_zeros(1, 1, grid_h, grid_w)
+        for y in tile_starts(h, self.tile, self.overlap, self.stride):
+            for x in tile_starts(w, self.tile, self.overlap, self.stride):
+                feats = self.inner.features(images[:, :, y : y + self.tile, x : x + self.tile], prompt)
+                gy, gx = y // self.stride, x // self.stride
+                total[:, :, gy : gy + cells, gx : gx + cells] += feats.transpose(1, 2).reshape(b, -1, cells, cells)
+                count[:, :, gy : gy + cells, gx : gx + cells] += 1
+        return (total / count).flatten(2).transpose(1, 2)
+
+
+def tiled_backbone(inner_for_tile: PromptedBackbone, image_size: int, tile: int | None, overlap: int) -> PromptedBackbone:
+    """``inner_for_tile`` (built for ``tile`` px) wrapped for tiling when ``tile`` is set and below ``image_size``."""
+    if tile is None or tile >= image_size:
+        return inner_for_tile
+    return TiledBackbone(inner_for_tile, tile, overlap)

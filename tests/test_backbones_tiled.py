@@ -1,0 +1,59 @@
+"""Tiled scoring: overlapping tiles at native resolution stitched onto one patch grid."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from components.backbones.registry import build_backbone
+from components.backbones.tiled import TiledBackbone, tile_starts, tiled_backbone
+from components.config import BackboneConfig, ConfigError
+from components.methods.patchcore import PatchCoreOracle
+from tests.methods_support import toy_config, toy_task
+
+
+@pytest.fixture(scope="module")
+def inner():  # noqa: ANN201 - random-weight Lite0 built for 64 px tiles
+    torch.manual_seed(0)
+    return build_backbone(BackboneConfig(name="efficientnet_lite0", device="cpu", pretrained=False), 64)
+
+
+def test_tile_starts_overlap_and_end_flush() -> None:
+    assert tile_starts(128, 64, 16, 8) == [0, 48, 64]
+    assert tile_starts(64, 64, 16, 8) == [0] and tile_starts(40, 64, 16, 8) == [0]
+    assert all(s % 8 == 0 for s in tile_starts(512, 224, 32, 8)) and tile_starts(512, 224, 32, 8)[-1] == 288
+
+
+def test_a_tile_covering_the_image_gives_the_single_pass_features_and_map(inner) -> None:  # noqa: ANN001
+    tiled = TiledBackbone(inner, tile=64, overlap=16)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(tiled.features(images), inner.features(images))
+    assert tiled.grid_size(64) == inner.grid_size(64)
+    assert tiled_backbone(inner, 64, 64, 16) is inner and tiled_backbone(inner, 64, None, 16) is inner
+    # the same through a method: identical anomaly maps and image scores
+    cfg = toy_config("patchcore_oracle")
+    cfg.data.image_size = 64
+    task = toy_task("red", n_train=3, n_heldout=1)
+    big = torch.nn.functional.interpolate(task.train.images, size=(64, 64))
+    task.train.images, task.heldout.images = big, big[:1]
+    plain, tiled_method = PatchCoreOracle(cfg, inner), PatchCoreOracle(cfg, tiled)
+    plain.fit_task(task)
+    tiled_method.fit_task(task)
+    a, b = plain.predict(images, ["red", "red"]), tiled_method.predict(images, ["red", "red"])
+    assert torch.equal(a.anomaly_maps, b.anomaly_maps) and torch.equal(a.image_scores, b.image_scores)
+
+
+def test_larger_images_are_stitched_onto_the_native_grid(inner) -> None:  # noqa: ANN001
+    tiled = TiledBackbone(inner, tile=64, overlap=16)
+    images = torch.randn(1, 3, 128, 128)
+    with torch.inference_mode():
+        feats = tiled.features(images)
+        first_tile = inner.features(images[:, :, :64, :64])
+    assert tiled.grid_size(128) == (16, 16) and feats.shape == (1, 256, inner.feature_dim)
+    grid = feats.reshape(1, 16, 16, -1)
+    # cells covered by the first tile only (rows/cols 0..5) equal that tile's own features
+    assert torch.allclose(grid[0, :6, :6], first_tile.reshape(1, 8, 8, -1)[0, :6, :6], atol=1e-6)
+    assert tiled.key_features(images).shape == inner.key_features(torch.randn(1, 3, 64, 64)).shape
+    with pytest.raises(ConfigError, match="data.tile_overlap"):
+        TiledBackbone(inner, tile=64, overlap=64)
