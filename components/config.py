@@ -362,10 +362,54 @@ class MemoryConfig(Section):
     projection_dim: int | None = Field(default=64, ge=1)  # Johnson-Lindenstrauss projection for the greedy selection; None = off
 
 
+class TextConfig(Section):
+    """Frozen text encoder and the per-product sentences of text-guided methods (MTRMB)."""
+
+    name: str = "all-MiniLM-L6-v2"  # packaged offline MiniLM, or any Hugging Face BERT-like model id
+    checkpoint: str | None = None  # local model directory or hub id (read from the HF cache only); None = text.name
+    pretrained: bool = True  # False: random weights from the model's config (tests only)
+    max_length: int = Field(32, ge=4, le=512)  # tokens per sentence (padded / truncated)
+    template: str = "a photo of a {product}"  # sentence of a product without an entry in ``prompts``
+    prompts: dict[str, str] = Field(default_factory=dict)  # product -> sentence (add-product --text sets it)
+
+    @field_validator("template")
+    @classmethod
+    def _template_names_product(cls, value: str) -> str:
+        if "{product}" not in value:
+            raise ValueError("must contain {product}")
+        return value
+
+
+class MTRMBConfig(Section):
+    """MTRMB: UCAD + text-guided key-prompt-knowledge memory (KPMK) + refined structure contrast (RSCL)."""
+
+    epochs: int = Field(1, ge=0)  # Eq. 8 training epochs per task (replaces ucad.epochs for MTRMB)
+    kpmk: bool = True  # text cross-attention fusion, L_cross and the learnable-key pull term L_kp
+    rscl: bool = True  # Eq. 5-6 contrastive loss on Grounded-SAM label maps (off: UCAD's loss on masks.provider)
+    contrastive_weight: float = Field(1.0, ge=0.0)  # weight of L_contra in Eq. 8
+    cross_loss_weight: float = Field(1.0, ge=0.0)  # weight of L_cross (Eq. 7) in Eq. 8
+    key_pull_weight: float = Field(1.0, ge=0.0)  # lambda of L_kp in Eq. 8
+    temperature: float = Field(0.5, gt=0.0)  # tau of the RSCL similarities (UCAD code: 0.5)
+    cross_temperature: float = Field(0.5, gt=0.0)  # tau of the patch-text similarities in L_cross
+    fusion_dim: int = Field(64, ge=4)  # inner width of the two cross-attentions
+    fusion_heads: int = Field(4, ge=1)  # attention heads (must divide fusion_dim)
+    masks_provider: Literal["grounded_sam", "sam"] = "grounded_sam"  # RSCL label maps ("sam" = the paper's "w/o GD")
+    masks_fallback: Literal["felzenszwalb", "slic"] = "felzenszwalb"  # used (and recorded) when those weights are not configured
+
+    @field_validator("fusion_heads")
+    @classmethod
+    def _heads_divide_dim(cls, value: int, info: Any) -> int:
+        dim = info.data.get("fusion_dim")
+        if dim is not None and dim % value:
+            raise ValueError(f"must divide mtrmb.fusion_dim={dim}")
+        return value
+
+
 class Config(Section):
     """Root configuration: one object for the whole pipeline."""
 
-    method: Literal["ucad", "patchcore_finetune", "patchcore_replay", "patchcore_oracle", "patchcore_joint", "lemo", "iuf", "ib_iumad"] = "ucad"
+    method: Literal["ucad", "patchcore_finetune", "patchcore_replay", "patchcore_oracle", "patchcore_joint", "lemo", "iuf", "ib_iumad", "mtrmb"] = "ucad"
+
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
     protocol: ProtocolConfig = Field(default_factory=ProtocolConfig)
@@ -386,6 +430,9 @@ class Config(Section):
     reconstruction: ReconstructionConfig = Field(default_factory=ReconstructionConfig)
     iuf: IUFConfig = Field(default_factory=IUFConfig)
     ib_iumad: IBIUMADConfig = Field(default_factory=IBIUMADConfig)
+
+    text: TextConfig = Field(default_factory=TextConfig)
+    mtrmb: MTRMBConfig = Field(default_factory=MTRMBConfig)
 
 
 class ConfigError(ValueError):

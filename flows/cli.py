@@ -16,7 +16,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from components.config import ConfigError, load_config
+from components.config import Config, ConfigError, load_config
 from components.errors import ContadError
 
 DESCRIPTION = """\
@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--name", required=True, help="product name")
     add.add_argument("--out", default=None, help="directory for this step's outputs (default: runs/add-product/NAME)")
     add.add_argument("--via-server", action="store_true", help="emit the contad.product.added event to the Prefect server instead of running locally")
+    add.add_argument("--text", default=None, help="sentence describing the product for text-guided methods (sets text.prompts.NAME; stored in the bank)")
     _add_params(add)
 
     stream = sub.add_parser("stream", help="online mode: score each image of a live stream, then learn it (prequential); checkpoints are bank versions")
@@ -213,7 +214,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "add-product":
         from flows.add_product import add_product_command
 
-        cfg = load_config(args.params, overrides)
+        cfg = with_product_text(load_config(args.params, overrides), args.name, args.text, args.via_server)
         return add_product_command(cfg, Path(args.path), name=args.name, out=Path(args.out) if args.out else None, via_server=args.via_server)
     if args.command == "stream":
         from flows.stream import stream_command
@@ -233,6 +234,19 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return serve_api_command(load_config(args.params, overrides), model=args.model, bank=args.bank)
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def with_product_text(cfg: Config, name: str, text: str | None, via_server: bool) -> Config:
+    """``cfg`` with ``text.prompts[name] = text`` (``add-product --text``); unchanged without ``--text``."""
+    if text is None:
+        return cfg
+    if not text.strip():
+        raise ContadError("add-product --text: the product sentence is empty")
+    if via_server:
+        raise ContadError(f"add-product --text cannot travel with --via-server: set text.prompts.{name} in the params file the server uses")
+    cfg = cfg.model_copy(deep=True)
+    cfg.text.prompts = {**cfg.text.prompts, name: text.strip()}
+    return cfg
 
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")

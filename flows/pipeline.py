@@ -68,7 +68,7 @@ from components.eval.thresholds import Calibration, calibrate_heldout, decision_
 from components.faults import fault_point
 from components.memory.store import BankStore, state_files
 from components.methods.base import ContinualMethod
-from components.methods.registry import build_method
+from components.methods.registry import build_method, structure_masks
 from components.segment.cache import MaskCache, build_cache, label_maps_for
 from components.types import ImageBatch, Prediction
 from flows import fanout
@@ -87,7 +87,7 @@ AVERAGE_CSV = "average.csv"
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 RESULTS_DIR = ".prefect-results"
-METHODS_WITH_STRUCTURE_MASKS = frozenset({"ucad"})
+METHODS_WITH_STRUCTURE_MASKS = frozenset({"ucad", "mtrmb"})
 # Parts of a run directory that are not report artifacts (state, data, stores).
 NON_ARTIFACTS = frozenset({STEPS_DIR, "banks", "data", "mask_cache", "mlartifacts", RESULTS_DIR})
 # Config sections that do not change what a run computes (they may differ on resume).
@@ -257,8 +257,11 @@ def cache_masks(cfg: Config, manifest: pd.DataFrame, products: list[str]) -> Pat
     cache_dir = Path(cfg.masks.cache_dir)
     rows = manifest[(manifest["split"] == "train") & manifest["product"].isin(products)]
     items = list(zip(rows["image_path"].astype(str), rows["product"].astype(str)))
-    summary = build_cache(MaskCache(cache_dir, cfg.masks), items, workers=cfg.masks.workers)
-    logger.info("mask cache %s (%s): %s", cache_dir, cfg.masks.provider, summary.as_dict())
+    masks = structure_masks(cfg)  # the method's provider, or its recorded fallback
+    if masks.fell_back:
+        logger.warning("structure masks: %s instead of %s (%s)", masks.used, masks.requested, masks.reason)
+    summary = build_cache(MaskCache(cache_dir, masks.config), items, workers=cfg.masks.workers)
+    logger.info("mask cache %s (%s): %s", cache_dir, masks.used, summary.as_dict())
     return cache_dir
 
 
@@ -268,7 +271,7 @@ def task_label_maps(cfg: Config, manifest: pd.DataFrame, products: list[str]) ->
         return None
     paths = task_image_paths(manifest, products, cfg)
     path_product = dict(zip(manifest["image_path"].astype(str), manifest["product"].astype(str)))
-    return label_maps_for(paths, [path_product[p] for p in paths], cfg.masks, Path(cfg.masks.cache_dir), cfg.data.image_size)
+    return label_maps_for(paths, [path_product[p] for p in paths], structure_masks(cfg).config, Path(cfg.masks.cache_dir), cfg.data.image_size)
 
 
 @io_task(name="train_task", task_run_name="train-{task_name}")
@@ -637,6 +640,9 @@ def _continual_run(cfg: Config, out: Path) -> dict[str, Any]:
         metrics_json = matrix.to_metrics_json(cfg.method, cfg.protocol.name)
         metrics_json["bank_version"] = version
         metrics_json["promoted"] = bool((record.get("promotion") or {}).get("passed", True))
+
+        if uses_structure_masks(cfg):
+            metrics_json.update(structure_masks(cfg).record())
         overlays = None
         calibration = read_calibration(method_dir)  # type: ignore[arg-type]
         if calibration is not None:

@@ -297,6 +297,9 @@ class Tracker:
             values["routing_accuracy"] = metrics_json["routing_accuracy"]
         last_step = max(len(metrics_json.get("tasks") or []) - 1, 0)
         self.client.log_batch(run_id, metrics=_finite_metrics(values, last_step, int(time.time() * 1000)))
+        masks = {k: str(metrics_json[k]) for k in ("masks_provider_used", "masks_provider_requested") if metrics_json.get(k)}
+        existing = self.client.get_run(run_id).data.params
+        self.client.log_batch(run_id, params=[Param(k, v) for k, v in masks.items() if k not in existing])
         with tempfile.TemporaryDirectory(prefix="contad-metrics-") as tmp:
             path = Path(tmp) / "metrics.json"
             path.write_text(json.dumps(metrics_json, indent=2))

@@ -95,6 +95,15 @@ def thresholds_markdown(thresholds: dict[str, Any]) -> list[str]:
         markdown_table(["task", "image threshold", "pixel threshold", "held-out normals"], rows),
     ]
 
+def masks_provider_lines(doc: dict[str, Any]) -> list[str]:
+    """The report line naming the structure-mask provider a run used (and why, when it fell back)."""
+    used = doc.get("masks_provider_used")
+    if not used:
+        return []
+    reason = doc.get("masks_fallback_reason")
+    why = f" (fallback: `{doc.get('masks_provider_requested')}` was requested but {reason})" if reason else ""
+    return [f"- structure masks used: `{used}`{why}"]
+
 
 def run_markdown(doc: dict[str, Any], figures: dict[str, str]) -> str:
     """The ``report.md`` text of one run; ``figures`` maps a figure key to its relative path."""
@@ -105,6 +114,7 @@ def run_markdown(doc: dict[str, Any], figures: dict[str, str]) -> str:
         "",
         f"- protocol: `{doc['protocol']}`; products in training order: {', '.join(tasks)}",
         f"- routing accuracy (last step, mean over products): {fmt(doc.get('routing_accuracy'))}%",
+        *masks_provider_lines(doc),
         "- values in %; Average = mean of the last row of the accuracy matrix; FM = forgetting measure "
         "(mean over products learned before the last step of the best earlier value minus the final value; "
         "lower is better); BWT = backward transfer (final minus value right after learning). Escape and "
