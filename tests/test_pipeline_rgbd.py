@@ -11,7 +11,7 @@ from flows.cli import main
 from tests.test_pipeline_helpers import shared_prefect_api
 
 TINY_IB = [
-    "method=ib_iumad", "data.image_size=64", "data.heldout_fraction=0.2", "tracking.enabled=false", "backbone.device=cpu",
+    "method=ib_iumad", "promotion.min_new_image_auroc=0.0", "promotion.max_forgetting=1.0", "data.image_size=64", "data.heldout_fraction=0.2", "tracking.enabled=false", "backbone.device=cpu",
     "reconstruction.hidden=16", "reconstruction.heads=2", "reconstruction.ffn=32", "ib_iumad.epochs=1", "ib_iumad.batch_size=4",
     "ib_iumad.mamba_state=4", "ib_iumad.head_hidden=8", "ib_iumad.bottleneck=8", "ib_iumad.fusion_heads=2",
     "ib_iumad.score_pool=8", "eval.overlays_per_task=1",
