@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="train a continual sequence and evaluate every task after every step; writes OUT/metrics.json and a report")
     run.add_argument("--out", required=True, help="run directory")
+    run.add_argument("--allow-rejected", action="store_true",
+                     help="exit 0 even when the final step fails the promotion gate (research runs, DVC); it still is not made current")
     _add_params(run)
 
     demo = sub.add_parser("demo", help="synthetic products + the whole continual pipeline (Prefect, MLflow, report) with the offline backbone")
@@ -197,7 +199,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         from flows.pipeline import run_command
 
-        return run_command(load_config(args.params, overrides), out=Path(args.out))
+        return run_command(load_config(args.params, overrides), out=Path(args.out), allow_rejected=args.allow_rejected)
     if args.command == "demo":
         from flows.demo import demo_command
 

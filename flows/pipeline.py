@@ -705,11 +705,12 @@ def summary_table(metrics_json: dict[str, Any], metrics: tuple[str, ...] = ("ima
     return table
 
 
-def run_command(cfg: Config, out: Path) -> int:
+def run_command(cfg: Config, out: Path, allow_rejected: bool = False) -> int:
     """``contad run --out DIR``: train the task sequence, evaluate after every step, write metrics + report.
 
     Returns 0 when the final step passed the promotion gate (its bank version is current and its
-    model champion), 1 when the gate rejected it (stored, but neither current nor champion).
+    model champion), 1 when the gate rejected it (stored, but neither current nor champion), unless
+    ``allow_rejected`` (research runs and the DVC stage, where the metrics are the product): then 0.
     """
     out = Path(out)
     cfg = run_config(cfg, out)
@@ -721,7 +722,7 @@ def run_command(cfg: Config, out: Path) -> int:
     if not metrics_json.get("promoted", True):
         final = str(metrics_json.get("bank_version") or "-")[:12]
         print(f"contad: the final step (bank version {final}) failed the promotion gate: it is stored but not current and not champion", file=sys.stderr)
-        return 1
+        return 0 if allow_rejected else 1
     return 0
 
 

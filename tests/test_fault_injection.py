@@ -212,3 +212,7 @@ def test_gate_rejected_steps_are_never_current(base: TrainedBase, tmp_path: Path
     assert store.current() is None and len(store.list()) == 2  # both steps stored, neither current
     registry = registry_for(cfg)
     assert registry is not None and registry.champion() is None
+    with pytest.MonkeyPatch.context() as patch:  # --allow-rejected (research runs, DVC): exit 0, still nothing current
+        patch.setattr(pipeline, "execute", lambda c, out: pipeline.continual_run.fn(c, Path(out)))
+        assert pipeline.run_command(cfg, work, allow_rejected=True) == 0
+    assert store.current() is None and registry.champion() is None
