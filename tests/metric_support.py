@@ -2,8 +2,8 @@
 
 Image-level results are identical between an uninterrupted run and a resumed / fanned-out one, but
 test features served from the evaluation feature cache (``components/eval``) and features recomputed
-in a fresh process can differ in the last float bits, which moves pixel metrics by ~1e-9. Equal here
-means: same structure, same ``None`` cells, numbers within 1e-6 relative.
+in a fresh process can differ in the last float bits, which moves pixel metrics (AUPRO most) by up to ~1e-6. Equal here
+means: same structure, same ``None`` cells, numbers within 1e-5 relative.
 """
 
 from __future__ import annotations
@@ -23,6 +23,6 @@ def assert_same_metrics(got: Any, want: Any, path: str = "") -> None:
         for i, (g, w) in enumerate(zip(got, want)):
             assert_same_metrics(g, w, f"{path}[{i}]")
     elif isinstance(want, float) and isinstance(got, (int, float)) and not isinstance(got, bool):
-        assert math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9), f"{path}: {got} != {want}"
+        assert math.isclose(got, want, rel_tol=1e-5, abs_tol=1e-8), f"{path}: {got} != {want}"
     else:
         assert got == want, f"{path}: {got!r} != {want!r}"
