@@ -34,6 +34,7 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from components.atomic import writer_alive
 from components.config import Config, TrackingConfig, flatten_config
 from components.errors import ContadError
 from flows.model_registry import CHAMPION_ALIAS, save_detector
@@ -125,16 +126,6 @@ def process_tags() -> dict[str, str]:
     return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def fail_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
     """Mark FAILED the RUNNING runs of ``experiment_id`` whose contad process (same host) is gone; returns their ids."""
     host = socket.gethostname()
@@ -144,7 +135,7 @@ def fail_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
         if tags.get(HOST_TAG) != host or not str(tags.get(PID_TAG, "")).isdigit():
             continue
         pid = int(tags[PID_TAG])
-        if pid == os.getpid() or _process_alive(pid):
+        if pid == os.getpid() or writer_alive(pid):
             continue
         client.set_terminated(run.info.run_id, "FAILED")
         client.set_tag(run.info.run_id, "contad.failed_reason", f"process {pid} died without ending the run")

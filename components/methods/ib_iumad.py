@@ -21,7 +21,6 @@ only names the routed task (reported, never used for scoring).
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import time
 from typing import Any, ClassVar
@@ -37,7 +36,7 @@ from components.methods.base import ContinualMethod
 from components.methods.ib_iumad_net.depth_image import xyz_to_image
 from components.methods.ib_iumad_net.fusion import fusion_loss, ib_loss
 from components.methods.ib_iumad_net.network import IBIUMADNetwork, NetworkOutput
-from components.methods.iuf_network import ActivationSpan, project_update, retain_
+from components.methods.iuf_network import ActivationSpan, input_activations, linear_layers, projected_step, retain_
 from components.methods.reconstruction import (
     FeatureCache,
     build_feature_extractor,
@@ -133,7 +132,6 @@ class IBIUMAD(ContinualMethod):
         return history
 
     def _losses(self, clean: dict[str, torch.Tensor], labels: torch.Tensor, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
-        cfg = self.config.ib_iumad
         noisy = {m: feature_jitter(t, self.config.reconstruction.jitter_scale, generator) if generator is not None else t for m, t in clean.items()}
         out = self.network({m: t.to(self.device) for m, t in clean.items()}, {m: t.to(self.device) for m, t in noisy.items()})
         labels = labels.to(self.device)
@@ -171,7 +169,7 @@ class IBIUMAD(ContinualMethod):
                 optimizer.zero_grad(set_to_none=True)
                 self._total(losses).backward()
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                self._step(optimizer, modules, bases)
+                projected_step(optimizer, modules, bases)
                 if old_state:
                     self._retain(named, old_state, old_classes)
                 for k, v in losses.items():
@@ -183,17 +181,7 @@ class IBIUMAD(ContinualMethod):
         return {"epoch_losses": history}
 
     def _projected_modules(self) -> dict[str, nn.Linear]:
-        patterns = self.config.ib_iumad.projection_layers
-        return {n: m for n, m in self.network.named_modules() if isinstance(m, nn.Linear) and any(fnmatch.fnmatch(n, p) for p in patterns)}
-
-    def _step(self, optimizer: torch.optim.Optimizer, modules: dict[str, nn.Linear], bases: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Optimizer step; with ``bases`` every projected layer's update is replaced by its IUF Eq. 12 projection."""
-        before = {n: modules[n].weight.detach().clone() for n in bases}
-        optimizer.step()
-        with torch.no_grad():
-            for name, (basis, weights) in bases.items():
-                weight = modules[name].weight
-                weight.copy_(before[name] + project_update(weight - before[name], basis, weights))
+        return linear_layers(self.network, self.config.ib_iumad.projection_layers)
 
     def _retain(self, named: dict[str, nn.Parameter], old_state: dict[str, torch.Tensor], old_classes: int) -> None:
         """IUF Eq. 9 on every parameter; of grown product heads only the old products' rows."""
@@ -209,13 +197,8 @@ class IBIUMAD(ContinualMethod):
     def _add_spans(self, tokens: dict[str, torch.Tensor]) -> None:
         """Add this task's input activations of every projected layer to its old-task span."""
         modules = self._projected_modules()
-        collected: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
-        hooks = [m.register_forward_hook(lambda _m, inp, _o, n=n: collected[n].append(inp[0].detach().reshape(-1, inp[0].shape[-1]).cpu())) for n, m in modules.items()]
-        try:
+        with input_activations(modules) as collected:
             self._forward_batches(tokens)
-        finally:
-            for hook in hooks:
-                hook.remove()
         for name, chunks in collected.items():
             self.spans.setdefault(name, ActivationSpan(modules[name].in_features)).add_task(torch.cat(chunks))
 

@@ -22,7 +22,6 @@ reconstruction loss of held-out TRAINING normals; never on test data.
 from __future__ import annotations
 
 import copy
-import fnmatch
 import logging
 import time
 from typing import Any, ClassVar
@@ -35,7 +34,15 @@ from components.backbones.base import PromptedBackbone
 from components.config import Config
 from components.errors import ContadError
 from components.methods.base import ContinualMethod
-from components.methods.iuf_network import ActivationSpan, ObjectDiscriminator, project_update, retain_, semantic_compression_loss
+from components.methods.iuf_network import (
+    ActivationSpan,
+    ObjectDiscriminator,
+    input_activations,
+    linear_layers,
+    projected_step,
+    retain_,
+    semantic_compression_loss,
+)
 from components.methods.reconstruction import (
     FeatureCache,
     ReconstructionTransformer,
@@ -92,8 +99,7 @@ class IUF(ContinualMethod):
     # ------------------------------------------------------------------ helpers
     def projected_modules(self) -> dict[str, nn.Linear]:
         """The ``nn.Linear`` layers named by ``iuf.projection_layers`` (fnmatch patterns)."""
-        patterns = self.config.iuf.projection_layers
-        return {n: m for n, m in self.network.named_modules() if isinstance(m, nn.Linear) and any(fnmatch.fnmatch(n, p) for p in patterns)}
+        return linear_layers(self.network, self.config.iuf.projection_layers)
 
     def _recon_loss(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(recon, target) if self.config.iuf.recon_loss == "mse" else F.l1_loss(recon, target)
@@ -193,7 +199,7 @@ class IUF(ContinualMethod):
                 optimizer.zero_grad(set_to_none=True)
                 self._total(losses).backward()
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                self._step(optimizer, modules, bases)
+                projected_step(optimizer, modules, bases)
                 if old_state:
                     self._retain(named, old_state, old_classes)
                 for k, v in losses.items():
@@ -214,15 +220,6 @@ class IUF(ContinualMethod):
             self.network.load_state_dict(best[2])
         self.network.eval()
         return {"epoch_losses": history, "heldout_losses": heldout_losses, "best_epoch": best[1] if held is not None else len(history.get("recon", []))}
-
-    def _step(self, optimizer: torch.optim.Optimizer, modules: dict[str, nn.Linear], bases: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Optimizer step; the weight update of every projected layer replaced by its Eq. 12 projection."""
-        before = {n: modules[n].weight.detach().clone() for n in bases}
-        optimizer.step()
-        with torch.no_grad():
-            for name, (basis, weights) in bases.items():
-                weight = modules[name].weight
-                weight.copy_(before[name] + project_update(weight - before[name], basis, weights))
 
     def _retain(self, named: dict[str, nn.Parameter], old_state: dict[str, torch.Tensor], old_classes: int) -> None:
         """Eq. 9 on every parameter; of the grown class head only the old products' rows."""
@@ -249,16 +246,11 @@ class IUF(ContinualMethod):
     def _add_spans(self, tokens: torch.Tensor, images: torch.Tensor) -> None:
         """Add this task's input activations of every projected layer to its old-task span."""
         modules = self.projected_modules()
-        collected: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
-        hooks = [m.register_forward_hook(lambda _m, inp, _out, n=n: collected[n].append(inp[0].detach().reshape(-1, inp[0].shape[-1]).cpu())) for n, m in modules.items()]
         self.network.eval()
-        try:
-            bs = self.config.iuf.batch_size
+        bs = self.config.iuf.batch_size
+        with input_activations(modules) as collected:
             for start in range(0, len(tokens), bs):
                 self.network(tokens[start : start + bs].to(self.device), images[start : start + bs].to(self.device))
-        finally:
-            for hook in hooks:
-                hook.remove()
         for name, chunks in collected.items():
             span = self.spans.setdefault(name, ActivationSpan(modules[name].in_features))
             span.add_task(torch.cat(chunks))

@@ -12,7 +12,10 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -148,3 +151,30 @@ def project_update(delta: torch.Tensor, basis: torch.Tensor, weights: torch.Tens
 def retain_(param: torch.Tensor, old: torch.Tensor, rate: float) -> None:
     """Eq. 9 (authors' code form): ``param <- (1 - rate) param + rate old`` in place."""
     param.mul_(1.0 - rate).add_(old.to(param), alpha=rate)
+
+
+def linear_layers(network: nn.Module, patterns: list[str]) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` layers of ``network`` whose names match one of the fnmatch ``patterns``."""
+    return {n: m for n, m in network.named_modules() if isinstance(m, nn.Linear) and any(fnmatch.fnmatch(n, p) for p in patterns)}
+
+
+def projected_step(optimizer: torch.optim.Optimizer, modules: dict[str, nn.Linear], bases: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Optimizer step; the weight update of every layer in ``bases`` replaced by its Eq. 12 projection."""
+    before = {n: modules[n].weight.detach().clone() for n in bases}
+    optimizer.step()
+    with torch.no_grad():
+        for name, (basis, weights) in bases.items():
+            weight = modules[name].weight
+            weight.copy_(before[name] + project_update(weight - before[name], basis, weights))
+
+
+@contextmanager
+def input_activations(modules: dict[str, nn.Linear]) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Collect the (rows, in_features) inputs of every module in ``modules`` while the block runs (CPU)."""
+    collected: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+    hooks = [m.register_forward_hook(lambda _m, inp, _out, n=n: collected[n].append(inp[0].detach().reshape(-1, inp[0].shape[-1]).cpu())) for n, m in modules.items()]
+    try:
+        yield collected
+    finally:
+        for hook in hooks:
+            hook.remove()
