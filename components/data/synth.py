@@ -174,14 +174,19 @@ def _remove_stale_products(out: Path, keep: set[str]) -> None:
             shutil.rmtree(out / META_DIR / name, ignore_errors=True)
 
 
-def generate_products(out: Path, n_products: int, seed: int, cfg: SynthConfig) -> list[str]:
-    """Write ``n_products`` synthetic products under ``out``; returns their names."""
+def check_synth_request(n_products: int, cfg: SynthConfig) -> None:
+    """``DataError`` naming the option or key when a synthetic data request cannot be generated."""
     if n_products < 1:
         raise DataError(f"--products must be >= 1, got {n_products}")
     if cfg.image_size < 64:
         raise DataError(f"data.synth.image_size must be >= 64, got {cfg.image_size}")
     if cfg.train_per_product < 2:
         raise DataError(f"data.synth.train_per_product must be >= 2, got {cfg.train_per_product}")
+
+
+def generate_products(out: Path, n_products: int, seed: int, cfg: SynthConfig) -> list[str]:
+    """Write ``n_products`` synthetic products under ``out``; returns their names."""
+    check_synth_request(n_products, cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     specs = product_specs(n_products, seed)

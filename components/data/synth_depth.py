@@ -24,11 +24,10 @@ import tifffile
 
 from components.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from components.config import SynthConfig
-from components.data.synth import SEVERITY_RANGE, SYNTH_INDEX, _mask_png, _png_bytes, _put, _remove_stale_products, light_and_noise
+from components.data.synth import SEVERITY_RANGE, SYNTH_INDEX, _mask_png, _png_bytes, _put, _remove_stale_products, check_synth_request, light_and_noise
 from components.data.synthetic.defects import paint_defect
 from components.data.synthetic.designs import DESIGNS, ProductSpec
 from components.data.synthetic.geometry import DEFAULT_HEIGHT_M, GEOMETRY_PAINTERS, HEIGHT_M, height_field, to_xyz
-from components.errors import DataError
 from components.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -132,12 +131,7 @@ def _readme(specs: list[ProductSpec], seed: int) -> str:
 
 def generate_depth_products(out: Path, n_products: int, seed: int, cfg: SynthConfig) -> list[str]:
     """Write ``n_products`` RGB + xyz object products under ``out``; returns their names."""
-    if n_products < 1:
-        raise DataError(f"--products must be >= 1, got {n_products}")
-    if cfg.image_size < 64:
-        raise DataError(f"data.synth.image_size must be >= 64, got {cfg.image_size}")
-    if cfg.train_per_product < 2:
-        raise DataError(f"data.synth.train_per_product must be >= 2, got {cfg.train_per_product}")
+    check_synth_request(n_products, cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     specs = depth_product_specs(n_products, seed)

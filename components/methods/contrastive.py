@@ -29,6 +29,23 @@ def sample_patches(labels: torch.Tensor, per_image: int, generator: torch.Genera
     return index, valid
 
 
+def sampled_unit_patches(
+    features: torch.Tensor, labels: torch.Tensor, per_image: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Up to ``per_image`` labelled patches per image: (z (B, M, C) L2-normalised features, their labels
+    (B, M), valid (B, M) bool), all on ``features``' device; gradients flow through ``z``."""
+    if features.shape[:2] != labels.shape:
+        raise ValueError(f"features {tuple(features.shape)} and labels {tuple(labels.shape)} disagree on (B, N)")
+    labels = labels.cpu()
+    index, valid = sample_patches(labels, per_image, generator)
+    picked_labels = labels.gather(1, index).to(features.device)
+    valid = valid.to(features.device)
+    index = index.to(features.device)
+    picked = features.gather(1, index[:, :, None].expand(-1, -1, features.shape[2]))
+    z = F.normalize(picked.float(), dim=2)
+    return z, picked_labels, valid
+
+
 def structure_contrastive_loss(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -42,15 +59,7 @@ def structure_contrastive_loss(
     labels: (B, N) int64 segment id of every patch (0 = unassigned).
     Returns a scalar; 0 (still attached to the graph) when no anchor has a positive.
     """
-    if features.shape[:2] != labels.shape:
-        raise ValueError(f"features {tuple(features.shape)} and labels {tuple(labels.shape)} disagree on (B, N)")
-    labels = labels.cpu()
-    index, valid = sample_patches(labels, per_image, generator)
-    picked_labels = labels.gather(1, index).to(features.device)
-    valid = valid.to(features.device)
-    index = index.to(features.device)
-    picked = features.gather(1, index[:, :, None].expand(-1, -1, features.shape[2]))
-    z = F.normalize(picked.float(), dim=2)
+    z, picked_labels, valid = sampled_unit_patches(features, labels, per_image, generator)
     logits = z @ z.transpose(1, 2) / temperature  # (B, P, P)
     p = logits.shape[1]
     not_self = ~torch.eye(p, dtype=torch.bool, device=features.device)[None]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.methods.contrastive import sample_patches
+from components.methods.contrastive import sampled_unit_patches
 
 
 class CrossAttention(nn.Module):
@@ -103,15 +103,7 @@ def refined_contrastive_loss(
     Per image with sampled patches f_1..f_M: S_ij = cos(f_i, f_j) / tau, M_ij = [Y_i = Y_j] and
     L = (1 / M^2) sum_ij [ -S_ij M_ij + (1 - M_ij) exp(S_ij) ]  (unlabelled patches, id 0, excluded).
     """
-    if features.shape[:2] != labels.shape:
-        raise ValueError(f"features {tuple(features.shape)} and labels {tuple(labels.shape)} disagree on (B, N)")
-    labels = labels.cpu()
-    index, valid = sample_patches(labels, per_image, generator)
-    picked_labels = labels.gather(1, index).to(features.device)
-    valid = valid.to(features.device)
-    index = index.to(features.device)
-    picked = features.gather(1, index[:, :, None].expand(-1, -1, features.shape[2]))
-    z = F.normalize(picked.float(), dim=2)
+    z, picked_labels, valid = sampled_unit_patches(features, labels, per_image, generator)
     similarity = z @ z.transpose(1, 2) / temperature  # S (B, M, M)
     same = (picked_labels[:, :, None] == picked_labels[:, None, :]).float()  # M_ij
     pair_valid = (valid[:, :, None] & valid[:, None, :]).float()
