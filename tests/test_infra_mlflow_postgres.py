@@ -85,14 +85,11 @@ def test_run_tracked_on_postgres_with_served_artifacts(mlflow_on_postgres: tuple
     from mlflow.tracking import MlflowClient
 
     from flows.pipeline import execute
-    from tests.tracking_support import tiny_config, tiny_products
+    from tests.tracking_support import linked_dataset, tiny_config, tiny_products
 
     uri, env = mlflow_on_postgres
     folders = tiny_products(tmp_path / "data", n_products=2)
-    dataset = tmp_path / "dataset"
-    dataset.mkdir()
-    for folder in folders:
-        (dataset / folder.name).symlink_to(folder, target_is_directory=True)
+    dataset = linked_dataset(tmp_path / "dataset", folders)
     cfg = tiny_config(tmp_path / "work", dataset, tracking_uri=uri)
     metrics_json = execute(cfg, tmp_path / "work")
 

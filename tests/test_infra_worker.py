@@ -10,7 +10,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,6 @@ import yaml
 from tests.conftest import REPO_ROOT
 
 INFRA = REPO_ROOT / "infra"
-FLOW_RUN_TIMEOUT_S = 420.0
-FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
 def _prefect_file() -> dict:
@@ -98,20 +95,6 @@ def _env(tmp: Path, api_url: str, params: Path) -> dict[str, str]:
     }
 
 
-def _wait_for_flow_run(client: object, deployment_id: object, worker: subprocess.Popen, log_path: Path) -> object:
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
-
-    deadline = time.monotonic() + FLOW_RUN_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if worker.poll() is not None:
-            raise RuntimeError(f"worker exited with {worker.returncode}:\n{log_path.read_text()[-4000:]}")
-        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))  # type: ignore[attr-defined]
-        if runs and runs[0].state is not None and runs[0].state.type.value in FINAL_STATES:
-            return runs[0]
-        time.sleep(2.0)
-    raise TimeoutError(f"no finished add-product flow run after {FLOW_RUN_TIMEOUT_S:.0f} s:\n{log_path.read_text()[-4000:]}")
-
-
 @pytest.mark.integration
 def test_product_event_runs_add_product_on_a_pool_worker(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     from mlflow.tracking import MlflowClient
@@ -122,7 +105,7 @@ def test_product_event_runs_add_product_on_a_pool_worker(tmp_path: Path, tmp_pat
     from components.memory.store import BankStore
     from flows.add_product import add_product_command
     from flows.tracking import champion_version
-    from tests.tracking_support import background, copy_base, free_port, trained_base, wait_http_ok
+    from tests.tracking_support import background, copy_base, free_port, trained_base, wait_for_flow_run, wait_http_ok
 
     base = trained_base(tmp_path_factory)
     cfg = copy_base(base, tmp_path / "work")
@@ -153,7 +136,7 @@ def test_product_event_runs_add_product_on_a_pool_worker(tmp_path: Path, tmp_pat
                 assert deployment.parameters["params"] == str(params) and deployment.work_pool_name == "contad-cpu"
                 client.read_deployment_by_name("contad-run/continual-cpu")
                 assert add_product_command(cfg, base.new, name="pooled", out=None, via_server=True) == 0
-                run = _wait_for_flow_run(client, deployment.id, worker, worker_log)
+                run = wait_for_flow_run(client, deployment.id, worker_log, worker)
 
     logs = worker_log.read_text()
     assert run.state.type.value == "COMPLETED", logs[-4000:]  # type: ignore[attr-defined]

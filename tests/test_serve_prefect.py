@@ -21,10 +21,8 @@ from components.memory.store import BankStore
 from flows.add_product import PRODUCT_ADDED_EVENT, add_product_command, emit_product_added
 from flows.serve import DEPLOYMENT_NAME, product_added_trigger, serve_command
 from flows.tracking import champion_version
-from tests.tracking_support import background, copy_base, free_port, trained_base, wait_http_ok
+from tests.tracking_support import background, copy_base, free_port, trained_base, wait_for_flow_run, wait_http_ok
 
-FLOW_RUN_TIMEOUT_S = 420.0
-FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
 def test_trigger_maps_event_payload_to_parameters() -> None:
@@ -73,18 +71,6 @@ def _wait_for_deployment(client: object, serve: object, log_path: Path, timeout_
     raise TimeoutError(f"deployment not registered after {timeout_s:.0f} s:\n{log_path.read_text()[-3000:]}")
 
 
-def _wait_for_flow_run(client: object, deployment_id: object, log_path: Path) -> object:
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
-
-    deadline = time.monotonic() + FLOW_RUN_TIMEOUT_S
-    while time.monotonic() < deadline:
-        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))  # type: ignore[attr-defined]
-        if runs and runs[0].state is not None and runs[0].state.type.value in FINAL_STATES:
-            return runs[0]
-        time.sleep(2.0)
-    raise TimeoutError(f"no finished add-product flow run after {FLOW_RUN_TIMEOUT_S:.0f} s:\n{log_path.read_text()[-4000:]}")
-
-
 @pytest.mark.integration
 def test_event_triggers_served_add_product(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     from prefect.client.orchestration import get_client
@@ -109,7 +95,7 @@ def test_event_triggers_served_add_product(tmp_path: Path, tmp_path_factory: pyt
             with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
                 deployment = _wait_for_deployment(client, serve, serve_log)
                 assert add_product_command(cfg, base.new, name="served", out=None, via_server=True) == 0
-                run = _wait_for_flow_run(client, deployment.id, serve_log)  # type: ignore[attr-defined]
+                run = wait_for_flow_run(client, deployment.id, serve_log)  # type: ignore[attr-defined]
 
     assert run.state.type.value == "COMPLETED", serve_log.read_text()[-4000:]  # type: ignore[attr-defined]
     assert run.parameters["name"] == "served" and run.parameters["path"] == str(base.new.resolve())  # type: ignore[attr-defined]

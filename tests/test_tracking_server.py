@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.tracking_support import mlflow_server, tiny_config, tiny_products
+from tests.tracking_support import linked_dataset, mlflow_server, tiny_config, tiny_products
 
 
 @pytest.mark.integration
@@ -15,10 +15,7 @@ def test_continual_run_against_mlflow_server(tmp_path: Path) -> None:
     from flows.pipeline import execute
 
     folders = tiny_products(tmp_path / "data", n_products=2)
-    dataset = tmp_path / "dataset"
-    dataset.mkdir()
-    for folder in folders:
-        (dataset / folder.name).symlink_to(folder, target_is_directory=True)
+    dataset = linked_dataset(tmp_path / "dataset", folders)
     products = sorted(f.name for f in folders)
 
     with mlflow_server(tmp_path) as uri:

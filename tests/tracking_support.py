@@ -70,6 +70,14 @@ class TrainedBase:
 _TRAINED: dict[str, TrainedBase] = {}
 
 
+def linked_dataset(dataset: Path, folders: list[Path]) -> Path:
+    """A new dataset root ``dataset`` holding symlinks to the product ``folders``."""
+    dataset.mkdir()
+    for folder in folders:
+        (dataset / folder.name).symlink_to(folder, target_is_directory=True)
+    return dataset
+
+
 def trained_base(tmp_path_factory: pytest.TempPathFactory) -> TrainedBase:
     """Train the shared 2-product sequence (tiny synthetic products, PatchCore, 64 px) once per session."""
     if "base" not in _TRAINED:
@@ -77,10 +85,7 @@ def trained_base(tmp_path_factory: pytest.TempPathFactory) -> TrainedBase:
 
         root = tmp_path_factory.mktemp("trained_base")
         folders = tiny_products(root / "data", n_products=3)
-        dataset = root / "dataset"
-        dataset.mkdir()
-        for folder in folders[:2]:
-            (dataset / folder.name).symlink_to(folder, target_is_directory=True)
+        dataset = linked_dataset(root / "dataset", folders[:2])
         execute(tiny_config(root / "work", dataset), root / "work")
         _TRAINED["base"] = TrainedBase(work=root / "work", old=folders[:2], new=folders[2])
     return _TRAINED["base"]
@@ -160,3 +165,23 @@ def mlflow_server(work: Path) -> Iterator[str]:
         uri = f"http://127.0.0.1:{port}"
         wait_http_ok(f"{uri}/health", process, work / "mlflow-server.log")
         yield uri
+
+
+FLOW_RUN_TIMEOUT_S = 420.0
+FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def wait_for_flow_run(client: object, deployment_id: object, log_path: Path, process: subprocess.Popen | None = None) -> object:
+    """The first flow run of ``deployment_id`` once it reached a final state; fails early when the
+    ``process`` running it (a worker) exits, and after ``FLOW_RUN_TIMEOUT_S`` with the tail of ``log_path``."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    deadline = time.monotonic() + FLOW_RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"worker exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))  # type: ignore[attr-defined]
+        if runs and runs[0].state is not None and runs[0].state.type.value in FINAL_STATES:
+            return runs[0]
+        time.sleep(2.0)
+    raise TimeoutError(f"no finished add-product flow run after {FLOW_RUN_TIMEOUT_S:.0f} s:\n{log_path.read_text()[-4000:]}")

@@ -26,7 +26,7 @@ from components.atomic import atomic_directory, atomic_write_json, atomic_write_
 from components.config import SynthConfig
 from components.data.synth import SEVERITY_RANGE, SYNTH_INDEX, _mask_png, _png_bytes, _put, _remove_stale_products, check_synth_request, light_and_noise
 from components.data.synthetic.defects import paint_defect
-from components.data.synthetic.designs import DESIGNS, ProductSpec
+from components.data.synthetic.designs import DESIGNS, ProductSpec, product_specs
 from components.data.synthetic.geometry import DEFAULT_HEIGHT_M, GEOMETRY_PAINTERS, HEIGHT_M, height_field, to_xyz
 from components.progress import progress_bar
 
@@ -43,17 +43,7 @@ SPLIT_CODES = {"train": 10, "test": 11}  # distinct from the RGB generator's str
 
 def depth_product_specs(n_products: int, seed: int) -> list[ProductSpec]:
     """The first ``n_products`` object products: each object design once, then colour/scale variants."""
-    specs = []
-    for index in range(n_products):
-        design = OBJECT_DESIGNS[index % len(OBJECT_DESIGNS)]
-        variant = index // len(OBJECT_DESIGNS)
-        if variant == 0:
-            specs.append(ProductSpec(design.name, design, design.style, 0))
-            continue
-        rng = np.random.default_rng([seed, 7927, index])
-        style = design.style.shifted(hue=rng.uniform(0.12, 0.88), value=rng.uniform(0.85, 1.1), scale=rng.uniform(0.85, 1.1))
-        specs.append(ProductSpec(f"{design.name}_v{variant + 1}", design, style, variant))
-    return specs
+    return product_specs(n_products, seed, OBJECT_DESIGNS, stream=7927, scale_range=(0.85, 1.1))
 
 
 def render_rgbd(spec: ProductSpec, rng: np.random.Generator, size: int, defect: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

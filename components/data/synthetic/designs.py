@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,19 +59,21 @@ class ProductSpec:
     variant: int
 
 
-def product_specs(n_products: int, seed: int) -> list[ProductSpec]:
-    """The first ``n_products`` products: every design once, then colour/scale variants named ``<design>_v<k>``."""
+def product_specs(n_products: int, seed: int, designs: Sequence[Design] = DESIGNS, stream: int = 7919,
+                  scale_range: tuple[float, float] = (0.8, 1.2)) -> list[ProductSpec]:
+    """The first ``n_products`` products of ``designs``: every design once, then colour/scale variants
+    named ``<design>_v<k>`` (drawn from the random ``stream`` of ``seed``)."""
     if n_products < 1:
         raise ValueError(f"n_products must be >= 1, got {n_products}")
     specs = []
     for index in range(n_products):
-        design = DESIGNS[index % len(DESIGNS)]
-        variant = index // len(DESIGNS)
+        design = designs[index % len(designs)]
+        variant = index // len(designs)
         if variant == 0:
             specs.append(ProductSpec(design.name, design, design.style, 0))
             continue
-        rng = np.random.default_rng([seed, 7919, index])
+        rng = np.random.default_rng([seed, stream, index])
         hue = rng.uniform(0.12, 0.88)
-        style = design.style.shifted(hue=hue, value=rng.uniform(0.85, 1.1), scale=rng.uniform(0.8, 1.2))
+        style = design.style.shifted(hue=hue, value=rng.uniform(0.85, 1.1), scale=rng.uniform(*scale_range))
         specs.append(ProductSpec(f"{design.name}_v{variant + 1}", design, style, variant))
     return specs
