@@ -180,6 +180,10 @@ class PromotionConfig(Section):
 
     min_new_image_auroc: NonNegativeFloat = 0.8
     max_forgetting: NonNegativeFloat = 0.02  # max drop of image AUROC on every old product
+    # Products with normal images only (no test set) are gated on their false-reject rate instead of AUROC:
+    # the share of their reserved normals (never trained on, never used for thresholds) decided NG.
+    max_false_reject_rate: float = Field(0.2, ge=0.0, le=1.0)
+    reserved_normals_fraction: float = Field(0.2, gt=0.0, lt=1.0)  # share of such a product's train/good images reserved
 
 
 class LeMOConfig(Section):

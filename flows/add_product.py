@@ -3,7 +3,11 @@
 ``contad add-product PATH --name NAME`` validates the product folder, caches its structure
 masks, trains the new task starting from the current memory-bank version, evaluates ALL
 products (old products' test data located through the bank manifest's ``products``), versions
-the bank, registers the detector and applies the promotion gate. Only a step that passes the
+the bank, registers the detector and applies the promotion gate. A product folder with
+``train/good`` images only (how a new product arrives on a real line) is accepted: a share of
+its normals is reserved before training (``promotion.reserved_normals_fraction``) and the gate
+checks the false-reject rate on them (``promotion.max_false_reject_rate``) instead of AUROC,
+plus forgetting on the old products' test sets. Only a step that passes the
 gate moves the bank store's ``CURRENT`` pointer and the registry's ``champion`` alias, together,
 through ``flows.promotion.promote``; on gate failure or any error both stay where they were. The
 whole read-modify-write holds the bank store's lock.
@@ -33,6 +37,7 @@ from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from components.atomic import atomic_write_json
 from components.config import Config, config_to_dict
 from components.errors import ContadError, DataError
+from components.eval.continual import RESERVED_FRR
 from components.faults import fault_point
 from components.memory.store import CURRENT_FILE, SHORT_HASH, BankStore
 from flows.promotion import GATE_METRIC, GateDecision, Registry, check_agreement, promote, promotion_gate, store_transaction
@@ -113,11 +118,12 @@ def _task_names(manifest: dict[str, Any]) -> list[str]:
 
 
 def _stored_metrics(manifest: dict[str, Any], products: list[str]) -> dict[str, dict[str, float]] | None:
-    """The bank version's own per-product metrics, when it recorded the gate metric for all ``products``."""
+    """The bank version's own per-product metrics, when it recorded the gate metric for all ``products``
+    (for a product with normal images only: its reserved-normal false-reject rate)."""
     metrics = manifest.get("metrics")
     if not isinstance(metrics, dict):
         return None
-    if all(isinstance(metrics.get(p), dict) and metrics[p].get(GATE_METRIC) is not None for p in products):
+    if all(isinstance(metrics.get(p), dict) and (metrics[p].get(GATE_METRIC) is not None or RESERVED_FRR in metrics[p]) for p in products):
         return {p: dict(metrics[p]) for p in products}
     return None
 
@@ -197,11 +203,12 @@ def _add_product_locked(cfg: Config, path: Path, name: str, out: Path, store: Ba
     with _stage("reading the old products' data", name, previous):
         old_manifest = _old_manifest(old_products)
     manifest = pd.concat([old_manifest, new_manifest], ignore_index=True)
+    training = pipeline.training_manifest(cfg, manifest)  # without the reserved normals of products with no test images
     with _stage("caching structure masks", name, previous):
-        pipeline.cache_masks(cfg, manifest, [name])
+        pipeline.cache_masks(cfg, training, [name])
     with _stage("training the new task", name, previous):
         base_dir = store.checkout(previous, out / "base_method")
-        method_dir = pipeline.train_task(cfg, base_dir, name, [name], manifest, out / "method")
+        method_dir = pipeline.train_task(cfg, base_dir, name, [name], training, out / "method")
     fault_point("after_train")
     task_of_product = {**_task_of_product(base), name: name}
     with _stage("evaluating all products", name, previous):
@@ -324,7 +331,9 @@ def add_product_command(cfg: Config, path: Path, name: str, out: Path | None, vi
         return 0
     result = add_product_flow(path=str(Path(path).resolve()), name=name, config=config_to_dict(cfg), out=str(out) if out else None, fail_on_reject=False)
     if result["promoted"]:
-        print(f"added {name!r}: bank version {result['bank_version'][:SHORT_HASH]} is current, model version {result['model_version'] or '-'} is champion")
+        rate = (result["gate"].get("false_reject_rates") or {}).get(name)
+        checked = "" if rate is None else f" (normal images only: {rate:.1%} of its reserved normals rejected, limit {cfg.promotion.max_false_reject_rate:.1%})"
+        print(f"added {name!r}{checked}: bank version {result['bank_version'][:SHORT_HASH]} is current, model version {result['model_version'] or '-'} is champion")
         return 0
     print(
         f"contad: add-product {name!r} rejected: promotion gate failed: {'; '.join(result['gate']['reasons'])}\n"

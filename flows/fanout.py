@@ -117,10 +117,16 @@ def evaluate_product(cfg: Config, method_dir: str, rows: pd.DataFrame, product: 
 
 def evaluate_all_tasks(cfg: Config, method_dir: Path, manifest: pd.DataFrame, task_of_product: dict[str, str]) -> dict[str, dict[str, float]]:
     """``flows.pipeline.evaluate_all_tasks`` with one ``evaluate_product`` task per product (call inside a flow)."""
+    from components.data.loading import untested_products
+    from flows.pipeline import evaluate_reserved
+
+    untested = untested_products(manifest[manifest["product"].isin(list(task_of_product))])
     futures = {
         product: evaluate_product.submit(cfg, str(method_dir), manifest[manifest["product"] == product].reset_index(drop=True), product, task_of_product)
         for product in task_of_product
+        if product not in untested
     }
     metrics = {product: future.result() for product, future in futures.items()}
+    metrics.update(evaluate_reserved(cfg, Path(method_dir), manifest, untested, task_of_product))  # normal images only: no test batch
     log.info("evaluated %d products with %s on Dask", len(metrics), method_dir)
-    return metrics
+    return {product: metrics[product] for product in task_of_product}

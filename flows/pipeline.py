@@ -58,10 +58,10 @@ from components.atomic import atomic_directory, atomic_write_json, atomic_write_
 from components.backbones.base import PromptedBackbone
 from components.backbones.registry import build_backbone
 from components.config import Config, config_to_dict
-from components.data.loading import depth_of, load_images, task_data, task_image_paths, test_batch, train_split
+from components.data.loading import depth_of, load_images, reserve_normals, task_data, task_image_paths, test_batch, train_split, untested_products
 from components.data.protocol import ordered_products, task_name, task_of_product, task_sequence
 from components.errors import ContadError, DataError
-from components.eval.continual import AccuracyMatrix
+from components.eval.continual import RESERVED_FRR, AccuracyMatrix
 from components.eval.evaluate import evaluate_tasks, predict_batch
 from components.eval.report import write_report
 from components.eval.thresholds import Calibration, calibrate_heldout, decision_metrics, learned_task_of_product, read_calibration, write_calibration
@@ -243,10 +243,11 @@ def validate_dataset(root: Path, min_valid_fraction: float | None = None) -> pd.
     report = data_validation.validate_dataset(root, floor)
     if not report.ok or report.manifest is None:
         raise DataError(report.describe())
-    if report.not_evaluable:  # valid data, but every product is evaluated after every step
-        raise DataError(f"{root}: product(s) {', '.join(report.not_evaluable)} have no test images (normal images only): not evaluable")
     manifest = report.manifest
     logger.info("dataset %s valid: %d images of %d products", root, len(manifest), manifest["product"].nunique())
+    if report.not_evaluable:  # learned like any product; gated on the false-reject rate of its reserved normals
+        logger.info("product(s) %s have normal images only (no test images): learned but not evaluable by AUROC; "
+                    "the promotion gate uses their false-reject rate on reserved normals", ", ".join(report.not_evaluable))
     return manifest
 
 
@@ -299,12 +300,49 @@ def train_task(cfg: Config, method_dir_in: Path | None, task_name: str, products
     return out_dir
 
 
+def training_manifest(cfg: Config, manifest: pd.DataFrame) -> pd.DataFrame:
+    """``manifest`` without the reserved normals of products that have no test images (training never sees them)."""
+    return reserve_normals(manifest, cfg.promotion.reserved_normals_fraction, cfg.seed)[0]
+
+
 @io_task(name="evaluate_all_tasks")
 def evaluate_all_tasks(cfg: Config, method_dir: Path, manifest: pd.DataFrame, task_of_product: dict[str, str]) -> dict[str, dict[str, float]]:
-    """Metrics of every product in ``task_of_product`` (all learned so far); images carry no product label."""
-    batches = {p: test_batch(manifest, p, cfg.data.image_size) for p in task_of_product}
-    metrics = evaluate_batches(cfg, Path(method_dir), batches, task_of_product)
+    """Metrics of every product in ``task_of_product`` (all learned so far); images carry no product label.
+
+    Products without test images get only ``RESERVED_FRR`` (``evaluate_reserved``), no AUROC.
+    """
+    untested = set(untested_products(manifest[manifest["product"].isin(list(task_of_product))]))
+    batches = {p: test_batch(manifest, p, cfg.data.image_size) for p in task_of_product if p not in untested}
+    metrics = evaluate_batches(cfg, Path(method_dir), batches, task_of_product) if batches else {}
+    metrics.update(evaluate_reserved(cfg, Path(method_dir), manifest, sorted(untested), task_of_product))
     run_logger().info("evaluated %d products with %s", len(metrics), method_dir)
+    return {p: metrics[p] for p in task_of_product}
+
+
+def evaluate_reserved(cfg: Config, method_dir: Path, manifest: pd.DataFrame, products: list[str], task_of_product: dict[str, str]) -> dict[str, dict[str, float]]:
+    """``{product: {RESERVED_FRR: share of its reserved normals decided NG}}`` for products without test images.
+
+    The deployed rule: each image is routed by its own content and compared with the threshold of
+    the task it was routed to (``decision_metrics``). The reserved normals were never trained on
+    and never set a threshold (``reserve_normals``). NaN without reserved normals or thresholds.
+    """
+    if not products:
+        return {}
+    _, reserved = reserve_normals(manifest[manifest["product"].isin(products)], cfg.promotion.reserved_normals_fraction, cfg.seed)
+    calibration = read_calibration(Path(method_dir))
+    method = load_method(cfg, Path(method_dir)) if calibration is not None and not reserved.empty else None
+    metrics: dict[str, dict[str, float]] = {}
+    for product in products:
+        rows = reserved[reserved["product"] == product]
+        metrics[product] = {RESERVED_FRR: math.nan}
+        if method is None or rows.empty:
+            run_logger().warning("product %s: no reserved normals or no decision thresholds, so no false-reject rate", product)
+            continue
+        batch = ImageBatch(images=load_images(list(rows["image_path"]), cfg.data.image_size), products=list(rows["product"]),
+                           paths=list(rows["image_path"]), labels=torch.zeros(len(rows), dtype=torch.long), depth=depth_of(rows, cfg.data.image_size))
+        prediction = predict_batch(method, batch, task_of_product, cfg.eval.batch_size)
+        metrics[product][RESERVED_FRR] = decision_metrics(prediction, batch, calibration)["false_reject_rate"]  # type: ignore[arg-type]
+        run_logger().info("%s (normal images only): %.3f of %d reserved normals decided NG", product, metrics[product][RESERVED_FRR], len(rows))
     return metrics
 
 
@@ -550,7 +588,7 @@ def _run_step(cfg: Config, out: Path, index: int, tasks: list[list[str]], manife
     name = task_name(tasks[index])
     learned = tasks[: index + 1]
     with tracker.step(index, name), atomic_directory(step_dir(out, index, name)) as tmp:
-        method_dir = train_task(cfg, method_dir_in, name, tasks[index], manifest, tmp / METHOD_DIR)
+        method_dir = train_task(cfg, method_dir_in, name, tasks[index], training_manifest(cfg, manifest), tmp / METHOD_DIR)
         fault_point("after_train")
         evaluate = fanout.evaluate_all_tasks if cfg.compute.fanout else evaluate_all_tasks  # per-product Dask tasks
         metrics = evaluate(cfg, method_dir, manifest, task_of_product(learned))
@@ -609,7 +647,7 @@ def _continual_run(cfg: Config, out: Path) -> dict[str, Any]:
     check_data_fingerprint(out, run_record, manifest)
     products = [p for t in tasks for p in t]
     if uses_structure_masks(cfg):
-        (fanout.cache_masks if cfg.compute.fanout else cache_masks)(cfg, manifest, products)
+        (fanout.cache_masks if cfg.compute.fanout else cache_masks)(cfg, training_manifest(cfg, manifest), products)
     matrix = AccuracyMatrix(products, len(tasks), steps=tasks)
     tracker = open_tracker(cfg, run_record)
     method_dir: Path | None = None
@@ -639,6 +677,7 @@ def _continual_run(cfg: Config, out: Path) -> dict[str, Any]:
             progress.advance(bar)
         metrics_json = matrix.to_metrics_json(cfg.method, cfg.protocol.name)
         metrics_json["bank_version"] = version
+        metrics_json["not_evaluable"] = untested_products(manifest)  # normal images only: no AUROC, gated on RESERVED_FRR
         metrics_json["promoted"] = bool((record.get("promotion") or {}).get("passed", True))
 
         if uses_structure_masks(cfg):
@@ -698,8 +737,9 @@ def summary_table(metrics_json: dict[str, Any], metrics: tuple[str, ...] = ("ima
     def fmt(v: Any) -> str:
         return "-" if v is None else f"{100 * v:.1f}"
 
+    not_evaluable = set(metrics_json.get("not_evaluable") or [])
     for p in metrics_json["tasks"]:
-        table.add_row(p, *(fmt(metrics_json["final"][m][p]) for m in metrics))
+        table.add_row(f"{p} (normal images only)" if p in not_evaluable else p, *(fmt(metrics_json["final"][m][p]) for m in metrics))
     table.add_row("[bold]average", *(fmt(metrics_json["average"].get(m)) for m in metrics))
     table.add_row("[bold]forgetting", *(fmt(metrics_json["forgetting"].get(m)) for m in metrics))
     return table

@@ -2,7 +2,10 @@
 
 Gate: passes when every newly learned product reaches ``promotion.min_new_image_auroc`` image
 AUROC and no previously learned product loses more than ``promotion.max_forgetting`` image AUROC
-compared with the champion's own evaluation of it.
+compared with the champion's own evaluation of it. A product with normal images only (no test
+set, so no AUROC) instead must keep its false-reject rate on its reserved normals (never trained
+on, never used for a threshold: ``components.data.loading.reserve_normals``) at or below
+``promotion.max_false_reject_rate``, when it is new and at every later step.
 
 Transaction (docs/ARCHITECTURE.md, "Transactions"): under the bank store's lock, ``promote``
 writes a *pending* journal naming the state before (bank, champion model version) and after,
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from components.config import Config, PromotionConfig
+from components.eval.continual import RESERVED_FRR
 from components.errors import ContadError
 from components.faults import fault_point
 from components.memory.store import SHORT_HASH, BankError, BankStore
@@ -39,6 +43,7 @@ class GateDecision:
     passed: bool
     reasons: list[str] = field(default_factory=list)
     drops: dict[str, float] = field(default_factory=dict)
+    false_reject_rates: dict[str, float] = field(default_factory=dict)  # products with normal images only
 
     def message(self) -> str:
         if self.passed:
@@ -46,14 +51,30 @@ class GateDecision:
         return "promotion gate failed: " + "; ".join(self.reasons)
 
     def to_dict(self) -> dict[str, object]:
-        return {"passed": self.passed, "reasons": list(self.reasons), "drops": dict(self.drops)}
+        return {"passed": self.passed, "reasons": list(self.reasons), "drops": dict(self.drops), "false_reject_rates": dict(self.false_reject_rates)}
 
 
-def _value(metrics: dict[str, dict[str, float]], product: str) -> float | None:
-    value = (metrics.get(product) or {}).get(GATE_METRIC)
+def _value(metrics: dict[str, dict[str, float]], product: str, metric: str = GATE_METRIC) -> float | None:
+    value = (metrics.get(product) or {}).get(metric)
     if value is None or not math.isfinite(float(value)):
         return None
     return float(value)
+
+
+def _normals_only(metrics: dict[str, dict[str, float]], product: str) -> bool:
+    """Whether ``product`` was measured on reserved normals (no test images) rather than by AUROC."""
+    return RESERVED_FRR in (metrics.get(product) or {})
+
+
+def _false_reject_check(cfg: PromotionConfig, product: str, after: dict[str, dict[str, float]], decision: GateDecision, role: str) -> None:
+    """Append a reason to ``decision`` unless ``product``'s reserved-normal false-reject rate is within the limit."""
+    rate = _value(after, product, RESERVED_FRR)
+    if rate is None:
+        decision.reasons.append(f"{role} product {product!r} has normal images only and no {RESERVED_FRR} (too few train/good images to reserve, or no thresholds)")
+        return
+    decision.false_reject_rates[product] = rate
+    if rate > cfg.max_false_reject_rate:
+        decision.reasons.append(f"{role} product {product!r} (normal images only) {RESERVED_FRR} {rate:.4f} > promotion.max_false_reject_rate {cfg.max_false_reject_rate}")
 
 
 def promotion_gate(
@@ -63,16 +84,22 @@ def promotion_gate(
     before: dict[str, dict[str, float]] | None = None,
 ) -> GateDecision:
     """Check ``after`` (metrics by product after the step) against ``before`` (the champion's)."""
-    reasons: list[str] = []
-    drops: dict[str, float] = {}
+    decision = GateDecision(passed=False)
+    reasons, drops = decision.reasons, decision.drops
     for product in new_products:
+        if _normals_only(after, product):
+            _false_reject_check(cfg, product, after, decision, "new")
+            continue
         value = _value(after, product)
         if value is None:
             reasons.append(f"no {GATE_METRIC} for new product {product!r}")
         elif value < cfg.min_new_image_auroc:
             reasons.append(f"new product {product!r} {GATE_METRIC} {value:.4f} < promotion.min_new_image_auroc {cfg.min_new_image_auroc}")
+    for product in sorted(after):
+        if product not in new_products and _normals_only(after, product):
+            _false_reject_check(cfg, product, after, decision, "old")
     for product in sorted(before or {}):
-        if product in new_products:
+        if product in new_products or _normals_only(after, product):
             continue
         old, new = _value(before or {}, product), _value(after, product)
         if old is None:
@@ -83,7 +110,8 @@ def promotion_gate(
         drops[product] = old - new
         if old - new > cfg.max_forgetting:
             reasons.append(f"old product {product!r} {GATE_METRIC} dropped {old - new:.4f} ({old:.4f} -> {new:.4f}) > promotion.max_forgetting {cfg.max_forgetting}")
-    return GateDecision(passed=not reasons, reasons=reasons, drops=drops)
+    decision.passed = not reasons
+    return decision
 
 
 # ---------------------------------------------------------------------------------- transactions

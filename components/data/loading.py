@@ -17,6 +17,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from components.config import Config
+from components.data.manifest import untested_products
 from components.errors import DataError
 from components.progress import progress_bar
 from components.types import ImageBatch, TaskData
@@ -179,6 +180,37 @@ def train_split(manifest: pd.DataFrame, products: list[str], heldout_fraction: f
     train = pd.concat(train_parts).reset_index(drop=True)
     held = pd.concat(held_parts).reset_index(drop=True)
     return train, held
+
+
+RESERVE_SALT = 0x5E5E  # seeds the reserved-normals draw apart from ``train_split``'s
+
+
+def reserved_count(n_images: int, fraction: float) -> int:
+    """How many of ``n_images`` train/good images are reserved: >= 1 but leaving >= 2 (one to train, one held out)."""
+    if n_images < 3:
+        return 0
+    return int(min(n_images - 2, max(1, round(n_images * fraction))))
+
+
+def reserve_normals(manifest: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split off the reserved normals of every product without test images: ``(manifest without them, reserved rows)``.
+
+    A product that arrives with normal images only cannot be scored by AUROC; its reserved normals
+    (a seeded ``fraction`` of its train/good images, drawn per product before ``train_split``) are
+    never trained on and never set a threshold, so the share of them the deployed detector rejects
+    is an unbiased false-reject rate. Products with test images are untouched.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"promotion.reserved_normals_fraction must be in (0, 1), got {fraction}")
+    reserved_index: list[int] = []
+    for product in untested_products(manifest):
+        rows = manifest[(manifest["product"] == product) & (manifest["split"] == "train") & (manifest["label"] == 0)]
+        rows = rows.sort_values("image_path", kind="stable")
+        rng = np.random.default_rng([seed & 0xFFFFFFFF, zlib.crc32(product.encode()), RESERVE_SALT])
+        chosen = rng.permutation(len(rows))[: reserved_count(len(rows), fraction)]
+        reserved_index += rows.index[np.sort(chosen)].tolist()
+    reserved = manifest.loc[reserved_index]
+    return manifest.drop(index=reserved_index), reserved.reset_index(drop=True)
 
 
 def task_image_paths(manifest: pd.DataFrame, products: list[str], cfg: Config) -> list[str]:

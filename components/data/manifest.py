@@ -190,3 +190,9 @@ def read_product(product_dir: Path, name: str) -> pd.DataFrame:
     if not records:
         raise DataError(f"{product_dir}: no images found")
     return records_to_manifest(records)
+
+
+def untested_products(manifest: pd.DataFrame) -> list[str]:
+    """Products with no test images: valid (normal images only) but not evaluable by AUROC."""
+    tested = set(manifest.loc[manifest["split"] == "test", "product"])
+    return sorted(set(manifest["product"]) - tested)

@@ -48,7 +48,7 @@ import pandas as pd
 from PIL import Image
 
 from components.atomic import atomic_write_json
-from components.data.manifest import IMAGE_SUFFIXES, MANIFEST_COLUMNS, detect_layout, read_dataset, visible_subdirs
+from components.data.manifest import IMAGE_SUFFIXES, MANIFEST_COLUMNS, detect_layout, read_dataset, untested_products, visible_subdirs
 from components.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -352,12 +352,6 @@ def check_products(manifest: pd.DataFrame) -> list[ValidationFailure]:
             for name in names:
                 failures.append(ValidationFailure("duplicate_product", _product_dir(manifest, name), f"product names {names} differ only by case"))
     return failures
-
-
-def untested_products(manifest: pd.DataFrame) -> list[str]:
-    """Products with no test images: valid (normal images only) but not evaluable."""
-    tested = set(manifest.loc[manifest["split"] == "test", "product"])
-    return sorted(set(manifest["product"]) - tested)
 
 
 def _mvtec_product_dirs(root: Path) -> Iterator[Path]:
