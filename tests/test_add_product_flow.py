@@ -118,3 +118,68 @@ def test_cli_rejects_duplicates_and_bad_names(base: TrainedBase, tmp_path: Path,
     assert main(["add-product", str(learned), *overrides, "--name", "a/b"]) == 2
     assert "product name 'a/b' is invalid" in capsys.readouterr().err
     assert _state(store, client) == before
+
+
+# ---------------------------------------------------------------------------------- normal images only
+NORMALS_TRAIN = 20  # train/good images of the normals-only product
+
+
+@pytest.fixture(scope="module")
+def normals_only(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A product folder with train/good images only (no test/, no ground_truth/), as a new product arrives on a line."""
+    from components.config import SynthConfig
+    from components.data.synth import generate_products
+
+    root = tmp_path_factory.mktemp("normals_only")
+    synth = SynthConfig(products=3, seed=0, image_size=64, train_per_product=NORMALS_TRAIN, test_good_per_product=1, test_defect_per_type=1)
+    name = generate_products(root, 3, 0, synth)[2]
+    shutil.rmtree(root / name / "test")
+    shutil.rmtree(root / name / "ground_truth")
+    return root / name
+
+
+def test_normals_only_product_is_added_and_gated_on_reserved_false_rejects(base: TrainedBase, normals_only: Path, tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """No test set: the gate ignores AUROC (min 1.01 would reject any AUROC-gated product) and checks the
+    false-reject rate on the reserved normals, which never reach training or calibration."""
+    from components.data.loading import heldout_count, reserved_count
+    from components.eval.continual import RESERVED_FRR
+    from components.eval.thresholds import read_calibration
+
+    cfg, store, client = _copy(base, tmp_path, min_new_image_auroc=1.01, max_false_reject_rate=1.0, reserved_normals_fraction=0.5)
+    before_bank, _, n_versions = _state(store, client)
+
+    assert add_product_command(cfg, normals_only, name="newcomer", out=tmp_path / "out", via_server=False) == 0
+
+    bank, champion, n_after = _state(store, client)
+    assert bank != before_bank and champion == (str(n_after), bank) and n_after == n_versions + 1
+    manifest = store.show(bank)
+    gate = manifest["gate"]
+    assert gate["passed"] and gate["reasons"] == []
+    n_reserved = reserved_count(NORMALS_TRAIN, 0.5)
+    rate = gate["false_reject_rates"]["newcomer"]
+    assert manifest["metrics"]["newcomer"] == {RESERVED_FRR: rate}  # no AUROC for it: not evaluable
+    assert round(rate * n_reserved, 6).is_integer()
+    assert all(manifest["metrics"][p.name]["image_auroc"] is not None for p in base.old)  # forgetting still measured on tests
+    calibration = read_calibration(store.checkout(bank, tmp_path / "checkout"))
+    assert calibration is not None  # thresholds came from the held-out part of the NON-reserved normals only
+    assert calibration.for_task("newcomer").n_images == heldout_count(NORMALS_TRAIN - n_reserved, cfg.data.heldout_fraction)
+    assert "normal images only" in capsys.readouterr().out
+
+
+def test_normals_only_product_over_the_false_reject_limit_changes_nothing(base: TrainedBase, normals_only: Path, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Thresholds set to reject 90 % of normals and a zero false-reject limit: rejected, champion and CURRENT stay."""
+    cfg, store, client = _copy(base, tmp_path, max_false_reject_rate=0.0)
+    cfg.decision.target_fpr = 0.9
+    cfg.data.heldout_fraction = 0.5  # enough held-out normals that the 90 % threshold is not their maximum
+    before_bank, before_champion, n_versions = _state(store, client)
+
+    assert add_product_command(cfg, normals_only, name="newcomer", out=tmp_path / "out", via_server=False) == 1
+
+    assert "promotion.max_false_reject_rate 0.0" in capsys.readouterr().err
+    bank, champion, n_after = _state(store, client)
+    assert (bank, champion) == (before_bank, before_champion) and n_after == n_versions + 1
+    rejected = [v for v in store.list() if v.tasks and v.tasks[-1] == "newcomer"]
+    assert len(rejected) == 1 and not rejected[0].current
+    assert store.show(rejected[0].version)["gate"]["false_reject_rates"]["newcomer"] > 0.0
