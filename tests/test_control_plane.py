@@ -420,3 +420,32 @@ def test_banks_doctor_command_reports_and_exits_nonzero_on_corruption(tmp_path: 
     (store.state_dir(version) / "model.safetensors").write_bytes(b"t")
     assert main(argv) == 1
     assert "problem: bank version" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------- gate: normal images only
+def test_gate_uses_reserved_false_reject_rate_for_products_without_test_images() -> None:
+    from components.config import PromotionConfig
+    from components.eval.continual import RESERVED_FRR
+    from flows.promotion import promotion_gate
+
+    cfg = PromotionConfig(min_new_image_auroc=0.9, max_forgetting=0.05, max_false_reject_rate=0.25)
+    before = {"a": {"image_auroc": 0.95}}
+    ok = promotion_gate(cfg, ["n"], {"a": {"image_auroc": 0.93}, "n": {RESERVED_FRR: 0.25}}, before)
+    assert ok.passed and ok.false_reject_rates == {"n": 0.25} and ok.drops == {"a": pytest.approx(0.02)}
+    too_many = promotion_gate(cfg, ["n"], {"a": {"image_auroc": 0.95}, "n": {RESERVED_FRR: 0.5}}, before)
+    assert not too_many.passed and "new product 'n' (normal images only)" in too_many.reasons[0]
+    assert "promotion.max_false_reject_rate 0.25" in too_many.reasons[0]
+    forgot = promotion_gate(cfg, ["n"], {"a": {"image_auroc": 0.80}, "n": {RESERVED_FRR: 0.0}}, before)
+    assert not forgot.passed and len(forgot.reasons) == 1 and "'a' image_auroc dropped" in forgot.reasons[0]
+    unmeasured = promotion_gate(cfg, ["n"], {"a": {"image_auroc": 0.95}, "n": {RESERVED_FRR: None}}, before)
+    assert not unmeasured.passed and "no reserved_false_reject_rate" in unmeasured.reasons[0]
+    # an old normals-only product stays gated on its false-reject rate at later steps
+    later = promotion_gate(cfg, ["c"], {"a": {"image_auroc": 0.95}, "n": {RESERVED_FRR: 0.75}, "c": {"image_auroc": 0.99}}, before)
+    assert not later.passed and len(later.reasons) == 1 and "old product 'n'" in later.reasons[0]
+
+
+def test_false_reject_limit_and_reserve_fraction_ranges_are_validated() -> None:
+    for override in ("promotion.max_false_reject_rate=1.5", "promotion.max_false_reject_rate=-0.1",
+                     "promotion.reserved_normals_fraction=0", "promotion.reserved_normals_fraction=1"):
+        with pytest.raises(ConfigError, match=override.split("=")[0]):
+            load_config(REPO / "params.yaml", [override])

@@ -112,3 +112,27 @@ def test_protocols(tmp_path: Path) -> None:
     cfg.data.products = ["beta", "zeta"]
     with pytest.raises(DataError, match="zeta"):
         ordered_products(df, cfg)
+
+
+def test_reserved_normals_only_for_products_without_test_images(tmp_path: Path) -> None:
+    """Reserved normals: a seeded share of train/good of untested products, disjoint from what training sees."""
+    import shutil
+
+    from components.data.loading import reserve_normals, reserved_count
+
+    root = _dataset(tmp_path, n_train=10)
+    shutil.rmtree(root / "beta" / "test")
+    shutil.rmtree(root / "beta" / "ground_truth")
+    df = read_dataset(root)
+    kept, reserved = reserve_normals(df, 0.3, seed=1)
+    assert set(reserved["product"]) == {"beta"} and len(reserved) == reserved_count(10, 0.3) == 3
+    assert (reserved["split"] == "train").all() and (reserved["label"] == 0).all()
+    assert len(kept) + len(reserved) == len(df) and not set(kept["image_path"]) & set(reserved["image_path"])
+    assert kept[kept["product"] == "alpha"].equals(df[df["product"] == "alpha"])  # a product with a test set is untouched
+    train, held = train_split(kept, ["beta"], 0.2, seed=1)  # training and thresholds only see the rest
+    assert not (set(train["image_path"]) | set(held["image_path"])) & set(reserved["image_path"])
+    assert reserve_normals(df, 0.3, seed=1)[1].equals(reserved)  # deterministic
+    assert not reserve_normals(df, 0.3, seed=2)[1]["image_path"].equals(reserved["image_path"])
+    assert [reserved_count(n, 0.5) for n in (2, 3, 4, 10)] == [0, 1, 2, 5]  # always leaves one to train, one held out
+    with pytest.raises(DataError, match="reserved_normals_fraction"):
+        reserve_normals(df, 1.0, seed=1)
