@@ -323,6 +323,9 @@ THIRD_PARTY_QUIET_ENV = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # carriage-return "Downloading artifacts" bars
     "MLFLOW_LOGGING_LEVEL": "WARNING",  # MLflow configures its own handler at import time
 }
+# Library hints addressed to whoever packages a model, not to a contad user (MLflow re-enables them with its own
+# "once" filter, so they are dropped as captured ``py.warnings`` records instead).
+THIRD_PARTY_HINTS = ("Add type hints to the `predict` method", "An input example was not provided when logging the model")
 
 
 class _ThirdPartyBelowWarning(logging.Filter):
@@ -330,6 +333,8 @@ class _ThirdPartyBelowWarning(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         package = record.name.split(".", 1)[0]
+        if record.name == "py.warnings" and any(hint in record.getMessage() for hint in THIRD_PARTY_HINTS):
+            return False
         return record.levelno >= logging.WARNING or package not in THIRD_PARTY_LOGGERS
 
 
@@ -346,7 +351,11 @@ def _quiet_third_party() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from components.progress import configure_logging
+
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO)  # log lines print through the progress bars
+    logging.captureWarnings(True)  # warnings too (as ``py.warnings`` records), from the first import on
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")  # MLflow's records reach that handler too (not a second stream)
     if not args.verbose:
         _quiet_third_party()
     try:

@@ -52,7 +52,6 @@ from prefect.cache_policies import INPUTS, RUN_ID, TASK_SOURCE
 from prefect.exceptions import MissingContextError
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from components.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from components.backbones.base import PromptedBackbone
@@ -67,6 +66,7 @@ from components.eval.report import write_report
 from components.eval.thresholds import Calibration, calibrate_heldout, decision_metrics, learned_task_of_product, read_calibration, write_calibration
 from components.faults import fault_point
 from components.memory.store import BankStore, state_files
+from components.progress import progress_bar
 from components.methods.base import ContinualMethod
 from components.methods.registry import build_method, structure_masks
 from components.segment.cache import MaskCache, build_cache, label_maps_for
@@ -616,10 +616,6 @@ def _run_step(cfg: Config, out: Path, index: int, tasks: list[list[str]], manife
     return record
 
 
-def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
-
-
 def _attach_tracker(cfg: Config, out: Path, tracker: Any, run_record: dict[str, Any]) -> bool:
     """Log the config on the parent run and remember its id for resume; True when it is a new parent run."""
     tracker.log_config(cfg)
@@ -653,14 +649,13 @@ def _continual_run(cfg: Config, out: Path) -> dict[str, Any]:
     method_dir: Path | None = None
     version: str | None = None
     previous: dict[str, dict[str, float]] | None = None
-    with tracker, _progress(Console(stderr=True)) as progress:
+    with tracker, progress_bar(total=len(tasks), desc="continual steps", unit="step") as bar:
         new_parent_run = _attach_tracker(cfg, out, tracker, run_record)
-        bar = progress.add_task("continual steps", total=len(tasks))
         for index, step_products in enumerate(tasks):
             name = task_name(step_products)
             record = read_step_record(out, index, name)
             if record is None:
-                progress.update(bar, description=f"step {index + 1}/{len(tasks)}: {name}")
+                bar.set_description(f"step {index + 1}/{len(tasks)}: {name}", refresh=False)
                 logger.info("step %d/%d: learning %s", index + 1, len(tasks), name)
                 record = _run_step(cfg, out, index, tasks, manifest, method_dir, version, tracker, previous)
             else:
@@ -674,7 +669,7 @@ def _continual_run(cfg: Config, out: Path) -> dict[str, Any]:
             method_dir = step_dir(out, index, name) / METHOD_DIR
             version = record["bank_version"]
             previous = record["metrics"]
-            progress.advance(bar)
+            bar.update(1)
         metrics_json = matrix.to_metrics_json(cfg.method, cfg.protocol.name)
         metrics_json["bank_version"] = version
         metrics_json["not_evaluable"] = untested_products(manifest)  # normal images only: no AUROC, gated on RESERVED_FRR

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from components.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from components.config import Config, SynthConfig
@@ -33,6 +32,7 @@ from components.data.synthetic.canvas import lighting_field, to_uint8
 from components.data.synthetic.defects import paint_defect
 from components.data.synthetic.designs import ProductSpec, product_specs
 from components.errors import DataError
+from components.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def _write_product(out: Path, spec: ProductSpec, product_index: int, seed: int, 
     with ExitStack() as stack:
         product_dir = stack.enter_context(atomic_directory(out / spec.name))
         meta_dir = stack.enter_context(atomic_directory(out / META_DIR / spec.name)) if is_object else None
-        progress = tqdm(total=total, desc=f"synth {spec.name}", leave=False, disable=None)  # None: off when not a TTY
+        progress = progress_bar(total=total, desc=f"synth {spec.name}", leave=False)
         for split, kind, type_index, count in groups:
             for i in range(count):
                 rng = _image_rng(seed, product_index, split, type_index, i)
