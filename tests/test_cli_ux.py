@@ -38,19 +38,98 @@ def _third_party_info(output: str) -> list[str]:
 
 @pytest.mark.slow
 def test_run_output_has_no_third_party_info_lines(request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    """A whole `contad run` (tiny data, MLflow on, registry + promotion) prints only contad's and Prefect's logs."""
-    data = make_tiny_products(tmp_path / "data", n_products=2)
+    """A whole `contad run` (tiny data, MLflow on, registry + promotion) prints only contad's and Prefect's logs,
+    and, its stderr not being a terminal, no carriage-return bar drawing. One product has normal images only:
+    it is learned, not evaluated (no AUROC, null cells), and gated on its reserved normals."""
+    import json
+    import shutil
+
+    data = make_tiny_products(tmp_path / "data", n_products=3)
+    untested = sorted(p.name for p in data.iterdir() if (p / "test").is_dir())[-1]
+    shutil.rmtree(data / untested / "test")
+    shutil.rmtree(data / untested / "ground_truth")
     env = dict(os.environ, PREFECT_API_URL=shared_prefect_api(request), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    env.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-    env.pop("MLFLOW_LOGGING_LEVEL", None)
+    for key in ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "MLFLOW_LOGGING_LEVEL", "MLFLOW_CONFIGURE_LOGGING"):
+        env.pop(key, None)
     cmd = [sys.executable, "-m", "flows.cli", "run", "--out", str(tmp_path / "run"), f"data.root={data}",
-           f"masks.cache_dir={tmp_path / 'cache'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *TINY_RUN]
+           f"masks.cache_dir={tmp_path / 'cache'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *TINY_RUN,
+           "promotion.max_false_reject_rate=1.0"]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     output = res.stdout + res.stderr
     assert res.returncode == 0, output[-3000:]
     assert "INFO flows.tracking: registered contad-detector" in output  # MLflow really ran (and downloaded artifacts)
     assert "INFO components.data.validate" in output  # Great Expectations really ran
     assert _third_party_info(output) == []
+    assert "\r" not in res.stderr and "Add type hints" not in output
+    assert f"{untested} (normal images only)" in res.stdout
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    column = metrics["tasks"].index(untested)
+    assert metrics["not_evaluable"] == [untested]
+    assert all(row[column] is None for row in metrics["matrix"]["image_auroc"])  # never 0: not evaluable
+    learned_at = next(i for i, step in enumerate(metrics["steps"]) if untested in step)
+    assert all(row[column] is not None for row in metrics["matrix"]["reserved_false_reject_rate"][learned_at:])
+
+
+def test_without_a_terminal_bars_are_plain_periodic_log_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import logging
+
+    from components import progress
+
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("components.progress").addHandler(handler)
+    monkeypatch.setattr(logging.getLogger("components.progress"), "level", logging.INFO)
+    try:
+        not_a_tty = io.StringIO()
+        bar = progress.progress_bar(range(4), desc="masks", unit="img", file=not_a_tty)
+        assert isinstance(bar, progress.LineProgress)
+        assert list(bar) == [0, 1, 2, 3]
+    finally:
+        logging.getLogger("components.progress").removeHandler(handler)
+    assert not_a_tty.getvalue() == ""  # nothing drawn, no carriage returns
+    assert records and records[-1].startswith("masks: 4/4 img (100%)") and all("\r" not in r for r in records)
+
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 3600.0)
+    records.clear()
+    logging.getLogger("components.progress").addHandler(handler)
+    try:
+        assert list(progress.progress_bar(range(3), desc="short")) == [0, 1, 2]
+    finally:
+        logging.getLogger("components.progress").removeHandler(handler)
+    assert records == []  # a bar shorter than the interval says nothing
+
+
+def test_on_a_terminal_log_lines_never_land_inside_a_bar() -> None:
+    import io
+    import logging
+
+    from components.progress import ProgressLogHandler, progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    handler = ProgressLogHandler(screen)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("components.test_progress")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        for i in progress_bar(range(3), desc="evaluate", file=screen, mininterval=0):
+            logger.warning("record %d", i)
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+    text = screen.getvalue()
+    assert "evaluate:" in text and "\r" in text  # a live bar was drawn
+    for i in range(3):
+        before, _, _ = text.partition(f"WARNING components.test_progress: record {i}")
+        on_that_line = before.rsplit("\n", 1)[-1].rsplit("\r", 1)[-1]
+        assert on_that_line == "", f"record {i} printed after {on_that_line!r}"  # the bar was cleared first
 
 
 def test_noise_filter_catches_the_known_offenders() -> None:
