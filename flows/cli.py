@@ -326,6 +326,8 @@ THIRD_PARTY_QUIET_ENV = {
 # Library hints addressed to whoever packages a model, not to a contad user (MLflow re-enables them with its own
 # "once" filter, so they are dropped as captured ``py.warnings`` records instead).
 THIRD_PARTY_HINTS = ("Add type hints to the `predict` method", "An input example was not provided when logging the model")
+# Prefect's routine INFO line after every task run (kept in the Prefect UI's run logs; not printed on the terminal).
+PREFECT_ROUTINE = ("Finished in state Completed",)
 
 
 class _ThirdPartyBelowWarning(logging.Filter):
@@ -334,6 +336,8 @@ class _ThirdPartyBelowWarning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         package = record.name.split(".", 1)[0]
         if record.name == "py.warnings" and any(hint in record.getMessage() for hint in THIRD_PARTY_HINTS):
+            return False
+        if package == "prefect" and record.levelno < logging.WARNING and record.getMessage().startswith(PREFECT_ROUTINE):
             return False
         return record.levelno >= logging.WARNING or package not in THIRD_PARTY_LOGGERS
 

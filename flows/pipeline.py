@@ -66,9 +66,9 @@ from components.eval.report import write_report
 from components.eval.thresholds import Calibration, calibrate_heldout, decision_metrics, learned_task_of_product, read_calibration, write_calibration
 from components.faults import fault_point
 from components.memory.store import BankStore, state_files
-from components.progress import progress_bar
 from components.methods.base import ContinualMethod
 from components.methods.registry import build_method, structure_masks
+from components.progress import progress_bar
 from components.segment.cache import MaskCache, build_cache, label_maps_for
 from components.types import ImageBatch, Prediction
 from flows import fanout

@@ -60,7 +60,7 @@ def test_run_output_has_no_third_party_info_lines(request: pytest.FixtureRequest
     assert "INFO flows.tracking: registered contad-detector" in output  # MLflow really ran (and downloaded artifacts)
     assert "INFO components.data.validate" in output  # Great Expectations really ran
     assert _third_party_info(output) == []
-    assert "\r" not in res.stderr and "Add type hints" not in output
+    assert "\r" not in res.stderr and "Add type hints" not in output and "Finished in state Completed" not in output
     assert f"{untested} (normal images only)" in res.stdout
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     column = metrics["tasks"].index(untested)
@@ -262,6 +262,11 @@ def test_module_that_forces_info_is_still_muted(tmp_path: Path) -> None:
     assert shown("great_expectations.data_context.types.base", logging.WARNING)
     assert shown("components.data.validate", logging.INFO) and shown("prefect.flow_runs", logging.INFO)
     assert shown("gitlab_like", logging.INFO)  # whole package names only ("git" does not match "gitlab_like")
+    hint = "x.py:1: UserWarning: \x1b[33mAdd type hints to the `predict` method to enable data validation"
+    assert not _ThirdPartyBelowWarning().filter(logging.LogRecord("py.warnings", logging.WARNING, __file__, 1, hint, None, None))
+    done = logging.LogRecord("prefect.task_runs", logging.INFO, __file__, 1, "Finished in state Completed()", None, None)
+    failed = logging.LogRecord("prefect.task_runs", logging.ERROR, __file__, 1, "Finished in state Failed('boom')", None, None)
+    assert not _ThirdPartyBelowWarning().filter(done) and _ThirdPartyBelowWarning().filter(failed)
 
 
 def test_product_with_only_normal_images_is_valid_but_not_evaluable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
