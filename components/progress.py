@@ -77,6 +77,8 @@ class LineProgress(tqdm):  # type: ignore[type-arg]
         line = f"{d['prefix'] or 'progress'}: {done}, {tqdm.format_interval(elapsed)} elapsed"
         if total and n and elapsed:
             line += f", ~{tqdm.format_interval((total - n) * elapsed / n)} left"
+        if d.get("postfix"):
+            line += f"; {d['postfix']}"
         return line
 
 
