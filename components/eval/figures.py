@@ -156,20 +156,20 @@ def forgetting_panel(ax: Any, doc: dict[str, Any], metric: str, limit: float | N
 def family_heatmaps(doc: dict[str, Any], family: str, metrics: Sequence[str]) -> bytes:
     """One figure per metric family: the accuracy matrix of every metric (shared 0-100 % colour bar)
     and the forgetting matrix of the family's first (headline) metric, two panels per row."""
-    n_panels = len(metrics) + 1
-    n_cols = 2 if n_panels > 1 else 1
-    n_rows_grid = math.ceil(n_panels / n_cols)
+    n_cols = 2
+    n_rows_grid = math.ceil((len(metrics) + 1) / n_cols)
     n_steps, n_tasks = len(doc["matrix"][metrics[0]]), len(doc["tasks"])
-    panel_w, panel_h = max(3.2, 0.75 * n_tasks + 1.2), max(1.8, 0.42 * n_steps + 1.2)
+    panel_w, panel_h = max(3.0, 0.6 * n_tasks + 1.2), max(1.8, 0.4 * n_steps + 1.2)
     fig = Figure(figsize=(n_cols * panel_w + 2.4, n_rows_grid * panel_h + 0.8), layout="constrained")
     axes = fig.subplots(n_rows_grid, n_cols, squeeze=False).ravel()
     accuracy = None
     for k, metric in enumerate(metrics):
         accuracy = accuracy_panel(axes[k], doc, metric, show_y=k % n_cols == 0)
     forgetting = forgetting_panel(axes[len(metrics)], doc, metrics[0], show_y=len(metrics) % n_cols == 0)
-    for ax in axes[n_panels:]:
+    for ax in axes[len(metrics) + 1 :]:
         ax.set_axis_off()
-    fig.colorbar(accuracy, ax=list(axes[: len(metrics)]), shrink=0.8, label="value (%)").ax.tick_params(labelsize=LABEL_PT)
+    # accuracy colour bar below the grid, forgetting colour bar beside its panel: they never overlap
+    fig.colorbar(accuracy, ax=list(axes), location="bottom", shrink=0.5, aspect=40, label="value (%)").ax.tick_params(labelsize=LABEL_PT)
     fig.colorbar(forgetting, ax=axes[len(metrics)], shrink=0.9, label="forgetting (%)").ax.tick_params(labelsize=LABEL_PT)
     fig.suptitle(f"{doc.get('method', '')}: {family} — rows: after training step; columns: evaluated product", fontsize=TITLE_PT)
     return to_png(fig, dpi=DPI)
@@ -182,7 +182,7 @@ def comparison_matrices(runs: Sequence[tuple[str, dict[str, Any]]], metric: str 
     limit = max(5.0, float(finite.max()) if finite.size else 0.0)
     n_steps = max(len(doc["matrix"][metric]) for _, doc in runs)
     n_tasks = max(len(doc["tasks"]) for _, doc in runs)
-    panel_w, panel_h = max(3.2, 0.75 * n_tasks + 1.2), max(1.8, 0.42 * n_steps + 1.2)
+    panel_w, panel_h = max(3.0, 0.6 * n_tasks + 1.2), max(1.8, 0.4 * n_steps + 1.2)
     fig = Figure(figsize=(2 * panel_w + 2.4, len(runs) * panel_h + 0.6), layout="constrained")
     axes = fig.subplots(len(runs), 2, squeeze=False)
     for r, (label, doc) in enumerate(runs):
