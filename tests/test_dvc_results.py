@@ -114,6 +114,8 @@ def _dvc(repo: Path, *args: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_metrics_and_plots_diff_across_commits_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if not DVC.exists():
         pytest.skip(f"dvc not installed at {DVC}")
@@ -145,3 +147,10 @@ def test_metrics_and_plots_diff_across_commits_offline(tmp_path: Path, monkeypat
     assert {d["image_auroc"] for d in gamma if d["step"] in ("0", "1", 0, 1)} == {""}  # empty, filtered by the template
     _dvc(repo, "plots", "show", "-o", "show_plots")
     assert not re.search(r"""(src|href)\s*=\s*["']?https?://""", (repo / "show_plots" / "index.html").read_text())
+
+
+@pytest.mark.slow
+def test_plots_template_command_regenerates_the_committed_page(tmp_path: Path) -> None:
+    pytest.importorskip("vl_convert")
+    assert main(["plots-template", "--out", str(tmp_path / "offline.html")]) == 0
+    assert (tmp_path / "offline.html").read_text() == (REPO_ROOT / ".dvc" / "plots" / "offline.html").read_text()
