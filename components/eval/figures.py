@@ -239,7 +239,7 @@ def overlay_figure(product: str, batch: ImageBatch, prediction: Prediction, cali
     vmax = vmax if vmax > vmin else vmin + 1e-6
     n = len(batch)
     extra = int(batch.depth is not None)  # RGB-D data: a depth panel next to the image
-    fig = Figure(figsize=(8.0 + 2.6 * extra, 2.6 * n + 0.4))
+    fig = Figure(figsize=(7.2 + 2.3 * extra, 2.25 * n + 0.4))
     axes = fig.subplots(n, 3 + extra, squeeze=False)
     if extra:
         for i in range(n):
