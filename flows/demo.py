@@ -83,7 +83,7 @@ def baseline_config(cfg: Config, out: Path) -> Config | None:
 def demo_command(cfg: Config, out: Path) -> int:
     """Generate synthetic products (once), run the continual pipeline on them with ``method`` and with
     the ``demo.baseline`` method, write the comparison report, print where to look."""
-    from components.eval.report import COMPARISON_FILE, report_command
+    from components.eval.report import report_command
 
     out = Path(out)
     cfg = demo_config(cfg, out)
@@ -102,13 +102,18 @@ def demo_command(cfg: Config, out: Path) -> int:
         console.print(summary_table(execute(baseline, baseline_out)))
         runs.append(baseline_out)
         report_command(runs, out=out)
-    lines = [
-        f"finished in {time.perf_counter() - started:.0f} s. Where to look:",
-        f"  report:        {out / REPORT_FILE}",
-    ]
+    print(where_to_look(cfg, out, baseline, time.perf_counter() - started))  # plain print: paths and commands must not be wrapped
+    return 0
+
+
+def where_to_look(cfg: Config, out: Path, baseline: Config | None, seconds: float) -> str:
+    """The closing lines of ``contad demo``: reports, comparison, metrics, MLflow, banks, next command."""
+    from components.eval.report import COMPARISON_FILE
+
+    lines = [f"finished in {seconds:.0f} s. Where to look:", f"  report:        {out / REPORT_FILE}"]
     if baseline is not None:
         lines.append(f"  comparison:    {out / COMPARISON_FILE}   ({cfg.method} vs. {baseline.method}: accuracy and forgetting)")
-        lines.append(f"  baseline run:  {runs[1] / REPORT_FILE}")
+        lines.append(f"  baseline run:  {out / BASELINES_DIR / baseline.method / REPORT_FILE}")
     lines.append(f"  metrics:       {out / METRICS_FILE}")
     if cfg.tracking.enabled:
         lines.append(f"  MLflow UI:     mlflow ui --backend-store-uri {cfg.tracking.uri}")
@@ -117,5 +122,4 @@ def demo_command(cfg: Config, out: Path) -> int:
         "  add a product: contad add-product PRODUCT_DIR --name NAME"
         f" banks.store_dir={cfg.banks.store_dir} tracking.uri={cfg.tracking.uri} masks.cache_dir={cfg.masks.cache_dir}"
     )
-    print("\n".join(lines))  # plain print: paths and commands must not be wrapped
-    return 0
+    return "\n".join(lines)

@@ -9,7 +9,7 @@ import pytest
 
 from components.errors import ContadError
 from components.memory.store import BankStore
-from flows.demo import baseline_config, demo_command, demo_config
+from flows.demo import baseline_config, demo_command, demo_config, where_to_look
 from tests.test_pipeline_helpers import TINY_OVERRIDES, FitCounter, shared_prefect_api
 from tests.conftest import REPO_ROOT
 from components.config import load_config
@@ -41,6 +41,10 @@ def test_demo_config_keeps_everything_under_out(tmp_path: Path) -> None:
     assert baseline.data.root == cfg.data.root and baseline.tracking.uri == cfg.tracking.uri
     assert baseline_config(demo_config(_demo_cfg("demo.baseline=null"), tmp_path / "demo"), tmp_path / "demo") is None
     assert baseline_config(demo_config(_demo_cfg("method=patchcore_finetune"), tmp_path / "demo"), tmp_path / "demo") is None
+    closing = where_to_look(cfg, tmp_path / "demo", baseline, 12.0)
+    assert f"comparison:    {tmp_path / 'demo' / 'comparison.md'}" in closing
+    assert str(tmp_path / "demo" / "baselines" / "patchcore_finetune" / "report.md") in closing
+    assert "comparison" not in where_to_look(cfg, tmp_path / "demo", None, 12.0)
 
 
 def test_demo_refuses_foreign_data_directory(tmp_path: Path) -> None:
