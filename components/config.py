@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator
@@ -409,6 +409,20 @@ class MTRMBConfig(Section):
         return value
 
 
+class DemoConfig(Section):
+    """``contad demo``: the method of the run (``method``) plus a baseline run and a comparison report."""
+
+    baseline: str | None = "patchcore_finetune"  # a method that forgets, so the forgetting views show something; null: none
+
+    @field_validator("baseline")
+    @classmethod
+    def _known_method(cls, value: str | None) -> str | None:
+        methods = get_args(Config.model_fields["method"].annotation)
+        if value is not None and value not in methods:
+            raise ValueError(f"unknown method {value!r} (choose from {', '.join(methods)} or null)")
+        return value
+
+
 class Config(Section):
     """Root configuration: one object for the whole pipeline."""
 
@@ -437,6 +451,7 @@ class Config(Section):
 
     text: TextConfig = Field(default_factory=TextConfig)
     mtrmb: MTRMBConfig = Field(default_factory=MTRMBConfig)
+    demo: DemoConfig = Field(default_factory=DemoConfig)
 
 
 class ConfigError(ValueError):

@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="side-by-side comparison of one or more run directories")
     report.add_argument("runs", nargs="+", help="run directories containing metrics.json")
     report.add_argument("--out", default=None, help="output directory (default: first run dir)")
+    report.add_argument("--dvc-dir", default=None, help="also write the DVC metrics and plot files of the first run here (summary.json, average/curves/forgetting.csv; see dvc.yaml)")
+    template = sub.add_parser("plots-template", help="write the offline HTML template of `dvc plots show` (Vega JS inlined from vl-convert-python, no CDN)")
+    template.add_argument("--out", default=".dvc/plots/offline.html", help="template file (default: .dvc/plots/offline.html, named in .dvc/config)")
 
     banks = sub.add_parser("banks", help="versioned memory banks").add_subparsers(dest="banks_command", required=True, metavar="SUBCOMMAND")
     for name, helptext in (("list", "list versions (current marked)"), ("show", "show one version's manifest"),
@@ -207,7 +210,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "report":
         from components.eval.report import report_command
 
-        return report_command([Path(r) for r in args.runs], out=Path(args.out) if args.out else None)
+        return report_command([Path(r) for r in args.runs], out=Path(args.out) if args.out else None,
+                              dvc_dir=Path(args.dvc_dir) if args.dvc_dir else None)
+    if args.command == "plots-template":
+        from components.eval.dvc_export import write_html_template
+
+        print(f"offline dvc plots template written to {write_html_template(Path(args.out))}")
+        return EXIT_OK
     if args.command == "banks":
         from flows.promotion import banks_command
 

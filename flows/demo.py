@@ -2,7 +2,10 @@
 
 ``OUT/data`` (synthetic products, generated once), ``OUT/mask_cache``, ``OUT/banks``,
 ``OUT/steps`` (resumable step records), ``OUT/mlflow.db`` + ``OUT/mlartifacts`` (MLflow),
-``OUT/metrics.json``, ``OUT/report.md``, ``OUT/figures``, ``OUT/matrices``.
+``OUT/metrics.json``, ``OUT/report.md``, ``OUT/figures``, ``OUT/matrices``: the run of ``method``.
+``OUT/baselines/<demo.baseline>``: the same sequence learned by the baseline (default
+``patchcore_finetune``, which forgets; its own banks, MLflow experiment and registered model), and
+``OUT/comparison.md`` (+ ``OUT/figures/comparison_*.png``): both side by side, forgetting included.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ log = logging.getLogger(__name__)
 
 DATA_DIR = "data"
 DATA_MARKER = ".contad-synth.json"
+BASELINES_DIR = "baselines"
 
 
 def demo_config(cfg: Config, out: Path) -> Config:
@@ -61,21 +65,56 @@ def ensure_synthetic_data(cfg: Config, data_dir: Path) -> list[str]:
     return products
 
 
+def baseline_config(cfg: Config, out: Path) -> Config | None:
+    """The demo config (``demo_config``) switched to ``cfg.demo.baseline``, with its banks under
+    ``OUT/baselines/<method>`` and its own MLflow experiment and registered model (so the main run's
+    experiment and champion stay its own); None without a baseline or when it is the main method."""
+    baseline = cfg.demo.baseline
+    if baseline is None or baseline == cfg.method:
+        return None
+    cfg = cfg.model_copy(deep=True)
+    cfg.method = baseline
+    cfg.banks.store_dir = str(Path(out).resolve() / BASELINES_DIR / baseline / "banks")
+    cfg.tracking.experiment_prefix = f"{cfg.tracking.experiment_prefix}-baseline-{baseline}"
+    cfg.tracking.registered_model = f"{cfg.tracking.registered_model}-baseline-{baseline}"
+    return cfg
+
+
 def demo_command(cfg: Config, out: Path) -> int:
-    """Generate synthetic products (once), run the continual pipeline on them, print where to look."""
+    """Generate synthetic products (once), run the continual pipeline on them with ``method`` and with
+    the ``demo.baseline`` method, write the comparison report, print where to look."""
+    from components.eval.report import report_command
+
     out = Path(out)
     cfg = demo_config(cfg, out)
+    baseline = baseline_config(cfg, out)
     console = Console()
     products = ensure_synthetic_data(cfg, Path(cfg.data.root))
-    console.print(f"[bold]contad demo[/]: {len(products)} synthetic products, method {cfg.method}, backbone {cfg.backbone.name}", soft_wrap=True)
+    methods = cfg.method + (f" and baseline {baseline.method}" if baseline else "")
+    console.print(f"[bold]contad demo[/]: {len(products)} synthetic products, method {methods}, backbone {cfg.backbone.name}", soft_wrap=True)
     started = time.perf_counter()
     metrics_json = execute(cfg, out)
     console.print(summary_table(metrics_json))
-    lines = [
-        f"finished in {time.perf_counter() - started:.0f} s. Where to look:",
-        f"  report:        {out / REPORT_FILE}",
-        f"  metrics:       {out / METRICS_FILE}",
-    ]
+    runs = [out]
+    if baseline is not None:
+        baseline_out = out / BASELINES_DIR / baseline.method
+        console.print(f"[bold]baseline[/]: the same sequence with {baseline.method}")
+        console.print(summary_table(execute(baseline, baseline_out)))
+        runs.append(baseline_out)
+        report_command(runs, out=out)
+    print(where_to_look(cfg, out, baseline, time.perf_counter() - started))  # plain print: paths and commands must not be wrapped
+    return 0
+
+
+def where_to_look(cfg: Config, out: Path, baseline: Config | None, seconds: float) -> str:
+    """The closing lines of ``contad demo``: reports, comparison, metrics, MLflow, banks, next command."""
+    from components.eval.report import COMPARISON_FILE
+
+    lines = [f"finished in {seconds:.0f} s. Where to look:", f"  report:        {out / REPORT_FILE}"]
+    if baseline is not None:
+        lines.append(f"  comparison:    {out / COMPARISON_FILE}   ({cfg.method} vs. {baseline.method}: accuracy and forgetting)")
+        lines.append(f"  baseline run:  {out / BASELINES_DIR / baseline.method / REPORT_FILE}")
+    lines.append(f"  metrics:       {out / METRICS_FILE}")
     if cfg.tracking.enabled:
         lines.append(f"  MLflow UI:     mlflow ui --backend-store-uri {cfg.tracking.uri}")
     lines.append(f"  bank versions: contad banks list --store {cfg.banks.store_dir}")
@@ -83,5 +122,4 @@ def demo_command(cfg: Config, out: Path) -> int:
         "  add a product: contad add-product PRODUCT_DIR --name NAME"
         f" banks.store_dir={cfg.banks.store_dir} tracking.uri={cfg.tracking.uri} masks.cache_dir={cfg.masks.cache_dir}"
     )
-    print("\n".join(lines))  # plain print: paths and commands must not be wrapped
-    return 0
+    return "\n".join(lines)

@@ -89,7 +89,7 @@ REPORT_FILE = "report.md"
 RESULTS_DIR = ".prefect-results"
 METHODS_WITH_STRUCTURE_MASKS = frozenset({"ucad", "mtrmb"})
 # Parts of a run directory that are not report artifacts (state, data, stores).
-NON_ARTIFACTS = frozenset({STEPS_DIR, "banks", "data", "mask_cache", "mlartifacts", RESULTS_DIR})
+NON_ARTIFACTS = frozenset({STEPS_DIR, "banks", "data", "mask_cache", "mlartifacts", RESULTS_DIR, "baselines"})  # baselines: `contad demo`
 # Config sections that do not change what a run computes (they may differ on resume).
 FINGERPRINT_EXCLUDES = ("tracking", "banks", "compute")
 IO_RETRIES = 2

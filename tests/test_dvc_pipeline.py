@@ -56,7 +56,8 @@ def test_dvc_yaml_stages_call_the_cli_with_existing_params() -> None:
                 assert isinstance(node, dict) and part in node, f"stage {name}: params key {key!r} is not in params.yaml"
                 node = node[part]
     run = spec["stages"]["run"]
-    assert [next(iter(m)) for m in run["metrics"]] == ["runs/pipeline/metrics.json"]
+    assert "metrics" not in run and "plots" not in run, "metrics/plots live in the git-tracked results/ (report stage)"
+    assert [next(iter(m)) for m in spec["stages"]["report"]["metrics"]] == ["results/summary.json"]
     assert "runs/mask_cache" in run["deps"] and "runs/mask_cache" in spec["stages"]["masks"]["outs"]
     assert not {"ucad", "method", "eval"} & set(spec["stages"]["masks"].get("params", [])), "training knobs must not invalidate masks"
 
@@ -80,7 +81,8 @@ def test_dvc_repro_end_to_end_then_noop_then_training_change(prefect_api: str, t
     assert metrics["method"] == "ucad" and len(metrics["tasks"]) == 2
     assert (repo / "runs/report/comparison.md").is_file() or any((repo / "runs/report").iterdir())
     assert (repo / "runs/pipeline/matrices/average.csv").is_file()
-    assert "runs/pipeline/metrics.json" in _sh([str(DVC), "metrics", "show", "--json"], repo, env)
+    assert "results/summary.json" in _sh([str(DVC), "metrics", "show", "--json"], repo, env)
+    assert (repo / "results" / "curves.csv").is_file() and (repo / "results" / "forgetting.csv").is_file()
 
     second = _sh([str(DVC), "repro"], repo, env)
     assert _ran(second) == set(), second[-3000:]

@@ -136,11 +136,14 @@ def test_two_task_sequence_end_to_end(tmp_path: Path) -> None:
     assert saved == json.loads(json.dumps(doc))
 
     report = (run / "report.md").read_text()
-    assert "| metric | alpha | beta | Average | FM | BWT |" in report
-    assert "figures/matrix_image_auroc.png" in report and "figures/overlay_alpha.png" in report
+    # one table + one heatmap figure per metric family, not one per metric
+    assert report.count("| metric | alpha | beta | Average | FM | BWT |") == 2  # (no per-step decision rates here)
+    assert [line for line in report.splitlines() if line.startswith("## ")][:2] == ["## Image-level detection", "## Pixel-level localisation"]
+    families = ["family_image-level_detection.png", "family_pixel-level_localisation.png"]
+    assert all(f"figures/{name}" in report for name in families) and "figures/overlay_alpha.png" in report
+    assert "matrix_" not in report and "every value is in %" in report
     pngs = sorted((run / "figures").glob("*.png"))
-    assert {p.name for p in pngs} >= {"matrix_image_auroc.png", "matrix_aupro.png", "image_auroc_steps.png",
-                                      "overlay_alpha.png", "overlay_beta.png"}
+    assert {p.name for p in pngs} >= {*families, "image_auroc_steps.png", "overlay_alpha.png", "overlay_beta.png"}
     for png in pngs:
         _assert_png(png)
     assert not list(run.rglob("*.tmp"))  # atomic writes leave no temporaries
@@ -154,10 +157,51 @@ def test_two_task_sequence_end_to_end(tmp_path: Path) -> None:
     (other / "metrics.json").write_text(json.dumps(worse))
     assert report_command([run, other], out=tmp_path / "compare") == 0
     comparison = (tmp_path / "compare" / "comparison.md").read_text()
-    assert "| method | alpha | beta | Average | FM |" in comparison
-    assert "| mean_distance | 100.0 | 100.0 | 100.0 | 0.0 |" in comparison
-    assert "| patchcore_finetune | 50.0 | 100.0 |" in comparison
+    assert comparison.count("| metric | method | alpha | beta | Average | FM |") == 2  # one table per family
+    assert "| Image AUROC | mean_distance | 100.0 | 100.0 | 100.0 | 0.0 |" in comparison
+    assert "| Image AUROC | patchcore_finetune | 50.0 | 100.0 |" in comparison
     _assert_png(tmp_path / "compare" / "figures" / "comparison_image_auroc.png")
+    _assert_png(tmp_path / "compare" / "figures" / "comparison_forgetting_image_auroc.png")
+    assert "figures/comparison_forgetting_image_auroc.png" in comparison
+
+
+def _captured_figures(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    from components.eval import figures
+
+    captured: list[Any] = []
+    monkeypatch.setattr(figures, "to_png", lambda fig, dpi=110: captured.append((fig, dpi)) or b"")
+    return captured
+
+
+def _forgetting_doc() -> dict[str, Any]:
+    matrix = AccuracyMatrix(["alpha", "beta", "gamma"], 3)
+    cells = {(0, "alpha"): 0.98, (1, "alpha"): 0.97, (1, "beta"): 0.9, (2, "alpha"): 0.7, (2, "beta"): 0.92, (2, "gamma"): 0.95}
+    for (step, product), value in cells.items():
+        matrix.record(step, product, {"image_auroc": value, "image_ap": value, "image_f1max": value, "pixel_auroc": None})
+    return matrix.to_metrics_json("patchcore_finetune", "sequential")
+
+
+def test_family_heatmaps_show_percent_forgetting_and_legible_titles(monkeypatch: pytest.MonkeyPatch) -> None:
+    from components.eval.figures import comparison_matrices, family_heatmaps, forgetting_matrix
+
+    doc = _forgetting_doc()
+    forgetting = forgetting_matrix(doc, "image_auroc")
+    assert forgetting[0] == [None, None, None] and forgetting[2][0] == pytest.approx(0.28)
+    assert forgetting[2][1] == pytest.approx(-0.02) and forgetting[2][2] is None  # improved beta; gamma just learned
+    captured = _captured_figures(monkeypatch)
+    family_heatmaps(doc, "Image-level detection", ["image_auroc", "image_ap", "image_f1max"])
+    comparison_matrices([("a", doc), ("b", doc)], "image_auroc")
+    for fig, dpi in captured:
+        images = [ax for ax in fig.axes if ax.images]
+        titles = [ax.title for ax in images]
+        assert any(t.get_text().startswith(("Forgetting", "b: forgetting")) for t in titles)
+        assert min(t.get_fontsize() for t in titles) * dpi / 72 >= 12  # >= 12 px
+        accuracy = [ax.images[0] for ax in images if "orgetting" not in ax.title.get_text()]
+        assert all(im.get_clim() == (0.0, 100.0) for im in accuracy)  # % scale, like the cell labels
+        colorbars = [ax for ax in fig.axes if not ax.images and ax.get_label() == "<colorbar>"]
+        assert colorbars and all(max(*ax.get_xlim(), *ax.get_ylim()) > 1.0 for ax in colorbars)  # % scale, not 0-1
+        cell_texts = {t.get_text() for ax in images for t in ax.texts}
+        assert "28.0" in cell_texts and "70.0" in cell_texts  # forgetting of alpha and its final value, in %
 
 
 def test_report_command_names_the_bad_run(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from components.errors import ContadError
 from components.memory.store import BankStore
-from flows.demo import demo_command, demo_config
+from flows.demo import baseline_config, demo_command, demo_config, where_to_look
 from tests.test_pipeline_helpers import TINY_OVERRIDES, FitCounter, shared_prefect_api
 from tests.conftest import REPO_ROOT
 from components.config import load_config
@@ -33,6 +33,18 @@ def test_demo_config_keeps_everything_under_out(tmp_path: Path) -> None:
     assert cfg.tracking.uri == f"sqlite:///{out / 'mlflow.db'}"
     explicit = demo_config(_demo_cfg("tracking.uri=http://127.0.0.1:5000"), tmp_path / "demo")
     assert explicit.tracking.uri == "http://127.0.0.1:5000"
+    baseline = baseline_config(cfg, tmp_path / "demo")
+    assert baseline is not None and baseline.method == "patchcore_finetune" and cfg.method == "ucad"
+    assert baseline.banks.store_dir == str(out / "baselines" / "patchcore_finetune" / "banks")
+    assert baseline.tracking.registered_model != cfg.tracking.registered_model  # the main run's champion stays its own
+    assert baseline.tracking.experiment_prefix != cfg.tracking.experiment_prefix
+    assert baseline.data.root == cfg.data.root and baseline.tracking.uri == cfg.tracking.uri
+    assert baseline_config(demo_config(_demo_cfg("demo.baseline=null"), tmp_path / "demo"), tmp_path / "demo") is None
+    assert baseline_config(demo_config(_demo_cfg("method=patchcore_finetune"), tmp_path / "demo"), tmp_path / "demo") is None
+    closing = where_to_look(cfg, tmp_path / "demo", baseline, 12.0)
+    assert f"comparison:    {tmp_path / 'demo' / 'comparison.md'}" in closing
+    assert str(tmp_path / "demo" / "baselines" / "patchcore_finetune" / "report.md") in closing
+    assert "comparison" not in where_to_look(cfg, tmp_path / "demo", None, 12.0)
 
 
 def test_demo_refuses_foreign_data_directory(tmp_path: Path) -> None:
@@ -55,8 +67,14 @@ def test_demo_end_to_end_with_mlflow_and_resume(
     printed = capsys.readouterr().out
     db = (out / "mlflow.db").resolve()
     assert "report.md" in printed
+    assert f"comparison:    {out / 'comparison.md'}" in printed
     assert f"mlflow ui --backend-store-uri sqlite:///{db}" in printed
-    assert len(fits.calls) == 2
+    assert len(fits.calls) == 4  # two products, UCAD and the patchcore_finetune baseline
+    comparison = (out / "comparison.md").read_text()
+    assert "| Image AUROC | ucad |" in comparison and "| Image AUROC | patchcore_finetune |" in comparison
+    assert (out / "figures" / "comparison_forgetting_image_auroc.png").is_file()
+    baseline = json.loads((out / "baselines" / "patchcore_finetune" / "metrics.json").read_text())
+    assert baseline["method"] == "patchcore_finetune" and baseline["tasks"] == json.loads((out / "metrics.json").read_text())["tasks"]
 
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["method"] == "ucad" and len(doc["tasks"]) == 2

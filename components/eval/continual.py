@@ -146,19 +146,27 @@ class AccuracyMatrix:
         last = self.last_step()
         return [p for p in self.products if self.step_learned(p) < last]
 
+    def forgetting_of(self, step: int, product: str, metric: str) -> float | None:
+        """Forgetting of ``product`` after ``step``: best value at an earlier step (from the one learning
+        it) minus the value now (the rise for lower-is-better metrics); None before it is learned, at the
+        step learning it, or when undefined."""
+        if self.step_learned(product) >= step:
+            return None
+        earlier = [v for i in range(self.step_learned(product), step) if not _is_missing(v := self.value(i, product, metric))]
+        now = self.value(step, product, metric)
+        if not earlier or _is_missing(now):
+            return None
+        return now - min(earlier) if metric in LOWER_IS_BETTER else max(earlier) - now  # type: ignore[type-var, operator]
+
+    def forgetting_matrix(self, metric: str) -> list[list[float | None]]:
+        """``F[step][product]``: forgetting of every product after every step (see ``forgetting_of``);
+        FM is the mean of the last evaluated row."""
+        return [[self.forgetting_of(i, p, metric) for p in self.products] for i in range(self.n_steps)]
+
     def forgetting(self) -> dict[str, float]:
         """Forgetting measure FM per metric (Chaudhry et al.; see module docstring)."""
         last = self.last_step()
-        out: dict[str, float] = {}
-        for m in self.metric_names():
-            drops = []
-            for p in self._old_products():
-                earlier = [v for step in range(self.step_learned(p), last) if not _is_missing(v := self.value(step, p, m))]
-                now = self.value(last, p, m)
-                if earlier and not _is_missing(now):
-                    drops.append(now - min(earlier) if m in LOWER_IS_BETTER else max(earlier) - now)  # type: ignore[type-var, operator]
-            out[m] = _mean(drops)
-        return out
+        return {m: _mean(self.forgetting_of(last, p, m) for p in self._old_products()) for m in self.metric_names()}
 
     def bwt(self) -> dict[str, float]:
         """Backward transfer per metric: mean of ``R[T][j] - R[learned(j)][j]`` over old products."""

@@ -18,6 +18,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from components.eval.continual import LOWER_IS_BETTER, AccuracyMatrix
 from components.eval.metrics import METRIC_KEYS
 from components.eval.thresholds import Calibration
 from components.types import ImageBatch, Prediction
@@ -84,32 +85,115 @@ def _as_array(rows: list[list[float | None]]) -> np.ndarray:
     return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
 
 
-def matrix_heatmap(doc: dict[str, Any], metric: str) -> bytes:
-    """Heatmap of ``R[step][product]`` for one metric (blank = not learned, n/a = undefined)."""
+# Metric families of the report: one table and one heatmap figure each. The first metric of a
+# family is its headline (its forgetting matrix is drawn too); metrics of no family go to "Other".
+METRIC_FAMILIES: dict[str, tuple[str, ...]] = {
+    "Image-level detection": ("image_auroc", "image_ap", "image_f1max"),
+    "Pixel-level localisation": ("pixel_auroc", "aupro", "pixel_ap", "pixel_f1max"),
+    "Decisions at the deployed thresholds": ("escape_rate", "false_reject_rate"),
+}
+TITLE_PT = 12.0  # 12 pt at 100 dpi = 17 px; figures are at most ~900 px wide, so no downscaling in a page
+LABEL_PT = 10.0
+CELL_PT = 9.0
+DPI = 100
+
+
+def metric_families(metrics: Sequence[str]) -> dict[str, list[str]]:
+    """``METRIC_FAMILIES`` restricted to ``metrics`` (empty families dropped), plus ``Other`` for the rest."""
+    families = {name: [m for m in keys if m in metrics] for name, keys in METRIC_FAMILIES.items()}
+    known = {m for keys in METRIC_FAMILIES.values() for m in keys}
+    families["Other metrics"] = [m for m in metrics if m not in known]
+    return {name: keys for name, keys in families.items() if keys}
+
+
+def forgetting_matrix(doc: dict[str, Any], metric: str) -> list[list[float | None]]:
+    """``F[step][product]`` of ``metric`` (``AccuracyMatrix.forgetting_matrix``) from a metrics document."""
+    return AccuracyMatrix.from_metrics_json(doc).forgetting_matrix(metric)
+
+
+def _grid_labels(ax: Any, doc: dict[str, Any], n_rows: int, show_y: bool = True) -> None:
     tasks = doc["tasks"]
+    ax.set_xticks(range(len(tasks)), labels=tasks, rotation=30, ha="right", fontsize=LABEL_PT)
+    ax.set_yticks(range(n_rows), labels=_step_labels(doc, n_rows) if show_y else [""] * n_rows, fontsize=LABEL_PT)
+
+
+def accuracy_panel(ax: Any, doc: dict[str, Any], metric: str, show_y: bool = True) -> Any:
+    """``R[step][product]`` of ``metric`` in % (blank = not learned yet, n/a = undefined); returns the image."""
     rows = doc["matrix"][metric]
-    values = _as_array(rows)
-    n_rows, n_cols = values.shape
-    fig = Figure(figsize=(max(4.0, 1.0 + 0.9 * n_cols), max(2.5, 0.9 + 0.55 * n_rows)))
-    ax = fig.add_subplot()
-    cmap = colormaps["viridis"].with_extremes(bad="#eeeeee")
-    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
-    for j, product in enumerate(tasks):
+    values = 100.0 * _as_array(rows)
+    cmap = colormaps["viridis_r" if metric in LOWER_IS_BETTER else "viridis"].with_extremes(bad="#eeeeee")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.0, vmax=100.0, aspect="auto")
+    for j, product in enumerate(doc["tasks"]):
         learned = _learned_step(doc, product, [r[j] for r in rows])
-        for i in range(n_rows):
+        for i in range(values.shape[0]):
             value = values[i, j]
             if not math.isnan(value):
-                colour = "black" if value > 0.6 else "white"
-                ax.text(j, i, f"{100 * value:.1f}", ha="center", va="center", color=colour, fontsize=8)
+                bright = value > 60 if metric not in LOWER_IS_BETTER else value < 40
+                ax.text(j, i, f"{value:.1f}", ha="center", va="center", color="black" if bright else "white", fontsize=CELL_PT)
             elif i >= learned:
-                ax.text(j, i, "n/a", ha="center", va="center", color="#666666", fontsize=7)
-    ax.set_xticks(range(n_cols), labels=tasks, rotation=35, ha="right", fontsize=8)
-    ax.set_yticks(range(n_rows), labels=_step_labels(doc, n_rows), fontsize=8)
-    ax.set_xlabel("evaluated product")
-    ax.set_ylabel("after training")
-    ax.set_title(f"{doc.get('method', '')}: {metric_title(metric)} (%)", fontsize=10)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    return to_png(fig)
+                ax.text(j, i, "n/a", ha="center", va="center", color="#666666", fontsize=CELL_PT)
+    _grid_labels(ax, doc, values.shape[0], show_y)
+    ax.set_title(f"{metric_title(metric)} (%)", fontsize=TITLE_PT)
+    return image
+
+
+def forgetting_panel(ax: Any, doc: dict[str, Any], metric: str, limit: float | None = None, show_y: bool = True) -> Any:
+    """Forgetting ``F[step][product]`` of ``metric`` in % (red = forgot, blue = improved; blank = not defined)."""
+    values = 100.0 * _as_array(forgetting_matrix(doc, metric))
+    finite = np.abs(values[np.isfinite(values)])
+    limit = limit if limit is not None else max(5.0, float(finite.max()) if finite.size else 0.0)
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=colormaps["RdBu_r"].with_extremes(bad="#f4f4f4"),
+                      vmin=-limit, vmax=limit, aspect="auto")
+    for (i, j), value in np.ndenumerate(values):
+        if not math.isnan(value):
+            ax.text(j, i, f"{value:.1f}", ha="center", va="center", color="white" if abs(value) > 0.6 * limit else "black", fontsize=CELL_PT)
+    _grid_labels(ax, doc, values.shape[0], show_y)
+    rise = " (rise)" if metric in LOWER_IS_BETTER else ""
+    ax.set_title(f"Forgetting{rise} of {metric_title(metric)} (%)", fontsize=TITLE_PT)
+    return image
+
+
+def family_heatmaps(doc: dict[str, Any], family: str, metrics: Sequence[str]) -> bytes:
+    """One figure per metric family: the accuracy matrix of every metric (shared 0-100 % colour bar)
+    and the forgetting matrix of the family's first (headline) metric, two panels per row."""
+    n_cols = 2
+    n_rows_grid = math.ceil((len(metrics) + 1) / n_cols)
+    n_steps, n_tasks = len(doc["matrix"][metrics[0]]), len(doc["tasks"])
+    panel_w, panel_h = max(3.0, 0.6 * n_tasks + 1.2), max(1.8, 0.4 * n_steps + 1.2)
+    fig = Figure(figsize=(n_cols * panel_w + 2.4, n_rows_grid * panel_h + 0.8), layout="constrained")
+    axes = fig.subplots(n_rows_grid, n_cols, squeeze=False).ravel()
+    accuracy = None
+    for k, metric in enumerate(metrics):
+        accuracy = accuracy_panel(axes[k], doc, metric, show_y=k % n_cols == 0)
+    forgetting = forgetting_panel(axes[len(metrics)], doc, metrics[0], show_y=len(metrics) % n_cols == 0)
+    for ax in axes[len(metrics) + 1 :]:
+        ax.set_axis_off()
+    # accuracy colour bar below the grid, forgetting colour bar beside its panel: they never overlap
+    fig.colorbar(accuracy, ax=list(axes), location="bottom", shrink=0.5, aspect=40, label="value (%)").ax.tick_params(labelsize=LABEL_PT)
+    fig.colorbar(forgetting, ax=axes[len(metrics)], shrink=0.9, label="forgetting (%)").ax.tick_params(labelsize=LABEL_PT)
+    fig.suptitle(f"{doc.get('method', '')}: {family} — rows: after training step; columns: evaluated product", fontsize=TITLE_PT)
+    return to_png(fig, dpi=DPI)
+
+
+def comparison_matrices(runs: Sequence[tuple[str, dict[str, Any]]], metric: str = "image_auroc") -> bytes:
+    """One row per run: its accuracy matrix and its forgetting matrix of ``metric`` (shared scales)."""
+    values = [100.0 * _as_array(forgetting_matrix(doc, metric)) for _, doc in runs]
+    finite = np.concatenate([np.abs(v[np.isfinite(v)]) for v in values]) if values else np.array([])
+    limit = max(5.0, float(finite.max()) if finite.size else 0.0)
+    n_steps = max(len(doc["matrix"][metric]) for _, doc in runs)
+    n_tasks = max(len(doc["tasks"]) for _, doc in runs)
+    panel_w, panel_h = max(3.0, 0.6 * n_tasks + 1.2), max(1.8, 0.4 * n_steps + 1.2)
+    fig = Figure(figsize=(2 * panel_w + 2.4, len(runs) * panel_h + 0.6), layout="constrained")
+    axes = fig.subplots(len(runs), 2, squeeze=False)
+    for r, (label, doc) in enumerate(runs):
+        accuracy = accuracy_panel(axes[r, 0], doc, metric)
+        forgetting = forgetting_panel(axes[r, 1], doc, metric, limit=limit, show_y=False)
+        axes[r, 0].set_title(f"{label}: {metric_title(metric)} (%)", fontsize=TITLE_PT)
+        axes[r, 1].set_title(f"{label}: forgetting (%)", fontsize=TITLE_PT)
+    fig.colorbar(accuracy, ax=list(axes[:, 0]), shrink=0.8, label="value (%)").ax.tick_params(labelsize=LABEL_PT)
+    fig.colorbar(forgetting, ax=list(axes[:, 1]), shrink=0.8, label="forgetting (%)").ax.tick_params(labelsize=LABEL_PT)
+    fig.suptitle(f"{metric_title(metric)} after every step and its forgetting, per run", fontsize=TITLE_PT)
+    return to_png(fig, dpi=DPI)
 
 
 def step_curves(doc: dict[str, Any], metric: str = "image_auroc") -> bytes:
@@ -128,13 +212,14 @@ def step_curves(doc: dict[str, Any], metric: str = "image_auroc") -> bytes:
     ax.set_xticks(range(n_rows), labels=[str(i) for i in range(n_rows)])
     lowest = float(np.nanmin(values)) if np.isfinite(values).any() else 0.5
     ax.set_ylim(min(50.0, 100 * lowest - 5.0), 101.0)
-    ax.set_xlabel("training step")
-    ax.set_ylabel(f"{metric_title(metric)} (%)")
-    ax.set_title(f"{doc.get('method', '')}: {metric_title(metric)} per product across steps", fontsize=10)
+    ax.set_xlabel("after training step", fontsize=LABEL_PT)
+    ax.set_ylabel(f"{metric_title(metric)} (%)", fontsize=LABEL_PT)
+    ax.set_title(f"{doc.get('method', '')}: {metric_title(metric)} per product across steps", fontsize=TITLE_PT)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    return to_png(fig)
+        ax.legend(fontsize=LABEL_PT, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ax.tick_params(labelsize=LABEL_PT)
+    return to_png(fig, dpi=DPI)
 
 
 def overlay_figure(product: str, batch: ImageBatch, prediction: Prediction, calibration: Calibration | None = None) -> bytes:
@@ -154,7 +239,7 @@ def overlay_figure(product: str, batch: ImageBatch, prediction: Prediction, cali
     vmax = vmax if vmax > vmin else vmin + 1e-6
     n = len(batch)
     extra = int(batch.depth is not None)  # RGB-D data: a depth panel next to the image
-    fig = Figure(figsize=(7.5 + 2.5 * extra, 2.5 * n + 0.3))
+    fig = Figure(figsize=(7.2 + 2.3 * extra, 2.25 * n + 0.4))
     axes = fig.subplots(n, 3 + extra, squeeze=False)
     if extra:
         for i in range(n):
@@ -173,20 +258,20 @@ def overlay_figure(product: str, batch: ImageBatch, prediction: Prediction, cali
             title += f" > {threshold.image:.3g}: NG" if score > threshold.image else f" <= {threshold.image:.3g}: OK"
             pixel_threshold = threshold.pixel
         axes[i, 0].imshow(rgb[i])
-        axes[i, 0].set_title(title, fontsize=8, color="black" if ("NG" in title) == (label == 1) or label < 0 else "red")
+        axes[i, 0].set_title(title, fontsize=LABEL_PT, color="black" if ("NG" in title) == (label == 1) or label < 0 else "red")
         axes[i, 1].imshow(rgb[i])
         axes[i, 1].imshow(np.ma.masked_where(mask == 0, mask), cmap="autumn", alpha=0.6, vmin=0, vmax=1)
-        axes[i, 1].set_title("ground truth", fontsize=8)
+        axes[i, 1].set_title("ground truth", fontsize=LABEL_PT)
         axes[i, 2].imshow(rgb[i])
         heat = axes[i, 2].imshow(maps_np[i], cmap="jet", alpha=0.5, vmin=vmin, vmax=vmax)
         if pixel_threshold is not None and maps_np[i].min() < pixel_threshold < maps_np[i].max():
             axes[i, 2].contour(maps_np[i], levels=[pixel_threshold], colors="white", linewidths=1.0)
-        axes[i, 2].set_title(f"anomaly map | routed: {routed}", fontsize=8)
+        axes[i, 2].set_title(f"anomaly map | routed: {routed}", fontsize=LABEL_PT)
         for ax in axes[i]:
             ax.set_axis_off()
         fig.colorbar(heat, ax=axes[i, 2], fraction=0.046, pad=0.02)
-    fig.suptitle(f"{product}: test images, ground truth, anomaly map (red title: wrong decision)", fontsize=10)
-    return to_png(fig, dpi=90)
+    fig.suptitle(f"{product}: test images, ground truth, anomaly map (red title: wrong decision)", fontsize=TITLE_PT)
+    return to_png(fig, dpi=DPI)
 
 
 def heatmap_overlay_png(rgb: np.ndarray, anomaly_map: np.ndarray, pixel_threshold: float | None, vmax: float | None = None, size: int = 256) -> bytes:
@@ -223,7 +308,7 @@ def depth_panel(ax: Any, xyz: torch.Tensor) -> None:
     height = np.ma.masked_where(~valid, -z)
     low, high = (np.percentile(-z[valid], [1, 99]) if valid.any() else (0.0, 1.0))
     ax.imshow(height, cmap=colormaps["viridis"].with_extremes(bad="0.6"), vmin=low, vmax=max(high, low + 1e-9))
-    ax.set_title("depth (height; grey = invalid)", fontsize=8)
+    ax.set_title("depth (height; grey = invalid)", fontsize=LABEL_PT)
     ax.set_axis_off()
 
 
@@ -231,7 +316,7 @@ def comparison_figure(runs: Sequence[tuple[str, dict[str, Any]]], products: list
     """Grouped bars of final ``metric`` per product (+ Average) per run, and FM of every metric."""
     n_runs = len(runs)
     columns = products + ["Average"]
-    fig = Figure(figsize=(max(7.0, 0.6 * len(columns) * max(1, n_runs) + 2.5), 7.0))
+    fig = Figure(figsize=(min(9.0, max(7.0, 0.6 * len(columns) * max(1, n_runs) + 2.5)), 7.5))
     top, bottom = fig.subplots(2, 1)
     width = 0.8 / max(1, n_runs)
     colours = colormaps["tab10"]
@@ -241,21 +326,21 @@ def comparison_figure(runs: Sequence[tuple[str, dict[str, Any]]], products: list
         heights = [final.get(p) for p in products] + [doc["average"].get(metric)]
         xs = np.arange(len(columns)) + (r - (n_runs - 1) / 2) * width
         bars = top.bar(xs, [np.nan if h is None else 100 * h for h in heights], width, label=label, color=colours(r % 10))
-        top.bar_label(bars, fmt="%.1f", fontsize=6, padding=1)
+        top.bar_label(bars, fmt="%.1f", fontsize=CELL_PT, padding=1)
         fm = [doc["forgetting"].get(m) for m in fm_metrics]
         xf = np.arange(len(fm_metrics)) + (r - (n_runs - 1) / 2) * width
         bars = bottom.bar(xf, [np.nan if v is None else 100 * v for v in fm], width, label=label, color=colours(r % 10))
-        bottom.bar_label(bars, fmt="%.1f", fontsize=6, padding=1)
-    top.set_xticks(range(len(columns)), labels=columns, rotation=30, ha="right", fontsize=8)
+        bottom.bar_label(bars, fmt="%.1f", fontsize=CELL_PT, padding=1)
+    top.set_xticks(range(len(columns)), labels=columns, rotation=30, ha="right", fontsize=LABEL_PT)
     top.set_ylabel(f"final {metric_title(metric)} (%)")
     top.set_ylim(0, 110)
-    top.set_title(f"Final {metric_title(metric)} per product", fontsize=10)
-    top.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    top.set_title(f"Final {metric_title(metric)} per product", fontsize=TITLE_PT)
+    top.legend(fontsize=LABEL_PT, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     top.grid(axis="y", alpha=0.3)
-    bottom.set_xticks(range(len(fm_metrics)), labels=[metric_title(m) for m in fm_metrics], rotation=30, ha="right", fontsize=8)
+    bottom.set_xticks(range(len(fm_metrics)), labels=[metric_title(m) for m in fm_metrics], rotation=30, ha="right", fontsize=LABEL_PT)
     bottom.set_ylabel("forgetting FM (%, lower is better)")
     bottom.axhline(0, color="black", linewidth=0.8)
-    bottom.set_title("Forgetting measure per metric", fontsize=10)
+    bottom.set_title("Forgetting measure per metric", fontsize=TITLE_PT)
     bottom.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    return to_png(fig)
+    return to_png(fig, dpi=DPI)

@@ -18,7 +18,9 @@ from components.errors import ContadError
 from components.eval.continual import validate_metrics_json
 from components.eval.figures import (
     comparison_figure,
-    matrix_heatmap,
+    comparison_matrices,
+    family_heatmaps,
+    metric_families,
     metric_title,
     overlay_figure,
     safe_name,
@@ -67,18 +69,6 @@ def method_row(label: str, doc: dict[str, Any], metric: str, products: list[str]
     return [label] + [fmt(final.get(p)) for p in products] + [fmt(doc["average"].get(metric)), fmt(doc["forgetting"].get(metric))]
 
 
-def _row_average(row: list[float | None]) -> float | None:
-    defined = [v for v in row if v is not None]
-    return sum(defined) / len(defined) if defined else None
-
-
-def _step_names(doc: dict[str, Any], n_rows: int) -> list[str]:
-    steps = doc.get("steps")
-    if steps and len(steps) == n_rows:
-        return [f"{i}: {'+'.join(g)}" for i, g in enumerate(steps)]
-    return [str(i) for i in range(n_rows)]
-
-
 def thresholds_markdown(thresholds: dict[str, Any]) -> list[str]:
     """Lines describing the deployed per-task thresholds (a ``Calibration.to_dict()``)."""
     rows = [[f"`{task}`", f"{t['image']:.4g}", f"{t['pixel']:.4g}", str(t["n_images"])] for task, t in thresholds["tasks"].items()]
@@ -105,44 +95,48 @@ def masks_provider_lines(doc: dict[str, Any]) -> list[str]:
     return [f"- structure masks used: `{used}`{why}"]
 
 
-def run_markdown(doc: dict[str, Any], figures: dict[str, str]) -> str:
-    """The ``report.md`` text of one run; ``figures`` maps a figure key to its relative path."""
+def family_table(doc: dict[str, Any], metrics: list[str]) -> str:
+    """Final value per product, Average, FM and BWT of every metric of a family (rows = metrics)."""
     tasks = doc["tasks"]
-    metrics = [m for m in doc["matrix"] if m in METRIC_KEYS] + [m for m in doc["matrix"] if m not in METRIC_KEYS]
+    return markdown_table(
+        ["metric"] + tasks + ["Average", "FM", "BWT"],
+        [[metric_title(m)] + method_row(doc["method"], doc, m, tasks)[1:] + [fmt(doc.get("bwt", {}).get(m))] for m in metrics],
+    )
+
+
+def run_markdown(doc: dict[str, Any], figures: dict[str, str]) -> str:
+    """The ``report.md`` text of one run; ``figures`` maps a figure key to its relative path.
+
+    One section per metric family (``metric_families``): a table of the final values, Average,
+    FM and BWT, and one figure with the accuracy matrix of every metric of the family after every
+    step and the forgetting matrix of its headline metric.
+    """
+    tasks = doc["tasks"]
     parts = [
         f"# Continual anomaly detection report: {doc['method']}",
         "",
         f"- protocol: `{doc['protocol']}`; products in training order: {', '.join(tasks)}",
         f"- routing accuracy (last step, mean over products): {fmt(doc.get('routing_accuracy'))}%",
         *masks_provider_lines(doc),
-        "- values in %; Average = mean of the last row of the accuracy matrix; FM = forgetting measure "
-        "(mean over products learned before the last step of the best earlier value minus the final value; "
-        "lower is better); BWT = backward transfer (final minus value right after learning). Escape and "
-        "false-reject rates (decisions at the deployed per-product thresholds) are lower-is-better: their FM is the rise.",
-        "- `–` = not learned yet or undefined (e.g. pixel metrics of a product without defective test images).",
-        "",
-        "## Final results",
-        "",
-        markdown_table(
-            ["metric"] + tasks + ["Average", "FM", "BWT"],
-            [
-                [metric_title(m)] + method_row(doc["method"], doc, m, tasks)[1:] + [fmt(doc.get("bwt", {}).get(m))]
-                for m in metrics
-            ],
-        ),
+        "- every value is in %. Tables: final value per product (after the last step); Average = mean of those; "
+        "FM = forgetting measure (mean over products learned before the last step of the best earlier value minus "
+        "the final value; lower is better); BWT = backward transfer (final minus value right after learning). "
+        "Escape and false-reject rates (decisions at the deployed per-product thresholds) are lower-is-better: "
+        "their FM is the rise.",
+        "- heatmaps: rows = after training step, columns = evaluated product; blank = not learned yet, "
+        "`n/a` (tables: `–`) = undefined (e.g. pixel metrics of a product without defective test images). "
+        "Forgetting of a product after a step = its best earlier value minus its value now (red = forgotten, "
+        "blue = improved); the last row averaged is FM. All steps as CSV: `matrices/`.",
     ]
+    for family, metrics in metric_families(list(doc["matrix"])).items():
+        parts += ["", f"## {family}", "", family_table(doc, metrics)]
+        key = f"family_{safe_name(family)}"
+        if key in figures:
+            parts += ["", f"![{family}: accuracy and forgetting matrices]({figures[key]})"]
+        if metrics[0] == "image_auroc" and "curves" in figures:
+            parts += ["", f"![image AUROC per product across steps]({figures['curves']})"]
     if "tasks" in (doc.get("thresholds") or {}):
         parts += ["", *thresholds_markdown(doc["thresholds"])]
-    parts += ["", "## Accuracy matrices", "", "Rows: after training step; columns: evaluated product."]
-    for m in metrics:
-        rows = doc["matrix"][m]
-        names = _step_names(doc, len(rows))
-        table = [[names[i]] + [fmt(v) for v in row] + [fmt(_row_average(row))] for i, row in enumerate(rows)]
-        parts += ["", f"### {metric_title(m)}", "", markdown_table(["step"] + tasks + ["Average"], table)]
-        if f"heatmap_{m}" in figures:
-            parts += ["", f"![{metric_title(m)} accuracy matrix]({figures[f'heatmap_{m}']})"]
-    if "curves" in figures:
-        parts += ["", "## Image AUROC across steps", "", f"![image AUROC per product across steps]({figures['curves']})"]
     overlays = [k for k in figures if k.startswith("overlay_")]
     if overlays:
         parts += ["", "## Anomaly maps", "", "Good and defective test images: image (title: score vs. the routed task's image threshold and the decision; red = wrong decision), ground truth, anomaly heatmap (white contour: the routed task's pixel threshold from held-out training normals)."]
@@ -167,8 +161,8 @@ def write_report(
         atomic_write_bytes(run_dir / FIGURES_DIR / name, png)
         figures[key] = f"{FIGURES_DIR}/{name}"
 
-    for m in metrics["matrix"]:
-        save(f"heatmap_{m}", f"matrix_{safe_name(m)}.png", matrix_heatmap(metrics, m))
+    for family, keys in metric_families(list(metrics["matrix"])).items():
+        save(f"family_{safe_name(family)}", f"family_{safe_name(family).lower()}.png", family_heatmaps(metrics, family, keys))
     save("curves", "image_auroc_steps.png", step_curves(metrics, "image_auroc"))
     calibration = Calibration.from_dict(metrics["thresholds"]) if "tasks" in (metrics.get("thresholds") or {}) else None
     for product, (batch, prediction) in (overlays or {}).items():
@@ -186,8 +180,8 @@ def _run_labels(runs: Sequence[Path], docs: Sequence[dict[str, Any]]) -> list[st
     return [m if methods.count(m) == 1 else f"{m} ({Path(r).name})" for m, r in zip(methods, runs)]
 
 
-def comparison_markdown(labels: list[str], runs: Sequence[Path], docs: Sequence[dict[str, Any]], figure: str) -> str:
-    """The ``comparison.md`` text: one paper-style table per metric, rows = methods."""
+def comparison_markdown(labels: list[str], runs: Sequence[Path], docs: Sequence[dict[str, Any]], figures: list[str]) -> str:
+    """The ``comparison.md`` text: one table per metric family (rows = metric x method), then the figures."""
     products: list[str] = []
     for d in docs:
         products += [p for p in d["tasks"] if p not in products]
@@ -199,29 +193,38 @@ def comparison_markdown(labels: list[str], runs: Sequence[Path], docs: Sequence[
             [[l, f"`{r}`", d["protocol"], str(len(d["tasks"])), fmt(d.get("routing_accuracy"))] for l, r, d in zip(labels, runs, docs)],
         ),
         "",
-        "Values in %: final value per product (after the last step), Average over products, FM = forgetting measure (lower is better).",
+        "Values in %: final value per product (after the last step), Average over products, FM = forgetting "
+        "measure (best earlier value minus final value, mean over products learned before the last step; lower is better).",
     ]
     if len({tuple(d["tasks"]) for d in docs}) > 1 or len({d["protocol"] for d in docs}) > 1:
         parts += ["", "**Note:** runs differ in products or protocol; their averages are not directly comparable."]
-    for m in METRIC_KEYS:
-        rows = [method_row(l, d, m, products) for l, d in zip(labels, docs)]
-        parts += ["", f"## {metric_title(m)}", "", markdown_table(["method"] + products + ["Average", "FM"], rows)]
-    parts += ["", f"![comparison]({figure})"]
-    return "\n".join(parts) + "\n"
+    metrics = [m for m in METRIC_KEYS] + sorted({m for d in docs for m in d["matrix"]} - set(METRIC_KEYS))
+    for family, keys in metric_families(metrics).items():
+        rows = [[metric_title(m)] + method_row(l, d, m, products) for m in keys for l, d in zip(labels, docs) if m in d["matrix"]]
+        parts += ["", f"## {family}", "", markdown_table(["metric", "method"] + products + ["Average", "FM"], rows)]
+    parts += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})\n" for f in figures]
+    return "\n".join(parts).rstrip() + "\n"
 
 
-def report_command(runs: list[Path], out: Path | None = None) -> int:
-    """``contad report RUN_DIR...``: comparison tables and figure of several runs into ``out``."""
+def report_command(runs: list[Path], out: Path | None = None, dvc_dir: Path | None = None) -> int:
+    """``contad report RUN_DIR...``: comparison tables and figure of several runs into ``out``;
+    with ``dvc_dir`` also the DVC metrics and plot files of the first run (``components.eval.dvc_export``)."""
     if not runs:
         raise ContadError("contad report needs at least one run directory")
     docs = [load_metrics(Path(r)) for r in runs]
+    if dvc_dir is not None:
+        from components.eval.dvc_export import write_dvc_files
+
+        written = write_dvc_files(docs[0], Path(dvc_dir))
+        print(f"DVC metrics and plot files of {runs[0]} written to {Path(dvc_dir)} ({len(written)} files)")
     out = Path(out) if out is not None else Path(runs[0])
     labels = _run_labels(runs, docs)
     products: list[str] = []
     for d in docs:
         products += [p for p in d["tasks"] if p not in products]
-    figure = f"{FIGURES_DIR}/comparison_image_auroc.png"
-    atomic_write_bytes(out / figure, comparison_figure(list(zip(labels, docs)), products, "image_auroc"))
-    path = atomic_write_text(out / COMPARISON_FILE, comparison_markdown(labels, runs, docs, figure))
+    figures = [f"{FIGURES_DIR}/comparison_image_auroc.png", f"{FIGURES_DIR}/comparison_forgetting_image_auroc.png"]
+    atomic_write_bytes(out / figures[0], comparison_figure(list(zip(labels, docs)), products, "image_auroc"))
+    atomic_write_bytes(out / figures[1], comparison_matrices(list(zip(labels, docs)), "image_auroc"))
+    path = atomic_write_text(out / COMPARISON_FILE, comparison_markdown(labels, runs, docs, figures))
     print(f"comparison of {len(docs)} run(s) written to {path}")
     return 0
