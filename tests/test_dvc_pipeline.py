@@ -60,6 +60,12 @@ def test_dvc_yaml_stages_call_the_cli_with_existing_params() -> None:
     assert [next(iter(m)) for m in spec["stages"]["report"]["metrics"]] == ["results/summary.json"]
     assert "runs/mask_cache" in run["deps"] and "runs/mask_cache" in spec["stages"]["masks"]["outs"]
     assert not {"ucad", "method", "eval"} & set(spec["stages"]["masks"].get("params", [])), "training knobs must not invalidate masks"
+    # Every config section that can change what `contad run` learns or reports invalidates the run stage;
+    # only locations, serving, tracking, compute placement, streaming and the demo may stay out.
+    not_results = {"data", "masks", "tracking", "banks", "serve", "compute", "stream", "demo"}
+    listed = {key.split(".")[0] for key in run["params"]}
+    missing = set(defaults) - not_results - listed
+    assert not missing, f"dvc.yaml run stage misses params sections {sorted(missing)}"
 
 
 @pytest.mark.slow
