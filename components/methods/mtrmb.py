@@ -229,6 +229,8 @@ class MTRMB(UCAD):
         stored = meta.get("mtrmb") or {}
         if bool(stored.get("kpmk", self.config.mtrmb.kpmk)) != self.config.mtrmb.kpmk:
             raise ContadError(f"state was trained with mtrmb.kpmk={stored['kpmk']}, but the config says {self.config.mtrmb.kpmk}")
+        if any(name.endswith("/fusion.text_in.weight") for name in tensors):
+            raise ContadError("state holds a full-rank MTRMB text projection (saved before the rank-mtrmb.fusion_dim fusion); retrain the tasks")
         text = meta.get("text") or {}
         if text.get("fusion"):
             self.fusion_spec = dict(text["fusion"])
