@@ -3,7 +3,8 @@
 Run: ``.venv/bin/python -m benchmarks.bench_mtrmb [--data DIR] [--out runs/bench-mtrmb] [--variants ...] [key=value ...]``.
 
 Every variant runs through the real pipeline (``contad run``: validation, masks, training, banks,
-evaluation of every learned product after every step, no product label at test time) with the
+evaluation of every learned product after every step, no product label at test time; a final step
+that fails the promotion gate does not stop the benchmark, ``--allow-rejected``) with the
 default ``params.yaml`` plus the variant's switches; all variants share one mask cache. Finished
 runs in OUT are resumed, not retrained. Printed: the ablation table (average image AUROC, pixel AP,
 AUPRO over the final row, image-AUROC FM, routing, masks provider used) and per-product tables.
@@ -102,7 +103,7 @@ def main() -> int:
         if args.summarise:
             continue
         code = contad([
-            "run", "--out", str(runs[variant]), *VARIANTS[variant], f"data.root={args.data}", f"data.products={PRODUCTS}",
+            "run", "--out", str(runs[variant]), "--allow-rejected", *VARIANTS[variant], f"data.root={args.data}", f"data.products={PRODUCTS}",
             "tracking.enabled=false", "eval.overlays_per_task=0", f"masks.cache_dir={out / 'mask_cache'}", *args.overrides,
         ])
         if code != 0:

@@ -395,8 +395,8 @@ class MTRMBConfig(Section):
     key_pull_weight: float = Field(1.0, ge=0.0)  # lambda of L_kp in Eq. 8
     temperature: float = Field(0.5, gt=0.0)  # tau of the RSCL similarities (UCAD code: 0.5)
     cross_temperature: float = Field(0.5, gt=0.0)  # tau of the patch-text similarities in L_cross
-    fusion_dim: int = Field(64, ge=4)  # inner width of the two cross-attentions
-    fusion_heads: int = Field(4, ge=1)  # attention heads (must divide fusion_dim)
+    fusion_dim: int = Field(16, ge=4)  # inner width of the two cross-attentions and rank of the text projection
+    fusion_heads: int = Field(2, ge=1)  # attention heads (must divide fusion_dim)
     masks_provider: Literal["grounded_sam", "sam"] = "grounded_sam"  # RSCL label maps ("sam" = the paper's "w/o GD")
     masks_fallback: Literal["felzenszwalb", "slic"] = "felzenszwalb"  # used (and recorded) when those weights are not configured
 

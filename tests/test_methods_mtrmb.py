@@ -12,9 +12,10 @@ import torch
 
 from components.backbones.text import PACKAGED_MINILM, TextEncoder, build_text_encoder, packaged_minilm_dir, product_sentence
 from components.config import ConfigError, TextConfig, load_config
-from components.errors import WeightsError
+from components.errors import ContadError, WeightsError
 from components.methods.mtrmb import MTRMB
-from components.methods.multimodal import cross_alignment_loss, key_pull_loss, refined_contrastive_loss
+from components.methods.coreset import nbytes
+from components.methods.multimodal import TextImageFusion, cross_alignment_loss, key_pull_loss, refined_contrastive_loss
 from components.methods.registry import build_method, structure_masks
 from components.methods.ucad import UCAD
 from components.segment.fallback import choose_masks
@@ -217,6 +218,23 @@ def test_learning_a_new_task_leaves_old_tensors_and_scores_bit_identical(minilm:
     assert again.routed_tasks == ["red"] * len(images)
     assert torch.equal(again.image_scores, scores) and torch.equal(again.anomaly_maps, maps)
     assert all(torch.equal(a, b) for a, b in zip(method._score_task(images, 0), task_scores, strict=True))
+
+
+def test_default_fusion_is_a_small_part_of_the_task_memory_budget(trained: MTRMB) -> None:
+    cfg = load_config(None, [])
+    fusion = TextImageFusion(160, 384, cfg.text.max_length, cfg.mtrmb.fusion_dim, cfg.mtrmb.fusion_heads)  # default backbone width
+    assert nbytes(list(fusion.state_dict().values())) < 0.1 * cfg.memory.budget_mb * 2**20
+    # everything stored per task (key, prompt, fusion, learnable key, text, knowledge) is counted
+    prompt_bytes = nbytes(list(trained.prompts[0].state_dict().values()))
+    assert any(name.startswith("fusion.text") for name in trained.prompts[0].state_dict())
+    assert trained.task_bytes(0) == nbytes([trained.keys[0], trained.knowledge[0]]) + prompt_bytes
+
+
+def test_state_with_the_old_full_rank_text_projection_is_refused(trained: MTRMB, minilm: TextEncoder) -> None:
+    tensors = dict(trained.state_tensors())
+    tensors["prompt/0/fusion.text_in.weight"] = torch.zeros(160, 384)
+    with pytest.raises(ContadError, match="full-rank"):
+        _mtrmb(minilm).load_state(tensors, trained.state_meta())
 
 
 def test_save_load_round_trip_gives_identical_scores(trained: MTRMB, tmp_path: Path, minilm: TextEncoder) -> None:

@@ -2,7 +2,8 @@
 
 - ``TextImageFusion``: KPMK's cross-modal fusion of one task (paper Eqs. 3-4) on prompted patch
   tokens ``I`` (B, N, C) and frozen text tokens ``T`` (L_t, D_t):
-  ``T_c = W_in T`` (text projected to C),
+  ``T_c = W_up W_down T`` (text projected to C through rank ``dim``: the per-task fusion stays
+  small, so it takes little of the task's ``memory.budget_mb``),
   ``I' = I + W_o^I Attn(Q = LN(I) W_Q, K = T_c W_K, V = T_c W_V)``   (text-to-image),
   ``T' = T_c + W_o^T Attn(Q = LN(T_c) W_Q', K = I W_K', V = I W_V')`` (image-to-text),
   with softmax(QK^T / sqrt(d)) V (the paper drops V) and pre-norm residuals. Both output
@@ -64,7 +65,9 @@ class TextImageFusion(nn.Module):
 
     def __init__(self, image_dim: int, text_dim: int, text_length: int, dim: int, heads: int) -> None:
         super().__init__()
-        self.text_in = nn.Linear(text_dim, image_dim)
+        # low-rank W_in = W_up W_down (rank ``dim``): a full (D_t x C) projection per task would take
+        # ~0.25 MB of a 2 MB task budget at C = 160 (benchmarks/RESULTS.md, issue 11)
+        self.text_in = nn.Sequential(nn.Linear(text_dim, dim, bias=False), nn.Linear(dim, image_dim))
         self.text_to_image = CrossAttention(image_dim, image_dim, dim, heads)
         self.image_to_text = CrossAttention(image_dim, image_dim, dim, heads)
         self.register_buffer("text", torch.zeros(text_length, text_dim))
