@@ -12,7 +12,7 @@ image AUROC and AUPRO side by side.
 
     nice -n 10 .venv/bin/python -m benchmarks.bench_ib_iumad synth --out runs/bench-ib/synth
     nice -n 10 .venv/bin/python -m benchmarks.bench_ib_iumad real --out runs/bench-ib/real
-Options: --epochs N (8), --lr (1e-3), --image-size S (128), --threads N (1), --rows name,... (see ROWS); network sizes: CPU_SIZES.
+Options: --epochs N (16), --lr (3e-3), --image-size S (128), --threads N (1), --rows name,... (see ROWS); network sizes: CPU_SIZES.
 """
 
 from __future__ import annotations
@@ -55,11 +55,11 @@ GROUPS = ("geometry", "colour", "both")
 CPU_SIZES = {
     "reconstruction.hidden": 32, "reconstruction.heads": 2, "reconstruction.ffn": 64, "reconstruction.stride": 16,
     "ib_iumad.mamba_state": 8, "ib_iumad.mamba_expand": 1, "ib_iumad.head_hidden": 32, "ib_iumad.bottleneck": 32,
-    "ib_iumad.fusion_heads": 2, "ib_iumad.batch_size": 8, "ib_iumad.smoothing_sigma": 2.0, "ib_iumad.score_pool": 8,
+    "ib_iumad.fusion_heads": 2, "ib_iumad.batch_size": 4, "ib_iumad.smoothing_sigma": 2.0, "ib_iumad.score_pool": 8,
 }
 
 
-def config(modalities: str, fusion: str, image_size: int, epochs: int, lr: float = 1e-3) -> Config:
+def config(modalities: str, fusion: str, image_size: int, epochs: int, lr: float = 3e-3) -> Config:
     """The benchmark configuration (``CPU_SIZES`` on top of the defaults)."""
     cfg = Config(method="ib_iumad")
     cfg.data.image_size = image_size
@@ -163,10 +163,10 @@ def main() -> None:
     r.add_argument("--product", default="cable_gland")
     for p in (s, r):
         p.add_argument("--out", required=True)
-        p.add_argument("--epochs", type=int, default=8)
+        p.add_argument("--epochs", type=int, default=16)
         p.add_argument("--image-size", type=int, default=128)
         p.add_argument("--threads", type=int, default=1)
-        p.add_argument("--lr", type=float, default=1e-3)
+        p.add_argument("--lr", type=float, default=3e-3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     synth(args) if args.bench == "synth" else real(args)
