@@ -10,8 +10,14 @@ those defect types, averaged over products).
 ``real``: one product (default cable_gland of ../shared/data/real-3d), rgb+depth vs rgb-only,
 image AUROC and AUPRO side by side.
 
+``knn``: sanity baseline without any training: per product, every test patch's distance to its
+nearest training patch (all training patches, no coreset) on the frozen features of the RGB image
+and, separately, of the depth image (``xyz_to_image``); image score = max patch distance. If the
+depth row is at chance, the depth representation (not the reconstruction network) is the problem.
+
     nice -n 10 .venv/bin/python -m benchmarks.bench_ib_iumad synth --out runs/bench-ib/synth
     nice -n 10 .venv/bin/python -m benchmarks.bench_ib_iumad real --out runs/bench-ib/real
+    nice -n 10 .venv/bin/python -m benchmarks.bench_ib_iumad knn --root runs/bench-ib/data --out runs/bench-ib/knn
 Options: --epochs N (16), --lr (3e-3), --image-size S (128), --threads N (1), --rows name,... (see ROWS); network sizes: CPU_SIZES.
 """
 
@@ -36,6 +42,8 @@ from components.data.manifest import read_dataset
 from components.data.synth_depth import DEFECT_MODALITY, generate_depth_products
 from components.eval.continual import AccuracyMatrix
 from components.eval.evaluate import evaluate_tasks
+from components.methods.ib_iumad_net.depth_image import xyz_to_image
+from components.methods.reconstruction import build_feature_extractor
 from components.methods.registry import build_method
 from components.types import ImageBatch, Prediction
 
@@ -152,6 +160,39 @@ def real(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
+def knn_scores(extractor: torch.nn.Module, train: torch.Tensor, test: torch.Tensor) -> np.ndarray:
+    """(N,) max over each test image's patches of the distance to the nearest training patch."""
+    with torch.no_grad():
+        bank = extractor(train).permute(0, 2, 3, 1).flatten(0, 2)
+        queries = extractor(test).permute(0, 2, 3, 1).flatten(1, 2)
+        return torch.stack([torch.cdist(q, bank).min(dim=1).values.max() for q in queries]).numpy()
+
+
+def knn(args: argparse.Namespace) -> None:
+    manifest = read_dataset(Path(args.root))
+    cfg = config("rgb+depth", "cross_attention", args.image_size, 1)
+    extractor = build_feature_extractor(cfg.reconstruction, cfg.backbone, build_backbone(cfg.backbone, args.image_size))
+    groups = ("all", *GROUPS)
+    results: dict[str, dict[str, list[float]]] = {}
+    for product in sorted(manifest["product"].unique()):
+        train = task_data(manifest, product, [product], cfg, None).train
+        test = test_batch(manifest, product, args.image_size)
+        types = manifest.set_index("image_path").loc[test.paths, "defect_type"].tolist()
+        labels = test.labels.numpy() if test.labels is not None else np.zeros(0)
+        inputs = {"rgb": (train.images, test.images), "depth": (xyz_to_image(train.depth), xyz_to_image(test.depth))}
+        for modality, (train_images, test_images) in inputs.items():
+            scores = knn_scores(extractor, train_images, test_images)
+            for group in groups:
+                keep = [i for i, t in enumerate(types) if t == "good" or group == "all" or DEFECT_MODALITY.get(t) == group]
+                if len(set(labels[keep].tolist())) == 2:
+                    results.setdefault(modality, {}).setdefault(group, []).append(float(roc_auc_score(labels[keep], scores[keep])))
+    atomic_write_json(Path(args.out) / "results.json", results)
+    lines = ["| features | " + " | ".join(f"I-AUROC {g}" for g in groups) + " |", "|---" * (len(groups) + 1) + "|"]
+    lines += [f"| {m} | " + " | ".join(_pct(_mean(r.get(g, []))) for g in groups) + " |" for m, r in results.items()]  # type: ignore[arg-type]
+    atomic_write_text(Path(args.out) / "table.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -161,6 +202,11 @@ def main() -> None:
     r = sub.add_parser("real")
     r.add_argument("--root", default="../shared/data/real-3d")
     r.add_argument("--product", default="cable_gland")
+    k = sub.add_parser("knn")
+    k.add_argument("--root", default="runs/bench-ib/data")
+    k.add_argument("--out", required=True)
+    k.add_argument("--image-size", type=int, default=128)
+    k.add_argument("--threads", type=int, default=1)
     for p in (s, r):
         p.add_argument("--out", required=True)
         p.add_argument("--epochs", type=int, default=16)
@@ -169,7 +215,7 @@ def main() -> None:
         p.add_argument("--lr", type=float, default=3e-3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    synth(args) if args.bench == "synth" else real(args)
+    {"synth": synth, "real": real, "knn": knn}[args.bench](args)
 
 
 if __name__ == "__main__":
