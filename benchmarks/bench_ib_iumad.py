@@ -67,7 +67,7 @@ CPU_SIZES = {
 }
 
 
-def config(modalities: str, fusion: str, image_size: int, epochs: int, lr: float = 3e-3) -> Config:
+def config(modalities: str, fusion: str, image_size: int, epochs: int, lr: float = 3e-3, combine: str = "sum") -> Config:
     """The benchmark configuration (``CPU_SIZES`` on top of the defaults)."""
     cfg = Config(method="ib_iumad")
     cfg.data.image_size = image_size
@@ -80,6 +80,7 @@ def config(modalities: str, fusion: str, image_size: int, epochs: int, lr: float
     cfg.ib_iumad.fusion = fusion  # type: ignore[assignment]
     cfg.ib_iumad.epochs = epochs
     cfg.ib_iumad.lr = lr
+    cfg.ib_iumad.combine = combine  # type: ignore[assignment]
     return cfg
 
 
@@ -134,7 +135,7 @@ def synth(args: argparse.Namespace) -> None:
     results = {}
     for row in args.rows.split(","):
         modalities, fusion = ROWS[row]
-        results[row] = run_sequence(config(modalities, fusion, args.image_size, args.epochs, args.lr), manifest, products, with_groups=True)
+        results[row] = run_sequence(config(modalities, fusion, args.image_size, args.epochs, args.lr, args.combine), manifest, products, with_groups=True)
         atomic_write_json(Path(args.out) / "results.json", results)
         print(row, json.dumps({k: results[row][k] for k in ("acc", "fm", "groups", "seconds")}, default=str), flush=True)
     lines = ["| modalities / fusion | ACC I-AUROC | ACC AUPRO | FM I-AUROC | FM AUPRO | I-AUROC geometry-only | I-AUROC colour-only | I-AUROC both | s |",
@@ -149,8 +150,8 @@ def synth(args: argparse.Namespace) -> None:
 def real(args: argparse.Namespace) -> None:
     manifest = read_dataset(Path(args.root), products=[args.product])
     results = {}
-    for modalities in ("rgb+depth", "rgb"):
-        results[modalities] = run_sequence(config(modalities, "cross_attention", args.image_size, args.epochs, args.lr), manifest, [args.product], with_groups=False)
+    for modalities in args.modalities.split(","):
+        results[modalities] = run_sequence(config(modalities, "cross_attention", args.image_size, args.epochs, args.lr, args.combine), manifest, [args.product], with_groups=False)
         atomic_write_json(Path(args.out) / "results.json", results)
     lines = ["| modalities | image AUROC | pixel AUROC | AUPRO | s |", "|---|---|---|---|---|"]
     for modalities, r in results.items():
@@ -202,6 +203,7 @@ def main() -> None:
     r = sub.add_parser("real")
     r.add_argument("--root", default="../shared/data/real-3d")
     r.add_argument("--product", default="cable_gland")
+    r.add_argument("--modalities", default="rgb+depth,rgb")
     k = sub.add_parser("knn")
     k.add_argument("--root", default="runs/bench-ib/data")
     k.add_argument("--out", required=True)
@@ -213,6 +215,7 @@ def main() -> None:
         p.add_argument("--image-size", type=int, default=128)
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--lr", type=float, default=3e-3)
+        p.add_argument("--combine", choices=("sum", "max"), default="sum")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     {"synth": synth, "real": real, "knn": knn}[args.bench](args)

@@ -133,3 +133,15 @@ def test_tokens_are_standardised_with_the_first_tasks_statistics(trained: IBIUMA
         assert set(trained.feature_stats) == {"rgb", "depth"} and trained.feature_stats[modality][0].shape == (t.shape[-1],)
     later = trained._tokens(task_data(manifest, "screw", ["screw"], cfg, None).train)
     assert any(t.reshape(-1, t.shape[-1]).mean(0).abs().max() > 1e-2 for t in later.values())  # frozen, not refitted per task
+
+
+def test_score_maps_are_standardised_then_summed_or_maxed(trained: IBIUMAD) -> None:
+    maps = {k: torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(i)) for i, k in enumerate(sorted(trained.map_means))}
+    standardised = torch.stack([(m - sum(trained.map_means[k]) / 2) / (sum(trained.map_stds[k]) / 2) for k, m in maps.items()])
+    assert trained.config.ib_iumad.combine == "sum"
+    assert torch.allclose(trained._combined(maps), standardised.sum(0), atol=1e-5)
+    trained.config.ib_iumad.combine = "max"
+    try:
+        assert torch.allclose(trained._combined(maps), standardised.amax(0), atol=1e-5)
+    finally:
+        trained.config.ib_iumad.combine = "sum"

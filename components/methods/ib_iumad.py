@@ -17,7 +17,8 @@ Network: ``components/methods/ib_iumad_net`` (paper: ../shared/papers/ib-iumad.t
 
 Score: map = channel L2 norm of F^g - F_org on the grid (``score=fused``, the paper's), or that plus
 every branch's reconstruction error, each standardised by the mean and std of its cells on held-out
-normal TRAINING images (``fused+branches``); bilinear upsampling (+ Gaussian smoothing); image score = max of the
+normal TRAINING images (``fused+branches``), then summed or (``combine=max``) the cell-wise max, so a
+defect seen by one modality only is not diluted by the other modality's maps; bilinear upsampling (+ Gaussian smoothing); image score = max of the
 ``score_pool`` average-pooled unsmoothed map. No product label at test time: the fused product head
 only names the routed task (reported, never used for scoring).
 """
@@ -265,12 +266,13 @@ class IBIUMAD(ContinualMethod):
             self.map_stds.setdefault(k, []).append(float(values.std()) if values.numel() > 1 else 0.0)
 
     def _combined(self, maps: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One map: the fused error; several: the sum of each map standardised by its held-out normal cells."""
+        """One map: the fused error; several: each standardised by its held-out normal cells, then summed or the cell-wise max."""
         if len(maps) == 1:
             return maps[FUSED]
         mean = {k: sum(v) / len(v) for k, v in self.map_means.items()}
         std = {k: max(sum(v) / len(v), 1e-8) for k, v in self.map_stds.items()}
-        return sum((m - mean[k]) / std[k] for k, m in maps.items())  # type: ignore[return-value]
+        standardised = torch.stack([(m - mean[k]) / std[k] for k, m in maps.items()])
+        return standardised.sum(dim=0) if self.config.ib_iumad.combine == "sum" else standardised.amax(dim=0)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, true_tasks: list[str] | None = None, depth: torch.Tensor | None = None) -> Prediction:
