@@ -182,9 +182,10 @@ def knn(args: argparse.Namespace) -> None:
         types = manifest.set_index("image_path").loc[test.paths, "defect_type"].tolist()
         labels = test.labels.numpy() if test.labels is not None else np.zeros(0)
         inputs = {"rgb": (train.images, test.images), "depth": (xyz_to_image(train.depth), xyz_to_image(test.depth))}
+        synthetic = set(types) <= {"good", *DEFECT_MODALITY}  # modality groups exist for the synthetic defect types only
         for modality, (train_images, test_images) in inputs.items():
             scores = knn_scores(extractor, train_images, test_images)
-            for group in groups:
+            for group in groups if synthetic else ("all",):
                 keep = [i for i, t in enumerate(types) if t == "good" or group == "all" or DEFECT_MODALITY.get(t) == group]
                 if len(set(labels[keep].tolist())) == 2:
                     results.setdefault(modality, {}).setdefault(group, []).append(float(roc_auc_score(labels[keep], scores[keep])))
