@@ -10,9 +10,15 @@ those defect types, averaged over products).
 ``real``: one product (default cable_gland of ../shared/data/real-3d), rgb+depth vs rgb-only,
 image AUROC and AUPRO side by side.
 
+``knn``: sanity baseline without any training: per product, every test patch's distance to its
+nearest training patch (all training patches, no coreset) on the frozen features of the RGB image
+and, separately, of the depth image (``xyz_to_image``); image score = max patch distance. If the
+depth row is at chance, the depth representation (not the reconstruction network) is the problem.
+
     nice -n 10 .venv/bin/python -m benchmarks.bench_ib_iumad synth --out runs/bench-ib/synth
     nice -n 10 .venv/bin/python -m benchmarks.bench_ib_iumad real --out runs/bench-ib/real
-Options: --epochs N (8), --lr (1e-3), --image-size S (128), --threads N (1), --rows name,... (see ROWS); network sizes: CPU_SIZES.
+    nice -n 10 .venv/bin/python -m benchmarks.bench_ib_iumad knn --root runs/bench-ib/data --out runs/bench-ib/knn
+Options: --epochs N (16), --lr (3e-3), --image-size S (128), --threads N (1), --rows name,... (see ROWS); network sizes: CPU_SIZES.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ from components.data.manifest import read_dataset
 from components.data.synth_depth import DEFECT_MODALITY, generate_depth_products
 from components.eval.continual import AccuracyMatrix
 from components.eval.evaluate import evaluate_tasks
+from components.methods.ib_iumad_net.depth_image import xyz_to_image
+from components.methods.reconstruction import build_feature_extractor
 from components.methods.registry import build_method
 from components.types import ImageBatch, Prediction
 
@@ -55,11 +63,11 @@ GROUPS = ("geometry", "colour", "both")
 CPU_SIZES = {
     "reconstruction.hidden": 32, "reconstruction.heads": 2, "reconstruction.ffn": 64, "reconstruction.stride": 16,
     "ib_iumad.mamba_state": 8, "ib_iumad.mamba_expand": 1, "ib_iumad.head_hidden": 32, "ib_iumad.bottleneck": 32,
-    "ib_iumad.fusion_heads": 2, "ib_iumad.batch_size": 8, "ib_iumad.smoothing_sigma": 2.0, "ib_iumad.score_pool": 8,
+    "ib_iumad.fusion_heads": 2, "ib_iumad.batch_size": 4, "ib_iumad.smoothing_sigma": 2.0, "ib_iumad.score_pool": 8,
 }
 
 
-def config(modalities: str, fusion: str, image_size: int, epochs: int, lr: float = 1e-3) -> Config:
+def config(modalities: str, fusion: str, image_size: int, epochs: int, lr: float = 3e-3, combine: str = "sum") -> Config:
     """The benchmark configuration (``CPU_SIZES`` on top of the defaults)."""
     cfg = Config(method="ib_iumad")
     cfg.data.image_size = image_size
@@ -72,6 +80,7 @@ def config(modalities: str, fusion: str, image_size: int, epochs: int, lr: float
     cfg.ib_iumad.fusion = fusion  # type: ignore[assignment]
     cfg.ib_iumad.epochs = epochs
     cfg.ib_iumad.lr = lr
+    cfg.ib_iumad.combine = combine  # type: ignore[assignment]
     return cfg
 
 
@@ -126,14 +135,15 @@ def synth(args: argparse.Namespace) -> None:
     results = {}
     for row in args.rows.split(","):
         modalities, fusion = ROWS[row]
-        results[row] = run_sequence(config(modalities, fusion, args.image_size, args.epochs, args.lr), manifest, products, with_groups=True)
+        results[row] = run_sequence(config(modalities, fusion, args.image_size, args.epochs, args.lr, args.combine), manifest, products, with_groups=True)
         atomic_write_json(Path(args.out) / "results.json", results)
         print(row, json.dumps({k: results[row][k] for k in ("acc", "fm", "groups", "seconds")}, default=str), flush=True)
-    lines = ["| modalities / fusion | ACC I-AUROC | ACC AUPRO | FM I-AUROC | FM AUPRO | I-AUROC geometry-only | I-AUROC colour-only | I-AUROC both | s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| modalities / fusion | ACC I-AUROC | ACC AUPRO | FM I-AUROC | FM AUPRO | I-AUROC just learned | I-AUROC geometry-only | I-AUROC colour-only | I-AUROC both | s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row, r in results.items():
+        just_learned = _mean([r["matrix_image_auroc"][i][i] for i in range(len(products))])  # each product right after its own step
         lines.append(f"| {row} | {_pct(r['acc']['image_auroc'])} | {_pct(r['acc']['aupro'])} | {_pct(r['fm']['image_auroc'])} | {_pct(r['fm']['aupro'])} | "
-                     f"{_pct(r['groups']['geometry'])} | {_pct(r['groups']['colour'])} | {_pct(r['groups']['both'])} | {r['seconds']:.0f} |")
+                     f"{_pct(just_learned)} | {_pct(r['groups']['geometry'])} | {_pct(r['groups']['colour'])} | {_pct(r['groups']['both'])} | {r['seconds']:.0f} |")
     atomic_write_text(Path(args.out) / "table.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -141,13 +151,47 @@ def synth(args: argparse.Namespace) -> None:
 def real(args: argparse.Namespace) -> None:
     manifest = read_dataset(Path(args.root), products=[args.product])
     results = {}
-    for modalities in ("rgb+depth", "rgb"):
-        results[modalities] = run_sequence(config(modalities, "cross_attention", args.image_size, args.epochs, args.lr), manifest, [args.product], with_groups=False)
+    for modalities in args.modalities.split(","):
+        results[modalities] = run_sequence(config(modalities, "cross_attention", args.image_size, args.epochs, args.lr, args.combine), manifest, [args.product], with_groups=False)
         atomic_write_json(Path(args.out) / "results.json", results)
     lines = ["| modalities | image AUROC | pixel AUROC | AUPRO | s |", "|---|---|---|---|---|"]
     for modalities, r in results.items():
         final = r["final"]
         lines.append(f"| {modalities} | {_pct(final['image_auroc'][args.product])} | {_pct(final['pixel_auroc'][args.product])} | {_pct(final['aupro'][args.product])} | {r['seconds']:.0f} |")
+    atomic_write_text(Path(args.out) / "table.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def knn_scores(extractor: torch.nn.Module, train: torch.Tensor, test: torch.Tensor) -> np.ndarray:
+    """(N,) max over each test image's patches of the distance to the nearest training patch."""
+    with torch.no_grad():
+        bank = extractor(train).permute(0, 2, 3, 1).flatten(0, 2)
+        queries = extractor(test).permute(0, 2, 3, 1).flatten(1, 2)
+        return torch.stack([torch.cdist(q, bank).min(dim=1).values.max() for q in queries]).numpy()
+
+
+def knn(args: argparse.Namespace) -> None:
+    manifest = read_dataset(Path(args.root))
+    cfg = config("rgb+depth", "cross_attention", args.image_size, 1)
+    extractor = build_feature_extractor(cfg.reconstruction, cfg.backbone, build_backbone(cfg.backbone, args.image_size))
+    groups = ("all", *GROUPS)
+    results: dict[str, dict[str, list[float]]] = {}
+    for product in sorted(manifest["product"].unique()):
+        train = task_data(manifest, product, [product], cfg, None).train
+        test = test_batch(manifest, product, args.image_size)
+        types = manifest.set_index("image_path").loc[test.paths, "defect_type"].tolist()
+        labels = test.labels.numpy() if test.labels is not None else np.zeros(0)
+        inputs = {"rgb": (train.images, test.images), "depth": (xyz_to_image(train.depth), xyz_to_image(test.depth))}
+        synthetic = set(types) <= {"good", *DEFECT_MODALITY}  # modality groups exist for the synthetic defect types only
+        for modality, (train_images, test_images) in inputs.items():
+            scores = knn_scores(extractor, train_images, test_images)
+            for group in groups if synthetic else ("all",):
+                keep = [i for i, t in enumerate(types) if t == "good" or group == "all" or DEFECT_MODALITY.get(t) == group]
+                if len(set(labels[keep].tolist())) == 2:
+                    results.setdefault(modality, {}).setdefault(group, []).append(float(roc_auc_score(labels[keep], scores[keep])))
+    atomic_write_json(Path(args.out) / "results.json", results)
+    lines = ["| features | " + " | ".join(f"I-AUROC {g}" for g in groups) + " |", "|---" * (len(groups) + 1) + "|"]
+    lines += [f"| {m} | " + " | ".join(_pct(_mean(r.get(g, []))) for g in groups) + " |" for m, r in results.items()]  # type: ignore[arg-type]
     atomic_write_text(Path(args.out) / "table.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -161,15 +205,22 @@ def main() -> None:
     r = sub.add_parser("real")
     r.add_argument("--root", default="../shared/data/real-3d")
     r.add_argument("--product", default="cable_gland")
+    r.add_argument("--modalities", default="rgb+depth,rgb")
+    k = sub.add_parser("knn")
+    k.add_argument("--root", default="runs/bench-ib/data")
+    k.add_argument("--out", required=True)
+    k.add_argument("--image-size", type=int, default=128)
+    k.add_argument("--threads", type=int, default=1)
     for p in (s, r):
         p.add_argument("--out", required=True)
-        p.add_argument("--epochs", type=int, default=8)
+        p.add_argument("--epochs", type=int, default=16)
         p.add_argument("--image-size", type=int, default=128)
         p.add_argument("--threads", type=int, default=1)
-        p.add_argument("--lr", type=float, default=1e-3)
+        p.add_argument("--lr", type=float, default=3e-3)
+        p.add_argument("--combine", choices=("sum", "max"), default="sum")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    synth(args) if args.bench == "synth" else real(args)
+    {"synth": synth, "real": real, "knn": knn}[args.bench](args)
 
 
 if __name__ == "__main__":

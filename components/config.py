@@ -335,6 +335,8 @@ class IBIUMADConfig(Section):
     fusion: Literal["cross_attention", "add", "concat"] = "cross_attention"
     update_strategy: Literal["finetune", "projected"] = "finetune"  # paper: plain retraining; projected = IUF's Eqs. 9-12
     score: Literal["fused", "fused+branches"] = "fused+branches"  # fused: |F^g - F_org| only (paper); +branches: plus each branch's reconstruction error
+    combine: Literal["sum", "max"] = "sum"  # fused+branches: sum or cell-wise max of the standardised maps
+    standardise: bool = True  # per-channel standardisation of every modality's tokens with the first task's training statistics
     mamba_state: int = Field(16, ge=1)  # SSM state size N
     mamba_expand: int = Field(2, ge=1)  # ESSM inner width = expand * reconstruction.hidden
     head_hidden: int = Field(64, ge=1)  # product classifier hidden width

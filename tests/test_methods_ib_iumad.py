@@ -69,6 +69,7 @@ def test_label_free_scores_maps_and_routing(trained: IBIUMAD, manifest) -> None:
     assert set(pred.routed_tasks) <= {"washer", "screw"}
     assert trained.network.fusion.head_fused.classes == 2
     assert set(trained.map_means) == {"fused", "rgb", "depth"} and all(len(v) == 2 for v in trained.map_means.values())
+    assert set(trained.map_stds) == set(trained.map_means) and all(s > 0 for v in trained.map_stds.values() for s in v)
     other_depth = trained.predict(batch.images, depth=torch.flip(batch.depth, dims=[-1]))
     assert not torch.allclose(other_depth.image_scores, pred.image_scores)  # the depth modality matters
 
@@ -103,13 +104,44 @@ def test_single_modality_and_other_fusions_train(manifest, modalities: str, fusi
             method.predict(batch.images)
 
 
-def test_xyz_image_is_normalised_and_masks_invalid_points() -> None:
-    xyz = torch.zeros(2, 3, 8, 8)
-    xyz[:, 2] = 0.65
-    xyz[0, 2, 2:6, 2:6] = 0.64  # a raised square
-    xyz[:, :, 0, 0] = 0.0  # invalid point
+def test_xyz_image_removes_the_background_plane_and_fills_dropouts() -> None:
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    xyz = torch.zeros(2, 3, 16, 16)
+    xyz[:, 0], xyz[:, 1] = xx * 1e-3, yy * 1e-3
+    xyz[:, 2] = 0.65 + 2e-4 * xx + 1e-4 * yy  # a tilted belt
+    xyz[0, 2, 5:11, 5:11] -= 0.01  # a raised square
+    xyz[0, :, 7, 7] = 0.0  # a sensor dropout on the square
+    xyz[0, :, 0:3, 13:16] = 0.0  # a dropout on the belt corner
     xyz[1] = 0.0  # all invalid
     image = xyz_to_image(xyz)
     assert image.shape == xyz.shape and torch.isfinite(image).all()
-    assert image[0, 0, 3, 3] > image[0, 0, 7, 7]  # higher surface -> larger height channel
-    assert image[0, :, 0, 0].abs().sum() == 0 and image[1].abs().sum() == 0
+    height = image[0, 0]
+    belt = torch.ones(16, 16, dtype=torch.bool)
+    belt[4:12, 4:12] = False
+    assert height[belt].abs().max() < 0.05  # the tilt is gone: the belt is flat at 0
+    assert height[6, 6] > 1.0 and height[7, 7] > 0.8 * height[6, 6]  # the dropout is filled from its neighbours (not a hole to 0)
+    assert image[0, 2, 8, 4] > 0.5 and image[0, 2, 8, 11] < -0.5  # slopes rise into and fall out of the square
+    assert image[1].abs().sum() == 0
+
+
+def test_tokens_are_standardised_with_the_first_tasks_statistics(trained: IBIUMAD, manifest) -> None:  # type: ignore[no-untyped-def]
+    cfg = tiny_config()
+    tokens = trained._tokens(task_data(manifest, "washer", ["washer"], cfg, None).train)
+    for modality, t in tokens.items():
+        flat = t.reshape(-1, t.shape[-1])
+        assert flat.mean(0).abs().max() < 1e-3 and (flat.std(0) - 1).abs().max() < 1e-2  # washer was learned first
+        assert set(trained.feature_stats) == {"rgb", "depth"} and trained.feature_stats[modality][0].shape == (t.shape[-1],)
+    later = trained._tokens(task_data(manifest, "screw", ["screw"], cfg, None).train)
+    assert any(t.reshape(-1, t.shape[-1]).mean(0).abs().max() > 1e-2 for t in later.values())  # frozen, not refitted per task
+
+
+def test_score_maps_are_standardised_then_summed_or_maxed(trained: IBIUMAD) -> None:
+    maps = {k: torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(i)) for i, k in enumerate(sorted(trained.map_means))}
+    standardised = torch.stack([(m - sum(trained.map_means[k]) / 2) / (sum(trained.map_stds[k]) / 2) for k, m in maps.items()])
+    assert trained.config.ib_iumad.combine == "sum"
+    assert torch.allclose(trained._combined(maps), standardised.sum(0), atol=1e-5)
+    trained.config.ib_iumad.combine = "max"
+    try:
+        assert torch.allclose(trained._combined(maps), standardised.amax(0), atol=1e-5)
+    finally:
+        trained.config.ib_iumad.combine = "sum"

@@ -3,7 +3,10 @@
 Network: ``components/methods/ib_iumad_net`` (paper: ../shared/papers/ib-iumad.txt; note with every gap:
 ../shared/methods/ib-iumad.md). Per step (a task = one or several products):
 - frozen multi-stage CNN features of the RGB image and of the xyz point cloud turned into a
-  normalised 3-channel image (``xyz_to_image``), each computed once per image and cached;
+  normalised 3-channel image (``xyz_to_image``: height above the fitted background plane and its
+  slopes), each computed once per image and cached; with ``standardise`` every modality's tokens are
+  standardised per channel with the FIRST task's training statistics (frozen afterwards): the
+  reconstruction targets start near the network's initial output, so a few hundred CPU steps suffice;
 - per modality a Mamba decoder (Eq. 2, ES2D scan) conditions the encoder of that modality's
   reconstruction transformer and feeds a product classifier whose head grows with the products;
 - IB fusion of the branches' middle/last decoder latents (Eqs. 4-5) -> F^g at the target features
@@ -13,8 +16,9 @@ Network: ``components/methods/ib_iumad_net`` (paper: ../shared/papers/ib-iumad.t
 - ``update_strategy=projected``: IUF's projected update (Eqs. 10-12) + retention (Eq. 9) on later steps.
 
 Score: map = channel L2 norm of F^g - F_org on the grid (``score=fused``, the paper's), or that plus
-every branch's reconstruction error, each divided by its mean on held-out normal TRAINING images
-(``fused+branches``); bilinear upsampling (+ Gaussian smoothing); image score = max of the
+every branch's reconstruction error, each standardised by the mean and std of its cells on held-out
+normal TRAINING images (``fused+branches``), then summed or (``combine=max``) the cell-wise max, so a
+defect seen by one modality only is not diluted by the other modality's maps; bilinear upsampling (+ Gaussian smoothing); image score = max of the
 ``score_pool`` average-pooled unsmoothed map. No product label at test time: the fused product head
 only names the routed task (reported, never used for scoring).
 """
@@ -52,6 +56,7 @@ from components.types import ImageBatch, Prediction, TaskData
 log = logging.getLogger(__name__)
 
 FUSED = "fused"
+STD_FLOOR = 1e-3  # smallest channel std used for standardisation (dead channels)
 
 
 class IBIUMAD(ContinualMethod):
@@ -71,7 +76,9 @@ class IBIUMAD(ContinualMethod):
         self.products: list[str] = []
         self.task_of_product: dict[str, str] = {}
         self.spans: dict[str, ActivationSpan] = {}
-        self.map_means: dict[str, list[float]] = {}  # per score map: its mean on each task's held-out normals
+        self.map_means: dict[str, list[float]] = {}  # per score map: its cells' mean on each task's held-out normals
+        self.map_stds: dict[str, list[float]] = {}  # ... and their std
+        self.feature_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per modality: channel mean, std (first task's training)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.network = IBIUMADNetwork(self.modalities, self.extractor.channels, self.grid, config.reconstruction, config.ib_iumad).to(self.device)
@@ -88,10 +95,28 @@ class IBIUMAD(ContinualMethod):
             out["depth"] = xyz_to_image(depth)
         return out
 
-    def _tokens(self, batch: ImageBatch, desc: str | None = None) -> dict[str, torch.Tensor]:
-        """(N, h*w, C) cached feature tokens per modality of a batch."""
+    def _raw_tokens(self, batch: ImageBatch, desc: str | None = None) -> dict[str, torch.Tensor]:
+        """(N, h*w, C) cached backbone feature tokens per modality of a batch."""
         inputs = self._modality_images(batch.images, batch.depth, batch.paths[0] if batch.paths else "the batch")
         return {m: to_tokens(self.caches[m].features(x, batch.paths, desc=f"{desc} {m}" if desc else None)) for m, x in inputs.items()}
+
+    def _tokens(self, batch: ImageBatch, desc: str | None = None) -> dict[str, torch.Tensor]:
+        """(N, h*w, C) standardised feature tokens per modality of a batch."""
+        return self._standardised(self._raw_tokens(batch, desc))
+
+    def _set_feature_stats(self, tokens: dict[str, torch.Tensor]) -> None:
+        """Per modality, channel mean and std of the first task's training tokens (frozen afterwards)."""
+        if self.feature_stats or not self.config.ib_iumad.standardise:
+            return
+        for m, t in tokens.items():
+            flat = t.reshape(-1, t.shape[-1]).double()
+            self.feature_stats[m] = (flat.mean(0).float(), flat.std(0).float().clamp_min(STD_FLOOR))
+
+    def _standardised(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tokens standardised per channel (balanced channels and reconstruction targets near 0 at initialisation)."""
+        if not self.feature_stats:
+            return tokens
+        return {m: (t - self.feature_stats[m][0].to(t.device)) / self.feature_stats[m][1].to(t.device) for m, t in tokens.items()}
 
     # ------------------------------------------------------------------ training
     def _check_new(self, data: TaskData) -> None:
@@ -115,7 +140,9 @@ class IBIUMAD(ContinualMethod):
         self.network.grow(len(data.products), generator)
         class_of = {p: i for i, p in enumerate([*self.products, *data.products])}
         labels = torch.tensor([class_of[p] for p in data.train.products], dtype=torch.long)
-        tokens = self._tokens(data.train, desc=f"{data.name}: features")
+        raw = self._raw_tokens(data.train, desc=f"{data.name}: features")
+        self._set_feature_stats(raw)
+        tokens = self._standardised(raw)
         bases = {n: self.spans[n].basis(cfg.projection_energy) for n in self._projected_modules() if n in self.spans} if projected else {}
         history = self._train(data.name, tokens, labels, generator, old_state, old_classes, bases)
         normals = data.heldout if len(data.heldout) > 0 else data.train
@@ -228,21 +255,24 @@ class IBIUMAD(ContinualMethod):
 
     @torch.no_grad()
     def _record_map_means(self, tokens: dict[str, torch.Tensor]) -> None:
-        """Mean of every score map on this task's held-out normal training images (the scale used to combine maps)."""
-        sums: dict[str, float] = {}
-        count = 0
+        """Mean and std of every score map's cells on this task's held-out normal training images (to combine maps)."""
+        cells: dict[str, list[torch.Tensor]] = {}
         for clean, out in self._forward_batches(tokens):
             for k, v in self._grid_maps(clean, out).items():
-                sums[k] = sums.get(k, 0.0) + float(v.mean()) * v.shape[0]
-            count += out.guided.shape[0]
-        for k, v in sums.items():
-            self.map_means.setdefault(k, []).append(v / max(1, count))
+                cells.setdefault(k, []).append(v.flatten())
+        for k, v in cells.items():
+            values = torch.cat(v).double()
+            self.map_means.setdefault(k, []).append(float(values.mean()))
+            self.map_stds.setdefault(k, []).append(float(values.std()) if values.numel() > 1 else 0.0)
 
     def _combined(self, maps: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One map: the fused error; several: each standardised by its held-out normal cells, then summed or the cell-wise max."""
         if len(maps) == 1:
             return maps[FUSED]
-        scale = {k: max(sum(v) / len(v), 1e-8) for k, v in self.map_means.items()}
-        return sum(m / scale[k] for k, m in maps.items())  # type: ignore[return-value]
+        mean = {k: sum(v) / len(v) for k, v in self.map_means.items()}
+        std = {k: max(sum(v) / len(v), 1e-8) for k, v in self.map_stds.items()}
+        standardised = torch.stack([(m - mean[k]) / std[k] for k, m in maps.items()])
+        return standardised.sum(dim=0) if self.config.ib_iumad.combine == "sum" else standardised.amax(dim=0)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, true_tasks: list[str] | None = None, depth: torch.Tensor | None = None) -> Prediction:
@@ -251,7 +281,7 @@ class IBIUMAD(ContinualMethod):
             raise ContadError("ib_iumad: no task learned yet; train at least one task before predicting")
         _, _, h, w = images.shape
         inputs = self._modality_images(images, depth, "the images to score")
-        tokens = {m: to_tokens(self.extractor(x.to(self.device))) for m, x in inputs.items()}
+        tokens = self._standardised({m: to_tokens(self.extractor(x.to(self.device))) for m, x in inputs.items()})
         scores, maps, routed = [], [], []
         for clean, out in self._forward_batches(tokens):
             grid_map = self._combined(self._grid_maps(clean, out)).cpu()
@@ -268,11 +298,12 @@ class IBIUMAD(ContinualMethod):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {f"net/{k}": v.detach().cpu() for k, v in self.network.state_dict().items()}
         tensors.update({f"span/{n}": s.moment for n, s in self.spans.items()})
+        tensors.update({f"stats/{m}/{k}": v for m, pair in self.feature_stats.items() for k, v in zip(("mean", "std"), pair, strict=True)})
         return tensors
 
     def state_meta(self) -> dict[str, Any]:
         return {"tasks": list(self.tasks), "products": list(self.products), "task_of_product": dict(self.task_of_product),
-                "map_means": self.map_means, **self._settings()}
+                "map_means": self.map_means, "map_stds": self.map_stds, **self._settings()}
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         settings = self._settings()
@@ -282,8 +313,10 @@ class IBIUMAD(ContinualMethod):
         self.products = list(meta["products"])
         self.task_of_product = dict(meta["task_of_product"])
         self.map_means = {k: list(v) for k, v in meta["map_means"].items()}
+        self.map_stds = {k: list(v) for k, v in meta["map_stds"].items()}
         self.network.grow(len(self.products) - self.network.fusion.head_fused.classes)
         self.network.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net/")}, strict=True)
         self.network.to(self.device).eval()
         self.spans = {k[5:]: ActivationSpan(v.shape[0], v) for k, v in tensors.items() if k.startswith("span/")}
+        self.feature_stats = {m: (tensors[f"stats/{m}/mean"], tensors[f"stats/{m}/std"]) for m in self.modalities if f"stats/{m}/mean" in tensors}
         self.tasks = list(meta["tasks"])
