@@ -50,6 +50,6 @@ def test_continual_run_against_mlflow_server(tmp_path: Path) -> None:
         assert all(v.source.startswith("models:/m-") for v in versions)
         import mlflow.artifacts
 
-        model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=versions[0].source, dst_path=str(tmp_path / "model"), tracking_uri=uri))
+        model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=client.get_model_version_download_uri("contad-detector", versions[0].version), dst_path=str(tmp_path / "model"), tracking_uri=uri))
         assert (model_dir / "MLmodel").is_file() and (model_dir / "artifacts").is_dir()
         assert client.get_logged_model(versions[0].source.removeprefix("models:/")).source_run_id == children[0].info.run_id
