@@ -37,7 +37,7 @@ from components.errors import ContadError, DataError
 from components.faults import fault_point
 from components.memory.store import CURRENT_FILE, SHORT_HASH, BankStore
 from flows.promotion import GATE_METRIC, GateDecision, Registry, check_agreement, promote, promotion_gate, store_transaction
-from flows.run_links import add_product_run_name, link_runs, publish_add_product, run_tags, step_label, tag_flow_run
+from flows.run_links import add_product_run_name, link_runs, named, publish_add_product, run_tags, tag_flow_run
 from flows.tracking import make_tracker
 
 log = logging.getLogger(__name__)
@@ -204,12 +204,11 @@ def _add_product_locked(cfg: Config, path: Path, name: str, out: Path, store: Ba
         pipeline.cache_masks(cfg, manifest, [name])
     with _stage("training the new task", name, previous):
         base_dir = store.checkout(previous, out / "base_method")
-        method_dir = pipeline.train_task.with_options(task_run_name=step_label("train", step, name))(cfg, base_dir, name, [name], manifest, out / "method")
+        method_dir = named(pipeline.train_task, "train", step, name)(cfg, base_dir, name, [name], manifest, out / "method")
     fault_point("after_train")
     task_of_product = {**_task_of_product(base), name: name}
     with _stage("evaluating all products", name, previous):
-        evaluated = step_label("evaluate", step, f"{len(task_of_product)} products")
-        metrics = pipeline.evaluate_all_tasks.with_options(task_run_name=evaluated)(cfg, method_dir, manifest, task_of_product)
+        metrics = named(pipeline.evaluate_all_tasks, "evaluate", step, f"{len(task_of_product)} products")(cfg, method_dir, manifest, task_of_product)
         before = _stored_metrics(base, list(old_products))
         if before is None and old_products:
             before = pipeline.evaluate_all_tasks(cfg, base_dir, old_manifest, _task_of_product(base))
@@ -227,11 +226,10 @@ def _add_product_locked(cfg: Config, path: Path, name: str, out: Path, store: Ba
         "parent": previous,
     }
     with _stage("versioning the memory bank", name, previous):
-        bank_version = pipeline.version_memory_bank.with_options(task_run_name=step_label("version", step, name))(cfg, method_dir, meta)  # a candidate: not current yet
+        bank_version = named(pipeline.version_memory_bank, "version", step, name)(cfg, method_dir, meta)  # a candidate: not current yet
     fault_point("after_store")
     with _stage("tracking and registering the model", name, previous):
-        track = _track.with_options(task_run_name=step_label("register", step, name))
-        model_version = track(cfg, tracker, step, name, metrics, method_dir, bank_version, store, gate.to_dict())
+        model_version = named(_track, "register", step, name)(cfg, tracker, step, name, metrics, method_dir, bank_version, store, gate.to_dict())
     fault_point("after_register")
     if gate.passed:
         with _stage("promoting the new version", name, previous):

@@ -72,7 +72,7 @@ from components.methods.registry import build_method, structure_masks
 from components.segment.cache import MaskCache, build_cache, label_maps_for
 from components.types import ImageBatch, Prediction
 from flows import fanout
-from flows.run_links import continual_run_name, link_runs, publish_summary, run_tags, step_label
+from flows.run_links import continual_run_name, link_runs, named, publish_summary, run_tags
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
@@ -582,11 +582,11 @@ def _run_step(cfg: Config, out: Path, index: int, tasks: list[list[str]], manife
     name = task_name(tasks[index])
     learned = tasks[: index + 1]
     with tracker.step(index, name), atomic_directory(step_dir(out, index, name)) as tmp:
-        method_dir = train_task.with_options(task_run_name=step_label("train", index, name))(cfg, method_dir_in, name, tasks[index], manifest, tmp / METHOD_DIR)
+        method_dir = named(train_task, "train", index, name)(cfg, method_dir_in, name, tasks[index], manifest, tmp / METHOD_DIR)
         fault_point("after_train")
         log_train_losses(tracker, index, name, tmp)
         evaluated = f"{sum(len(t) for t in learned)} products"
-        evaluate = fanout.evaluate_all_tasks if cfg.compute.fanout else evaluate_all_tasks.with_options(task_run_name=step_label("evaluate", index, evaluated))
+        evaluate = fanout.evaluate_all_tasks if cfg.compute.fanout else named(evaluate_all_tasks, "evaluate", index, evaluated)
         metrics = evaluate(cfg, method_dir, manifest, task_of_product(learned))
         tracker.log_step_metrics(index, metrics)
         meta = {
@@ -600,12 +600,12 @@ def _run_step(cfg: Config, out: Path, index: int, tasks: list[list[str]], manife
             "parent": parent_version,
             "config_fingerprint": config_fingerprint(cfg),
         }
-        version = version_memory_bank.with_options(task_run_name=step_label("version", index, name))(cfg, method_dir, meta)
+        version = named(version_memory_bank, "version", index, name)(cfg, method_dir, meta)
         fault_point("after_store")
         bank_manifest = BankStore(cfg.banks.store_dir).show(version)
-        model_version = register_model.with_options(task_run_name=step_label("register", index, name))(tracker, method_dir, version, index, name, bank_manifest)
+        model_version = named(register_model, "register", index, name)(tracker, method_dir, version, index, name, bank_manifest)
         fault_point("after_register")
-        gate = _promote_if_gate_passes.with_options(task_run_name=step_label("gate", index, name))(
+        gate = named(_promote_if_gate_passes, "gate", index, name)(
             cfg, tracker, version, model_version, tasks[index], metrics, previous_metrics)
         record = {**meta, "bank_version": version, "model_version": model_version, "promotion": gate,
                   STATE_HASHES: state_files(method_dir), "completed": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -56,6 +56,13 @@ def step_label(action: str, step: int, what: str) -> str:
     return f"{action} step {step} · {what}"
 
 
+def named(step_task: Any, action: str, step: int, what: str) -> Any:
+    """``step_task`` with the task-run name ``step_label(action, step, what)``; a plain function (a task's
+    ``.fn``, as the crash tests run them) is returned unchanged."""
+    with_options = getattr(step_task, "with_options", None)
+    return with_options(task_run_name=step_label(action, step, what)) if with_options is not None else step_task
+
+
 def run_tags(method: str, protocol: str, *extra: str) -> list[str]:
     """Prefect tags of a run: ``method:<method>``, ``protocol:<protocol>`` and ``extra``."""
     return [f"method:{method}", f"protocol:{protocol}", *extra]
