@@ -231,7 +231,7 @@ def _clean_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, 
 
 
 # ---------------------------------------------------------------------------------- building blocks
-@io_task(name="validate_dataset")
+@io_task(name="validate_dataset", task_run_name="validate dataset")
 def validate_dataset(root: Path, min_valid_fraction: float | None = None) -> pd.DataFrame:
     """Validate the dataset at ``root`` (never modifies it) and return its manifest.
 
@@ -528,7 +528,7 @@ def _promote_if_gate_passes(cfg: Config, tracker: Any, bank_version: str, model_
     return decision.to_dict()
 
 
-@graph_task(name="report")
+@graph_task(name="report", task_run_name="report")
 def report_task(out: Path, metrics_json: dict[str, Any], overlays: dict[str, tuple[ImageBatch, Prediction]] | None) -> Path:
     """``write_report`` as a task of the flow graph."""
     return write_report(out, metrics_json, overlays)
