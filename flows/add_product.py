@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from prefect import flow
+from prefect import flow, tags, task
+from prefect.cache_policies import NO_CACHE
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 from components.atomic import atomic_write_json
@@ -41,6 +42,7 @@ from components.eval.continual import RESERVED_FRR
 from components.faults import fault_point
 from components.memory.store import CURRENT_FILE, SHORT_HASH, BankStore
 from flows.promotion import GATE_METRIC, GateDecision, Registry, check_agreement, promote, promotion_gate, store_transaction
+from flows.run_links import add_product_run_name, link_runs, named, publish_add_product, run_tags, tag_flow_run
 from flows.tracking import make_tracker
 
 log = logging.getLogger(__name__)
@@ -193,6 +195,7 @@ def _add_product_locked(cfg: Config, path: Path, name: str, out: Path, store: Ba
     if base.get("method") not in (None, cfg.method):
         raise AddProductError(f"bank version {previous[:SHORT_HASH]} holds a {base['method']!r} model but method={cfg.method!r}; use the configuration of the run that produced it")
     old_products: dict[str, str] = {str(k): str(v) for k, v in (base.get("products") or {}).items()}
+    step = int(base.get("step", len(_task_names(base)) - 1)) + 1
     if name in old_products:
         raise AddProductError(f"product {name!r} is already learned by bank version {previous[:SHORT_HASH]} (from {old_products[name]}); choose another --name")
     tracker = make_tracker(cfg, run_name=f"add-product-{name}")
@@ -208,16 +211,15 @@ def _add_product_locked(cfg: Config, path: Path, name: str, out: Path, store: Ba
         pipeline.cache_masks(cfg, training, [name])
     with _stage("training the new task", name, previous):
         base_dir = store.checkout(previous, out / "base_method")
-        method_dir = pipeline.train_task(cfg, base_dir, name, [name], training, out / "method")
+        method_dir = named(pipeline.train_task, "train", step, name)(cfg, base_dir, name, [name], training, out / "method")
     fault_point("after_train")
     task_of_product = {**_task_of_product(base), name: name}
     with _stage("evaluating all products", name, previous):
-        metrics = pipeline.evaluate_all_tasks(cfg, method_dir, manifest, task_of_product)
+        metrics = named(pipeline.evaluate_all_tasks, "evaluate", step, f"{len(task_of_product)} products")(cfg, method_dir, manifest, task_of_product)
         before = _stored_metrics(base, list(old_products))
         if before is None and old_products:
             before = pipeline.evaluate_all_tasks(cfg, base_dir, old_manifest, _task_of_product(base))
     gate = promotion_gate(cfg.promotion, [name], metrics, before)
-    step = int(base.get("step", len(_task_names(base)) - 1)) + 1
     meta = {
         "step": step,
         "task": name,
@@ -231,27 +233,36 @@ def _add_product_locked(cfg: Config, path: Path, name: str, out: Path, store: Ba
         "parent": previous,
     }
     with _stage("versioning the memory bank", name, previous):
-        bank_version = pipeline.version_memory_bank(cfg, method_dir, meta)  # a candidate: not current yet
+        bank_version = named(pipeline.version_memory_bank, "version", step, name)(cfg, method_dir, meta)  # a candidate: not current yet
     fault_point("after_store")
     with _stage("tracking and registering the model", name, previous):
-        model_version = _track(cfg, tracker, step, name, metrics, method_dir, bank_version, store)
+        model_version = named(_track, "register", step, name)(cfg, tracker, step, name, metrics, method_dir, bank_version, store, gate.to_dict())
     fault_point("after_register")
     if gate.passed:
         with _stage("promoting the new version", name, previous):
             promote(store, registry, bank_version, model_version)
             _mark_promoted(tracker, model_version)
     result = AddProductResult(name, previous, bank_version, model_version, gate.passed, gate, metrics)
+    publish_add_product(name, step, metrics, gate.to_dict(), bank_version, model_version, tracker)
     atomic_write_json(out / "add_product.json", result.to_dict())
     return result
 
 
-def _track(cfg: Config, tracker: Any, step: int, name: str, metrics: dict[str, dict[str, float]], method_dir: Path, bank_version: str, store: BankStore) -> str | None:
-    """Log the step and register its detector (the champion alias moves only in ``promote``)."""
+@task(name="register_model", cache_policy=NO_CACHE, persist_result=False)
+def _track(cfg: Config, tracker: Any, step: int, name: str, metrics: dict[str, dict[str, float]], method_dir: Path, bank_version: str, store: BankStore,
+           gate: dict[str, Any] | None = None) -> str | None:
+    """Log the step and register its detector with the gate's decision (the champion alias moves only in ``promote``)."""
+    from flows.pipeline import log_train_losses
+
     with tracker:
         tracker.log_config(cfg)
+        link_runs(tracker)
         with tracker.step(step, name):
             tracker.log_step_metrics(step, metrics)
-            model_version = tracker.register_step_model(method_dir, bank_version, step, config=cfg, manifest=store.show(bank_version))
+            log_train_losses(tracker, step, name, Path(method_dir).parent)
+            model_version = tracker.register_step_model(method_dir, bank_version, step, config=cfg, manifest=store.show(bank_version), task=name)
+            if gate is not None:
+                tracker.record_gate(model_version, gate)
     return model_version
 
 
@@ -266,7 +277,7 @@ def _mark_promoted(tracker: Any, model_version: str | None) -> None:
         log.warning("could not tag the promoted run of model version %s: %s", model_version, exc)
 
 
-@flow(name="contad-add-product", log_prints=True)
+@flow(name="contad-add-product", log_prints=True, flow_run_name=add_product_run_name)
 def add_product_flow(path: str, name: str, config: dict[str, Any] | None = None, out: str | None = None, fail_on_reject: bool = True) -> dict[str, Any]:
     """Prefect flow of an incremental run (what ``contad serve`` runs on ``contad.product.added``).
 
@@ -275,7 +286,9 @@ def add_product_flow(path: str, name: str, config: dict[str, Any] | None = None,
     """
     cfg = Config.model_validate(config or {})
     target = Path(out) if out else default_out(name)
-    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str((target / RESULTS_DIR).resolve())}):
+    labels = run_tags(cfg.method, cfg.protocol.name, "add-product")
+    tag_flow_run(labels)
+    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str((target / RESULTS_DIR).resolve())}), tags(*labels):
         result = add_product(cfg, Path(path), name, target)
     if fail_on_reject and not result.promoted:
         raise AddProductError(f"product {name!r} rejected: {result.gate.message()} (bank version {result.bank_version[:SHORT_HASH]} kept but not current; champion unchanged)")

@@ -80,7 +80,9 @@ class RegistrySource(DetectorSource):
     def load(self, version: DeployedVersion) -> Detector:
         import mlflow.artifacts
 
-        source = self.client.get_model_version(self.name, str(version.model_version)).source
+        # Where the version's files are (its logged model's artifact location), not its ``models:/<id>`` source:
+        # MLflow resolves ``models:/`` URIs with the process-wide registry, not this source's.
+        source = self.client.get_model_version_download_uri(self.name, str(version.model_version))
         with tempfile.TemporaryDirectory(prefix="contad-deployed-") as tmp:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=self.tracking_uri))
             artifacts = _pyfunc_artifacts(local)

@@ -63,8 +63,13 @@ def runtime_requirements() -> list[str]:
     return pins
 
 
-def save_detector(method_dir: Path, config: Config, dest: Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write the pyfunc model for ``method_dir`` into the new directory ``dest``."""
+def save_detector(method_dir: Path, config: Config, dest: Path, metadata: dict[str, str] | None = None,
+                  logged_model: tuple[str, str, str | None] | None = None) -> Path:
+    """Write the pyfunc model for ``method_dir`` into the new directory ``dest``.
+
+    ``logged_model`` = (model id, artifact location, source run id) of the MLflow logged model the
+    directory is uploaded to: recorded in its ``MLmodel`` file as ``mlflow.pyfunc.log_model`` does.
+    """
     method_dir = Path(method_dir)
     if not method_dir.is_dir():
         raise ContadError(f"method directory {method_dir} does not exist")
@@ -76,8 +81,15 @@ def save_detector(method_dir: Path, config: Config, dest: Path, metadata: dict[s
         config_path.write_text(json.dumps(config_to_dict(config), indent=2))
         code = Path(tmp) / "components"
         shutil.copytree(Path(components.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        mlflow_model = None
+        if logged_model is not None:
+            from mlflow.models import Model
+
+            model_id, location, run_id = logged_model
+            mlflow_model = Model(artifact_path=location, model_uuid=model_id, run_id=run_id, model_id=model_id)
         mlflow.pyfunc.save_model(
             path=str(dest),
+            mlflow_model=mlflow_model,
             python_model=str(MODEL_CODE),
             artifacts={METHOD_ARTIFACT: str(method_dir), CONFIG_ARTIFACT: str(config_path)},
             code_paths=[str(code)],

@@ -47,8 +47,8 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 import numpy as np
 import pandas as pd
 import torch
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import INPUTS, RUN_ID, TASK_SOURCE
+from prefect import flow, get_run_logger, tags, task
+from prefect.cache_policies import INPUTS, NO_CACHE, RUN_ID, TASK_SOURCE
 from prefect.exceptions import MissingContextError
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from rich.console import Console
@@ -72,6 +72,7 @@ from components.progress import progress_bar
 from components.segment.cache import MaskCache, build_cache, label_maps_for
 from components.types import ImageBatch, Prediction
 from flows import fanout
+from flows.run_links import continual_run_name, link_runs, named, publish_summary, run_tags
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
@@ -128,6 +129,8 @@ io_task = functools.partial(
     # reused across runs; resuming a run is the job of the step records.
     cache_policy=INPUTS + TASK_SOURCE + RUN_ID,
 )
+# Tasks that take live objects (the MLflow tracker): shown in the flow graph, never cached or persisted.
+graph_task = functools.partial(task, cache_policy=NO_CACHE, persist_result=False)
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -228,7 +231,7 @@ def _clean_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, 
 
 
 # ---------------------------------------------------------------------------------- building blocks
-@io_task(name="validate_dataset")
+@io_task(name="validate_dataset", task_run_name="validate dataset")
 def validate_dataset(root: Path, min_valid_fraction: float | None = None) -> pd.DataFrame:
     """Validate the dataset at ``root`` (never modifies it) and return its manifest.
 
@@ -542,17 +545,46 @@ def open_tracker(cfg: Config, run_record: dict[str, Any]) -> Any:
     return Tracker(cfg.tracking, cfg.protocol.name, run_id=run_record.get("mlflow_run_id") if same_store else None)
 
 
+@graph_task(name="register_model")
+def register_model(tracker: Any, method_dir: Path, bank_version: str, step: int, task: str, manifest: dict[str, Any]) -> str | None:
+    """Log the step's detector as an MLflow logged model and register it (``Tracker.register_step_model``)."""
+    return tracker.register_step_model(method_dir, bank_version, step, manifest=manifest, task=task)
+
+
+@graph_task(name="promotion_gate")
 def _promote_if_gate_passes(cfg: Config, tracker: Any, bank_version: str, model_version: str | None, new_products: list[str],
                             after: dict[str, dict[str, float]], before: dict[str, dict[str, float]] | None) -> dict[str, Any]:
     """Gate the step; when it passes, make its bank version current and its model champion (one transaction)."""
     from flows.promotion import promote, promotion_gate, registry_for
 
     decision = promotion_gate(cfg.promotion, new_products, after, before)
+    tracker.record_gate(model_version, decision.to_dict())
     if decision.passed:
         promote(BankStore(cfg.banks.store_dir), registry_for(cfg), bank_version, model_version)
         tracker.mark_promoted()
     run_logger().info("%s", decision.message())
     return decision.to_dict()
+
+
+@graph_task(name="report", task_run_name="report")
+def report_task(out: Path, metrics_json: dict[str, Any], overlays: dict[str, tuple[ImageBatch, Prediction]] | None) -> Path:
+    """``write_report`` as a task of the flow graph."""
+    return write_report(out, metrics_json, overlays)
+
+
+@graph_task(name="publish_run", task_run_name="publish to MLflow and Prefect")
+def publish_run(tracker: Any, out: Path, metrics_json: dict[str, Any]) -> str | None:
+    """Log the sequence (final metrics, report files) to MLflow and the summary artifact to Prefect; the artifact id."""
+    with report_artifacts(out) as artifacts:
+        tracker.log_sequence(metrics_json, artifacts)
+    return publish_summary(metrics_json, tracker)
+
+
+def log_train_losses(tracker: Any, index: int, name: str, directory: Path) -> None:
+    """Log the epoch losses of the training log in step directory ``directory`` (when it has one)."""
+    path = Path(directory) / TRAIN_LOG
+    if path.is_file():
+        tracker.log_train_losses(index, name, json.loads(path.read_text()).get("log") or {})
 
 
 # ---------------------------------------------------------------------------------- the flow
@@ -588,9 +620,11 @@ def _run_step(cfg: Config, out: Path, index: int, tasks: list[list[str]], manife
     name = task_name(tasks[index])
     learned = tasks[: index + 1]
     with tracker.step(index, name), atomic_directory(step_dir(out, index, name)) as tmp:
-        method_dir = train_task(cfg, method_dir_in, name, tasks[index], training_manifest(cfg, manifest), tmp / METHOD_DIR)
+        method_dir = named(train_task, "train", index, name)(cfg, method_dir_in, name, tasks[index], training_manifest(cfg, manifest), tmp / METHOD_DIR)
         fault_point("after_train")
-        evaluate = fanout.evaluate_all_tasks if cfg.compute.fanout else evaluate_all_tasks  # per-product Dask tasks
+        log_train_losses(tracker, index, name, tmp)
+        evaluated = f"{sum(len(t) for t in learned)} products"
+        evaluate = fanout.evaluate_all_tasks if cfg.compute.fanout else named(evaluate_all_tasks, "evaluate", index, evaluated)
         metrics = evaluate(cfg, method_dir, manifest, task_of_product(learned))
         tracker.log_step_metrics(index, metrics)
         meta = {
@@ -604,12 +638,13 @@ def _run_step(cfg: Config, out: Path, index: int, tasks: list[list[str]], manife
             "parent": parent_version,
             "config_fingerprint": config_fingerprint(cfg),
         }
-        version = version_memory_bank(cfg, method_dir, meta)
+        version = named(version_memory_bank, "version", index, name)(cfg, method_dir, meta)
         fault_point("after_store")
         bank_manifest = BankStore(cfg.banks.store_dir).show(version)
-        model_version = tracker.register_step_model(method_dir, version, index, manifest=bank_manifest)
+        model_version = named(register_model, "register", index, name)(tracker, method_dir, version, index, name, bank_manifest)
         fault_point("after_register")
-        gate = _promote_if_gate_passes(cfg, tracker, version, model_version, tasks[index], metrics, previous_metrics)
+        gate = named(_promote_if_gate_passes, "gate", index, name)(
+            cfg, tracker, version, model_version, tasks[index], metrics, previous_metrics)
         record = {**meta, "bank_version": version, "model_version": model_version, "promotion": gate,
                   STATE_HASHES: state_files(method_dir), "completed": time.strftime("%Y-%m-%dT%H:%M:%S")}
         atomic_write_json(tmp / STEP_RECORD, record)
@@ -619,6 +654,7 @@ def _run_step(cfg: Config, out: Path, index: int, tasks: list[list[str]], manife
 def _attach_tracker(cfg: Config, out: Path, tracker: Any, run_record: dict[str, Any]) -> bool:
     """Log the config on the parent run and remember its id for resume; True when it is a new parent run."""
     tracker.log_config(cfg)
+    link_runs(tracker)
     run_id = getattr(tracker, "run_id", None)
     if run_id is None or run_record.get("mlflow_run_id") == run_id:
         return False
@@ -627,7 +663,7 @@ def _attach_tracker(cfg: Config, out: Path, tracker: Any, run_record: dict[str, 
     return True
 
 
-@flow(name="continual_run", validate_parameters=False, persist_result=False)
+@flow(name="continual_run", validate_parameters=False, persist_result=False, flow_run_name=continual_run_name)
 def continual_run(cfg: Config, out: Path) -> dict[str, Any]:
     """Validate, cache masks, then train/evaluate/version every task of the protocol; writes OUT/metrics.json + report."""
     from flows.promotion import store_transaction
@@ -654,6 +690,7 @@ def _continual_run(cfg: Config, out: Path) -> dict[str, Any]:
         for index, step_products in enumerate(tasks):
             name = task_name(step_products)
             record = read_step_record(out, index, name)
+            trained_now = record is None
             if record is None:
                 bar.set_description(f"step {index + 1}/{len(tasks)}: {name}", refresh=False)
                 logger.info("step %d/%d: learning %s", index + 1, len(tasks), name)
@@ -664,8 +701,13 @@ def _continual_run(cfg: Config, out: Path) -> dict[str, Any]:
                 if new_parent_run:
                     with tracker.step(index, name):
                         tracker.log_step_metrics(index, record["metrics"])
+                        log_train_losses(tracker, index, name, step_dir(out, index, name))
             for product, values in record["metrics"].items():
                 matrix.record(index, product, values)
+            if trained_now or new_parent_run:
+                from flows.tracking import step_summary
+
+                tracker.log_step_summary(index, step_summary(matrix, index))  # average/forgetting/BWT curves
             method_dir = step_dir(out, index, name) / METHOD_DIR
             version = record["bank_version"]
             previous = record["metrics"]
@@ -684,10 +726,9 @@ def _continual_run(cfg: Config, out: Path) -> dict[str, Any]:
         if cfg.eval.overlays_per_task > 0:
             final_method = load_method(cfg, method_dir)
             overlays = overlay_examples(cfg, final_method, manifest, task_of_product(tasks))  # type: ignore[arg-type]
-        report = write_report(out, metrics_json, overlays)
+        report = report_task(out, metrics_json, overlays)
         write_matrix_csvs(out, metrics_json)
-        with report_artifacts(out) as artifacts:
-            tracker.log_sequence(metrics_json, artifacts)
+        publish_run(tracker, out, metrics_json)
     logger.info("continual run finished: metrics %s, report %s", out / METRICS_FILE, report)
     return metrics_json
 
@@ -707,7 +748,7 @@ def execute(cfg: Config, out: Path) -> dict[str, Any]:
     """Run the ``continual_run`` flow with Prefect results persisted under ``OUT/.prefect-results``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str((out / RESULTS_DIR).resolve())}):
+    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str((out / RESULTS_DIR).resolve())}), tags(*run_tags(cfg.method, cfg.protocol.name)):
         return fanout.with_task_runner(continual_run, cfg.compute)(cfg, out)
 
 

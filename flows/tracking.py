@@ -1,10 +1,27 @@
 """MLflow tracking of continual sequences and the detector model registry.
 
 One experiment per protocol (``<tracking.experiment_prefix>-<protocol>``), one parent run per
-continual sequence, one nested run per training step. Metrics ``<metric>/<product>`` are
-logged with ``step = step index``; ``average/<metric>`` and ``forgetting/<metric>`` at the end.
-Each step registers a detector version (tagged with its bank version); the ``champion`` alias
+continual sequence, one nested run per training step (with the full flattened config as params,
+like the parent). Metrics, all with ``step = step index`` (0-based, as ``OUT/steps/NN-*``):
+
+- ``<metric>/<product>`` on the parent and the step run;
+- ``average/<metric>``, ``forgetting/<metric>``, ``bwt/<metric>`` on the parent after EVERY step,
+  computed from the accuracy matrix rows 0..k (``step_summary``), so they draw as curves.
+  Forgetting and BWT need an old product, so they are absent at step 0 (never logged as 0 or NaN);
+- ``loss/<part>`` (step run) and ``loss/<part>/<task>`` (parent) with ``step = epoch``, from the
+  ``epoch_losses`` / ``heldout_losses`` a method returns in its training log (``train_log.json``).
+
+Each step logs its detector as an MLflow 3 *logged model* (linked to the step run as an output,
+with its signature) and registers it as a model version whose source is ``models:/<model_id>``,
+with tags (bank version, products, step, gate decision) and a description. The ``champion`` alias
 moves only through ``promote``. ``NullTracker`` does nothing (``tracking.enabled=false``).
+
+Artifact locations: a local sqlite store keeps its artifacts in ``<db dir>/mlartifacts``, but
+MLflow stores every local artifact location as an absolute ``file://`` URI (it resolves relative
+ones at creation, ``mlflow.utils.uri.resolve_uri_if_local``), so a moved run folder needs its store
+re-pointed. Portable locations need an ``mlflow server --artifacts-destination DIR`` (clients then
+see ``mlflow-artifacts:/...`` URIs; ``infra/``). Model versions point at ``models:/<model_id>``,
+which never names a path.
 
 All calls go through an explicit ``MlflowClient`` with explicit run ids, so tracking works
 from any thread (Prefect task runners) and never touches MLflow's global active run.
@@ -19,6 +36,7 @@ import os
 import re
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,12 +48,13 @@ from urllib.parse import unquote
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import LoggedModelOutput, Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from components.atomic import writer_alive
 from components.config import Config, TrackingConfig, flatten_config
+from components.eval.continual import AccuracyMatrix
 from components.errors import ContadError
 from flows.model_registry import CHAMPION_ALIAS, save_detector
 
@@ -43,6 +62,11 @@ log = logging.getLogger(__name__)
 
 PARENT_RUN_TAG = "mlflow.parentRunId"
 BANK_VERSION_TAG = "bank_version"
+SUMMARY_GROUPS = ("average", "forgetting", "bwt")
+LOGGED_MODEL_NAME = "detector"
+GATE_TAG = "gate"
+GATE_REASONS_TAG = "gate_reasons"
+_TAG_LIMIT = 4000  # characters kept of a long tag value (MLflow allows 5000 for model-version tags)
 ARTIFACT_SUFFIXES = {".csv", ".png", ".jpg", ".md", ".json", ".html", ".svg"}
 _BATCH = 100
 _KEY_INVALID = re.compile(r"[^/\w.\- :]")
@@ -75,6 +99,34 @@ def local_artifact_root(uri: str) -> str | None:
     """Artifact root next to a sqlite database (``<db dir>/mlartifacts``); None for servers."""
     db = sqlite_path(uri)
     return (db.parent / "mlartifacts").as_uri() if db is not None else None
+
+
+_PROCESS_URI_LOCK = threading.Lock()
+
+
+@contextmanager
+def process_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI set to ``uri`` for the duration (restored after, env var too).
+
+    A local registry store resolves a ``models:/<model_id>`` version source with a client of the
+    *process-wide* URI, not of the client that asked (MLflow 3.17 ``create_model_version``); a server
+    resolves it itself, so nothing changes for ``http(s)`` URIs.
+    """
+    if uri.startswith(("http://", "https://")):
+        yield
+        return
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    with _PROCESS_URI_LOCK:
+        before, env = tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(before)
+            if env is not None:
+                os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 class TrackingStoreError(ContadError):
@@ -171,6 +223,46 @@ def _finite_metrics(values: dict[str, float | None], step: int, timestamp: int) 
     ]
 
 
+def step_summary(matrix: AccuracyMatrix, step: int) -> dict[str, dict[str, float]]:
+    """``{"average"|"forgetting"|"bwt": {metric: value}}`` of the accuracy matrix rows ``0..step``.
+
+    The same definitions as ``metrics.json`` (Chaudhry FM, BWT) as if the run ended after ``step``;
+    NaN where undefined (forgetting and BWT at step 0: no old product yet).
+    """
+    steps = matrix.steps_or_inferred() or [[p] for p in matrix.products]
+    learned = steps[: step + 1]
+    partial = AccuracyMatrix([p for group in learned for p in group], step + 1, steps=learned)
+    names = matrix.metric_names()
+    for row in range(step + 1):
+        for product in partial.products:
+            if matrix.value(row, product, names[0]) is not None:  # None: not recorded (NaN: undefined)
+                partial.record(row, product, {m: matrix.value(row, product, m) for m in names})
+    return {"average": partial.average(), "forgetting": partial.forgetting(), "bwt": partial.bwt()}
+
+
+def loss_curves(train_log: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
+    """``{part: [(epoch, loss), ...]}`` from a method's training log.
+
+    ``epoch_losses`` is a list (one loss: part ``train``) or ``{part: list}``; ``heldout_losses``
+    (part ``heldout``) may start with the loss before the first epoch (epoch 0, UCAD) or after it
+    (epoch 1, IUF): one entry more than the epochs means it starts at 0.
+    """
+    curves: dict[str, list[tuple[int, float]]] = {}
+    epochs = train_log.get("epoch_losses")
+    if isinstance(epochs, list):
+        epochs = {"train": epochs}
+    if isinstance(epochs, dict):
+        for part, values in epochs.items():
+            if isinstance(values, list):
+                curves[str(part)] = [(i + 1, float(v)) for i, v in enumerate(values) if isinstance(v, (int, float))]
+    n_epochs = max((len(c) for c in curves.values()), default=0)
+    heldout = train_log.get("heldout_losses")
+    if isinstance(heldout, list) and heldout:
+        first = 0 if len(heldout) == n_epochs + 1 else 1
+        curves["heldout"] = [(first + i, float(v)) for i, v in enumerate(heldout) if isinstance(v, (int, float))]
+    return {part: points for part, points in curves.items() if points}
+
+
 def sequence_artifacts(directory: Path) -> list[Path]:
     """Report files of a run directory: matrices, heatmaps, report, overlays, manifests.
 
@@ -207,6 +299,7 @@ class Tracker:
         self.run_id: str | None = run_id
         self._step_run_id: str | None = None
         self._config: Config | None = None
+        self._summary_steps: set[int] = set()  # steps whose average/forgetting/bwt this tracker logged
 
     # -- parent run -----------------------------------------------------------------------
     def __enter__(self) -> Tracker:
@@ -242,11 +335,27 @@ class Tracker:
         """Log ``flatten_config(cfg)`` as params of the parent run (kept for model registration)."""
         self._config = cfg
         run_id = self._require_run()
-        existing = self.client.get_run(run_id).data.params
-        params = [Param(k, str(v)) for k, v in flatten_config(cfg).items() if k not in existing]
-        for i in range(0, len(params), _BATCH):
-            self.client.log_batch(run_id, params=params[i : i + _BATCH])
+        self._log_params(run_id, {k: str(v) for k, v in flatten_config(cfg).items()})
         self.client.set_tag(run_id, "contad.method", cfg.method)
+
+    def _log_params(self, run_id: str, params: dict[str, str]) -> None:
+        """Log the params ``run_id`` does not have yet (params are immutable in MLflow)."""
+        existing = self.client.get_run(run_id).data.params
+        new = [Param(k, v) for k, v in params.items() if k not in existing]
+        for i in range(0, len(new), _BATCH):
+            self.client.log_batch(run_id, params=new[i : i + _BATCH])
+
+    def set_tags(self, tags: dict[str, str], run_id: str | None = None) -> None:
+        """Set ``tags`` on ``run_id`` (default: the parent run)."""
+        target = run_id or self._require_run()
+        for key, value in tags.items():
+            self.client.set_tag(target, key, str(value)[:_TAG_LIMIT])
+
+    def run_url(self) -> str | None:
+        """The MLflow UI address of the parent run when the tracking URI is a server (None for local stores)."""
+        if self.run_id is None or not self.tracking_uri.startswith(("http://", "https://")):
+            return None
+        return f"{self.tracking_uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
 
     @contextmanager
     def step(self, step_index: int, task_name: str) -> Iterator[str]:
@@ -258,7 +367,8 @@ class Tracker:
             tags={PARENT_RUN_TAG: parent, "contad.step": str(step_index), "contad.task": task_name, **process_tags()},
         )
         run_id = run.info.run_id
-        self.client.log_batch(run_id, params=[Param("step", str(step_index)), Param("task", task_name)])
+        params = {k: str(v) for k, v in flatten_config(self._config).items()} if self._config is not None else {}
+        self._log_params(run_id, {**params, "step": str(step_index), "task": task_name})
         self._step_run_id = run_id
         status = "FAILED"
         try:
@@ -277,16 +387,42 @@ class Tracker:
             for i in range(0, len(metrics), 1000):
                 self.client.log_batch(run_id, metrics=metrics[i : i + 1000])
 
+    def log_step_summary(self, step: int, summary: dict[str, dict[str, float]]) -> None:
+        """Log ``average|forgetting|bwt/<metric>`` at ``step`` on the parent run (``step_summary``; NaN skipped)."""
+        values = {metric_key(group, metric): value for group in SUMMARY_GROUPS for metric, value in (summary.get(group) or {}).items()}
+        self.client.log_batch(self._require_run(), metrics=_finite_metrics(values, step, int(time.time() * 1000)))
+        self._summary_steps.add(step)
+
+    def log_train_losses(self, step: int, task_name: str, train_log: dict[str, Any]) -> None:
+        """Epoch losses of a training log (``loss_curves``) as ``loss/<part>`` with ``step = epoch`` on the
+        step run (when inside one) and ``loss/<part>/<task>`` on the parent run."""
+        curves = loss_curves(train_log)
+        if not curves:
+            return
+        now = int(time.time() * 1000)
+        targets = [(self._require_run(), True)] + ([(self._step_run_id, False)] if self._step_run_id else [])
+        for run_id, per_task in targets:
+            metrics = [
+                Metric(key=metric_key("loss", part, task_name) if per_task else metric_key("loss", part), value=value, timestamp=now, step=epoch)
+                for part, points in curves.items()
+                for epoch, value in points
+                if math.isfinite(value)
+            ]
+            for i in range(0, len(metrics), 1000):
+                self.client.log_batch(run_id, metrics=metrics[i : i + 1000])
+
     def log_sequence(self, metrics_json: dict[str, Any], artifacts_dir: Path | None) -> None:
-        """Log ``average/<metric>``, ``forgetting/<metric>``, routing accuracy and the report files."""
+        """Log routing accuracy, the final ``average|forgetting|bwt`` (unless ``log_step_summary`` logged the
+        last step already) and the report files."""
         run_id = self._require_run()
         values: dict[str, float | None] = {}
-        for group in ("average", "forgetting", "bwt"):
-            for metric, value in (metrics_json.get(group) or {}).items():
-                values[metric_key(group, metric)] = value
+        last_step = max(len(metrics_json.get("steps") or metrics_json.get("tasks") or []) - 1, 0)
+        if last_step not in self._summary_steps:
+            for group in SUMMARY_GROUPS:
+                for metric, value in (metrics_json.get(group) or {}).items():
+                    values[metric_key(group, metric)] = value
         if metrics_json.get("routing_accuracy") is not None:
             values["routing_accuracy"] = metrics_json["routing_accuracy"]
-        last_step = max(len(metrics_json.get("tasks") or []) - 1, 0)
         self.client.log_batch(run_id, metrics=_finite_metrics(values, last_step, int(time.time() * 1000)))
         masks = {k: str(metrics_json[k]) for k in ("masks_provider_used", "masks_provider_requested") if metrics_json.get(k)}
         existing = self.client.get_run(run_id).data.params
@@ -328,11 +464,16 @@ class Tracker:
         step: int,
         config: Config | None = None,
         manifest: dict[str, Any] | None = None,
+        task: str | None = None,
     ) -> str:
-        """Log the step's detector (pyfunc) and register it; returns the new model version.
+        """Log the step's detector as an MLflow logged model and register it; returns the new model version.
 
-        The version is tagged with ``bank_version`` and the step; ``config`` defaults to the
-        one given to ``log_config``. ``manifest`` (the bank version manifest) is logged too.
+        The logged model (pyfunc with its signature, linked to the active run as an output at
+        ``step``) carries the config as params; the version's source is ``models:/<model_id>``. The
+        version is tagged with ``bank_version``, step, task, products, method and protocol, and
+        described (``version_description``); ``record_gate`` adds the gate's decision later.
+        ``config`` defaults to the one given to ``log_config``; ``manifest`` (the bank version
+        manifest) is logged too and names the products covered.
         """
         config = config or self._config
         if config is None:
@@ -340,16 +481,67 @@ class Tracker:
         run_id = self.active_run_id
         if manifest is not None:
             self.log_bank_manifest(manifest, bank_version)
-        with tempfile.TemporaryDirectory(prefix="contad-model-") as tmp:
-            model_dir = save_detector(Path(method_dir), config, Path(tmp) / "model", metadata={BANK_VERSION_TAG: bank_version, "step": str(step)})
-            self.client.log_artifacts(run_id, str(model_dir), "model")
+        products = [str(p) for p in (manifest or {}).get("products") or {}]
+        task = task or str((manifest or {}).get("task") or "")
+        tags = {
+            BANK_VERSION_TAG: bank_version,
+            "bank_version_short": bank_version[:12],
+            "step": str(step),
+            "task": task,
+            "products": ", ".join(products),
+            "n_products": str(len(products)),
+            "method": config.method,
+            "protocol": self.protocol,
+        }
+        model = self.client.create_logged_model(
+            self.experiment_id or self.client.get_run(run_id).info.experiment_id,
+            name=LOGGED_MODEL_NAME,
+            source_run_id=run_id,
+            params={k: str(v) for k, v in flatten_config(config).items()},
+            tags={k: v[:_TAG_LIMIT] for k, v in tags.items()},
+            model_type="contad-detector",
+        )
+        try:
+            self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=step)])
+            with tempfile.TemporaryDirectory(prefix="contad-model-") as tmp:
+                model_dir = save_detector(
+                    Path(method_dir), config, Path(tmp) / "model",
+                    metadata={BANK_VERSION_TAG: bank_version, "step": str(step)},
+                    logged_model=(model.model_id, model.artifact_location, run_id),
+                )
+                self.client.log_model_artifacts(model.model_id, str(model_dir))
+        except BaseException:
+            self.client.finalize_logged_model(model.model_id, "FAILED")
+            raise
+        self.client.finalize_logged_model(model.model_id, "READY")
         self._ensure_registered_model()
-        source = f"{self.client.get_run(run_id).info.artifact_uri}/model"
-        tags = {BANK_VERSION_TAG: bank_version, "step": str(step), "protocol": self.protocol}
-        version = self.client.create_model_version(self.cfg.registered_model, source=source, run_id=run_id, tags=tags)
+        with process_tracking_uri(self.tracking_uri):
+            version = self.client.create_model_version(
+                self.cfg.registered_model,
+                source=f"models:/{model.model_id}",
+                run_id=run_id,
+                tags={k: v[:_TAG_LIMIT] for k, v in tags.items()},
+                description=version_description(config.method, self.protocol, step, task, products, bank_version),
+                model_id=model.model_id,
+            )
         self.client.set_tag(run_id, "contad.model_version", version.version)
+        self.client.set_tag(run_id, "contad.logged_model", model.model_id)
         log.info("registered %s version %s (bank %s)", self.cfg.registered_model, version.version, bank_version)
         return str(version.version)
+
+    def record_gate(self, model_version: str | None, gate: dict[str, Any]) -> None:
+        """Tag model version ``model_version`` (and the active run) with the promotion gate's decision
+        (``GateDecision.to_dict()``) and append it to the version's description."""
+        decision = "passed" if gate.get("passed") else "rejected"
+        reasons = "; ".join(str(r) for r in gate.get("reasons") or []) or "-"
+        self.set_tags({"contad.gate": decision, "contad.gate_reasons": reasons}, self.active_run_id)
+        if model_version is None:
+            return
+        name = self.cfg.registered_model
+        self.client.set_model_version_tag(name, str(model_version), GATE_TAG, decision)
+        self.client.set_model_version_tag(name, str(model_version), GATE_REASONS_TAG, reasons[:_TAG_LIMIT])
+        current = self.client.get_model_version(name, str(model_version)).description or ""
+        self.client.update_model_version(name, str(model_version), description=current.rstrip() + "\n\n" + gate_description(gate))
 
     def promote(self, version: str) -> None:
         """Move the ``champion`` alias to ``version``."""
@@ -365,6 +557,24 @@ class Tracker:
     def champion(self) -> tuple[str, str | None] | None:
         """(version, bank version) of the current champion, or None when there is none."""
         return champion_version(self.client, self.cfg.registered_model)
+
+
+def version_description(method: str, protocol: str, step: int, task: str, products: list[str], bank_version: str) -> str:
+    """Markdown description of a registered detector version (what it covers and where its bank is)."""
+    covered = ", ".join(f"`{p}`" for p in products) or "-"
+    return (
+        f"**{method}** ({protocol}), step {step}: learned task `{task or '-'}`.\n\n"
+        f"Products covered ({len(products)}): {covered}.\n\n"
+        f"Bank version `{bank_version}` (`contad banks show {bank_version[:12]}`)."
+    )
+
+
+def gate_description(gate: dict[str, Any]) -> str:
+    """Markdown line of a promotion gate decision (``GateDecision.to_dict()``)."""
+    if gate.get("passed"):
+        return "Promotion gate: **passed**."
+    reasons = "\n".join(f"- {r}" for r in gate.get("reasons") or [])
+    return f"Promotion gate: **rejected** (stored, never champion):\n{reasons}"
 
 
 def champion_version(client: MlflowClient, model_name: str) -> tuple[str, str | None] | None:
@@ -406,7 +616,23 @@ class NullTracker:
     def log_bank_manifest(self, manifest: dict[str, Any], bank_version: str) -> None:
         return None
 
-    def register_step_model(self, method_dir: Path, bank_version: str, step: int, config: Config | None = None, manifest: dict[str, Any] | None = None) -> str | None:
+    def register_step_model(self, method_dir: Path, bank_version: str, step: int, config: Config | None = None, manifest: dict[str, Any] | None = None,
+                            task: str | None = None) -> str | None:
+        return None
+
+    def record_gate(self, model_version: str | None, gate: dict[str, Any]) -> None:
+        return None
+
+    def log_step_summary(self, step: int, summary: dict[str, dict[str, float]]) -> None:
+        return None
+
+    def log_train_losses(self, step: int, task_name: str, train_log: dict[str, Any]) -> None:
+        return None
+
+    def set_tags(self, tags: dict[str, str], run_id: str | None = None) -> None:
+        return None
+
+    def run_url(self) -> str | None:
         return None
 
     def promote(self, version: str | None) -> None:

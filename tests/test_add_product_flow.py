@@ -54,6 +54,9 @@ def test_success_moves_bank_and_champion(base: TrainedBase, tmp_path: Path) -> N
     step_run = client.get_run(client.get_model_version("contad-detector", champion[0]).run_id)
     assert step_run.data.tags["contad.task"] == "newcomer"
     assert {f"image_auroc/{p.name}" for p in base.old} | {"image_auroc/newcomer"} <= set(step_run.data.metrics)
+    version = client.get_model_version("contad-detector", champion[0])
+    assert version.tags["gate"] == "passed" and version.tags["bank_version"] == bank and version.tags["task"] == "newcomer"
+    assert set(version.tags["products"].split(", ")) == set(manifest["products"]) and "`newcomer`" in version.description
 
     with pytest.raises(AddProductError, match="already learned"):
         add_product_command(cfg, base.new, name="newcomer", out=tmp_path / "again", via_server=False)
@@ -72,6 +75,9 @@ def test_gate_failure_keeps_bank_and_champion(base: TrainedBase, tmp_path: Path,
     rejected = [v for v in store.list() if v.tasks and v.tasks[-1] == "newcomer"]
     assert len(rejected) == 1 and not rejected[0].current  # kept (immutable record) but not current
     assert store.show(rejected[0].version)["gate"]["passed"] is False
+    version = client.get_model_version("contad-detector", str(n_after))  # the rejected step's version says why
+    assert version.tags["gate"] == "rejected" and "min_new_image_auroc" in version.tags["gate_reasons"]
+    assert "Promotion gate: **rejected**" in version.description and version.tags["bank_version"] == rejected[0].version
 
 
 def test_invalid_product_data_changes_nothing(base: TrainedBase, tmp_path: Path) -> None:

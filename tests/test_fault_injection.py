@@ -27,14 +27,16 @@ from flows.promotion import Registry, registry_for, store_transaction
 from tests.tracking_support import TrainedBase, copy_base, tiny_config, trained_base
 
 REPO = Path(__file__).resolve().parents[1]
-TASKS = ("validate_dataset", "cache_masks", "train_task", "evaluate_all_tasks", "version_memory_bank")
+TASKS = ("validate_dataset", "cache_masks", "train_task", "evaluate_all_tasks", "version_memory_bank",
+         "register_model", "_promote_if_gate_passes", "report_task", "publish_run")
 CHILD = f"""
 import json, sys
 from pathlib import Path
 from components.config import Config
-from flows import pipeline
+from flows import add_product as add_module, pipeline
 for name in {TASKS!r}:
     setattr(pipeline, name, getattr(pipeline, name).fn)
+add_module._track = add_module._track.fn
 cfg = Config.model_validate(json.loads(Path(sys.argv[2]).read_text()))
 if sys.argv[1] == "add":
     from flows.add_product import add_product
@@ -53,10 +55,11 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> TrainedBase:
 @pytest.fixture
 def plain_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Run the pipeline's Prefect tasks as plain functions in this process (no Prefect server)."""
-    from flows import pipeline
+    from flows import add_product, pipeline
 
     for name in TASKS:
         monkeypatch.setattr(pipeline, name, getattr(pipeline, name).fn)
+    monkeypatch.setattr(add_product, "_track", add_product._track.fn)
 
 
 def _child(cfg: Config, tmp_path: Path, args: list[str], fault: str | None) -> subprocess.Popen:

@@ -109,7 +109,9 @@ def test_run_tracked_on_postgres_with_served_artifacts(mlflow_on_postgres: tuple
     assert parent.info.artifact_uri.startswith("mlflow-artifacts:")
     downloaded = Path(client.download_artifacts(parent.info.run_id, "metrics.json", str(tmp_path / "download")))
     assert json.loads(downloaded.read_text()) == json.loads((tmp_path / "work" / "metrics.json").read_text())
-    model_files = Path(client.download_artifacts(champion.run_id, "model", str(tmp_path / "model")))
+    import mlflow.artifacts
+
+    model_files = Path(mlflow.artifacts.download_artifacts(artifact_uri=client.get_model_version_download_uri("contad-detector", champion.version), dst_path=str(tmp_path / "model"), tracking_uri=uri))
     assert (model_files / "MLmodel").is_file()
     stored = Path(env["CONTAD_SERVICES_DIR"]) / "mlartifacts"
     assert list(stored.rglob("metrics.json")), "artifacts were not stored in the server's artifact destination"

@@ -127,7 +127,10 @@ def test_champion_moved_while_a_client_loops(served: tuple[str, Config], base: T
     url, cfg = served
     client = MlflowClient(tracking_uri=cfg.tracking.uri, registry_uri=cfg.tracking.uri)
     old = client.get_model_version_by_alias(MODEL, CHAMPION_ALIAS)
-    new = client.create_model_version(MODEL, source=old.source, run_id=old.run_id, tags={**old.tags, "bank_version": "moved-" + old.tags["bank_version"][:8]})
+    from flows.tracking import process_tracking_uri
+
+    with process_tracking_uri(cfg.tracking.uri):  # a models:/<id> source is resolved through the process-wide registry
+        new = client.create_model_version(MODEL, source=old.source, run_id=old.run_id, tags={**old.tags, "bank_version": "moved-" + old.tags["bank_version"][:8]})
     old_version, new_version = str(old.version), str(new.version)
     image = _png(sorted((base.old[1] / "test" / "good").glob("*.png"))[0])
     seen: list[tuple[int, str | None]] = []

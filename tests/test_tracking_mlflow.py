@@ -199,3 +199,52 @@ def test_promotion_gate_thresholds() -> None:
     assert not forgot.passed and len(forgot.reasons) == 1 and "'a'" in forgot.reasons[0] and "max_forgetting" in forgot.reasons[0]
     missing = promotion_gate(cfg, ["c"], {"a": {"image_auroc": 0.95}, "c": {"image_auroc": 0.9}}, before)
     assert not missing.passed and "'b'" in missing.message()
+
+
+def test_step_summary_is_the_final_definition_applied_after_each_step() -> None:
+    import math
+
+    from components.eval.continual import AccuracyMatrix
+    from flows.tracking import step_summary
+
+    matrix = AccuracyMatrix(["a", "b", "c"], 3)
+    rows = [{"a": 0.9}, {"a": 0.8, "b": 0.95}, {"a": 0.85, "b": 0.7, "c": 1.0}]
+    for step, row in enumerate(rows):
+        for product, value in row.items():
+            matrix.record(step, product, {"image_auroc": value})
+    first, second, third = (step_summary(matrix, k) for k in range(3))
+    assert first["average"]["image_auroc"] == pytest.approx(0.9)
+    assert math.isnan(first["forgetting"]["image_auroc"]) and math.isnan(first["bwt"]["image_auroc"])  # no old product yet
+    assert second["average"]["image_auroc"] == pytest.approx(0.875)
+    assert second["forgetting"]["image_auroc"] == pytest.approx(0.1) and second["bwt"]["image_auroc"] == pytest.approx(-0.1)
+    assert third["forgetting"]["image_auroc"] == pytest.approx((0.05 + 0.25) / 2)  # a: max(.9, .8) - .85; b: .95 - .7
+    assert third["forgetting"]["image_auroc"] == pytest.approx(matrix.forgetting()["image_auroc"])
+    assert third["bwt"]["image_auroc"] == pytest.approx(matrix.bwt()["image_auroc"])
+
+
+def test_epoch_losses_become_metrics_with_epoch_steps(tmp_path: Path, store: Path) -> None:
+    import json
+
+    from flows.pipeline import log_train_losses
+
+    cfg = _config(store, "losses")
+    ucad_like = {"epoch_losses": [1.0, 0.5, 0.25], "heldout_losses": [2.0, 1.0, 0.8, 0.7], "best_epoch": 3}  # held-out loss before epoch 1 too
+    (tmp_path / "train_log.json").write_text(json.dumps({"task": "a", "log": ucad_like}))
+    iuf_like = {"epoch_losses": {"recon": [0.3, 0.2], "ce": [1.0, float("nan")]}, "heldout_losses": [0.5, 0.4]}
+    with Tracker(cfg.tracking, "sequential") as tracker:
+        tracker.log_config(cfg)
+        with tracker.step(0, "a") as run_a:
+            log_train_losses(tracker, 0, "a", tmp_path)  # what the pipeline does after training a step
+        with tracker.step(1, "b+c") as run_b:
+            tracker.log_train_losses(1, "b+c", iuf_like)
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+
+    def curve(run_id: str, key: str) -> list[tuple[int, float]]:
+        return sorted((m.step, round(m.value, 4)) for m in client.get_metric_history(run_id, key))
+
+    assert curve(run_a, "loss/train") == [(1, 1.0), (2, 0.5), (3, 0.25)]
+    assert curve(run_a, "loss/heldout") == [(0, 2.0), (1, 1.0), (2, 0.8), (3, 0.7)]
+    assert curve(tracker.run_id, "loss/train/a") == curve(run_a, "loss/train")
+    assert curve(run_b, "loss/recon") == [(1, 0.3), (2, 0.2)] and curve(run_b, "loss/heldout") == [(1, 0.5), (2, 0.4)]
+    assert curve(run_b, "loss/ce") == [(1, 1.0)]  # the NaN epoch is skipped
+    assert curve(tracker.run_id, "loss/recon/b_c") == [(1, 0.3), (2, 0.2)]

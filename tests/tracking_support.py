@@ -185,3 +185,27 @@ def wait_for_flow_run(client: object, deployment_id: object, log_path: Path, pro
             return runs[0]
         time.sleep(2.0)
     raise TimeoutError(f"no finished add-product flow run after {FLOW_RUN_TIMEOUT_S:.0f} s:\n{log_path.read_text()[-4000:]}")
+
+
+def prefect_env(work: Path, api_url: str) -> dict[str, str]:
+    """Environment of a throwaway ``prefect server`` (home and sqlite database under ``work``) and its clients."""
+    return {
+        "PREFECT_HOME": str(work / "prefect_home"),
+        "PREFECT_API_URL": api_url,
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{work / 'prefect.db'}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+    }
+
+
+@contextmanager
+def prefect_server(work: Path) -> Iterator[str]:
+    """``prefect server start`` on a free 127.0.0.1 port (database in ``work``); yields its API URL."""
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    cmd = [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"]
+    with background(cmd, work / "prefect-server.log", prefect_env(work, api_url)) as process:
+        wait_http_ok(f"{api_url}/health", process, work / "prefect-server.log")
+        yield api_url
