@@ -32,6 +32,7 @@ from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 from components.atomic import atomic_write_json
 from components.config import Config, config_to_dict
+from components.data.tiling import resolve_tiling
 from components.errors import ContadError, DataError
 from components.faults import fault_point
 from components.memory.store import CURRENT_FILE, SHORT_HASH, BankStore
@@ -197,6 +198,7 @@ def _add_product_locked(cfg: Config, path: Path, name: str, out: Path, store: Ba
     with _stage("reading the old products' data", name, previous):
         old_manifest = _old_manifest(old_products)
     manifest = pd.concat([old_manifest, new_manifest], ignore_index=True)
+    cfg = resolve_tiling(cfg, old_manifest, list(old_products))  # data.tile=auto: as the base run resolved it
     with _stage("caching structure masks", name, previous):
         pipeline.cache_masks(cfg, manifest, [name])
     with _stage("training the new task", name, previous):
