@@ -48,17 +48,17 @@ def step_costs(run: Path) -> list[dict]:
     costs = []
     for log_path in sorted((run / "steps").glob("*/train_log.json")):
         doc = json.loads(log_path.read_text())
-        costs.append({"task": doc["task"], "seconds": doc["seconds"], "memory_bytes": doc["log"].get("memory_bytes")})
+        costs.append({"task": doc["task"], "seconds": doc["seconds"], "cpu_seconds": doc.get("cpu_seconds"), "memory_bytes": doc["log"].get("memory_bytes")})
     return costs
 
 
 def cost_table(runs: dict[str, Path], walls: dict[str, tuple[float, tuple[float, ...], tuple[float, ...]]]) -> str:
     """Markdown table: per method, run wall seconds, load before/after, train seconds and MB per product."""
-    lines = ["| method | run wall s | load 1/5/15 min before -> after | train s per product | memory MB per product |", "|---|---|---|---|---|"]
+    lines = ["| method | run wall s | load 1/5/15 min before -> after | train s per product (CPU s) | memory MB per product |", "|---|---|---|---|---|"]
     for method, run in runs.items():
         costs = step_costs(run)
         wall, before, after = walls[method]
-        train = ", ".join(f"{c['task']} {c['seconds']:.0f}" for c in costs)
+        train = ", ".join(f"{c['task']} {c['seconds']:.0f}" + (f" (CPU {c['cpu_seconds']:.0f})" if c["cpu_seconds"] is not None else "") for c in costs)
         memory = ", ".join(f"{c['task']} {c['memory_bytes'] / 2**20:.2f}" if c["memory_bytes"] is not None else f"{c['task']} –" for c in costs)
         load = f"{'/'.join(f'{x:.1f}' for x in before)} -> {'/'.join(f'{x:.1f}' for x in after)}"
         lines.append(f"| {method} | {wall:.0f} | {load} | {train} | {memory} |")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator
@@ -46,8 +46,8 @@ class DataConfig(Section):
     image_size: PositiveInt = 224  # model input size (square resize)
     heldout_fraction: float = Field(0.1, ge=0, lt=1)  # slice of train/good held out for early stopping + thresholds
     num_workers: NonNegativeInt = 0
-    tile: int | None = Field(default=None, ge=32)  # score overlapping tiles of this many px at data.image_size and stitch; None = one pass
-    tile_overlap: int = Field(default=32, ge=0)  # px shared by neighbouring tiles
+    tile: Annotated[int, Field(ge=32)] | Literal["auto"] | None = "auto"  # score overlapping tiles of this many px at data.image_size and stitch; None = one pass; auto = components/data/tiling.py
+    tile_overlap: int = Field(default=0, ge=0)  # px shared by neighbouring tiles
     synth: SynthConfig = Field(default_factory=SynthConfig)
     depth_min_valid_fraction: float = Field(0.05, ge=0.0, le=1.0)  # validation: xyz must have at least this share of valid points
 

@@ -120,13 +120,17 @@ class Detector:
     def from_method_dir(cls, method_dir: Path, config: Config, model_version: str | None = None, bank_version: str | None = None) -> Detector:
         """Rebuild backbone + method from a saved method directory holding ``calibration.json``."""
         from components.backbones.registry import build_backbone
+        from components.backbones.tiled import tiled_backbone
+        from components.data.tiling import effective_tile
         from components.methods.registry import build_method
 
         method_dir = Path(method_dir)
         calibration = read_calibration(method_dir)
         if calibration is None:
             raise ContadError(f"{method_dir} holds no calibration.json: retrain with this contad version (thresholds are calibrated after training)")
-        method = build_method(config, build_backbone(config.backbone, config.data.image_size))
+        tile = effective_tile(config.data)
+        inner = build_backbone(config.backbone, tile if tile is not None and tile < config.data.image_size else config.data.image_size)
+        method = build_method(config, tiled_backbone(inner, config.data.image_size, tile, config.data.tile_overlap))
         method.load(method_dir)
         return cls(method, calibration, config, model_version, bank_version)
 

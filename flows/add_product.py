@@ -37,6 +37,7 @@ from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 from components.atomic import atomic_write_json
 from components.config import Config, config_to_dict
+from components.data.tiling import resolve_tiling
 from components.errors import ContadError, DataError
 from components.eval.continual import RESERVED_FRR
 from components.faults import fault_point
@@ -207,6 +208,7 @@ def _add_product_locked(cfg: Config, path: Path, name: str, out: Path, store: Ba
         old_manifest = _old_manifest(old_products)
     manifest = pd.concat([old_manifest, new_manifest], ignore_index=True)
     training = pipeline.training_manifest(cfg, manifest)  # without the reserved normals of products with no test images
+    cfg = resolve_tiling(cfg, old_manifest, list(old_products))  # data.tile=auto: as the base run resolved it
     with _stage("caching structure masks", name, previous):
         pipeline.cache_masks(cfg, training, [name])
     with _stage("training the new task", name, previous):

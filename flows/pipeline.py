@@ -59,6 +59,7 @@ from components.backbones.registry import build_backbone
 from components.config import Config, config_to_dict
 from components.data.loading import depth_of, load_images, reserve_normals, task_data, task_image_paths, test_batch, train_split, untested_products
 from components.data.protocol import ordered_products, task_name, task_of_product, task_sequence
+from components.data.tiling import effective_tile, resolve_tiling
 from components.errors import ContadError, DataError
 from components.eval.continual import RESERVED_FRR, AccuracyMatrix
 from components.eval.evaluate import evaluate_tasks, predict_batch
@@ -158,8 +159,9 @@ def _cached_tiled_backbone(backbone_json: str, image_size: int, tile: int, overl
 
 def load_backbone(cfg: Config) -> PromptedBackbone:
     """The frozen backbone of ``cfg`` (built once per process and configuration; tiled when ``data.tile`` < image size)."""
-    if cfg.data.tile is not None and cfg.data.tile < cfg.data.image_size:
-        return _cached_tiled_backbone(cfg.backbone.model_dump_json(), cfg.data.image_size, cfg.data.tile, cfg.data.tile_overlap)
+    tile = effective_tile(cfg.data)
+    if tile is not None and tile < cfg.data.image_size:
+        return _cached_tiled_backbone(cfg.backbone.model_dump_json(), cfg.data.image_size, tile, cfg.data.tile_overlap)
     return _cached_backbone(cfg.backbone.model_dump_json(), cfg.data.image_size)
 
 
@@ -291,14 +293,15 @@ def train_task(cfg: Config, method_dir_in: Path | None, task_name: str, products
     method = load_method(cfg, Path(method_dir_in) if method_dir_in is not None else None)
     data = task_data(manifest, task_name, products, cfg, task_label_maps(cfg, manifest, products))
     logger.info("training %s on task %s (%d images, tasks so far: %s)", cfg.method, task_name, len(data.train), method.tasks)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     train_log = method.fit_task(data)
     seconds = time.perf_counter() - started
+    cpu_seconds = time.process_time() - cpu_started  # what the wall time would be on an idle machine with one thread
     method.save(out_dir)
     calibration = calibrate_method(cfg, method, manifest)
     if calibration is not None:
         write_calibration(out_dir, calibration)  # part of the state: versioned with the bank, shipped with the model
-    atomic_write_json(out_dir.parent / TRAIN_LOG, {"task": task_name, "products": products, "seconds": seconds, "log": train_log})
+    atomic_write_json(out_dir.parent / TRAIN_LOG, {"task": task_name, "products": products, "seconds": seconds, "cpu_seconds": cpu_seconds, "log": train_log})
     logger.info("task %s trained in %.1f s; state saved to %s", task_name, seconds, out_dir)
     return out_dir
 
@@ -674,8 +677,9 @@ def continual_run(cfg: Config, out: Path) -> dict[str, Any]:
 
 def _continual_run(cfg: Config, out: Path) -> dict[str, Any]:
     logger = run_logger()
-    run_record = check_run_record(cfg, out)
     manifest, tasks = _prepare(cfg)
+    cfg = resolve_tiling(cfg, manifest, [p for t in tasks for p in t])  # data.tile=auto -> this data's tiling
+    run_record = check_run_record(cfg, out)
     check_data_fingerprint(out, run_record, manifest)
     products = [p for t in tasks for p in t]
     if uses_structure_masks(cfg):
