@@ -48,6 +48,7 @@ import math
 import os
 import subprocess
 import sys
+import sysconfig
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -186,8 +187,6 @@ def ensure_peer_env(venv: Path) -> Path:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)  # home = contad venv's base interpreter
     purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              check=True, capture_output=True, text=True).stdout.strip()
-    import sysconfig
-
     Path(purelib, PTH_NAME).write_text(sysconfig.get_paths()["purelib"] + "\n")
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-c", str(REPO / "requirements.lock"),
                     f"anomalib=={ANOMALIB_VERSION}"], check=True)
@@ -271,8 +270,8 @@ def raw_metrics(labels, masks, scores, maps) -> tuple[float, float]:
     return auroc(np.asarray(labels), np.asarray(scores)), pixel
 
 
-def run_contad(cfg, data, test) -> tuple[SystemResult, object]:
-    """patchcore_oracle on one product through contad's own code: (result, the backbone it used)."""
+def run_contad(cfg, data, test) -> SystemResult:
+    """patchcore_oracle on one product through contad's own code (train on ``data``, score ``test``)."""
     from components.methods.registry import build_method
     from flows.pipeline import load_backbone
 
@@ -283,7 +282,7 @@ def run_contad(cfg, data, test) -> tuple[SystemResult, object]:
     prediction = method.predict(test.images, true_tasks=[data.name] * len(test))
     tested = time.perf_counter()
     image, pixel = raw_metrics(test.labels.numpy(), test.masks.numpy(), prediction.image_scores.numpy(), prediction.anomaly_maps.numpy())
-    return SystemResult(image, pixel, trained - started, tested - trained, int(log["bank_size"])), method.backbone
+    return SystemResult(image, pixel, trained - started, tested - trained, int(log["bank_size"]))
 
 
 def run_peer(args: argparse.Namespace, python: Path, work: Path, cfg, data, test) -> SystemResult:
@@ -340,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         load = os.getloadavg()
         data = task_data(manifest, product, [product], cfg, None)
         test = test_batch(manifest, product, cfg.data.image_size)
-        contad, _ = run_contad(cfg, data, test)
+        contad = run_contad(cfg, data, test)
         print(f"{product}: contad {contad}", flush=True)
         peer = run_peer(args, python, out / product, cfg, data, test)
         print(f"{product}: anomalib {peer}", flush=True)
