@@ -69,3 +69,9 @@ services: $(STAMP) system-deps
 
 services-stop:
 	bash infra/services.sh stop
+
+# anomalib peer benchmark (own venv .venv-peer with anomalib pinned, built on first use; never part of `make test`).
+.PHONY: bench-peer
+PEER_ARGS ?=
+bench-peer: $(STAMP)
+	$(PY) -m benchmarks.peer_anomalib $(PEER_ARGS)

