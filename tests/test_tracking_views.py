@@ -52,10 +52,24 @@ def tracked(tmp_path_factory: pytest.TempPathFactory) -> TrackedRun:
         metrics = execute(cfg, root / "work")
         with get_client(sync_client=True) as client:
             (flow_run,) = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["continual_run"])))
-            task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+            task_runs = _settled_task_runs(client, FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
             artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])))
         APILogHandler().flush()  # send the run's last log lines while the server is still up
     return TrackedRun(cfg, metrics, sorted(f.name for f in folders), flow_run, task_runs, artifacts)
+
+
+def _settled_task_runs(client: Any, flow_run_filter: Any, timeout_s: float = 60.0) -> list[Any]:
+    """The flow run's task runs once the server has them all (task-run records arrive asynchronously,
+    through Prefect's event pipeline, after the flow returns): polls until the count stops growing."""
+    import time
+
+    deadline, previous = time.monotonic() + timeout_s, -1
+    while True:
+        task_runs = client.read_task_runs(flow_run_filter=flow_run_filter)
+        if (task_runs and len(task_runs) == previous) or time.monotonic() > deadline:
+            return task_runs
+        previous = len(task_runs)
+        time.sleep(2.0)
 
 
 def _client(cfg: Config) -> MlflowClient:
@@ -89,7 +103,13 @@ def test_average_forgetting_bwt_are_curves_over_every_step(tracked: TrackedRun) 
 
 def test_step_runs_carry_the_full_config(tracked: TrackedRun) -> None:
     parent, steps = _runs(tracked.cfg)
-    expected = {k: str(v) for k, v in flatten_config(tracked.cfg).items()}
+    from components.data.manifest import read_dataset
+    from components.data.tiling import resolve_tiling
+
+    manifest = read_dataset(Path(tracked.cfg.data.root))
+    resolved = resolve_tiling(tracked.cfg, manifest, sorted(manifest["product"].unique()))  # what the run records
+    assert resolved.data.tile is None  # tiny 64 px products: data.tile=auto resolves to one pass
+    expected = {k: str(v) for k, v in flatten_config(resolved).items()}
     assert [r.data.tags["contad.task"] for r in steps] == tracked.metrics["tasks"]
     for index, run in enumerate(steps):
         assert run.data.params == {**expected, "step": str(index), "task": run.data.tags["contad.task"]}
