@@ -39,6 +39,7 @@ class TrackedRun:
 @pytest.fixture(scope="module")
 def tracked(tmp_path_factory: pytest.TempPathFactory) -> TrackedRun:
     from prefect.client.orchestration import get_client
+    from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogHandler
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -49,7 +50,12 @@ def tracked(tmp_path_factory: pytest.TempPathFactory) -> TrackedRun:
     folders = tiny_products(root / "data", n_products=3)
     cfg = tiny_config(root / "work", linked_dataset(root / "dataset", folders))
     with prefect_server(root) as api_url, temporary_settings(updates={PREFECT_API_URL: api_url}):
+        # Prefect keeps one events worker per process whatever the API URL: one left by an earlier test's
+        # server would carry this run's task-run events to that (dead) server. Drain it so a new one
+        # is made for this server, and drain again so every task-run event has arrived before reading.
+        EventsWorker.drain_all(timeout=30)
         metrics = execute(cfg, root / "work")
+        EventsWorker.drain_all(timeout=30)
         with get_client(sync_client=True) as client:
             (flow_run,) = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["continual_run"])))
             task_runs = _settled_task_runs(client, FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
