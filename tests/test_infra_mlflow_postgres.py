@@ -85,7 +85,7 @@ def test_run_tracked_on_postgres_with_served_artifacts(mlflow_on_postgres: tuple
     from mlflow.tracking import MlflowClient
 
     from flows.pipeline import execute
-    from tests.tracking_support import linked_dataset, tiny_config, tiny_products
+    from tests.tracking_support import linked_dataset, sequential_runs, tiny_config, tiny_products
 
     uri, env = mlflow_on_postgres
     folders = tiny_products(tmp_path / "data", n_products=2)
@@ -94,10 +94,9 @@ def test_run_tracked_on_postgres_with_served_artifacts(mlflow_on_postgres: tuple
     metrics_json = execute(cfg, tmp_path / "work")
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    parent, steps = sequential_runs(client)  # exactly one parent run
+    runs = [parent, *steps]
     experiment = client.get_experiment_by_name("contad-sequential")
-    assert experiment is not None
-    runs = client.search_runs([experiment.experiment_id])
-    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     assert parent.data.metrics["average/image_auroc"] == pytest.approx(metrics_json["average"]["image_auroc"])
     # The runs, metrics and registry live in PostgreSQL ...
     assert int(_psql(env, f"SELECT count(*) FROM runs WHERE experiment_id = {experiment.experiment_id}")) == len(runs) == 3

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.tracking_support import linked_dataset, mlflow_server, tiny_config, tiny_products
+from tests.tracking_support import linked_dataset, mlflow_server, sequential_runs, tiny_config, tiny_products
 
 
 @pytest.mark.integration
@@ -23,15 +23,10 @@ def test_continual_run_against_mlflow_server(tmp_path: Path) -> None:
         metrics_json = execute(cfg, tmp_path / "work")
 
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        experiment = client.get_experiment_by_name("contad-sequential")
-        assert experiment is not None
-        runs = client.search_runs([experiment.experiment_id])
-        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-        assert len(parents) == 1 and len(runs) == 3
-        parent = parents[0]
+        parent, children = sequential_runs(client)  # exactly one parent run
+        assert len(children) == 2
         assert parent.info.status == "FINISHED"
         assert parent.data.params["method"] == "patchcore_finetune" and parent.data.params["data.image_size"] == "64"
-        children = sorted((r for r in runs if r is not parent), key=lambda r: int(r.data.tags["contad.step"]))
         assert [r.data.tags["mlflow.parentRunId"] for r in children] == [parent.info.run_id] * 2
         assert [r.data.tags["contad.task"] for r in children] == products
         history = client.get_metric_history(parent.info.run_id, f"image_auroc/{products[0]}")

@@ -21,7 +21,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from components.config import Config, flatten_config
-from tests.tracking_support import linked_dataset, prefect_server, tiny_config, tiny_products
+from tests.tracking_support import linked_dataset, prefect_server, sequential_runs, tiny_config, tiny_products
 
 pytestmark = pytest.mark.integration
 
@@ -84,12 +84,7 @@ def _client(cfg: Config) -> MlflowClient:
 
 def _runs(cfg: Config) -> tuple[Any, list[Any]]:
     """(parent run, step runs in step order)."""
-    client = _client(cfg)
-    experiment = client.get_experiment_by_name("contad-sequential")
-    runs = client.search_runs([experiment.experiment_id])
-    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
-    steps = sorted((r for r in runs if r is not parent), key=lambda r: int(r.data.tags["contad.step"]))
-    return parent, steps
+    return sequential_runs(_client(cfg))
 
 
 def test_average_forgetting_bwt_are_curves_over_every_step(tracked: TrackedRun) -> None:

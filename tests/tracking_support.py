@@ -150,6 +150,16 @@ def background(cmd: list[str], log_path: Path, env: dict[str, str] | None = None
             stop_process(process)
 
 
+def sequential_runs(client: object, experiment_name: str = "contad-sequential") -> tuple[object, list[object]]:
+    """(parent run, step runs in step order) of the one continual run in ``experiment_name``."""
+    experiment = client.get_experiment_by_name(experiment_name)
+    assert experiment is not None, f"no MLflow experiment {experiment_name!r}"
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    steps = sorted((r for r in runs if r is not parent), key=lambda r: int(r.data.tags["contad.step"]))
+    return parent, steps
+
+
 @contextmanager
 def mlflow_server(work: Path) -> Iterator[str]:
     """``mlflow server`` on a free 127.0.0.1 port (sqlite backend + local artifact root in ``work``); yields its URI."""
