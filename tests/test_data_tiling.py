@@ -44,7 +44,7 @@ def test_resolve_tiling_per_method_and_explicit_values(tmp_path: Path) -> None:
     cfg = Config()
     cfg.data.image_size = 64
     assert cfg.data.tile == "auto" and effective_tile(cfg.data) is None  # unresolved auto = one pass
-    for method in ("ucad", "patchcore_oracle"):
+    for method in ("ucad", "mtrmb", "patchcore_oracle"):
         cfg.method = method
         resolved = resolve_tiling(cfg, manifest, ["big", "small"])
         assert (resolved.data.image_size, resolved.data.tile, effective_tile(resolved.data)) == (128, 64, 64)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from components.backbones.text import PACKAGED_MINILM, TextEncoder, build_text_encoder, packaged_minilm_dir, product_sentence
-from components.config import ConfigError, TextConfig, load_config
+from components.backbones.tiled import TiledBackbone, tiled_backbone
+from components.config import Config, ConfigError, TextConfig, load_config
 from components.errors import ContadError, WeightsError
 from components.methods.mtrmb import MTRMB
 from components.methods.coreset import nbytes
@@ -19,7 +20,8 @@ from components.methods.multimodal import TextImageFusion, cross_alignment_loss,
 from components.methods.registry import build_method, structure_masks
 from components.methods.ucad import UCAD
 from components.segment.fallback import choose_masks
-from tests.methods_support import PRODUCTS, ToyBackbone, label_maps_of, product_images, toy_config, toy_task
+from components.types import ImageBatch, TaskData
+from tests.methods_support import IMAGE_SIZE, PRODUCTS, ToyBackbone, label_maps_of, product_images, toy_config, toy_task
 
 
 @pytest.fixture(scope="module")
@@ -307,3 +309,117 @@ def test_add_product_text_option_sets_the_products_sentence() -> None:
         with_product_text(cfg, "bolt", "a bolt", via_server=True)
     with pytest.raises(ContadError, match="empty"):
         with_product_text(cfg, "bolt", "  ", via_server=False)
+
+
+# ------------------------------------------------------------------ tiling (data.tile)
+TILE, BIG = IMAGE_SIZE, 2 * IMAGE_SIZE  # the toy backbone is built for 32 px tiles; images are 64 px (2 x 2 tiles)
+
+
+def _tiled_config() -> Config:
+    cfg = toy_config("mtrmb")
+    cfg.mtrmb.epochs = cfg.ucad.epochs
+    cfg.data.image_size, cfg.data.tile, cfg.data.tile_overlap = BIG, TILE, 0
+    return cfg
+
+
+def _tiled_mtrmb(minilm: TextEncoder) -> MTRMB:
+    method = MTRMB(_tiled_config(), tiled_backbone(ToyBackbone(TILE), BIG, TILE, 0))
+    method._text_encoder = minilm
+    return method
+
+
+def _big_task(product: str, n_train: int = 8, n_heldout: int = 3) -> TaskData:
+    train, held = product_images(product, n_train, 0, size=BIG), product_images(product, n_heldout, 1, size=BIG)
+    return TaskData(
+        name=product, products=[product],
+        train=ImageBatch(images=train, products=[product] * n_train, paths=[f"{product}/train/{i}.png" for i in range(n_train)]),
+        heldout=ImageBatch(images=held, products=[product] * n_heldout, paths=[f"{product}/held/{i}.png" for i in range(n_heldout)]),
+        label_maps=label_maps_of(train), heldout_label_maps=label_maps_of(held),
+    )
+
+
+@pytest.fixture(scope="module")
+def tiled_trained(minilm: TextEncoder) -> MTRMB:
+    method = _tiled_mtrmb(minilm)
+    for product in ("red", "green"):
+        method.fit_task(_big_task(product))
+    return method
+
+
+def test_tiled_prompt_and_fusion_get_gradient_through_every_tile(minilm: TextEncoder) -> None:
+    method = _tiled_mtrmb(minilm)
+    assert isinstance(method.backbone.inner, TiledBackbone)  # FusedBackbone wraps the tiled backbone
+    prompt = _fresh_prompt(method, minilm)
+    with torch.no_grad():
+        for attention in (prompt.fusion.text_to_image, prompt.fusion.image_to_text):
+            attention.to_out.weight.normal_(0.0, 0.05)
+        prompt.inner.scale.normal_(0.0, 0.1)
+    images = product_images("red", 2, seed=3, size=BIG)
+    fused, text = method.backbone.fused_features(images, prompt)
+    assert fused.shape == (2, (BIG // 8) ** 2, ToyBackbone.feature_dim)  # stitched 8 x 8 grid, fused once
+    # the backbone prompt is applied in each tile: the bottom-right tile alone, prompted, is that corner of I
+    corner = method.backbone.inner.inner.features(images[:, :, TILE:, TILE:], prompt.inner)
+    stitched = method.backbone.inner.features(images, prompt.inner).reshape(2, 8, 8, -1)
+    assert torch.allclose(stitched[:, 4:, 4:], corner.reshape(2, 4, 4, -1), atol=1e-6)
+    loss = cross_alignment_loss(fused, text, 0.5) + refined_contrastive_loss(
+        fused, method._label_grid(label_maps_of(images), BIG), 0.5, 16, torch.Generator().manual_seed(0))
+    named = [(n, p) for n, p in prompt.named_parameters() if p is not prompt.learnable_key]
+    grads = torch.autograd.grad(loss, [p for _, p in named])
+    for (name, _), grad in zip(named, grads, strict=True):
+        assert torch.count_nonzero(grad) > 0, f"no gradient to {name} through the tiles"
+    spatial = torch.autograd.grad(method.backbone.inner.features(images[:, :, TILE:, :TILE], prompt.inner).sum(), prompt.inner.spatial)[0]
+    assert torch.count_nonzero(spatial) > 0
+
+
+def test_tiled_mtrmb_trains_routes_scores_and_counts_its_memory(tiled_trained: MTRMB) -> None:
+    assert all(torch.count_nonzero(p.fusion.text_to_image.to_out.weight) > 0 for p in tiled_trained.prompts)  # trained through tiles
+    assert [s["count"] for s in tiled_trained.score_stats] == [3, 3]  # held-out normalisation at 64 px
+    assert all(k.shape[1] == ToyBackbone.feature_dim and len(k) <= 48 for k in tiled_trained.knowledge)
+    prompt_bytes = nbytes(list(tiled_trained.prompts[1].state_dict().values()))
+    assert tiled_trained.task_bytes(1) == nbytes([tiled_trained.keys[1], tiled_trained.knowledge[1]]) + prompt_bytes
+    good = torch.cat([product_images("red", 4, seed=60, size=BIG), product_images("green", 4, seed=61, size=BIG)])
+    bad = torch.cat([product_images("red", 4, seed=62, size=BIG, defect="blue"), product_images("green", 4, seed=63, size=BIG, defect="blue")])
+    pred_good, pred_bad = tiled_trained.predict(good), tiled_trained.predict(bad)
+    assert pred_good.routed_tasks == ["red"] * 4 + ["green"] * 4 == pred_bad.routed_tasks
+    assert pred_good.anomaly_maps.shape == (8, BIG, BIG)
+    for members in (slice(0, 4), slice(4, 8)):
+        assert pred_bad.image_scores[members].min() > pred_good.image_scores[members].max()
+    red = good[:4]  # test-time fusion uses the routed task's prompt, fusion and text
+    assert torch.equal(pred_good.image_scores[:4], tiled_trained._score_task(red, 0)[1] / tiled_trained.score_scale(0))
+
+
+def test_tiled_save_load_round_trip_gives_identical_scores(tiled_trained: MTRMB, tmp_path: Path) -> None:
+    images = torch.cat([product_images("red", 3, seed=70, size=BIG, defect="green"), product_images("green", 3, seed=71, size=BIG)])
+    pred = tiled_trained.predict(images)
+    restored = build_method(_tiled_config(), tiled_backbone(ToyBackbone(TILE), BIG, TILE, 0))
+    restored.load(tiled_trained.save(tmp_path / "tiled"))
+    again = restored.predict(images)
+    assert torch.equal(again.image_scores, pred.image_scores) and torch.equal(again.anomaly_maps, pred.anomaly_maps)
+    assert again.routed_tasks == pred.routed_tasks
+
+
+def test_detector_serves_mtrmb_through_the_tiled_backbone(minilm: TextEncoder, tmp_path: Path) -> None:
+    from components.backbones.registry import build_backbone
+    from components.decision import Detector, normalise
+    from components.eval.thresholds import calibrate_heldout, write_calibration
+
+    cfg = Config(method="mtrmb")  # packaged EfficientNet-Lite0 weights, 128 px in 2 x 2 tiles of 64
+    cfg.backbone.device = "cpu"
+    cfg.data.image_size, cfg.data.tile = 128, 64
+    cfg.ucad.key_size, cfg.ucad.knowledge_size, cfg.ucad.batch_size, cfg.ucad.pairs_per_image = 8, 64, 4, 16
+    torch.manual_seed(0)
+    method = MTRMB(cfg, tiled_backbone(build_backbone(cfg.backbone, 64), 128, 64, 0))
+    method._text_encoder = minilm
+    rgbs = [(torch.rand(128, 128, 3) * 255).to(torch.uint8).numpy() for _ in range(6)]
+    images = normalise(rgbs, 128)
+    batch = ImageBatch(images=images[:4], products=["a"] * 4, paths=[""] * 4)
+    method.fit_task(TaskData(name="a", products=["a"], train=batch, heldout=batch, label_maps=label_maps_of(images[:4]), heldout_label_maps=label_maps_of(images[:4])))
+    assert method.prompts[0].fusion is not None and torch.count_nonzero(method.prompts[0].fusion.text_to_image.to_out.weight) > 0
+    method_dir = method.save(tmp_path / "method")
+    write_calibration(method_dir, calibrate_heldout(method, batch, cfg))
+    detector = Detector.from_method_dir(method_dir, cfg)
+    assert isinstance(detector.method.backbone.inner, TiledBackbone) and detector.image_size == 128
+    verdicts = detector.decide(rgbs[4:])
+    expected = method.predict(images[4:]).image_scores
+    assert [v.score for v in verdicts] == pytest.approx(expected.tolist(), rel=1e-5)
+    assert verdicts[0].anomaly_map.shape == (128, 128)

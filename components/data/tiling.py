@@ -1,13 +1,14 @@
 """``data.tile: auto``: tile high-resolution products at the backbone's input size.
 
 A run has one input size (``data.image_size``: every product's images, maps and metrics use it).
-With ``data.tile = auto`` a run of a method on the shared frozen backbone (UCAD, the PatchCore
-family) whose products include a high-resolution one (median native short side of its training
+With ``data.tile = auto`` a run of a method on the shared frozen backbone (UCAD, MTRMB, the PatchCore
+family; ``AUTO_TILED_METHODS``) whose products include a high-resolution one (median native short side of its training
 images >= ``TILE_FACTOR`` x ``data.image_size``) is encoded at ``TILE_FACTOR`` x the input size in
 tiles of ``data.image_size`` px (``TILE_FACTOR``² x the backbone cost), so defects a few pixels wide
 survive the resize; otherwise it is one pass at ``data.image_size``. The decision is taken once per
 run from the manifest, before training, and the resolved values are what the run records
-(fingerprint, MLflow params, registered config). Where no data is known (e.g. serving from a bank
+(fingerprint, MLflow params, registered config). Methods with their own extractor (IUF, IB-IUMAD,
+LeMO) keep one pass. Where no data is known (e.g. serving from a bank
 with an unresolved config) ``auto`` means one pass: pass the run's recorded configuration instead.
 """
 
@@ -24,7 +25,7 @@ from components.errors import DataError
 
 log = logging.getLogger(__name__)
 
-AUTO_TILED_METHODS = frozenset({"ucad", "patchcore_finetune", "patchcore_replay", "patchcore_oracle", "patchcore_joint"})
+AUTO_TILED_METHODS = frozenset({"ucad", "mtrmb", "patchcore_finetune", "patchcore_replay", "patchcore_oracle", "patchcore_joint"})
 TILE_FACTOR = 2  # tiles per side when auto-tiling: 4 backbone passes per image
 SIZE_SAMPLE = 50  # training images per product whose headers are read
 

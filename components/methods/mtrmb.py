@@ -26,6 +26,13 @@ bit-identical (``tests/test_methods_mtrmb.py``). The cost is a small fusion per 
 projection, plus the task's padded text tokens; C = backbone feature width). At the defaults (C = 160,
 fusion_dim 16) that is 0.16 MB per task; a full-rank text projection with fusion_dim 64 took 0.6 MB.
 
+Tiling (``data.tile``; ``auto`` resolves as for UCAD, e.g. 448 px in 2 x 2 tiles of 224 on the real
+sequence): ``FusedBackbone`` wraps the ``TiledBackbone`` it is given, so the task's backbone prompt is
+applied in every tile, the tiles' patch features are stitched onto the full-resolution grid, and the
+task's fusion then runs once on the stitched tokens I (text attends to the whole image). Training
+gradients reach the prompt through every tile; keys, L_kp's query and routing use the tiled wrapper's
+single un-tiled key pass.
+
 Masks: with ``mtrmb.rscl`` the label maps come from ``mtrmb.masks_provider`` (Grounding DINO boxes
 from ``masks.grounded_sam.prompts[product]`` (default: the product name), each box segmented by
 SAM). When those weights are not configured, ``mtrmb.masks_fallback`` is used and the run records
