@@ -366,6 +366,7 @@ class MemoryConfig(Section):
     budget_mb: float = Field(default=2.0, gt=0)  # float32 bytes of memory rows per product (bank / knowledge+key)
     coreset_ratio: float = Field(default=0.1, gt=0, le=1)  # k-center-greedy coreset size as a fraction of patches
     projection_dim: int | None = Field(default=64, ge=1)  # Johnson-Lindenstrauss projection for the greedy selection; None = off
+    preselect_factor: int | None = Field(default=16, ge=1)  # greedy over at most factor x rows, preselected blockwise; None = over all
 
 
 class TextConfig(Section):

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
 from components.config import MemoryConfig
+from components.methods import coreset as coreset_module
 from components.methods.coreset import budget_rows, k_center_greedy, memory_coreset, memory_rows
 from components.methods.patchcore import PatchCoreOracle
 from components.methods.ucad import UCAD
@@ -40,6 +42,30 @@ def test_projected_greedy_covers_almost_as_well_as_the_exact_one() -> None:
     random = radius(torch.randperm(len(points), generator=generator)[:60])
     assert projected <= 1.25 * exact  # the JL projection keeps the greedy cover
     assert random > 2.0 * projected  # a random sample misses rare clusters
+
+
+def test_blockwise_preselection_keeps_the_cover_and_the_rare_clusters(monkeypatch: pytest.MonkeyPatch) -> None:
+    generator = torch.Generator().manual_seed(0)
+    centres = 10.0 * torch.randn(40, 128, generator=generator)
+    sizes = torch.tensor([1000] * 4 + [10] * 36)
+    points = torch.cat([c + torch.randn(int(n), 128, generator=generator) for c, n in zip(centres, sizes)])
+    points = points[torch.randperm(len(points), generator=generator)]  # rare clusters scattered over the blocks
+
+    def radius(index: torch.Tensor) -> float:
+        return float(torch.cdist(points, points[index]).min(dim=1).values.max())
+
+    monkeypatch.setattr(coreset_module, "PRESELECT_BLOCK_ROWS", 256)  # 17 blocks of ~256 rows
+    exact = k_center_greedy(points, 60)
+    assert torch.equal(k_center_greedy(points, 60, preselect_factor=16), exact)  # N <= f * (k + B): one greedy
+    preselected = k_center_greedy(points, 60, start_index=1000, preselect_factor=12)  # 720 candidates, ~42 per block
+    assert len(set(preselected.tolist())) == 60 and int(preselected[0]) == 1000
+    assert torch.equal(preselected, k_center_greedy(points, 60, start_index=1000, preselect_factor=12))  # deterministic
+    assert not torch.equal(preselected.sort().values, k_center_greedy(points, 60, start_index=1000).sort().values)  # two-stage
+    random = radius(torch.randperm(len(points), generator=generator)[:60])
+    assert radius(preselected) <= 1.25 * radius(exact)
+    assert random > 2.0 * radius(preselected)  # every block keeps its own outliers, unlike a random subset
+    with pytest.raises(ValueError, match="preselect_factor"):
+        k_center_greedy(points, 60, preselect_factor=0)
 
 
 def _budget_config(method: str, budget_mb: float):  # noqa: ANN202 - test helper

@@ -26,12 +26,17 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+# Rows per block of the preselection stage: a (64, 4096) float32 block (1 MB) stays in the CPU cache.
+PRESELECT_BLOCK_ROWS = 4096
+
+
 def k_center_greedy(
     features: torch.Tensor,
     k: int,
     start_index: int = 0,
     projection_dim: int | None = None,
     seed: int = 0,
+    preselect_factor: int | None = None,
 ) -> torch.Tensor:
     """Indices of ``k`` rows of ``features`` (N, C) chosen by farthest-point sampling.
 
@@ -39,6 +44,12 @@ def k_center_greedy(
     already-picked row is largest (ties: lowest index). ``k >= N`` returns all rows in pick order.
     ``projection_dim`` optionally runs the selection on a seeded Gaussian random projection of the
     features (the PatchCore speed-up); ``None`` selects in the original space.
+
+    ``preselect_factor`` (f) bounds the cost on large inputs: the rows are cut into cache-sized blocks
+    of B rows, farthest-point sampling picks each block's share of f * k candidates (every block keeps
+    its own outliers, unlike a random subset), and the final greedy runs over those candidates only
+    (a composable coreset: N * k distance work becomes f * k * (B + k)). Used only where that is less,
+    N > f * (k + B); ``None``: always one greedy over every row.
     """
     if features.ndim != 2:
         raise ValueError(f"features must be (N, C), got shape {tuple(features.shape)}")
@@ -47,33 +58,67 @@ def k_center_greedy(
         return torch.empty(0, dtype=torch.long)
     if not 0 <= start_index < n:
         raise ValueError(f"start_index {start_index} out of range for {n} rows")
+    if preselect_factor is not None and preselect_factor < 1:
+        raise ValueError(f"preselect_factor must be >= 1 or None, got {preselect_factor}")
     k = min(k, n)
     points = features.detach().float()
     if projection_dim is not None and projection_dim < points.shape[1]:
         generator = torch.Generator().manual_seed(seed)
         matrix = torch.randn(points.shape[1], projection_dim, generator=generator) / projection_dim**0.5
         points = points @ matrix
-    points = points.contiguous()
-    squared_norms = (points * points).sum(dim=1)
+    # Columns (C, N): each pick multiplies one row vector into a contiguous (C, N) block, which streams
+    # memory once (faster than torch.mv over (N, C) rows on this memory-bound loop, same picks).
+    columns = points.t().contiguous()
+    del points
+    with single_thread():
+        if preselect_factor is None or n <= preselect_factor * (k + PRESELECT_BLOCK_ROWS):
+            return _farthest_points(columns, k, start_index)  # preselection would not save work
+        candidates = _preselect(columns, preselect_factor * k, start_index)
+        start = int((candidates == start_index).nonzero()[0])
+        return candidates[_farthest_points(columns[:, candidates].contiguous(), k, start)]
+
+
+def _farthest_points(columns: torch.Tensor, k: int, start_index: int) -> torch.Tensor:
+    """Farthest-point sampling of ``k`` of the N columns of ``columns`` (C, N), starting at ``start_index``."""
+    n = columns.shape[1]
+    squared_norms = (columns * columns).sum(dim=0)
     selected = torch.empty(k, dtype=torch.long)
     min_sq_dist = torch.full((n,), float("inf"))
-    sq_dist = torch.empty(n)
+    dot = torch.empty(1, n)
+    sq_dist = dot[0]
     current = start_index
-    with single_thread():
-        for i in range(k):
-            selected[i] = current
-            # |x - c|^2 = |x|^2 - 2 x.c + |c|^2: one matrix-vector product per pick, in place, no (N, C) temporary.
-            torch.mv(points, points[current], out=sq_dist)
-            sq_dist.mul_(-2.0).add_(squared_norms).add_(squared_norms[current])
-            torch.minimum(min_sq_dist, sq_dist, out=min_sq_dist)
-            min_sq_dist[current] = -1.0  # never pick the same row twice
-            current = int(torch.argmax(min_sq_dist))
+    for i in range(k):
+        selected[i] = current
+        # |x - c|^2 = |x|^2 - 2 x.c + |c|^2: one vector-matrix product per pick, in place, no (N, C) temporary.
+        torch.mm(columns[:, current].unsqueeze(0), columns, out=dot)
+        sq_dist.mul_(-2.0).add_(squared_norms).add_(squared_norms[current])
+        torch.minimum(min_sq_dist, sq_dist, out=min_sq_dist)
+        min_sq_dist[current] = -1.0  # never pick the same row twice
+        current = int(torch.argmax(min_sq_dist))
     return selected
 
 
-def coreset(features: torch.Tensor, k: int, projection_dim: int | None = None, seed: int = 0) -> torch.Tensor:
+def _preselect(columns: torch.Tensor, total: int, start_index: int) -> torch.Tensor:
+    """Sorted indices of about ``total`` candidate columns: farthest points of every block, in proportion to its size.
+
+    The block holding ``start_index`` starts there (so the final greedy can too); the others at their first column.
+    """
+    n = columns.shape[1]
+    blocks = math.ceil(n / PRESELECT_BLOCK_ROWS)
+    bounds = [round(b * n / blocks) for b in range(blocks + 1)]
+    picked = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        share = min(hi - lo, math.ceil(total * (hi - lo) / n))
+        start = start_index - lo if lo <= start_index < hi else 0
+        picked.append(lo + _farthest_points(columns[:, lo:hi].contiguous(), share, start))
+    return torch.cat(picked).sort().values
+
+
+def coreset(
+    features: torch.Tensor, k: int, projection_dim: int | None = None, seed: int = 0, preselect_factor: int | None = None
+) -> torch.Tensor:
     """The ``k``-row farthest-point coreset of ``features`` (N, C) as a contiguous float32 copy."""
-    index = k_center_greedy(features, k, projection_dim=projection_dim, seed=seed)
+    index = k_center_greedy(features, k, projection_dim=projection_dim, seed=seed, preselect_factor=preselect_factor)
     log.debug("coreset: %d of %d rows", len(index), features.shape[0])
     return features.detach().float()[index].contiguous()
 
@@ -99,7 +144,7 @@ def memory_coreset(
 ) -> torch.Tensor:
     """Indices of the budgeted, JL-projected k-center-greedy coreset of ``features`` (N, C)."""
     k = memory_rows(features.shape[0], features.shape[1], memory, reserved_bytes, size)
-    return k_center_greedy(features, k, projection_dim=memory.projection_dim, seed=seed)
+    return k_center_greedy(features, k, projection_dim=memory.projection_dim, seed=seed, preselect_factor=memory.preselect_factor)
 
 
 def nbytes(tensors: list[torch.Tensor]) -> int:

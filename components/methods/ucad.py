@@ -111,7 +111,8 @@ class UCAD(ContinualMethod):
         """The task key: a k-center-greedy sample of the un-prompted key features of its training images."""
         cfg = self.config.ucad
         key_feats = batched(self.backbone.key_features, data.train.images, cfg.batch_size, self.device, desc=f"{data.name}: keys")
-        return coreset(key_feats.reshape(-1, key_feats.shape[-1]), cfg.key_size, projection_dim=self.config.memory.projection_dim, seed=self.config.seed)
+        memory = self.config.memory
+        return coreset(key_feats.reshape(-1, key_feats.shape[-1]), cfg.key_size, memory.projection_dim, self.config.seed, memory.preselect_factor)
 
     def _build_knowledge(self, data: TaskData, prompt: TaskPrompt, reserved_bytes: int) -> torch.Tensor:
         """The task knowledge: budgeted coreset of the prompted patch features of its training images."""
@@ -266,10 +267,12 @@ class UCAD(ContinualMethod):
         return patch_scores, image_scores
 
     def _score_task(self, images: torch.Tensor, task_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(patch_scores (B, N), image_scores (B,)) of ``images`` under task ``task_index`` (no cache; raw scores)."""
-        prompt = self.prompts[task_index]
-        feats = batched(lambda x: self.backbone.features(x, prompt), images, self.config.ucad.batch_size, self.device)
-        return self.score_features(feats, task_index)
+        """(patch_scores (B, N), image_scores (B,)) of ``images`` under task ``task_index`` (raw scores).
+
+        Features go through the feature cache: the held-out normals scored here for the score
+        statistics are scored again by the pipeline's threshold calibration, which then reuses them.
+        """
+        return self.score_features(self.task_features(images, task_index), task_index)
 
     def predict(self, images: torch.Tensor, true_tasks: list[str] | None = None) -> Prediction:
         """Route every image to a task (``true_tasks`` is ignored), then score it with that task."""
