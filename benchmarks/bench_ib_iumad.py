@@ -20,7 +20,8 @@ depth row is at chance, the depth representation (not the reconstruction network
     nice -n 10 .venv/bin/python -m benchmarks.bench_ib_iumad knn --root runs/bench-ib/data --out runs/bench-ib/knn
 Options: --epochs N (48: the maximum, early stopping with patience 8 on the held-out 20 % of each
 product's normal training images), --patience N (8; 0 = fixed epochs), --heldout F (0.2), --lr (3e-3),
---combine max|sum (max), --calibration images|cells (images), --image-size S (128), --threads N (1),
+--combine max|sum (max), --calibration images|cells (images), --seed N (0: network, split, batch order),
+--image-size S (128), --threads N (1),
 --rows name,... (see ROWS); network sizes: CPU_SIZES. The training defaults (48 / 0.2 / batch 8 /
 patience 8) were chosen on the held-out training loss, not on test data.
 """
@@ -72,9 +73,9 @@ CPU_SIZES = {
 
 
 def config(modalities: str, fusion: str, image_size: int, epochs: int, lr: float = 3e-3, combine: str = "max",
-           calibration: str = "images", patience: int = 8, heldout: float = 0.2) -> Config:
+           calibration: str = "images", patience: int = 8, heldout: float = 0.2, seed: int = 0) -> Config:
     """The benchmark configuration (``CPU_SIZES`` on top of the defaults)."""
-    cfg = Config(method="ib_iumad")
+    cfg = Config(method="ib_iumad", seed=seed)  # seed: network initialisation, held-out split, batch order (not the data)
     cfg.data.image_size = image_size
     cfg.data.heldout_fraction = heldout
     cfg.backbone.device = "cpu"
@@ -150,7 +151,7 @@ def synth(args: argparse.Namespace) -> None:
     results = {}
     for row in args.rows.split(","):
         modalities, fusion = ROWS[row]
-        cfg = config(modalities, fusion, args.image_size, args.epochs, args.lr, args.combine, args.calibration, args.patience, args.heldout)
+        cfg = config(modalities, fusion, args.image_size, args.epochs, args.lr, args.combine, args.calibration, args.patience, args.heldout, args.seed)
         results[row] = run_sequence(cfg, manifest, products, with_groups=True)
         atomic_write_json(Path(args.out) / "results.json", results)
         print(row, json.dumps({k: results[row][k] for k in ("acc", "fm", "groups", "seconds")}, default=str), flush=True)
@@ -169,7 +170,7 @@ def real(args: argparse.Namespace) -> None:
     manifest = read_dataset(Path(args.root), products=[args.product])
     results = {}
     for modalities in args.modalities.split(","):
-        cfg = config(modalities, "cross_attention", args.image_size, args.epochs, args.lr, args.combine, args.calibration, args.patience, args.heldout)
+        cfg = config(modalities, "cross_attention", args.image_size, args.epochs, args.lr, args.combine, args.calibration, args.patience, args.heldout, args.seed)
         results[modalities] = run_sequence(cfg, manifest, [args.product], with_groups=False)
         atomic_write_json(Path(args.out) / "results.json", results)
     lines = ["| modalities | image AUROC | pixel AUROC | AUPRO | best epoch | s |", "|---|---|---|---|---|---|"]
@@ -239,6 +240,7 @@ def main() -> None:
         p.add_argument("--lr", type=float, default=3e-3)
         p.add_argument("--combine", choices=("sum", "max"), default="max")
         p.add_argument("--calibration", choices=("images", "cells"), default="images")
+        p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     {"synth": synth, "real": real, "knn": knn}[args.bench](args)

@@ -16,7 +16,8 @@ Per step (one task = one or several products trained jointly):
 Loss: recon + ce_weight * CE + scl_weight * L_sc. Score: map = channel L2 norm of the
 reconstruction error on the grid, bilinearly upsampled (+ Gaussian smoothing); image score = max of
 the ``score_pool`` average-pooled (unsmoothed) map. Epochs are fixed, or early-stopped on the
-reconstruction loss of held-out TRAINING normals; never on test data.
+reconstruction loss of held-out TRAINING normals (``iuf.early_stopping_patience``; the shared
+``components/methods/early_stopping`` helper keeps the best epoch's weights); never on test data.
 """
 
 from __future__ import annotations
