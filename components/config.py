@@ -335,7 +335,8 @@ class IBIUMADConfig(Section):
     fusion: Literal["cross_attention", "add", "concat"] = "cross_attention"
     update_strategy: Literal["finetune", "projected"] = "finetune"  # paper: plain retraining; projected = IUF's Eqs. 9-12
     score: Literal["fused", "fused+branches"] = "fused+branches"  # fused: |F^g - F_org| only (paper); +branches: plus each branch's reconstruction error
-    combine: Literal["sum", "max"] = "sum"  # fused+branches: sum or cell-wise max of the standardised maps
+    combine: Literal["sum", "max"] = "max"  # fused+branches: cell-wise max (a defect one modality sees is not averaged away) or sum of the standardised maps
+    score_calibration: Literal["cells", "images"] = "images"  # standardise each map with its held-out normals' image scores (images) or cells (cells)
     standardise: bool = True  # per-channel standardisation of every modality's tokens with the first task's training statistics
     mamba_state: int = Field(16, ge=1)  # SSM state size N
     mamba_expand: int = Field(2, ge=1)  # ESSM inner width = expand * reconstruction.hidden
@@ -343,7 +344,8 @@ class IBIUMADConfig(Section):
     fusion_heads: int = Field(4, ge=1)  # cross-attention heads (must divide the fused width)
     bottleneck: int = Field(64, ge=1)  # width of z
     bottleneck_dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    epochs: int = Field(12, ge=1)
+    epochs: int = Field(12, ge=1)  # the maximum when early_stopping_patience > 0
+    early_stopping_patience: int = Field(0, ge=0)  # 0 = fixed epochs; else stop on held-out training normals, keep the best epoch
     batch_size: int = Field(16, ge=2)
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)

@@ -58,3 +58,14 @@ def test_flatten_is_primitive() -> None:
     assert flat["backbone.name"] == "efficientnet_lite0"
     assert all(isinstance(v, (str, int, float, bool)) for v in flat.values())
     assert "data.products" in flat and "masks.sam.checkpoint" in flat
+
+
+def test_ib_iumad_training_and_scoring_knobs_are_validated() -> None:
+    cfg = load_config(REPO_ROOT / "params.yaml")
+    assert cfg.ib_iumad.combine == "max" and cfg.ib_iumad.score_calibration == "images" and cfg.ib_iumad.early_stopping_patience == 0
+    cfg = load_config(REPO_ROOT / "params.yaml", ["ib_iumad.early_stopping_patience=8", "ib_iumad.score_calibration=cells", "ib_iumad.combine=sum"])
+    assert cfg.ib_iumad.early_stopping_patience == 8 and cfg.ib_iumad.score_calibration == "cells" and cfg.ib_iumad.combine == "sum"
+    for bad, key in [("ib_iumad.early_stopping_patience=-1", "early_stopping_patience"), ("ib_iumad.early_stopping_patience=x", "early_stopping_patience"),
+                     ("ib_iumad.score_calibration=pixels", "score_calibration"), ("ib_iumad.combine=mean", "combine")]:
+        with pytest.raises(ConfigError, match=rf"ib_iumad\.{key}"):
+            load_config(REPO_ROOT / "params.yaml", [bad])

@@ -24,7 +24,7 @@ SIZE = 64
 def tiny_config(**ib: object) -> Config:
     cfg = Config(method="ib_iumad")
     cfg.data.image_size = SIZE
-    cfg.data.heldout_fraction = 0.25
+    cfg.data.heldout_fraction = 0.4  # 2 of 5 normal training images per product: a spread of image scores to calibrate on
     cfg.backbone.pretrained = False
     for key, value in {"hidden": 16, "heads": 2, "encoder_layers": 2, "decoder_layers": 2, "ffn": 32, "batch_size": 8}.items():
         setattr(cfg.reconstruction, key, value)
@@ -135,13 +135,65 @@ def test_tokens_are_standardised_with_the_first_tasks_statistics(trained: IBIUMA
     assert any(t.reshape(-1, t.shape[-1]).mean(0).abs().max() > 1e-2 for t in later.values())  # frozen, not refitted per task
 
 
-def test_score_maps_are_standardised_then_summed_or_maxed(trained: IBIUMAD) -> None:
+def test_score_maps_are_standardised_then_maxed_or_summed(trained: IBIUMAD) -> None:
     maps = {k: torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(i)) for i, k in enumerate(sorted(trained.map_means))}
     standardised = torch.stack([(m - sum(trained.map_means[k]) / 2) / (sum(trained.map_stds[k]) / 2) for k, m in maps.items()])
-    assert trained.config.ib_iumad.combine == "sum"
-    assert torch.allclose(trained._combined(maps), standardised.sum(0), atol=1e-5)
-    trained.config.ib_iumad.combine = "max"
+    assert trained.config.ib_iumad.combine == "max"  # the default
+    assert torch.allclose(trained._combined(maps), standardised.amax(0), atol=1e-5)
+    trained.config.ib_iumad.combine = "sum"
     try:
-        assert torch.allclose(trained._combined(maps), standardised.amax(0), atol=1e-5)
+        assert torch.allclose(trained._combined(maps), standardised.sum(0), atol=1e-5)
     finally:
-        trained.config.ib_iumad.combine = "sum"
+        trained.config.ib_iumad.combine = "max"
+
+
+@pytest.mark.parametrize("calibration", ["images", "cells"])
+def test_calibration_uses_only_the_heldout_training_normals(manifest, calibration: str) -> None:  # type: ignore[no-untyped-def]
+    cfg = tiny_config(score_calibration=calibration, epochs=1)
+    method = _build(cfg)
+    data = task_data(manifest, "washer", ["washer"], cfg, None)
+    test_paths = set(test_batch(manifest, "washer", SIZE).paths)
+    assert len(data.heldout) == 2 and not set(data.heldout.paths) & (set(data.train.paths) | test_paths)
+    method.fit_task(data)
+    expected: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for clean, out in method._forward_batches(method._tokens(data.heldout)):  # the held-out normals, and nothing else
+            for k, grid_map in method._grid_maps(clean, out).items():
+                scores = method._image_scores(grid_map.cpu(), (SIZE, SIZE))
+                expected.setdefault(k, []).append(scores if calibration == "images" else grid_map.flatten())
+    assert set(expected) == set(method.map_means) == {"fused", "rgb", "depth"}
+    for k, chunks in expected.items():
+        values = torch.cat(chunks).double()
+        assert values.numel() == (2 if calibration == "images" else 2 * method.grid[0] * method.grid[1])
+        assert method.map_means[k] == [pytest.approx(float(values.mean()), rel=1e-5)]
+        assert method.map_stds[k] == [pytest.approx(float(values.std()), rel=1e-3, abs=1e-5)]  # std of 2 close values: float32 cancellation
+
+
+def test_early_stopping_stops_and_restores_the_best_heldout_epoch(manifest, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    cfg = tiny_config(epochs=10, early_stopping_patience=2)
+    method = _build(cfg)
+    scripted = iter([1.0, 0.5, 0.7, 0.6, 0.4])  # best after epoch 2, then 2 epochs without improvement: stop after epoch 4
+    seen: list[dict[str, torch.Tensor]] = []
+    real_loss = method._stopping_loss
+    heldout_inputs: list[set[int]] = []
+
+    def scripted_loss(tokens: dict[str, torch.Tensor]) -> float:
+        real_loss(tokens)  # the real criterion runs (on the held-out tokens) ...
+        heldout_inputs.append({t.shape[0] for t in tokens.values()})
+        seen.append({k: v.detach().clone() for k, v in method.network.state_dict().items()})
+        return next(scripted)  # ... but the test decides which epoch is best
+
+    monkeypatch.setattr(method, "_stopping_loss", scripted_loss)
+    history = method.fit_task(task_data(manifest, "washer", ["washer"], cfg, None))
+    assert history["heldout_losses"] == [1.0, 0.5, 0.7, 0.6] and history["best_epoch"] == 2 and history["epochs_run"] == 4
+    assert all(len(v) == 4 for v in history["epoch_losses"].values())
+    assert heldout_inputs == [{2}] * 4  # the 2 held-out training normals
+    restored = method.network.state_dict()
+    assert all(torch.equal(restored[k], v) for k, v in seen[1].items())
+    assert not all(torch.equal(restored[k], v) for k, v in seen[3].items())  # the last epoch's weights were dropped
+
+
+def test_without_patience_the_epochs_are_fixed(manifest) -> None:  # type: ignore[no-untyped-def]
+    cfg = tiny_config(epochs=2, early_stopping_patience=0)
+    history = _build(cfg).fit_task(task_data(manifest, "washer", ["washer"], cfg, None))
+    assert history["heldout_losses"] == [] and history["best_epoch"] == history["epochs_run"] == 2

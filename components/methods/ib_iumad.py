@@ -13,14 +13,20 @@ Network: ``components/methods/ib_iumad_net`` (paper: ../shared/papers/ib-iumad.t
   (RGB, or depth when ``modalities=depth``);
 - loss (Eq. 10): ce * (CE_RGB + CE_Depth) + fusion * L_Fusion (Eq. 9) + ib * KL (Eq. 8) + anchor * CE(P(Y|F_fu))
   + recon * sum of branch reconstruction losses (the MRN target; ``recon_weight=0`` = paper only);
-- ``update_strategy=projected``: IUF's projected update (Eqs. 10-12) + retention (Eq. 9) on later steps.
+- ``update_strategy=projected``: IUF's projected update (Eqs. 10-12) + retention (Eq. 9) on later steps;
+- ``early_stopping_patience`` > 0: ``epochs`` is the maximum; after every epoch the score-map losses
+  (fusion * Eq. 9 + recon * branch reconstruction, clean inputs) on the task's held-out normal TRAINING
+  images decide, and the best epoch's weights are kept (``components/methods/early_stopping``, shared with IUF).
 
 Score: map = channel L2 norm of F^g - F_org on the grid (``score=fused``, the paper's), or that plus
-every branch's reconstruction error, each standardised by the mean and std of its cells on held-out
-normal TRAINING images (``fused+branches``), then summed or (``combine=max``) the cell-wise max, so a
-defect seen by one modality only is not diluted by the other modality's maps; bilinear upsampling (+ Gaussian smoothing); image score = max of the
-``score_pool`` average-pooled unsmoothed map. No product label at test time: the fused product head
-only names the routed task (reported, never used for scoring).
+every branch's reconstruction error (``fused+branches``), each standardised on the task's held-out
+normal TRAINING images (never test data): ``score_calibration=images`` with the mean and std of those
+images' image-level scores of that map (max of its pooled map: the scale that decides OK/NG),
+``cells`` with the mean and std of the map's cells; then the cell-wise max (``combine=max``, so a
+defect seen by one modality only is not diluted by the other modality's maps) or the sum; bilinear
+upsampling (+ Gaussian smoothing); image score = max of the ``score_pool`` average-pooled unsmoothed
+map. No product label at test time: the fused product head only names the routed task (reported,
+never used for scoring).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from components.backbones.base import PromptedBackbone
 from components.config import Config
 from components.errors import ContadError
 from components.methods.base import ContinualMethod
+from components.methods.early_stopping import EarlyStopping, early_stopping
 from components.methods.ib_iumad_net.depth_image import xyz_to_image
 from components.methods.ib_iumad_net.fusion import fusion_loss, ib_loss
 from components.methods.ib_iumad_net.network import IBIUMADNetwork, NetworkOutput
@@ -76,8 +83,8 @@ class IBIUMAD(ContinualMethod):
         self.products: list[str] = []
         self.task_of_product: dict[str, str] = {}
         self.spans: dict[str, ActivationSpan] = {}
-        self.map_means: dict[str, list[float]] = {}  # per score map: its cells' mean on each task's held-out normals
-        self.map_stds: dict[str, list[float]] = {}  # ... and their std
+        self.map_means: dict[str, list[float]] = {}  # per score map: calibration mean on each task's held-out normals (score_calibration)
+        self.map_stds: dict[str, list[float]] = {}  # ... and std
         self.feature_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per modality: channel mean, std (first task's training)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
@@ -144,11 +151,15 @@ class IBIUMAD(ContinualMethod):
         self._set_feature_stats(raw)
         tokens = self._standardised(raw)
         bases = {n: self.spans[n].basis(cfg.projection_energy) for n in self._projected_modules() if n in self.spans} if projected else {}
-        history = self._train(data.name, tokens, labels, generator, old_state, old_classes, bases)
-        normals = data.heldout if len(data.heldout) > 0 else data.train
+        normals = data.heldout if len(data.heldout) > 0 else data.train  # training normals only, never test data
         heldout_tokens = self._tokens(normals)
-        history["heldout_loss"] = self._heldout_loss(heldout_tokens)
-        self._record_map_means(heldout_tokens)
+        stopper = early_stopping(self.network, cfg.early_stopping_patience, len(data.heldout), f"ib_iumad: task {data.name!r}", cfg.epochs)
+        history = self._train(data.name, tokens, labels, generator, old_state, old_classes, bases, heldout_tokens, stopper)
+        history["heldout_loss"] = self._heldout_losses(heldout_tokens)["fusion"]
+        if cfg.score_calibration == "images" and len(normals) < 2:  # no spread of image scores from one image
+            log.warning("ib_iumad: task %r has %d held-out normal(s); image-score calibration on its %d training images", data.name, len(normals), len(data.train))
+            normals, heldout_tokens = data.train, tokens
+        self._record_calibration(heldout_tokens, (normals.images.shape[-2], normals.images.shape[-1]))
         if cfg.update_strategy == "projected":
             self._add_spans(tokens)
         self.tasks.append(data.name)
@@ -178,7 +189,9 @@ class IBIUMAD(ContinualMethod):
         return sum(weights[k] * v for k, v in losses.items())  # type: ignore[return-value]
 
     def _train(self, name: str, tokens: dict[str, torch.Tensor], labels: torch.Tensor, generator: torch.Generator,
-               old_state: dict[str, torch.Tensor], old_classes: int, bases: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+               old_state: dict[str, torch.Tensor], old_classes: int, bases: dict[str, tuple[torch.Tensor, torch.Tensor]],
+               heldout_tokens: dict[str, torch.Tensor], stopper: EarlyStopping | None) -> dict[str, Any]:
+        """Train up to ``ib_iumad.epochs`` epochs; with ``stopper``, stop on the held-out loss and restore the best epoch."""
         cfg = self.config.ib_iumad
         params = [p for p in self.network.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -204,8 +217,15 @@ class IBIUMAD(ContinualMethod):
             for k, v in sums.items():
                 history.setdefault(k, []).append(v / n)
             log.info("ib_iumad: task %r epoch %d %s", name, epoch, {k: round(v[-1], 5) for k, v in history.items()})
+            if stopper is not None and stopper.step(epoch, self._stopping_loss(heldout_tokens)):
+                log.info("ib_iumad: task %r early stop at epoch %d (best %d)", name, epoch, stopper.best_epoch)
+                break
+        if stopper is not None:
+            stopper.restore()
         self.network.eval()
-        return {"epoch_losses": history}
+        epochs_run = len(next(iter(history.values()), []))
+        return {"epoch_losses": history, "heldout_losses": stopper.losses if stopper is not None else [],
+                "best_epoch": stopper.best_epoch if stopper is not None else epochs_run, "epochs_run": epochs_run}
 
     def _projected_modules(self) -> dict[str, nn.Linear]:
         return linear_layers(self.network, self.config.ib_iumad.projection_layers)
@@ -247,26 +267,41 @@ class IBIUMAD(ContinualMethod):
         return maps
 
     @torch.no_grad()
-    def _heldout_loss(self, tokens: dict[str, torch.Tensor]) -> float:
-        """Mean Eq. 9 fusion loss (no jitter, eval mode) on held-out training normals (reported only)."""
+    def _heldout_losses(self, tokens: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Mean Eq. 9 fusion loss and summed branch reconstruction loss (no jitter, eval mode) on held-out training normals."""
         results = self._forward_batches(tokens)
-        total = sum(float(fusion_loss(out.guided, clean[self.target])) * out.guided.shape[0] for clean, out in results)
-        return total / max(1, sum(out.guided.shape[0] for _, out in results))
+        n = max(1, sum(out.guided.shape[0] for _, out in results))
+        fusion = sum(float(fusion_loss(out.guided, clean[self.target])) * out.guided.shape[0] for clean, out in results)
+        recon = sum(float(F.mse_loss(b.reconstruction, clean[m])) * out.guided.shape[0] for clean, out in results for m, b in out.branches.items())
+        return {"fusion": fusion / n, "recon": recon / n}
+
+    def _stopping_loss(self, tokens: dict[str, torch.Tensor]) -> float:
+        """Early-stopping criterion: the losses behind the score maps, weighted as in training (fusion, recon)."""
+        losses = self._heldout_losses(tokens)
+        return self.config.ib_iumad.fusion_weight * losses["fusion"] + self.config.ib_iumad.recon_weight * losses["recon"]
+
+    def _image_scores(self, grid_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """(B,) image scores of (B, h, w) grid maps at image ``size``: max of the pooled unsmoothed upsampled map."""
+        return pooled_max_scores(upsample_maps(grid_map, size, 0.0), self.config.ib_iumad.score_pool)
 
     @torch.no_grad()
-    def _record_map_means(self, tokens: dict[str, torch.Tensor]) -> None:
-        """Mean and std of every score map's cells on this task's held-out normal training images (to combine maps)."""
-        cells: dict[str, list[torch.Tensor]] = {}
+    def _record_calibration(self, tokens: dict[str, torch.Tensor], size: tuple[int, int]) -> None:
+        """Per score map, mean and std on this task's held-out normal TRAINING images (to combine maps).
+
+        ``score_calibration=images``: of the images' image-level scores of that map alone; ``cells``: of its grid cells.
+        """
+        values: dict[str, list[torch.Tensor]] = {}
         for clean, out in self._forward_batches(tokens):
             for k, v in self._grid_maps(clean, out).items():
-                cells.setdefault(k, []).append(v.flatten())
-        for k, v in cells.items():
-            values = torch.cat(v).double()
-            self.map_means.setdefault(k, []).append(float(values.mean()))
-            self.map_stds.setdefault(k, []).append(float(values.std()) if values.numel() > 1 else 0.0)
+                v = v.cpu()
+                values.setdefault(k, []).append(self._image_scores(v, size) if self.config.ib_iumad.score_calibration == "images" else v.flatten())
+        for k, chunks in values.items():
+            flat = torch.cat(chunks).double()
+            self.map_means.setdefault(k, []).append(float(flat.mean()))
+            self.map_stds.setdefault(k, []).append(float(flat.std()) if flat.numel() > 1 else 0.0)
 
     def _combined(self, maps: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One map: the fused error; several: each standardised by its held-out normal cells, then summed or the cell-wise max."""
+        """One map: the fused error; several: each standardised with its held-out normal calibration, then the cell-wise max or summed."""
         if len(maps) == 1:
             return maps[FUSED]
         mean = {k: sum(v) / len(v) for k, v in self.map_means.items()}
@@ -285,7 +320,7 @@ class IBIUMAD(ContinualMethod):
         scores, maps, routed = [], [], []
         for clean, out in self._forward_batches(tokens):
             grid_map = self._combined(self._grid_maps(clean, out)).cpu()
-            scores.append(pooled_max_scores(upsample_maps(grid_map, (h, w), 0.0), self.config.ib_iumad.score_pool))
+            scores.append(self._image_scores(grid_map, (h, w)))
             maps.append(upsample_maps(grid_map, (h, w), self.config.ib_iumad.smoothing_sigma))
             routed += [self.task_of_product[self.products[i]] for i in out.logits_fused.argmax(dim=1).tolist()]
         return Prediction(image_scores=torch.cat(scores), anomaly_maps=torch.cat(maps), routed_tasks=routed)

@@ -16,12 +16,12 @@ Per step (one task = one or several products trained jointly):
 Loss: recon + ce_weight * CE + scl_weight * L_sc. Score: map = channel L2 norm of the
 reconstruction error on the grid, bilinearly upsampled (+ Gaussian smoothing); image score = max of
 the ``score_pool`` average-pooled (unsmoothed) map. Epochs are fixed, or early-stopped on the
-reconstruction loss of held-out TRAINING normals; never on test data.
+reconstruction loss of held-out TRAINING normals (``iuf.early_stopping_patience``; the shared
+``components/methods/early_stopping`` helper keeps the best epoch's weights); never on test data.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from typing import Any, ClassVar
@@ -34,6 +34,7 @@ from components.backbones.base import PromptedBackbone
 from components.config import Config
 from components.errors import ContadError
 from components.methods.base import ContinualMethod
+from components.methods.early_stopping import EarlyStopping, early_stopping
 from components.methods.iuf_network import (
     ActivationSpan,
     ObjectDiscriminator,
@@ -133,13 +134,10 @@ class IUF(ContinualMethod):
         class_of = {p: i for i, p in enumerate([*self.products, *data.products])}
         labels = torch.tensor([class_of[p] for p in data.train.products], dtype=torch.long)
         feats = to_tokens(self.cache.features(data.train.images, data.train.paths, desc=f"{data.name}: features"))
-        held = None
-        if cfg.early_stopping_patience > 0 and len(data.heldout) > 0:
-            held = (to_tokens(self.cache.features(data.heldout.images, data.heldout.paths)), data.heldout.images)
-        elif cfg.early_stopping_patience > 0:
-            log.warning("iuf: task %r has no held-out normals; early stopping off, %d fixed epochs", data.name, cfg.epochs)
+        stopper = early_stopping(self.network, cfg.early_stopping_patience, len(data.heldout), f"iuf: task {data.name!r}", cfg.epochs)
+        held = (to_tokens(self.cache.features(data.heldout.images, data.heldout.paths)), data.heldout.images) if stopper is not None else None
         bases = {n: self.spans[n].basis(cfg.projection_energy) for n in self.projected_modules() if n in self.spans} if projected else {}
-        train_log = self._train(data, feats, labels, held, generator, old_state, old_classes, bases, lr=cfg.incremental_lr if incremental else cfg.lr)
+        train_log = self._train(data, feats, labels, held, stopper, generator, old_state, old_classes, bases, lr=cfg.incremental_lr if incremental else cfg.lr)
         self._add_spans(feats, data.train.images)
         self.tasks.append(data.name)
         self.products.extend(data.products)
@@ -172,7 +170,8 @@ class IUF(ContinualMethod):
         weights = {"recon": 1.0, "ce": cfg.ce_weight, "scl": cfg.scl_weight}
         return sum(weights[k] * v for k, v in losses.items())  # type: ignore[return-value]
 
-    def _train(self, data: TaskData, feats: torch.Tensor, labels: torch.Tensor, held: tuple[torch.Tensor, torch.Tensor] | None, generator: torch.Generator,
+    def _train(self, data: TaskData, feats: torch.Tensor, labels: torch.Tensor, held: tuple[torch.Tensor, torch.Tensor] | None,
+               stopper: EarlyStopping | None, generator: torch.Generator,
                old_state: dict[str, torch.Tensor], old_classes: int, bases: dict[str, tuple[torch.Tensor, torch.Tensor]], lr: float) -> dict[str, Any]:
         cfg = self.config.iuf
         params = [p for p in self.network.parameters() if p.requires_grad]
@@ -181,8 +180,6 @@ class IUF(ContinualMethod):
         named = dict(self.network.named_parameters())
         images = data.train.images
         history: dict[str, list[float]] = {}
-        heldout_losses: list[float] = []
-        best = (float("inf"), 0, None)
         batches_per_epoch = max(1, len(feats) // cfg.batch_size)
         epochs = max(cfg.epochs, -(-cfg.min_steps // batches_per_epoch))  # ceil: at least min_steps updates
         bar = progress_bar(range(1, epochs + 1), desc=f"iuf {data.name}", leave=False)
@@ -208,18 +205,15 @@ class IUF(ContinualMethod):
                 history.setdefault(k, []).append(v / len(feats))
             bar.set_postfix({k: f"{v[-1]:.4f}" for k, v in history.items()})
             log.info("iuf: task %r epoch %d %s", data.name, epoch, {k: round(v[-1], 5) for k, v in history.items()})
-            if held is None:
-                continue
-            heldout_losses.append(self.heldout_loss(*held))
-            if heldout_losses[-1] < best[0]:
-                best = (heldout_losses[-1], epoch, copy.deepcopy(self.network.state_dict()))
-            elif epoch - best[1] >= cfg.early_stopping_patience:
-                log.info("iuf: task %r early stop at epoch %d (best %d)", data.name, epoch, best[1])
+            if stopper is not None and held is not None and stopper.step(epoch, self.heldout_loss(*held)):
+                log.info("iuf: task %r early stop at epoch %d (best %d)", data.name, epoch, stopper.best_epoch)
                 break
-        if best[2] is not None:
-            self.network.load_state_dict(best[2])
+        if stopper is not None:
+            stopper.restore()
         self.network.eval()
-        return {"epoch_losses": history, "heldout_losses": heldout_losses, "best_epoch": best[1] if held is not None else len(history.get("recon", []))}
+        if stopper is None:
+            return {"epoch_losses": history, "heldout_losses": [], "best_epoch": len(history.get("recon", []))}
+        return {"epoch_losses": history, "heldout_losses": stopper.losses, "best_epoch": stopper.best_epoch}
 
     def _retain(self, named: dict[str, nn.Parameter], old_state: dict[str, torch.Tensor], old_classes: int) -> None:
         """Eq. 9 on every parameter; of the grown class head only the old products' rows."""
