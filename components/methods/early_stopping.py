@@ -57,3 +57,10 @@ def early_stopping(module: nn.Module, patience: int, heldout_images: int, where:
         log.warning("%s has no held-out normals; early stopping off, %d fixed epochs", where, epochs)
         return None
     return EarlyStopping(module, patience)
+
+
+def stopping_log(stopper: EarlyStopping | None, epochs_run: int) -> dict[str, Any]:
+    """Train-log entries of a training loop: held-out loss per epoch (empty for fixed epochs) and the epoch kept."""
+    if stopper is None:
+        return {"heldout_losses": [], "best_epoch": epochs_run}
+    return {"heldout_losses": stopper.losses, "best_epoch": stopper.best_epoch}

@@ -43,7 +43,7 @@ from components.backbones.base import PromptedBackbone
 from components.config import Config
 from components.errors import ContadError
 from components.methods.base import ContinualMethod
-from components.methods.early_stopping import EarlyStopping, early_stopping
+from components.methods.early_stopping import EarlyStopping, early_stopping, stopping_log
 from components.methods.ib_iumad_net.depth_image import xyz_to_image
 from components.methods.ib_iumad_net.fusion import fusion_loss, ib_loss
 from components.methods.ib_iumad_net.network import IBIUMADNetwork, NetworkOutput
@@ -224,8 +224,7 @@ class IBIUMAD(ContinualMethod):
             stopper.restore()
         self.network.eval()
         epochs_run = len(next(iter(history.values()), []))
-        return {"epoch_losses": history, "heldout_losses": stopper.losses if stopper is not None else [],
-                "best_epoch": stopper.best_epoch if stopper is not None else epochs_run, "epochs_run": epochs_run}
+        return {"epoch_losses": history, **stopping_log(stopper, epochs_run), "epochs_run": epochs_run}
 
     def _projected_modules(self) -> dict[str, nn.Linear]:
         return linear_layers(self.network, self.config.ib_iumad.projection_layers)

@@ -34,7 +34,7 @@ from components.backbones.base import PromptedBackbone
 from components.config import Config
 from components.errors import ContadError
 from components.methods.base import ContinualMethod
-from components.methods.early_stopping import EarlyStopping, early_stopping
+from components.methods.early_stopping import EarlyStopping, early_stopping, stopping_log
 from components.methods.iuf_network import (
     ActivationSpan,
     ObjectDiscriminator,
@@ -211,9 +211,7 @@ class IUF(ContinualMethod):
         if stopper is not None:
             stopper.restore()
         self.network.eval()
-        if stopper is None:
-            return {"epoch_losses": history, "heldout_losses": [], "best_epoch": len(history.get("recon", []))}
-        return {"epoch_losses": history, "heldout_losses": stopper.losses, "best_epoch": stopper.best_epoch}
+        return {"epoch_losses": history, **stopping_log(stopper, len(history.get("recon", [])))}
 
     def _retain(self, named: dict[str, nn.Parameter], old_state: dict[str, torch.Tensor], old_classes: int) -> None:
         """Eq. 9 on every parameter; of the grown class head only the old products' rows."""
