@@ -1,10 +1,12 @@
-"""Early stopping on held-out normal TRAINING images, shared by the reconstruction methods (IUF, IB-IUMAD).
+"""Early stopping on held-out normal TRAINING images, shared by IUF, IB-IUMAD and UCAD/MTRMB's prompt training.
 
 After every epoch the training loop passes the held-out loss to ``EarlyStopping.step``: the weights
 of the epoch with the lowest loss so far are kept (a deep copy of the module's state), and training
 stops once ``patience`` epochs in a row did not improve on it; ``restore`` then loads the best
-weights back. The epoch budget (``<method>.epochs``) is the maximum. Only training normals held out
-from the task's training split are ever used (never test data).
+weights back. The epoch budget (``<method>.epochs``) is the maximum. A loop may also call
+``step(0, loss)`` before training, so the untrained weights are a candidate too (UCAD's prompt: a
+prompt that only gets worse on held-out normals is not kept). Only training normals held out from
+the task's training split are ever used (never test data).
 """
 
 from __future__ import annotations
@@ -28,11 +30,11 @@ class EarlyStopping:
         self.patience = patience
         self.losses: list[float] = []  # held-out loss after every epoch
         self.best_loss = float("inf")
-        self.best_epoch = 0  # 0 = no epoch improved on +inf yet
+        self.best_epoch = 0  # the untrained weights (also: no epoch recorded yet)
         self._best_state: dict[str, Any] | None = None
 
     def step(self, epoch: int, loss: float) -> bool:
-        """Record the held-out ``loss`` after ``epoch`` (1-based); True when training should stop."""
+        """Record the held-out ``loss`` after ``epoch`` (1-based; 0 = before training); True when training should stop."""
         self.losses.append(loss)
         if loss < self.best_loss:
             self.best_loss, self.best_epoch = loss, epoch

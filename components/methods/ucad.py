@@ -30,7 +30,6 @@ Stages, each its own method (for methods built on UCAD): ``_build_key``, ``_trai
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from typing import Any, ClassVar
@@ -43,6 +42,7 @@ from components.errors import ContadError
 from components.methods.base import ContinualMethod
 from components.methods.contrastive import structure_contrastive_loss
 from components.methods.coreset import coreset, memory_coreset, nbytes
+from components.methods.early_stopping import early_stopping, stopping_log
 from components.methods.extract import batched, feature_cache, module_device, module_digest
 from components.methods.knn import NearestNeighbours
 from components.methods.routing import KeyRouter
@@ -168,21 +168,16 @@ class UCAD(ContinualMethod):
         if data.label_maps.shape[0] != len(images):
             raise ContadError(f"task {data.name!r}: {data.label_maps.shape[0]} label maps for {len(images)} training images")
         labels = self._label_grid(data.label_maps, images.shape[-1])
-        heldout_labels = None
-        if cfg.early_stopping_patience > 0 and data.heldout_label_maps is not None and len(data.heldout) > 0:
+        heldout_count = len(data.heldout) if data.heldout_label_maps is not None else 0
+        stopper = early_stopping(prompt, cfg.early_stopping_patience, heldout_count, f"ucad: task {data.name!r} (held-out label maps)", cfg.epochs)
+        if stopper is not None:
             heldout_labels = self._label_grid(data.heldout_label_maps, images.shape[-1])
-        elif cfg.early_stopping_patience > 0:
-            log.warning("ucad: task %r has no held-out label maps; early stopping off, %d fixed epochs", data.name, cfg.epochs)
+            stopper.step(0, self.heldout_loss(prompt, data.heldout.images, heldout_labels))  # the initial prompt is a candidate
 
         generator = torch.Generator().manual_seed(self.config.seed + task_index)
         params = [p for p in prompt.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=cfg.lr)
         epoch_losses: list[float] = []
-        heldout_losses: list[float] = []
-        best_loss, best_epoch, best_state = float("inf"), -1, copy.deepcopy(prompt.state_dict())
-        if heldout_labels is not None:
-            best_loss, best_epoch = self.heldout_loss(prompt, data.heldout.images, heldout_labels), 0
-            heldout_losses.append(best_loss)
         prompt.train()
         for epoch in range(1, cfg.epochs + 1):
             order = torch.randperm(len(images), generator=generator)
@@ -197,25 +192,17 @@ class UCAD(ContinualMethod):
                 seen += len(batch)
             epoch_losses.append(running / seen)
             log.info("ucad: task %r epoch %d contrastive loss %.4f", data.name, epoch, epoch_losses[-1])
-            if heldout_labels is None:
+            if stopper is None:
                 continue
             prompt.eval()
-            heldout = self.heldout_loss(prompt, data.heldout.images, heldout_labels)
+            stop = stopper.step(epoch, self.heldout_loss(prompt, data.heldout.images, heldout_labels))
             prompt.train()
-            heldout_losses.append(heldout)
-            if heldout < best_loss:
-                best_loss, best_epoch, best_state = heldout, epoch, copy.deepcopy(prompt.state_dict())
-            elif epoch - best_epoch >= cfg.early_stopping_patience:
-                log.info("ucad: task %r early stop at epoch %d (best %d)", data.name, epoch, best_epoch)
+            if stop:
+                log.info("ucad: task %r early stop at epoch %d (best %d)", data.name, epoch, stopper.best_epoch)
                 break
-        if heldout_labels is not None:
-            prompt.load_state_dict(best_state)
-        return self._freeze(prompt), {
-            "epoch_losses": epoch_losses,
-            "heldout_losses": heldout_losses,
-            "best_epoch": best_epoch if heldout_labels is not None else len(epoch_losses),
-            "prompt_trained": True,
-        }
+        if stopper is not None:
+            stopper.restore()
+        return self._freeze(prompt), {"epoch_losses": epoch_losses, **stopping_log(stopper, len(epoch_losses)), "prompt_trained": True}
 
     @staticmethod
     def _freeze(prompt: TaskPrompt) -> TaskPrompt:
