@@ -394,6 +394,7 @@ class MTRMBConfig(Section):
 
     epochs: int = Field(1, ge=0)  # Eq. 8 training epochs per task (replaces ucad.epochs for MTRMB)
     kpmk: bool = True  # text cross-attention fusion, L_cross and the learnable-key pull term L_kp
+    train_prompt: bool = True  # Eq. 8 also trains the backbone prompt (false: UCAD's training-free prompt; fusion + key only)
     rscl: bool = True  # Eq. 5-6 contrastive loss on Grounded-SAM label maps (off: UCAD's loss on masks.provider)
     contrastive_weight: float = Field(1.0, ge=0.0)  # weight of L_contra in Eq. 8
     cross_loss_weight: float = Field(1.0, ge=0.0)  # weight of L_cross (Eq. 7) in Eq. 8

@@ -183,6 +183,16 @@ def test_mtrmb_epochs_train_even_when_ucad_is_training_free(minilm: TextEncoder)
     assert torch.count_nonzero(method.prompts[0].fusion.text_to_image.to_out.weight) > 0
 
 
+def test_frozen_backbone_prompt_trains_only_fusion_and_key(minilm: TextEncoder) -> None:
+    method = _mtrmb(minilm, train_prompt=False)
+    method.fit_task(toy_task("red", n_train=4, n_heldout=1))
+    prompt, initial = method.prompts[0], method._new_prompt(0)  # the same seeded initialisation, untrained
+    for name, param in prompt.inner.named_parameters():
+        assert torch.equal(param, dict(initial.inner.named_parameters())[name]), f"backbone prompt {name} moved"
+    assert torch.count_nonzero(prompt.fusion.text_to_image.to_out.weight) > 0
+    assert not torch.equal(prompt.learnable_key, initial.learnable_key)
+
+
 def test_routes_and_detects_with_the_routed_tasks_text(trained: MTRMB) -> None:
     images = torch.cat([product_images(p, 4, seed=50 + i) for i, p in enumerate(PRODUCTS)])
     pred = trained.predict(images)

@@ -200,6 +200,8 @@ class MTRMB(UCAD):
 
     def _new_prompt(self, task_index: int) -> MTRMBPrompt:
         prompt = super()._new_prompt(task_index)
+        if not self.config.mtrmb.train_prompt:  # the backbone prompt stays at its (UCAD) initial values
+            prompt.inner.requires_grad_(False)  # type: ignore[attr-defined]
         if self._pending_text is not None and prompt.fusion is not None:
             prompt.fusion.set_text(*(t.to(prompt.fusion.text.device) for t in self._pending_text))
         return prompt  # type: ignore[return-value]
