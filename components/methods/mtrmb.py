@@ -43,7 +43,8 @@ one task joined by "and"), encoded once by the frozen text encoder (``components
 when the task is learned; the sentence and its token features are stored with the task.
 
 Switches: ``mtrmb.kpmk=false`` drops fusion, L_cross and L_kp; ``mtrmb.rscl=false`` uses UCAD's
-loss on ``masks.provider`` maps. With both off (and ``contrastive_weight=1``) MTRMB is UCAD trained for
+loss on ``masks.provider`` maps; ``mtrmb.train_prompt=false`` keeps the backbone prompt at its
+(training-free, UCAD) initial values so Eq. 8 trains only the fusion and the learnable key. With both off (and ``contrastive_weight=1``) MTRMB is UCAD trained for
 ``mtrmb.epochs`` exactly. ``mtrmb.epochs`` replaces ``ucad.epochs`` for MTRMB (UCAD's default, 0, is
 training-free; without training the fusion stays the identity and MTRMB would be UCAD). The other
 ``ucad.*`` knobs (lr, batch size, key size, pairs per image, knowledge size) and ``memory.*`` apply
