@@ -2,7 +2,11 @@
 
 Per step (one task = one or several products trained jointly):
 - frozen multi-stage CNN features (``reconstruction``), computed once per image and cached;
-- the UniAD-style reconstruction transformer learns to reconstruct them from jittered inputs;
+- with ``iuf.standardise`` the tokens are standardised per channel with the FIRST task's training
+  statistics (frozen afterwards);
+- the UniAD-style reconstruction transformer learns to reconstruct them from jittered inputs; with
+  ``iuf.neighbor_mask`` no token attends to its k x k window and ``iuf.layerwise_queries`` gives every
+  decoder layer its own learned queries (UniAD's defences against the identity shortcut);
 - OASA (``iuf.oasa``): a discriminator on the raw image, trained with cross-entropy on the product
   label (its head grows with every new product), whose block outputs multiply the queries of the
   encoder layers (Eq. 4). At test time it runs on the image itself: no product label;
