@@ -306,8 +306,11 @@ class IUFConfig(Section):
     oasa: bool = True  # object-aware self-attention (product discriminator modulating encoder queries)
     scl: bool = True  # semantic compression loss
     update_strategy: Literal["projected", "finetune"] = "projected"  # incremental steps
+    neighbor_mask: int = Field(7, ge=0)  # UniAD neighbour-masked attention: a token never attends to its k x k window; 0 = full attention
+    standardise: bool = True  # per-channel token standardisation with the first task's training statistics (frozen afterwards)
+    layerwise_queries: bool = True  # UniAD decoder: learned queries in every layer attending to the encoder output, then the previous layer
     epochs: int = Field(12, ge=1)  # per step (max epochs with early stopping)
-    min_steps: int = Field(100, ge=0)  # at least this many optimizer steps per task: small products get more epochs
+    min_steps: int = Field(300, ge=0)  # at least this many optimizer steps per task: small products get more epochs
     early_stopping_patience: int = Field(0, ge=0)  # 0 = fixed epochs; else stop on held-out training normals
     batch_size: int = Field(16, ge=2)
     lr: float = Field(1e-3, gt=0.0)  # AdamW, base step

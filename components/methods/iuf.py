@@ -2,7 +2,11 @@
 
 Per step (one task = one or several products trained jointly):
 - frozen multi-stage CNN features (``reconstruction``), computed once per image and cached;
-- the UniAD-style reconstruction transformer learns to reconstruct them from jittered inputs;
+- with ``iuf.standardise`` the tokens are standardised per channel with the FIRST task's training
+  statistics (frozen afterwards);
+- the UniAD-style reconstruction transformer learns to reconstruct them from jittered inputs; with
+  ``iuf.neighbor_mask`` no token attends to its k x k window and ``iuf.layerwise_queries`` gives every
+  decoder layer its own learned queries (UniAD's defences against the identity shortcut);
 - OASA (``iuf.oasa``): a discriminator on the raw image, trained with cross-entropy on the product
   label (its head grows with every new product), whose block outputs multiply the queries of the
   encoder layers (Eq. 4). At test time it runs on the image itself: no product label;
@@ -59,6 +63,8 @@ from components.types import Prediction, TaskData
 
 log = logging.getLogger(__name__)
 
+STD_FLOOR = 1e-3  # smallest channel std used for standardisation (dead channels)
+
 
 class IUFNetwork(nn.Module):
     """Reconstruction transformer + optional OASA discriminator (same width, one category map per encoder layer)."""
@@ -66,7 +72,7 @@ class IUFNetwork(nn.Module):
     def __init__(self, channels: int, grid: tuple[int, int], config: Config) -> None:
         super().__init__()
         rcfg = config.reconstruction
-        self.recon = ReconstructionTransformer(channels, grid, rcfg)
+        self.recon = ReconstructionTransformer(channels, grid, rcfg, neighbor_mask=config.iuf.neighbor_mask, layerwise_queries=config.iuf.layerwise_queries)
         self.oasa = ObjectDiscriminator(grid, rcfg.hidden, rcfg.heads, rcfg.encoder_layers, rcfg.ffn, rcfg.dropout) if config.iuf.oasa else None
 
     def forward(self, tokens: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
@@ -96,6 +102,21 @@ class IUF(ContinualMethod):
         self.products: list[str] = []
         self.task_of_product: dict[str, str] = {}
         self.spans: dict[str, ActivationSpan] = {}
+        self.feature_stats: tuple[torch.Tensor, torch.Tensor] | None = None  # channel mean, std of the first task's training tokens
+
+    def _set_feature_stats(self, tokens: torch.Tensor) -> None:
+        """Channel mean and std of the first task's training tokens (frozen afterwards); only with ``iuf.standardise``."""
+        if self.feature_stats is not None or not self.config.iuf.standardise:
+            return
+        flat = tokens.reshape(-1, tokens.shape[-1]).double()
+        self.feature_stats = (flat.mean(0).float(), flat.std(0).float().clamp_min(STD_FLOOR))
+
+    def _standardised(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens standardised per channel (balanced channels, targets near 0 at initialisation); unchanged without stats."""
+        if self.feature_stats is None:
+            return tokens
+        mean, std = self.feature_stats
+        return (tokens - mean.to(tokens.device)) / std.to(tokens.device)
 
     # ------------------------------------------------------------------ helpers
     def projected_modules(self) -> dict[str, nn.Linear]:
@@ -133,9 +154,11 @@ class IUF(ContinualMethod):
             self.network.oasa.head.grow(len(data.products), generator)
         class_of = {p: i for i, p in enumerate([*self.products, *data.products])}
         labels = torch.tensor([class_of[p] for p in data.train.products], dtype=torch.long)
-        feats = to_tokens(self.cache.features(data.train.images, data.train.paths, desc=f"{data.name}: features"))
+        raw = to_tokens(self.cache.features(data.train.images, data.train.paths, desc=f"{data.name}: features"))
+        self._set_feature_stats(raw)
+        feats = self._standardised(raw)
         stopper = early_stopping(self.network, cfg.early_stopping_patience, len(data.heldout), f"iuf: task {data.name!r}", cfg.epochs)
-        held = (to_tokens(self.cache.features(data.heldout.images, data.heldout.paths)), data.heldout.images) if stopper is not None else None
+        held = (self._standardised(to_tokens(self.cache.features(data.heldout.images, data.heldout.paths))), data.heldout.images) if stopper is not None else None
         bases = {n: self.spans[n].basis(cfg.projection_energy) for n in self.projected_modules() if n in self.spans} if projected else {}
         train_log = self._train(data, feats, labels, held, stopper, generator, old_state, old_classes, bases, lr=cfg.incremental_lr if incremental else cfg.lr)
         self._add_spans(feats, data.train.images)
@@ -259,7 +282,7 @@ class IUF(ContinualMethod):
         bs = self.config.iuf.batch_size
         for start in range(0, b, bs):
             chunk = images[start : start + bs].to(self.device)
-            tokens = to_tokens(self.extractor(chunk))
+            tokens = self._standardised(to_tokens(self.extractor(chunk)))
             recon, _, logits = self.network(tokens, chunk)
             grid_maps = error_maps(recon, tokens, self.grid).cpu()
             raw = upsample_maps(grid_maps, (h, w), 0.0)
@@ -275,6 +298,8 @@ class IUF(ContinualMethod):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {f"net/{k}": v.detach().cpu() for k, v in self.network.state_dict().items()}
         tensors.update({f"span/{n}": s.moment for n, s in self.spans.items()})
+        if self.feature_stats is not None:
+            tensors.update({"stats/mean": self.feature_stats[0], "stats/std": self.feature_stats[1]})
         return tensors
 
     def state_meta(self) -> dict[str, Any]:
@@ -284,13 +309,16 @@ class IUF(ContinualMethod):
             "task_of_product": dict(self.task_of_product),
             "reconstruction": self.config.reconstruction.model_dump(mode="json"),
             "oasa": self.config.iuf.oasa,
+            "architecture": {"neighbor_mask": self.config.iuf.neighbor_mask, "layerwise_queries": self.config.iuf.layerwise_queries, "standardise": self.config.iuf.standardise},
             "image_size": self.config.data.image_size,
             "channels": self.extractor.channels,
         }
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        if meta["reconstruction"] != self.config.reconstruction.model_dump(mode="json") or meta["oasa"] != self.config.iuf.oasa:
-            raise ValueError("state was trained with other reconstruction/iuf.oasa settings than the current configuration")
+        architecture = {"neighbor_mask": self.config.iuf.neighbor_mask, "layerwise_queries": self.config.iuf.layerwise_queries, "standardise": self.config.iuf.standardise}
+        if (meta["reconstruction"] != self.config.reconstruction.model_dump(mode="json") or meta["oasa"] != self.config.iuf.oasa
+                or meta.get("architecture", {"neighbor_mask": 0, "layerwise_queries": False, "standardise": False}) != architecture):
+            raise ValueError("state was trained with other reconstruction/iuf.oasa/architecture settings than the current configuration")
         if meta["image_size"] != self.config.data.image_size:
             raise ValueError(f"state was trained at image size {meta['image_size']}, not {self.config.data.image_size}")
         self.products = list(meta["products"])
@@ -300,4 +328,5 @@ class IUF(ContinualMethod):
         self.network.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net/")}, strict=True)
         self.network.to(self.device).eval()
         self.spans = {k[5:]: ActivationSpan(v.shape[0], v) for k, v in tensors.items() if k.startswith("span/")}
+        self.feature_stats = (tensors["stats/mean"], tensors["stats/std"]) if "stats/mean" in tensors else None
         self.tasks = list(meta["tasks"])

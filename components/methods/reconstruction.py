@@ -19,6 +19,7 @@ UniAD-style pipeline (You et al. 2022), nothing method-specific:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +35,8 @@ from components.config import BackboneConfig, ReconstructionConfig
 from components.errors import WeightsError
 from components.methods.extract import batched, module_device
 from components.methods.scoring import gaussian_blur
+
+log = logging.getLogger(__name__)
 
 LITE0_NAMES = ("efficientnet_lite0", "tf_efficientnet_lite0")
 
@@ -159,14 +162,15 @@ class Attention(nn.Module):
         self.heads = heads
         self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask`` (Nq, Nk) bool, True = may attend (None = full attention)."""
         b, n, c = query.shape
 
         def split(x: torch.Tensor) -> torch.Tensor:
             return x.reshape(b, x.shape[1], self.heads, c // self.heads).transpose(1, 2)
 
         # No dropout on the attention weights (it tripled the CPU cost); dropout stays on the residual branches.
-        attended = F.scaled_dot_product_attention(split(self.q(query)), split(self.k(key)), split(self.v(value)))
+        attended = F.scaled_dot_product_attention(split(self.q(query)), split(self.k(key)), split(self.v(value)), attn_mask=mask)
         return self.out(attended.transpose(1, 2).reshape(b, n, c))
 
 
@@ -192,9 +196,9 @@ class EncoderLayer(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, modulation: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, modulation: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         query = x + pos if modulation is None else (x + pos) * modulation
-        x = self.norm1(x + self.drop(self.attn(query, x + pos, x)))
+        x = self.norm1(x + self.drop(self.attn(query, x + pos, x, mask)))
         return self.norm2(x + self.drop(self.ffn(x)))
 
 
@@ -215,6 +219,52 @@ class DecoderLayer(nn.Module):
         return self.norm3(tgt + self.drop(self.ffn(tgt)))
 
 
+class LayerwiseQueryDecoderLayer(nn.Module):
+    """UniAD decoder layer: this layer's own learned queries attend to the encoder output, then to the
+    previous decoder layer's output (the encoder output for the first layer), then FFN; post-norm.
+
+    The layer's input reaches its output only through attention (no residual path from it), which
+    with a neighbour mask removes the identity shortcut.
+    """
+
+    def __init__(self, dim: int, tokens: int, heads: int, ffn: int, dropout: float) -> None:
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(tokens, dim) * 0.02)
+        self.memory_attn = Attention(dim, heads)
+        self.previous_attn = Attention(dim, heads)
+        self.ffn = FeedForward(dim, ffn, dropout)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, previous: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        tgt = self.queries[None].expand(memory.shape[0], -1, -1)
+        tgt = self.norm1(tgt + self.drop(self.memory_attn(tgt + pos, memory + pos, memory, mask)))
+        tgt = self.norm2(tgt + self.drop(self.previous_attn(tgt + pos, previous + pos, previous, mask)))
+        return self.norm3(tgt + self.drop(self.ffn(tgt)))
+
+
+def neighbour_mask(grid: tuple[int, int], size: int) -> torch.Tensor | None:
+    """(N, N) bool attention mask, True = may attend: every token is barred from the ``size`` x ``size``
+    window centred on itself (itself included), UniAD's neighbour-masked attention; ``size`` 0 = None.
+
+    On a grid too small for ``size`` (some token would see nothing) the window shrinks to the largest
+    odd size that leaves every token something to attend to (tiny test grids); 1 x 1 = only itself barred.
+    """
+    if size <= 0:
+        return None
+    h, w = grid
+    rows = torch.arange(h).repeat_interleave(w)
+    cols = torch.arange(w).repeat(h)
+    dr, dc = (rows[:, None] - rows[None, :]).abs(), (cols[:, None] - cols[None, :]).abs()
+    for k in range(size if size % 2 else size + 1, 0, -2):
+        allowed = ~((dr <= k // 2) & (dc <= k // 2))
+        if bool(allowed.any(dim=1).all()):
+            if k != size:
+                log.info("neighbour mask %d x %d too large for the %d x %d grid: using %d x %d", size, size, h, w, k, k)
+            return allowed
+    raise ValueError(f"a {h} x {w} grid has a single token: nothing to attend to under a neighbour mask")
+
+
 class ReconstructionTransformer(nn.Module):
     """UniAD-style reconstruction of (B, N, C) feature tokens on an ``h x w`` grid.
 
@@ -222,17 +272,26 @@ class ReconstructionTransformer(nn.Module):
     [(B, N, hidden)] (for latent-space losses).
     """
 
-    def __init__(self, channels: int, grid: tuple[int, int], cfg: ReconstructionConfig) -> None:
+    def __init__(self, channels: int, grid: tuple[int, int], cfg: ReconstructionConfig, neighbor_mask: int = 0, layerwise_queries: bool = False) -> None:
         super().__init__()
         self.grid = grid
+        self.layerwise_queries = layerwise_queries
+        mask = neighbour_mask(grid, neighbor_mask)
+        self.register_buffer("mask", mask if mask is not None else torch.ones(0, dtype=torch.bool), persistent=False)
         dim = cfg.hidden
         self.input_proj = nn.Linear(channels, dim)
         self.output_proj = nn.Linear(dim, channels)
         self.row_embed = nn.Parameter(torch.randn(grid[0], dim // 2) * 0.02)
         self.col_embed = nn.Parameter(torch.randn(grid[1], dim - dim // 2) * 0.02)
-        self.queries = nn.Parameter(torch.randn(grid[0] * grid[1], dim) * 0.02)
         self.encoder = nn.ModuleList(EncoderLayer(dim, cfg.heads, cfg.ffn, cfg.dropout) for _ in range(cfg.encoder_layers))
-        self.decoder = nn.ModuleList(DecoderLayer(dim, cfg.heads, cfg.ffn, cfg.dropout) for _ in range(cfg.decoder_layers))
+        self.decoder: nn.ModuleList
+        if layerwise_queries:
+            tokens = grid[0] * grid[1]
+            self.decoder = nn.ModuleList(LayerwiseQueryDecoderLayer(dim, tokens, cfg.heads, cfg.ffn, cfg.dropout) for _ in range(cfg.decoder_layers))
+            self.decoder_norm = nn.LayerNorm(dim)
+        else:
+            self.queries = nn.Parameter(torch.randn(grid[0] * grid[1], dim) * 0.02)
+            self.decoder = nn.ModuleList(DecoderLayer(dim, cfg.heads, cfg.ffn, cfg.dropout) for _ in range(cfg.decoder_layers))
 
     def positions(self) -> torch.Tensor:
         """(1, h*w, hidden) learned row/column positional embedding."""
@@ -243,11 +302,18 @@ class ReconstructionTransformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, modulations: Sequence[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         pos = self.positions()
+        mask = self.mask if self.mask.numel() else None
         x = self.input_proj(tokens)
         for i, layer in enumerate(self.encoder):
-            x = layer(x, pos, modulations[i] if modulations is not None else None)
-        tgt = self.queries[None].expand(tokens.shape[0], -1, -1)
+            x = layer(x, pos, modulations[i] if modulations is not None else None, mask)
         latents = []
+        if self.layerwise_queries:
+            out = x
+            for layer in self.decoder:
+                out = layer(out, x, pos, mask)
+                latents.append(out)
+            return self.output_proj(self.decoder_norm(out)), latents
+        tgt = self.queries[None].expand(tokens.shape[0], -1, -1)
         for layer in self.decoder:
             tgt = layer(tgt, x, pos)
             latents.append(tgt)
