@@ -307,7 +307,7 @@ class IUFConfig(Section):
     scl: bool = True  # semantic compression loss
     update_strategy: Literal["projected", "finetune"] = "projected"  # incremental steps
     neighbor_mask: int = Field(7, ge=0)  # UniAD neighbour-masked attention: a token never attends to its k x k window; 0 = full attention
-    standardise: bool = True  # per-channel token standardisation with the first task's training statistics (frozen afterwards)
+    standardise: bool = False  # per-channel standardisation with the FIRST task's training statistics (frozen); off: it mis-scales later products
     layerwise_queries: bool = True  # UniAD decoder: learned queries in every layer attending to the encoder output, then the previous layer
     epochs: int = Field(12, ge=1)  # per step (max epochs with early stopping)
     min_steps: int = Field(300, ge=0)  # at least this many optimizer steps per task: small products get more epochs

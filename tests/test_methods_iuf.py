@@ -155,25 +155,26 @@ def test_save_load_gives_identical_scores_and_label_free_routing(tmp_path: Path)
     # alone bias this toy discriminator's grown head toward blue (class-incremental bias; see RESULTS
     # "IUF: session 12"). Save/load identity is asserted for both settings.
     images = torch.cat([product_images("red", 3, seed=9, size=SIZE), product_images("blue", 3, seed=9, size=SIZE)])
-    for overrides in (("iuf.standardise=false",), ()):
-        method = tiny_iuf("iuf.epochs=6", "iuf.ce_weight=2.0", *overrides)
+    for standardise in (False, True):
+        override = f"iuf.standardise={str(standardise).lower()}"
+        method = tiny_iuf("iuf.epochs=6", "iuf.ce_weight=2.0", override)
         method.fit_task(task("red"))
         method.fit_task(task("blue", seed=5))
         pred = method.predict(images)
-        method.save(tmp_path / f"iuf{len(overrides)}")
-        restored = tiny_iuf(*overrides)
-        restored.load(tmp_path / f"iuf{len(overrides)}")
+        method.save(tmp_path / f"iuf-{override}")
+        restored = tiny_iuf(override)
+        restored.load(tmp_path / f"iuf-{override}")
         again = restored.predict(images)
         assert restored.tasks == ["red", "blue"] and restored.products == ["red", "blue"]
         torch.testing.assert_close(again.image_scores, pred.image_scores)
         torch.testing.assert_close(again.anomaly_maps, pred.anomaly_maps)
         assert pred.anomaly_maps.shape == (6, SIZE, SIZE) and again.routed_tasks == pred.routed_tasks
-        if overrides:
+        if not standardise:
             assert pred.routed_tasks == ["red"] * 3 + ["blue"] * 3, "OASA routes each image without its label"
         else:
             assert restored.feature_stats is not None and torch.equal(restored.feature_stats[0], method.feature_stats[0])  # type: ignore[index]
     with pytest.raises(MethodStateError, match="architecture"):
-        tiny_iuf("iuf.standardise=false").load(tmp_path / "iuf0")
+        tiny_iuf("iuf.standardise=false").load(tmp_path / "iuf-iuf.standardise=true")
 
 
 def test_pooled_max_score_is_the_max_of_the_average_pooled_map() -> None:
