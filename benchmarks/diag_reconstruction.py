@@ -18,19 +18,15 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
-from components.eval.metrics import auroc
-
-
-def roc_auc_score(labels, scores) -> float:  # noqa: ANN001
-    import numpy as np
-
-    return auroc(np.asarray(labels), np.asarray(scores))
 
 from components.config import load_config
 from components.data.loading import load_images, train_split
 from components.data.manifest import read_dataset
+from components.eval.metrics import auroc
 from components.methods.reconstruction import (
     ReconstructionTransformer,
     build_feature_extractor,
@@ -42,6 +38,11 @@ from components.methods.reconstruction import (
 )
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-ad"
+
+
+def auroc_of(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float:
+    """AUROC with the pipeline's own metric."""
+    return auroc(np.asarray(labels), np.asarray(scores))
 
 
 def synthetic_defects(normals: torch.Tensor, donors: torch.Tensor, variants: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,12 +145,12 @@ def main() -> int:
         size = (cfg.data.image_size, cfg.data.image_size)
         uv, us = upsample_maps(mv, size, 0.0), upsample_maps(ms, size, 0.0)
         sv, ss = pooled_max_scores(uv, cfg.iuf.score_pool), pooled_max_scores(us, cfg.iuf.score_pool)
-        img_auc = roc_auc_score([0] * len(sv) + [1] * len(ss), torch.cat([sv, ss]).numpy())
+        img_auc = auroc_of([0] * len(sv) + [1] * len(ss), torch.cat([sv, ss]).numpy())
         # pixel AUROC over synthetic images (masks) + normal images (all zero)
         pix_scores = torch.cat([upsample_maps(mv, size, cfg.iuf.smoothing_sigma).flatten(), upsample_maps(ms, size, cfg.iuf.smoothing_sigma).flatten()])
         pix_labels = torch.cat([torch.zeros(uv.numel()), blob["syn_masks"].flatten().float()])
         sub = torch.arange(0, len(pix_labels), 7)
-        pix_auc = roc_auc_score(pix_labels[sub].numpy(), pix_scores[sub].numpy())
+        pix_auc = auroc_of(pix_labels[sub].numpy(), pix_scores[sub].numpy())
     res = {"product": args.product, "tag": args.tag, "steps": args.steps, "lr": args.lr, "neighbor_mask": args.neighbor_mask, "layerwise": args.layerwise,
            "overrides": args.overrides, "standardise": args.standardise, "ref_mse": round(ref_mse, 3),
            "curve": [round(sum(losses[i : i + 20]) / len(losses[i : i + 20]), 3) for i in range(0, len(losses), max(20, len(losses) // 8))],
