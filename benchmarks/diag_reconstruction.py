@@ -137,11 +137,12 @@ def main() -> int:
     cpu = time.process_time() - cpu0
     net.eval()
     with torch.no_grad():
-        def maps(t: torch.Tensor) -> torch.Tensor:
-            return torch.cat([error_maps(net(t[i : i + 32])[0], t[i : i + 32], grid) for i in range(0, len(t), 32)])
+        def reconstruct(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([net(t[i : i + 32])[0] for i in range(0, len(t), 32)])
 
-        mv, ms = maps(val), maps(syn)
-        val_loss = float(F.mse_loss(torch.cat([net(val[i : i + 32])[0] for i in range(0, len(val), 32)]), val))
+        val_recon = reconstruct(val)  # once: error maps and the validation loss
+        mv, ms = error_maps(val_recon, val, grid), error_maps(reconstruct(syn), syn, grid)
+        val_loss = float(F.mse_loss(val_recon, val))
         size = (cfg.data.image_size, cfg.data.image_size)
         uv, us = upsample_maps(mv, size, 0.0), upsample_maps(ms, size, 0.0)
         sv, ss = pooled_max_scores(uv, cfg.iuf.score_pool), pooled_max_scores(us, cfg.iuf.score_pool)

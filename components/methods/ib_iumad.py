@@ -51,9 +51,11 @@ from components.methods.iuf_network import ActivationSpan, input_activations, li
 from components.methods.reconstruction import (
     FeatureCache,
     build_feature_extractor,
+    channel_stats,
     error_maps,
     feature_jitter,
     pooled_max_scores,
+    standardise,
     to_tokens,
     upsample_maps,
 )
@@ -63,7 +65,6 @@ from components.types import ImageBatch, Prediction, TaskData
 log = logging.getLogger(__name__)
 
 FUSED = "fused"
-STD_FLOOR = 1e-3  # smallest channel std used for standardisation (dead channels)
 
 
 class IBIUMAD(ContinualMethod):
@@ -115,15 +116,13 @@ class IBIUMAD(ContinualMethod):
         """Per modality, channel mean and std of the first task's training tokens (frozen afterwards)."""
         if self.feature_stats or not self.config.ib_iumad.standardise:
             return
-        for m, t in tokens.items():
-            flat = t.reshape(-1, t.shape[-1]).double()
-            self.feature_stats[m] = (flat.mean(0).float(), flat.std(0).float().clamp_min(STD_FLOOR))
+        self.feature_stats = {m: channel_stats(t) for m, t in tokens.items()}
 
     def _standardised(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Tokens standardised per channel (balanced channels and reconstruction targets near 0 at initialisation)."""
         if not self.feature_stats:
             return tokens
-        return {m: (t - self.feature_stats[m][0].to(t.device)) / self.feature_stats[m][1].to(t.device) for m, t in tokens.items()}
+        return {m: standardise(t, self.feature_stats[m]) for m, t in tokens.items()}
 
     # ------------------------------------------------------------------ training
     def _check_new(self, data: TaskData) -> None:

@@ -52,9 +52,11 @@ from components.methods.reconstruction import (
     FeatureCache,
     ReconstructionTransformer,
     build_feature_extractor,
+    channel_stats,
     error_maps,
     feature_jitter,
     pooled_max_scores,
+    standardise,
     to_tokens,
     upsample_maps,
 )
@@ -62,9 +64,6 @@ from components.progress import progress_bar
 from components.types import Prediction, TaskData
 
 log = logging.getLogger(__name__)
-
-STD_FLOOR = 1e-3  # smallest channel std used for standardisation (dead channels)
-
 
 class IUFNetwork(nn.Module):
     """Reconstruction transformer + optional OASA discriminator (same width, one category map per encoder layer)."""
@@ -106,17 +105,12 @@ class IUF(ContinualMethod):
 
     def _set_feature_stats(self, tokens: torch.Tensor) -> None:
         """Channel mean and std of the first task's training tokens (frozen afterwards); only with ``iuf.standardise``."""
-        if self.feature_stats is not None or not self.config.iuf.standardise:
-            return
-        flat = tokens.reshape(-1, tokens.shape[-1]).double()
-        self.feature_stats = (flat.mean(0).float(), flat.std(0).float().clamp_min(STD_FLOOR))
+        if self.feature_stats is None and self.config.iuf.standardise:
+            self.feature_stats = channel_stats(tokens)
 
     def _standardised(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens standardised per channel (balanced channels, targets near 0 at initialisation); unchanged without stats."""
-        if self.feature_stats is None:
-            return tokens
-        mean, std = self.feature_stats
-        return (tokens - mean.to(tokens.device)) / std.to(tokens.device)
+        return tokens if self.feature_stats is None else standardise(tokens, self.feature_stats)
 
     # ------------------------------------------------------------------ helpers
     def projected_modules(self) -> dict[str, nn.Linear]:
@@ -295,6 +289,11 @@ class IUF(ContinualMethod):
         return Prediction(image_scores=torch.cat(scores), anomaly_maps=torch.cat(maps), routed_tasks=routed)
 
     # ------------------------------------------------------------------ state
+    def _architecture(self) -> dict[str, Any]:
+        """The ``iuf.*`` switches that shape the stored network and its inputs (checked on load)."""
+        cfg = self.config.iuf
+        return {"neighbor_mask": cfg.neighbor_mask, "layerwise_queries": cfg.layerwise_queries, "standardise": cfg.standardise}
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {f"net/{k}": v.detach().cpu() for k, v in self.network.state_dict().items()}
         tensors.update({f"span/{n}": s.moment for n, s in self.spans.items()})
@@ -309,13 +308,13 @@ class IUF(ContinualMethod):
             "task_of_product": dict(self.task_of_product),
             "reconstruction": self.config.reconstruction.model_dump(mode="json"),
             "oasa": self.config.iuf.oasa,
-            "architecture": {"neighbor_mask": self.config.iuf.neighbor_mask, "layerwise_queries": self.config.iuf.layerwise_queries, "standardise": self.config.iuf.standardise},
+            "architecture": self._architecture(),
             "image_size": self.config.data.image_size,
             "channels": self.extractor.channels,
         }
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        architecture = {"neighbor_mask": self.config.iuf.neighbor_mask, "layerwise_queries": self.config.iuf.layerwise_queries, "standardise": self.config.iuf.standardise}
+        architecture = self._architecture()
         if (meta["reconstruction"] != self.config.reconstruction.model_dump(mode="json") or meta["oasa"] != self.config.iuf.oasa
                 or meta.get("architecture", {"neighbor_mask": 0, "layerwise_queries": False, "standardise": False}) != architecture):
             raise ValueError("state was trained with other reconstruction/iuf.oasa/architecture settings than the current configuration")

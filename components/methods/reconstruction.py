@@ -325,6 +325,21 @@ def to_tokens(features: torch.Tensor) -> torch.Tensor:
     return features.flatten(2).transpose(1, 2)
 
 
+STD_FLOOR = 1e-3  # smallest channel std used for standardisation (dead channels)
+
+
+def channel_stats(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, std floored at ``STD_FLOOR``) of (..., C) tokens, accumulated in float64."""
+    flat = tokens.reshape(-1, tokens.shape[-1]).double()
+    return flat.mean(0).float(), flat.std(0).float().clamp_min(STD_FLOOR)
+
+
+def standardise(tokens: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """(..., C) tokens standardised per channel with ``channel_stats`` (mean, std), on the tokens' device."""
+    mean, std = stats
+    return (tokens - mean.to(tokens.device)) / std.to(tokens.device)
+
+
 def error_maps(reconstruction: torch.Tensor, target: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """(B, h, w) channel L2 norm of ``reconstruction - target`` (both (B, N, C))."""
     err = torch.linalg.vector_norm(reconstruction - target, dim=-1)
