@@ -11,6 +11,11 @@ Prefect/MLflow so that one process can share the frozen backbone's features betw
 are computed once per image (train images by path, test images by content) and reused by every
 row, which is legitimate because the backbone is frozen. Per-step wall and CPU seconds are recorded
 (the first row pays for the features). Results: ``OUT/<protocol>/<row>/metrics.json`` + a markdown table.
+
+``--validation``: choose defaults without test data. Each product's normal TRAINING images are split
+(``VALIDATION_FRACTION``, seeded apart from ``data.heldout_fraction``'s split); the methods train on
+the rest, and every product is "tested" on its validation normals plus ``VALIDATION_VARIANTS``
+synthetic-defect copies of each (``benchmarks/synthetic_defects``). No test image is read.
 """
 
 from __future__ import annotations
@@ -24,18 +29,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
+from benchmarks.synthetic_defects import synthetic_defects
 from components.atomic import atomic_write_json
 from components.backbones.registry import build_backbone
 from components.config import Config, load_config
-from components.data.loading import task_data, test_batch
+from components.data.loading import load_images, task_data, test_batch, train_split
 from components.data.manifest import read_dataset
 from components.data.protocol import task_name, task_of_product, task_sequence
 from components.eval.continual import AccuracyMatrix
 from components.eval.evaluate import evaluate_tasks
 from components.methods.iuf import IUF
 from components.methods.reconstruction import FeatureCache, MultiStageFeatures
+from components.types import ImageBatch
 
 PRODUCTS = ["grid", "hazelnut_toy", "magnetic_tile", "pcb"]
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-ad"
@@ -47,6 +55,9 @@ ROWS = {
     "joint": [],
 }
 PROTOCOLS = {"1-1x3": (1, 1), "2-1x2": (2, 1)}
+VALIDATION_FRACTION = 0.25
+VALIDATION_SEED = 1009  # not the seed of data.heldout_fraction's split
+VALIDATION_VARIANTS = 2
 
 log = logging.getLogger("bench_iuf")
 
@@ -58,6 +69,7 @@ class MemoFeatures:
         self.extractor = extractor
         self.net = extractor.net
         self.channels = extractor.channels
+        self.level_channels = extractor.level_channels
         self.grid_size = extractor.grid_size
         self._store: dict[str, torch.Tensor] = {}
 
@@ -68,6 +80,25 @@ class MemoFeatures:
             for i, feats in zip(missing, self.extractor(images[missing]).cpu(), strict=True):
                 self._store[keys[i]] = feats
         return torch.stack([self._store[k] for k in keys]).to(images.device)
+
+
+def validation_data(manifest: pd.DataFrame, products: list[str], image_size: int) -> tuple[pd.DataFrame, dict[str, ImageBatch]]:
+    """(manifest without the validation normals, per product: validation normals + their synthetic defects)."""
+    fit, val = train_split(manifest, products, VALIDATION_FRACTION, VALIDATION_SEED)
+    batches = {}
+    for product in products:
+        normals_paths = val.loc[val["product"] == product, "image_path"].tolist()
+        donor_paths = fit.loc[fit["product"] == product, "image_path"].tolist()[:32]
+        normals, donors = load_images(normals_paths, image_size), load_images(donor_paths, image_size)
+        generator = torch.Generator().manual_seed(VALIDATION_SEED + len(batches))
+        defects, masks = synthetic_defects(normals, donors, VALIDATION_VARIANTS, generator)
+        n, m = len(normals), len(defects)
+        batches[product] = ImageBatch(
+            images=torch.cat([normals, defects]), products=[product] * (n + m),
+            paths=normals_paths + [f"{normals_paths[i // VALIDATION_VARIANTS]}#synthetic{i % VALIDATION_VARIANTS}" for i in range(m)],
+            labels=torch.tensor([0] * n + [1] * m), masks=torch.cat([torch.zeros(n, *masks.shape[1:], dtype=torch.uint8), masks]))
+    kept = manifest[~manifest["image_path"].isin(set(val["image_path"]))].reset_index(drop=True)
+    return kept, batches
 
 
 def run_row(cfg: Config, manifest: Any, tasks: list[list[str]], batches: dict[str, Any], shared: dict[str, Any], name: str) -> dict[str, Any]:
@@ -122,12 +153,16 @@ def main() -> int:
     parser.add_argument("--out", default="runs/bench-iuf")
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--protocols", default=",".join(PROTOCOLS))
+    parser.add_argument("--validation", action="store_true", help="validation normals + synthetic defects instead of the test split")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     base = load_config("params.yaml", ["method=iuf", f"data.root={args.data}", f"data.products={','.join(PRODUCTS)}", *args.overrides])
     manifest = read_dataset(Path(args.data), products=PRODUCTS)
-    batches = {p: test_batch(manifest, p, base.data.image_size) for p in PRODUCTS}
+    if args.validation:
+        manifest, batches = validation_data(manifest, PRODUCTS, base.data.image_size)
+    else:
+        batches = {p: test_batch(manifest, p, base.data.image_size) for p in PRODUCTS}
     shared: dict[str, Any] = {}
     out = Path(args.out)
     for protocol in args.protocols.split(","):

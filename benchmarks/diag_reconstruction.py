@@ -23,6 +23,7 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
+from benchmarks.synthetic_defects import synthetic_defects
 from components.config import load_config
 from components.data.loading import load_images, train_split
 from components.data.manifest import read_dataset
@@ -45,30 +46,6 @@ def auroc_of(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float:
     return auroc(np.asarray(labels), np.asarray(scores))
 
 
-def synthetic_defects(normals: torch.Tensor, donors: torch.Tensor, variants: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, masks): ``variants`` copies of every normal with one pasted / shifted rectangle each."""
-    out, masks = [], []
-    n, _, h, w = normals.shape
-    for i in range(n):
-        for v in range(variants):
-            img = normals[i].clone()
-            mask = torch.zeros(h, w, dtype=torch.uint8)
-            ph, pw = (int(torch.randint(12, 41, (1,), generator=generator)) for _ in range(2))
-            y, x = int(torch.randint(0, h - ph, (1,), generator=generator)), int(torch.randint(0, w - pw, (1,), generator=generator))
-            if v % 2 == 0:  # cut-paste from another image, flipped
-                d = donors[int(torch.randint(0, len(donors), (1,), generator=generator))]
-                sy, sx = int(torch.randint(0, h - ph, (1,), generator=generator)), int(torch.randint(0, w - pw, (1,), generator=generator))
-                patch = d[:, sy : sy + ph, sx : sx + pw].flip(-1).flip(-2)
-                img[:, y : y + ph, x : x + pw] = patch
-            else:  # intensity / colour offset
-                shift = (torch.rand(3, 1, 1, generator=generator) - 0.5) * 3.0
-                img[:, y : y + ph, x : x + pw] = img[:, y : y + ph, x : x + pw] * 0.6 + shift
-            mask[y : y + ph, x : x + pw] = 1
-            out.append(img)
-            masks.append(mask)
-    return torch.stack(out), torch.stack(masks)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--product", default="pcb")
@@ -81,6 +58,7 @@ def main() -> int:
     ap.add_argument("--layerwise", action="store_true")
     ap.add_argument("--tag", default="")
     ap.add_argument("--standardise", action="store_true")
+    ap.add_argument("--level-norm", action="store_true")
     ap.add_argument("--cache", default="runs/diag")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -111,6 +89,10 @@ def main() -> int:
         flat = fit.reshape(-1, fit.shape[-1])
         mu, sd = flat.mean(0), flat.std(0).clamp_min(1e-6)
         fit, val, syn = ((t - mu) / sd for t in (fit, val, syn))
+    if args.level_norm:
+        from components.methods.reconstruction import level_normalise
+        sizes = extractor.level_channels
+        fit, val, syn = (level_normalise(t, sizes) for t in (fit, val, syn))
     ref_mse = float(((fit - fit.mean(dim=(0, 1))) ** 2).mean())
     torch.manual_seed(cfg.seed)
     net = ReconstructionTransformer(fit.shape[-1], grid, rc, neighbor_mask=args.neighbor_mask, layerwise_queries=args.layerwise)
@@ -153,7 +135,7 @@ def main() -> int:
         sub = torch.arange(0, len(pix_labels), 7)
         pix_auc = auroc_of(pix_labels[sub].numpy(), pix_scores[sub].numpy())
     res = {"product": args.product, "tag": args.tag, "steps": args.steps, "lr": args.lr, "neighbor_mask": args.neighbor_mask, "layerwise": args.layerwise,
-           "overrides": args.overrides, "standardise": args.standardise, "ref_mse": round(ref_mse, 3),
+           "overrides": args.overrides, "standardise": args.standardise, "level_norm": args.level_norm, "ref_mse": round(ref_mse, 3),
            "curve": [round(sum(losses[i : i + 20]) / len(losses[i : i + 20]), 3) for i in range(0, len(losses), max(20, len(losses) // 8))],
            "train_loss_last20": sum(losses[-20:]) / len(losses[-20:]), "val_loss": val_loss,
            "syn_img_auroc": round(img_auc, 4), "syn_pix_auroc": round(pix_auc, 4), "fit_cpu_s": round(cpu, 1), "fit_wall_s": round(time.perf_counter() - wall0, 1),

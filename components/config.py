@@ -308,9 +308,10 @@ class IUFConfig(Section):
     update_strategy: Literal["projected", "finetune"] = "projected"  # incremental steps
     neighbor_mask: int = Field(7, ge=0)  # UniAD neighbour-masked attention: a token never attends to its k x k window; 0 = full attention
     standardise: bool = False  # per-channel standardisation with the FIRST task's training statistics (frozen); off: it mis-scales later products
+    level_norm: bool = False  # every pyramid level's token slice scaled to unit norm (x sqrt(C / levels)): product-independent, levels weigh the same
     layerwise_queries: bool = True  # UniAD decoder: learned queries in every layer attending to the encoder output, then the previous layer
     epochs: int = Field(12, ge=1)  # per step (max epochs with early stopping)
-    min_steps: int = Field(300, ge=0)  # at least this many optimizer steps per task: small products get more epochs
+    min_steps: int = Field(600, ge=0)  # at least this many optimizer steps per task: small products get more epochs
     early_stopping_patience: int = Field(0, ge=0)  # 0 = fixed epochs; else stop on held-out training normals
     batch_size: int = Field(16, ge=2)
     lr: float = Field(1e-3, gt=0.0)  # AdamW, base step
@@ -324,11 +325,17 @@ class IUFConfig(Section):
     scl_threshold: float = Field(0.0, ge=0.0, lt=1.0)  # also penalise sigma_i / sum(sigma) below this; 0 = off
     scl_window: int = Field(32, ge=0)  # detached rows of earlier batches stacked under the batch for the SVD
     scl_layers: list[int] = Field(default_factory=lambda: [0, 1])  # decoder layers whose latents are compressed
-    retention: float = Field(0.05, ge=0.0, le=1.0)  # theta <- (1 - r) theta + r theta_old after every update
+    retention: float = Field(0.02, ge=0.0, le=1.0)  # theta <- (1 - r) theta + r theta_old after every update
     projection_layers: list[str] = Field(default_factory=lambda: ["recon.*", "oasa.blocks.*"])  # fnmatch on nn.Linear names
     projection_energy: float = Field(0.99, gt=0.0, le=1.0)  # old-activation span = top directions holding this energy
     score_pool: int = Field(16, ge=1)  # image score = max of the score_pool x score_pool average-pooled map
     smoothing_sigma: float = Field(4.0, ge=0.0)  # Gaussian smoothing of the upsampled map (px); 0 = off
+
+    @model_validator(mode="after")
+    def _one_normalisation(self) -> IUFConfig:
+        if self.standardise and self.level_norm:
+            raise ValueError("iuf.standardise and iuf.level_norm are two feature normalisations: set at most one to true")
+        return self
 
 
 class IBIUMADConfig(Section):

@@ -19,6 +19,7 @@ from components.methods.reconstruction import (
     FeatureCache,
     ReconstructionTransformer,
     build_feature_extractor,
+    level_normalise,
     neighbour_mask,
     pooled_max_scores,
     to_tokens,
@@ -258,3 +259,35 @@ def test_standardisation_uses_the_first_tasks_statistics_only() -> None:
     plain = tiny_iuf("iuf.standardise=false")
     plain.fit_task(first)
     assert plain.feature_stats is None
+
+
+def test_level_normalisation_gives_every_level_the_same_norm_whatever_the_scale() -> None:
+    tokens = torch.cat([torch.randn(2, 5, 3) * 100.0, torch.randn(2, 5, 9) * 0.01], dim=-1)
+    normed = level_normalise(tokens, [3, 9])
+    scale = math.sqrt(12 / 2)
+    torch.testing.assert_close(normed[..., :3].norm(dim=-1), torch.full((2, 5), scale))
+    torch.testing.assert_close(normed[..., 3:].norm(dim=-1), torch.full((2, 5), scale))
+    torch.testing.assert_close(level_normalise(tokens * 7.0, [3, 9]), normed)  # no statistics: any product, any scale
+    with pytest.raises(ValueError, match="do not add up"):
+        level_normalise(tokens, [3, 8])
+
+
+def test_iuf_level_norm_trains_on_level_normalised_tokens_and_is_checked_on_load(tmp_path: Path) -> None:
+    method = tiny_iuf("iuf.level_norm=true")
+    first = task("red")
+    method.fit_task(first)
+    raw = to_tokens(method.cache.features(first.train.images, first.train.paths))
+    seen = method._standardised(raw)
+    sizes = method.extractor.level_channels
+    assert sum(sizes) == raw.shape[-1] and method.feature_stats is None
+    for part in seen.split(sizes, dim=-1):
+        torch.testing.assert_close(part.norm(dim=-1), torch.full(part.shape[:-1], math.sqrt(raw.shape[-1] / len(sizes))))
+    images = product_images("red", 2, seed=9, size=SIZE)
+    method.save(tmp_path / "levels")
+    restored = tiny_iuf("iuf.level_norm=true")
+    restored.load(tmp_path / "levels")
+    torch.testing.assert_close(restored.predict(images).image_scores, method.predict(images).image_scores)
+    with pytest.raises(MethodStateError, match="architecture"):
+        tiny_iuf().load(tmp_path / "levels")
+    with pytest.raises(Exception, match="at most one"):
+        tiny_iuf_config("iuf.level_norm=true", "iuf.standardise=true")

@@ -2,8 +2,9 @@
 
 Per step (one task = one or several products trained jointly):
 - frozen multi-stage CNN features (``reconstruction``), computed once per image and cached;
-- with ``iuf.standardise`` the tokens are standardised per channel with the FIRST task's training
-  statistics (frozen afterwards);
+- with ``iuf.level_norm`` every pyramid level's slice of a token is scaled to unit norm (times
+  sqrt(C / levels); no statistics, the same for every product); with ``iuf.standardise`` instead the
+  tokens are standardised per channel with the FIRST task's training statistics (frozen afterwards);
 - the UniAD-style reconstruction transformer learns to reconstruct them from jittered inputs; with
   ``iuf.neighbor_mask`` no token attends to its k x k window and ``iuf.layerwise_queries`` gives every
   decoder layer its own learned queries (UniAD's defences against the identity shortcut);
@@ -55,6 +56,7 @@ from components.methods.reconstruction import (
     channel_stats,
     error_maps,
     feature_jitter,
+    level_normalise,
     pooled_max_scores,
     standardise,
     to_tokens,
@@ -109,7 +111,10 @@ class IUF(ContinualMethod):
             self.feature_stats = channel_stats(tokens)
 
     def _standardised(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens standardised per channel (balanced channels, targets near 0 at initialisation); unchanged without stats."""
+        """The network's tokens: level-normalised (``iuf.level_norm``) or standardised per channel with the
+        first task's statistics (``iuf.standardise``, once they exist); else the raw features."""
+        if self.config.iuf.level_norm:
+            return level_normalise(tokens, self.extractor.level_channels)
         return tokens if self.feature_stats is None else standardise(tokens, self.feature_stats)
 
     # ------------------------------------------------------------------ helpers
@@ -292,7 +297,7 @@ class IUF(ContinualMethod):
     def _architecture(self) -> dict[str, Any]:
         """The ``iuf.*`` switches that shape the stored network and its inputs (checked on load)."""
         cfg = self.config.iuf
-        return {"neighbor_mask": cfg.neighbor_mask, "layerwise_queries": cfg.layerwise_queries, "standardise": cfg.standardise}
+        return {"neighbor_mask": cfg.neighbor_mask, "layerwise_queries": cfg.layerwise_queries, "standardise": cfg.standardise, "level_norm": cfg.level_norm}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {f"net/{k}": v.detach().cpu() for k, v in self.network.state_dict().items()}
@@ -316,7 +321,7 @@ class IUF(ContinualMethod):
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         architecture = self._architecture()
         if (meta["reconstruction"] != self.config.reconstruction.model_dump(mode="json") or meta["oasa"] != self.config.iuf.oasa
-                or meta.get("architecture", {"neighbor_mask": 0, "layerwise_queries": False, "standardise": False}) != architecture):
+                or {"level_norm": False, **meta.get("architecture", {"neighbor_mask": 0, "layerwise_queries": False, "standardise": False})} != architecture):
             raise ValueError("state was trained with other reconstruction/iuf.oasa/architecture settings than the current configuration")
         if meta["image_size"] != self.config.data.image_size:
             raise ValueError(f"state was trained at image size {meta['image_size']}, not {self.config.data.image_size}")

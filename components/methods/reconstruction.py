@@ -51,7 +51,8 @@ class MultiStageFeatures(nn.Module):
         self.stride = stride
         self.mean, self.std = tuple(mean), tuple(std)
         channels = [int(c) for c in self.net.feature_info.channels()]
-        self.channels = sum(channels[s] for s in self.stages)
+        self.level_channels = [channels[s] for s in self.stages]
+        self.channels = sum(self.level_channels)
 
     def train(self, mode: bool = True) -> MultiStageFeatures:
         """The frozen network always stays in eval mode."""
@@ -338,6 +339,20 @@ def standardise(tokens: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]) 
     """(..., C) tokens standardised per channel with ``channel_stats`` (mean, std), on the tokens' device."""
     mean, std = stats
     return (tokens - mean.to(tokens.device)) / std.to(tokens.device)
+
+
+def level_normalise(tokens: torch.Tensor, level_channels: Sequence[int]) -> torch.Tensor:
+    """(..., C) tokens with every pyramid level's slice scaled to unit L2 norm, times ``sqrt(C / levels)``.
+
+    Product-independent (no statistics): every level weighs the same in the reconstruction loss and
+    error map whatever the product, and the channels keep an RMS of about 1 (so the loss scale and the
+    feature jitter are those of standardised features).
+    """
+    if sum(level_channels) != tokens.shape[-1]:
+        raise ValueError(f"level channels {list(level_channels)} do not add up to the tokens' {tokens.shape[-1]} channels")
+    scale = math.sqrt(tokens.shape[-1] / len(level_channels))
+    parts = [F.normalize(part, dim=-1, eps=1e-6) * scale for part in tokens.split(list(level_channels), dim=-1)]
+    return torch.cat(parts, dim=-1)
 
 
 def error_maps(reconstruction: torch.Tensor, target: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

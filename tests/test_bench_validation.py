@@ -1,0 +1,40 @@
+"""The validation set used to choose reconstruction defaults (``bench_iuf --validation``): held-out
+normal TRAINING images + synthetic defects; it never reads a test image and never trains on its normals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench_iuf import VALIDATION_FRACTION, VALIDATION_VARIANTS, validation_data
+from benchmarks.synthetic_defects import synthetic_defects
+from components.data.manifest import read_dataset
+from tests.test_pipeline_helpers import make_tiny_products
+
+
+def test_synthetic_defects_change_exactly_the_masked_rectangle() -> None:
+    normals, donors = torch.zeros(3, 3, 64, 64), torch.ones(2, 3, 64, 64)
+    images, masks = synthetic_defects(normals, donors, 2, torch.Generator().manual_seed(0))
+    assert images.shape == (6, 3, 64, 64) and masks.shape == (6, 64, 64)
+    for image, mask in zip(images, masks, strict=True):
+        changed = (image != 0).any(dim=0)
+        assert mask.sum() > 0 and torch.equal(changed, mask.bool())
+
+
+def test_validation_data_holds_out_training_normals_and_reads_no_test_image(tmp_path: Path) -> None:
+    root = make_tiny_products(tmp_path / "data", n_products=2)
+    manifest = read_dataset(root)
+    products = sorted(manifest["product"].unique())
+    kept, batches = validation_data(manifest, products, 32)
+    test_paths = set(manifest.loc[manifest["split"] == "test", "image_path"])
+    for product in products:
+        batch = batches[product]
+        normals = [p for p, label in zip(batch.paths, batch.labels.tolist(), strict=True) if label == 0]
+        n_train = int(((manifest["product"] == product) & (manifest["split"] == "train")).sum())
+        assert len(normals) == max(1, round(n_train * VALIDATION_FRACTION))
+        assert int(batch.labels.sum()) == VALIDATION_VARIANTS * len(normals)
+        assert not set(normals) & test_paths, "validation normals come from the training split"
+        assert not set(normals) & set(kept["image_path"]), "validation normals are not trained on"
+        assert batch.masks is not None and all(int(m.sum()) > 0 for m in batch.masks[len(normals):])
+    assert test_paths <= set(kept["image_path"]) and len(kept) == len(manifest) - sum(int((b.labels == 0).sum()) for b in batches.values())
