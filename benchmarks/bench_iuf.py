@@ -134,6 +134,11 @@ def run_row(cfg: Config, manifest: Any, tasks: list[list[str]], batches: dict[st
     return doc
 
 
+def percent(value: float | None) -> str:
+    """A fraction in % with one decimal; undefined (e.g. FM of a one-step run) as a dash."""
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
 def table(docs: dict[str, dict[str, Any]]) -> str:
     """Markdown rows: final image AUROC per product, ACC/FM image + pixel, seconds per step."""
     products = PRODUCTS
@@ -141,9 +146,8 @@ def table(docs: dict[str, dict[str, Any]]) -> str:
     for name, doc in docs.items():
         cells = [doc["final"]["image_auroc"].get(p) for p in products]
         per_step = [round(s["fit_wall_s"] + s["eval_wall_s"]) for s in doc["bench_steps"]]
-        lines.append(f"| {name} | {' | '.join('–' if c is None else f'{100 * c:.1f}' for c in cells)} | "
-                     f"{100 * doc['average']['image_auroc']:.1f} | {100 * doc['average']['pixel_auroc']:.1f} | "
-                     f"{100 * doc['forgetting']['image_auroc']:.1f} | {100 * doc['forgetting']['pixel_auroc']:.1f} | {per_step} |")
+        summary = [doc["average"]["image_auroc"], doc["average"]["pixel_auroc"], doc["forgetting"]["image_auroc"], doc["forgetting"]["pixel_auroc"]]
+        lines.append(f"| {name} | {' | '.join(percent(c) for c in cells)} | {' | '.join(percent(v) for v in summary)} | {per_step} |")
     return "\n".join(lines)
 
 

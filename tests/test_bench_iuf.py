@@ -1,5 +1,6 @@
-"""The validation set used to choose reconstruction defaults (``bench_iuf --validation``): held-out
-normal TRAINING images + synthetic defects; it never reads a test image and never trains on its normals."""
+"""``benchmarks/bench_iuf``: the validation set used to choose reconstruction defaults (``--validation``:
+held-out normal TRAINING images + synthetic defects; it never reads a test image and never trains on
+its normals) and the results table (a one-step joint row has no forgetting)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_iuf import VALIDATION_FRACTION, VALIDATION_VARIANTS, validation_data
+from benchmarks.bench_iuf import VALIDATION_FRACTION, VALIDATION_VARIANTS, table, validation_data
 from benchmarks.synthetic_defects import synthetic_defects
 from components.data.manifest import read_dataset
 from tests.test_pipeline_helpers import make_tiny_products
@@ -38,3 +39,10 @@ def test_validation_data_holds_out_training_normals_and_reads_no_test_image(tmp_
         assert not set(normals) & set(kept["image_path"]), "validation normals are not trained on"
         assert batch.masks is not None and all(int(m.sum()) > 0 for m in batch.masks[len(normals):])
     assert test_paths <= set(kept["image_path"]) and len(kept) == len(manifest) - sum(int((b.labels == 0).sum()) for b in batches.values())
+
+
+def test_table_shows_undefined_forgetting_of_a_one_step_row_as_a_dash() -> None:
+    doc = {"final": {"image_auroc": {"grid": 0.5, "pcb": 0.25}}, "average": {"image_auroc": 0.375, "pixel_auroc": 0.9},
+           "forgetting": {"image_auroc": None, "pixel_auroc": None}, "bench_steps": [{"fit_wall_s": 10.2, "eval_wall_s": 1.0}]}
+    row = table({"joint": doc}).splitlines()[-1]
+    assert row == "| joint | 50.0 | – | – | 25.0 | 37.5 | 90.0 | – | – | [11] |"
