@@ -39,6 +39,7 @@ from components.config import Config, load_config
 from components.data.loading import load_images, task_data, test_batch, train_split
 from components.data.manifest import read_dataset
 from components.data.protocol import task_name, task_of_product, task_sequence
+from components.errors import DataError
 from components.eval.continual import AccuracyMatrix
 from components.eval.evaluate import evaluate_tasks
 from components.methods.iuf import IUF
@@ -86,11 +87,13 @@ def validation_data(manifest: pd.DataFrame, products: list[str], image_size: int
     """(manifest without the validation normals, per product: validation normals + their synthetic defects)."""
     fit, val = train_split(manifest, products, VALIDATION_FRACTION, VALIDATION_SEED)
     batches = {}
-    for product in products:
+    for index, product in enumerate(products):
         normals_paths = val.loc[val["product"] == product, "image_path"].tolist()
         donor_paths = fit.loc[fit["product"] == product, "image_path"].tolist()[:32]
+        if not normals_paths:
+            raise DataError(f"product {product!r}: too few normal training images to hold out validation normals (need >= 2)")
         normals, donors = load_images(normals_paths, image_size), load_images(donor_paths, image_size)
-        generator = torch.Generator().manual_seed(VALIDATION_SEED + len(batches))
+        generator = torch.Generator().manual_seed(VALIDATION_SEED + index)
         defects, masks = synthetic_defects(normals, donors, VALIDATION_VARIANTS, generator)
         n, m = len(normals), len(defects)
         batches[product] = ImageBatch(

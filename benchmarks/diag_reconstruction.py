@@ -33,6 +33,7 @@ from components.methods.reconstruction import (
     build_feature_extractor,
     error_maps,
     feature_jitter,
+    level_normalise,
     pooled_max_scores,
     to_tokens,
     upsample_maps,
@@ -90,9 +91,7 @@ def main() -> int:
         mu, sd = flat.mean(0), flat.std(0).clamp_min(1e-6)
         fit, val, syn = ((t - mu) / sd for t in (fit, val, syn))
     if args.level_norm:
-        from components.methods.reconstruction import level_normalise
-        sizes = extractor.level_channels
-        fit, val, syn = (level_normalise(t, sizes) for t in (fit, val, syn))
+        fit, val, syn = (level_normalise(t, extractor.level_channels) for t in (fit, val, syn))
     ref_mse = float(((fit - fit.mean(dim=(0, 1))) ** 2).mean())
     torch.manual_seed(cfg.seed)
     net = ReconstructionTransformer(fit.shape[-1], grid, rc, neighbor_mask=args.neighbor_mask, layerwise_queries=args.layerwise)

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from benchmarks.bench_iuf import VALIDATION_FRACTION, VALIDATION_VARIANTS, table, validation_data
 from benchmarks.synthetic_defects import synthetic_defects
 from components.data.manifest import read_dataset
+from components.errors import DataError
 from tests.test_pipeline_helpers import make_tiny_products
 
 
@@ -46,3 +48,12 @@ def test_table_shows_undefined_forgetting_of_a_one_step_row_as_a_dash() -> None:
            "forgetting": {"image_auroc": None, "pixel_auroc": None}, "bench_steps": [{"fit_wall_s": 10.2, "eval_wall_s": 1.0}]}
     row = table({"joint": doc}).splitlines()[-1]
     assert row == "| joint | 50.0 | – | – | 25.0 | 37.5 | 90.0 | – | – | [11] |"
+
+
+def test_validation_data_refuses_a_product_with_a_single_training_image(tmp_path: Path) -> None:
+    manifest = read_dataset(make_tiny_products(tmp_path / "data", n_products=2))
+    product = sorted(manifest["product"].unique())[0]
+    train = manifest[(manifest["product"] == product) & (manifest["split"] == "train")]
+    single = manifest.drop(index=train.index[1:])
+    with pytest.raises(DataError, match=f"product '{product}'.*too few normal training images"):
+        validation_data(single, sorted(manifest["product"].unique()), 32)

@@ -212,7 +212,7 @@ def test_early_stopping_keeps_the_best_epoch_on_heldout_training_normals() -> No
     log = method.fit_task(data)
     losses = log["heldout_losses"]
     assert 1 <= len(losses) <= 4 and log["best_epoch"] == 1 + losses.index(min(losses))
-    held = method._standardised(method.cache.features(data.heldout.images, data.heldout.paths).flatten(2).transpose(1, 2))
+    held = method._network_tokens(method.cache.features(data.heldout.images, data.heldout.paths).flatten(2).transpose(1, 2))
     assert method.heldout_loss(held, data.heldout.images) == pytest.approx(min(losses), rel=1e-5)
 
 
@@ -277,7 +277,7 @@ def test_iuf_level_norm_trains_on_level_normalised_tokens_and_is_checked_on_load
     first = task("red")
     method.fit_task(first)
     raw = to_tokens(method.cache.features(first.train.images, first.train.paths))
-    seen = method._standardised(raw)
+    seen = method._network_tokens(raw)
     sizes = method.extractor.level_channels
     assert sum(sizes) == raw.shape[-1] and method.feature_stats is None
     for part in seen.split(sizes, dim=-1):

@@ -67,6 +67,9 @@ from components.types import Prediction, TaskData
 
 log = logging.getLogger(__name__)
 
+# Architecture switches of states saved before a switch existed (a key missing from a state = its value here).
+LEGACY_ARCHITECTURE: dict[str, Any] = {"neighbor_mask": 0, "layerwise_queries": False, "standardise": False, "level_norm": False}
+
 class IUFNetwork(nn.Module):
     """Reconstruction transformer + optional OASA discriminator (same width, one category map per encoder layer)."""
 
@@ -110,7 +113,7 @@ class IUF(ContinualMethod):
         if self.feature_stats is None and self.config.iuf.standardise:
             self.feature_stats = channel_stats(tokens)
 
-    def _standardised(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _network_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """The network's tokens: level-normalised (``iuf.level_norm``) or standardised per channel with the
         first task's statistics (``iuf.standardise``, once they exist); else the raw features."""
         if self.config.iuf.level_norm:
@@ -155,9 +158,9 @@ class IUF(ContinualMethod):
         labels = torch.tensor([class_of[p] for p in data.train.products], dtype=torch.long)
         raw = to_tokens(self.cache.features(data.train.images, data.train.paths, desc=f"{data.name}: features"))
         self._set_feature_stats(raw)
-        feats = self._standardised(raw)
+        feats = self._network_tokens(raw)
         stopper = early_stopping(self.network, cfg.early_stopping_patience, len(data.heldout), f"iuf: task {data.name!r}", cfg.epochs)
-        held = (self._standardised(to_tokens(self.cache.features(data.heldout.images, data.heldout.paths))), data.heldout.images) if stopper is not None else None
+        held = (self._network_tokens(to_tokens(self.cache.features(data.heldout.images, data.heldout.paths))), data.heldout.images) if stopper is not None else None
         bases = {n: self.spans[n].basis(cfg.projection_energy) for n in self.projected_modules() if n in self.spans} if projected else {}
         train_log = self._train(data, feats, labels, held, stopper, generator, old_state, old_classes, bases, lr=cfg.incremental_lr if incremental else cfg.lr)
         self._add_spans(feats, data.train.images)
@@ -281,7 +284,7 @@ class IUF(ContinualMethod):
         bs = self.config.iuf.batch_size
         for start in range(0, b, bs):
             chunk = images[start : start + bs].to(self.device)
-            tokens = self._standardised(to_tokens(self.extractor(chunk)))
+            tokens = self._network_tokens(to_tokens(self.extractor(chunk)))
             recon, _, logits = self.network(tokens, chunk)
             grid_maps = error_maps(recon, tokens, self.grid).cpu()
             raw = upsample_maps(grid_maps, (h, w), 0.0)
@@ -321,7 +324,7 @@ class IUF(ContinualMethod):
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         architecture = self._architecture()
         if (meta["reconstruction"] != self.config.reconstruction.model_dump(mode="json") or meta["oasa"] != self.config.iuf.oasa
-                or {"level_norm": False, **meta.get("architecture", {"neighbor_mask": 0, "layerwise_queries": False, "standardise": False})} != architecture):
+                or {**LEGACY_ARCHITECTURE, **meta.get("architecture", {})} != architecture):
             raise ValueError("state was trained with other reconstruction/iuf.oasa/architecture settings than the current configuration")
         if meta["image_size"] != self.config.data.image_size:
             raise ValueError(f"state was trained at image size {meta['image_size']}, not {self.config.data.image_size}")
