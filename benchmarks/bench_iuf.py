@@ -15,7 +15,8 @@ row, which is legitimate because the backbone is frozen. Per-step wall and CPU s
 ``--validation``: choose defaults without test data. Each product's normal TRAINING images are split
 (``VALIDATION_FRACTION``, seeded apart from ``data.heldout_fraction``'s split); the methods train on
 the rest, and every product is "tested" on its validation normals plus ``VALIDATION_VARIANTS``
-synthetic-defect copies of each (``benchmarks/synthetic_defects``). No test image is read.
+synthetic-defect copies of each (``benchmarks/synthetic_defects``; ``--defects rectangles`` (default):
+cut-paste / offset patches, ``lines``: thin dark / bright strokes). No test image is read.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from benchmarks.synthetic_defects import synthetic_defects
+from benchmarks.synthetic_defects import line_defects, synthetic_defects
 from components.atomic import atomic_write_json
 from components.backbones.registry import build_backbone
 from components.config import Config, load_config
@@ -59,6 +60,7 @@ PROTOCOLS = {"1-1x3": (1, 1), "2-1x2": (2, 1)}
 VALIDATION_FRACTION = 0.25
 VALIDATION_SEED = 1009  # not the seed of data.heldout_fraction's split
 VALIDATION_VARIANTS = 2
+VALIDATION_DEFECTS = ("rectangles", "lines")
 
 log = logging.getLogger("bench_iuf")
 
@@ -83,8 +85,11 @@ class MemoFeatures:
         return torch.stack([self._store[k] for k in keys]).to(images.device)
 
 
-def validation_data(manifest: pd.DataFrame, products: list[str], image_size: int) -> tuple[pd.DataFrame, dict[str, ImageBatch]]:
-    """(manifest without the validation normals, per product: validation normals + their synthetic defects)."""
+def validation_data(manifest: pd.DataFrame, products: list[str], image_size: int, defects: str = "rectangles") -> tuple[pd.DataFrame, dict[str, ImageBatch]]:
+    """(manifest without the validation normals, per product: validation normals + their synthetic defects:
+    ``rectangles`` = ``synthetic_defects`` (cut-paste / offset patches), ``lines`` = ``line_defects`` (thin strokes))."""
+    if defects not in VALIDATION_DEFECTS:
+        raise ValueError(f"validation defects {defects!r} are not one of {VALIDATION_DEFECTS}")
     fit, val = train_split(manifest, products, VALIDATION_FRACTION, VALIDATION_SEED)
     batches = {}
     for index, product in enumerate(products):
@@ -94,10 +99,13 @@ def validation_data(manifest: pd.DataFrame, products: list[str], image_size: int
             raise DataError(f"product {product!r}: too few normal training images to hold out validation normals (need >= 2)")
         normals, donors = load_images(normals_paths, image_size), load_images(donor_paths, image_size)
         generator = torch.Generator().manual_seed(VALIDATION_SEED + index)
-        defects, masks = synthetic_defects(normals, donors, VALIDATION_VARIANTS, generator)
-        n, m = len(normals), len(defects)
+        if defects == "rectangles":
+            synthetic, masks = synthetic_defects(normals, donors, VALIDATION_VARIANTS, generator)
+        else:
+            synthetic, masks = line_defects(normals, VALIDATION_VARIANTS, generator)
+        n, m = len(normals), len(synthetic)
         batches[product] = ImageBatch(
-            images=torch.cat([normals, defects]), products=[product] * (n + m),
+            images=torch.cat([normals, synthetic]), products=[product] * (n + m),
             paths=normals_paths + [f"{normals_paths[i // VALIDATION_VARIANTS]}#synthetic{i % VALIDATION_VARIANTS}" for i in range(m)],
             labels=torch.tensor([0] * n + [1] * m), masks=torch.cat([torch.zeros(n, *masks.shape[1:], dtype=torch.uint8), masks]))
     kept = manifest[~manifest["image_path"].isin(set(val["image_path"]))].reset_index(drop=True)
@@ -161,13 +169,14 @@ def main() -> int:
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--protocols", default=",".join(PROTOCOLS))
     parser.add_argument("--validation", action="store_true", help="validation normals + synthetic defects instead of the test split")
+    parser.add_argument("--defects", choices=VALIDATION_DEFECTS, default="rectangles", help="--validation: the synthetic defects (benchmarks/synthetic_defects)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     base = load_config("params.yaml", ["method=iuf", f"data.root={args.data}", f"data.products={','.join(PRODUCTS)}", *args.overrides])
     manifest = read_dataset(Path(args.data), products=PRODUCTS)
     if args.validation:
-        manifest, batches = validation_data(manifest, PRODUCTS, base.data.image_size)
+        manifest, batches = validation_data(manifest, PRODUCTS, base.data.image_size, args.defects)
     else:
         batches = {p: test_batch(manifest, p, base.data.image_size) for p in PRODUCTS}
     shared: dict[str, Any] = {}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmarks.bench_iuf import VALIDATION_FRACTION, VALIDATION_VARIANTS, table, validation_data
-from benchmarks.synthetic_defects import synthetic_defects
+from benchmarks.synthetic_defects import line_defects, synthetic_defects
 from components.data.manifest import read_dataset
 from components.errors import DataError
 from tests.test_pipeline_helpers import make_tiny_products
@@ -25,11 +25,27 @@ def test_synthetic_defects_change_exactly_the_masked_rectangle() -> None:
         assert mask.sum() > 0 and torch.equal(changed, mask.bool())
 
 
+def test_line_defects_paint_thin_strokes_inside_their_masks_in_the_images_extreme_values() -> None:
+    gen = torch.Generator().manual_seed(0)
+    normals = torch.linspace(-1.0, 1.0, 64).expand(2, 3, 64, 64).contiguous()  # a horizontal ramp
+    images, masks = line_defects(normals, 3, gen)
+    assert images.shape == (6, 3, 64, 64) and masks.shape == (6, 64, 64)
+    for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
+        changed = (image != normals[i // 3]).any(dim=0)
+        assert 0 < int(mask.sum()) < 0.15 * mask.numel(), "thin strokes, not patches"
+        assert not (changed & ~mask.bool()).any(), "nothing outside the mask changes"
+        painted = image[:, mask.bool()]
+        extremes = torch.stack([normals[0].flatten(1).quantile(q, dim=1) for q in (0.01, 0.99)])
+        assert all(any(torch.allclose(px, e) for e in extremes) for px in painted.T), "strokes take the image's darkest or brightest value"
+
+
 def test_validation_data_holds_out_training_normals_and_reads_no_test_image(tmp_path: Path) -> None:
     root = make_tiny_products(tmp_path / "data", n_products=2)
     manifest = read_dataset(root)
     products = sorted(manifest["product"].unique())
     kept, batches = validation_data(manifest, products, 32)
+    _, lines = validation_data(manifest, products, 32, "lines")
+    assert all(torch.equal(lines[p].labels, batches[p].labels) and lines[p].paths == batches[p].paths for p in products)
     test_paths = set(manifest.loc[manifest["split"] == "test", "image_path"])
     for product in products:
         batch = batches[product]

@@ -19,10 +19,14 @@ from components.methods.reconstruction import (
     FeatureCache,
     ReconstructionTransformer,
     build_feature_extractor,
+    calibrate_positions,
+    error_maps,
     level_normalise,
     neighbour_mask,
     pooled_max_scores,
+    position_profile,
     to_tokens,
+    upsample_maps,
 )
 from components.methods.registry import build_method
 from components.methods.state_io import MethodStateError
@@ -291,3 +295,48 @@ def test_iuf_level_norm_trains_on_level_normalised_tokens_and_is_checked_on_load
         tiny_iuf().load(tmp_path / "levels")
     with pytest.raises(Exception, match="at most one"):
         tiny_iuf_config("iuf.level_norm=true", "iuf.standardise=true")
+
+
+def test_position_calibration_stops_a_noisy_border_ring_from_deciding_the_score() -> None:
+    gen = torch.Generator().manual_seed(0)
+    ring = torch.ones(8, 8, dtype=torch.bool)
+    ring[1:-1, 1:-1] = False
+    normals = torch.where(ring, 3.0, 1.0) * (1 + 0.05 * torch.randn(20, 8, 8, generator=gen))  # border cells always err 3x more
+    profile = position_profile(normals)
+    assert float(profile.mean()) == pytest.approx(1.0) and float(profile[0, 0]) > 2 * float(profile[4, 4])
+    torch.testing.assert_close(position_profile(7.0 * normals), profile)  # scale-free: products with other error levels share it
+    defect = torch.where(ring, 3.0, 1.0)[None].clone()
+    defect[0, 4, 4] = 2.5  # an interior defect, weaker than the border's usual error
+    raw_top, calibrated_top = int(defect.flatten(1).argmax()), int(calibrate_positions(defect, profile).flatten(1).argmax())
+    assert ring.flatten()[raw_top] and calibrated_top == 4 * 8 + 4
+    flat = calibrate_positions(profile[None] * 5.0, profile)
+    torch.testing.assert_close(flat, torch.full_like(flat, 5.0))
+
+
+def test_iuf_position_calibration_scores_with_the_mean_profile_of_learned_products_and_saves_it(tmp_path: Path) -> None:
+    method = tiny_iuf("iuf.score_calibration=position")
+    first, second = task("red"), task("blue", seed=5)
+    method.fit_task(first)
+    method.fit_task(second)
+    assert sorted(method.position_profiles) == ["blue", "red"]
+    for profile in method.position_profiles.values():
+        assert profile.shape == method.grid and float(profile.mean()) == pytest.approx(1.0)
+    images = torch.cat([product_images("red", 2, seed=9, size=SIZE), product_images("blue", 2, seed=9, size=SIZE)])
+    pred = method.predict(images)
+    tokens = method._network_tokens(to_tokens(method.extractor(images)))
+    recon, _, _ = method.network(tokens, images)
+    mean_profile = (method.position_profiles["red"] + method.position_profiles["blue"]) / 2
+    expected = upsample_maps(calibrate_positions(error_maps(recon, tokens, method.grid), mean_profile), (SIZE, SIZE), 0.0)
+    torch.testing.assert_close(pred.image_scores, pooled_max_scores(expected, method.config.iuf.score_pool))
+    method.config.iuf.score_calibration = "none"
+    assert not torch.allclose(method.predict(images).image_scores, pred.image_scores), "the profile changes the scores"
+    method.config.iuf.score_calibration = "position"
+    method.save(tmp_path / "calibrated")
+    restored = tiny_iuf("iuf.score_calibration=position")
+    restored.load(tmp_path / "calibrated")
+    torch.testing.assert_close(restored.predict(images).image_scores, pred.image_scores)
+    plain = tiny_iuf()
+    plain.fit_task(task("red"))
+    plain.save(tmp_path / "plain")
+    with pytest.raises(MethodStateError, match="score_calibration=position"):
+        tiny_iuf("iuf.score_calibration=position").load(tmp_path / "plain")

@@ -19,10 +19,13 @@ Per step (one task = one or several products trained jointly):
   ``finetune`` = plain updates (the "w/o update strategy" ablation).
 
 Loss: recon + ce_weight * CE + scl_weight * L_sc. Score: map = channel L2 norm of the
-reconstruction error on the grid, bilinearly upsampled (+ Gaussian smoothing); image score = max of
-the ``score_pool`` average-pooled (unsmoothed) map. Epochs are fixed, or early-stopped on the
-reconstruction loss of held-out TRAINING normals (``iuf.early_stopping_patience``; the shared
-``components/methods/early_stopping`` helper keeps the best epoch's weights); never on test data.
+reconstruction error on the grid (with ``iuf.score_calibration=position`` divided by the relative
+per-position error of the training normals, each product's profile taken right after its step and
+averaged over the learned products: no label at test time), bilinearly upsampled (+ Gaussian
+smoothing); image score = max of the ``score_pool`` average-pooled (unsmoothed) map. Epochs are
+fixed, or early-stopped on the reconstruction loss of held-out TRAINING normals
+(``iuf.early_stopping_patience``; the shared ``components/methods/early_stopping`` helper keeps the
+best epoch's weights); never on test data.
 """
 
 from __future__ import annotations
@@ -53,11 +56,13 @@ from components.methods.reconstruction import (
     FeatureCache,
     ReconstructionTransformer,
     build_feature_extractor,
+    calibrate_positions,
     channel_stats,
     error_maps,
     feature_jitter,
     level_normalise,
     pooled_max_scores,
+    position_profile,
     standardise,
     to_tokens,
     upsample_maps,
@@ -107,6 +112,7 @@ class IUF(ContinualMethod):
         self.task_of_product: dict[str, str] = {}
         self.spans: dict[str, ActivationSpan] = {}
         self.feature_stats: tuple[torch.Tensor, torch.Tensor] | None = None  # channel mean, std of the first task's training tokens
+        self.position_profiles: dict[str, torch.Tensor] = {}  # per product: relative per-position error of its training normals
 
     def _set_feature_stats(self, tokens: torch.Tensor) -> None:
         """Channel mean and std of the first task's training tokens (frozen afterwards); only with ``iuf.standardise``."""
@@ -164,6 +170,8 @@ class IUF(ContinualMethod):
         bases = {n: self.spans[n].basis(cfg.projection_energy) for n in self.projected_modules() if n in self.spans} if projected else {}
         train_log = self._train(data, feats, labels, held, stopper, generator, old_state, old_classes, bases, lr=cfg.incremental_lr if incremental else cfg.lr)
         self._add_spans(feats, data.train.images)
+        if cfg.score_calibration == "position":
+            self._add_position_profiles(feats, data.train.images, data.train.products)
         self.tasks.append(data.name)
         self.products.extend(data.products)
         self.task_of_product.update({p: data.name for p in data.products})
@@ -272,6 +280,32 @@ class IUF(ContinualMethod):
             span = self.spans.setdefault(name, ActivationSpan(modules[name].in_features))
             span.add_task(torch.cat(chunks))
 
+    @torch.no_grad()
+    def _error_grid(self, tokens: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) reconstruction error maps of network tokens (eval mode, no jitter), on the CPU."""
+        self.network.eval()
+        bs = self.config.iuf.batch_size
+        maps = []
+        for start in range(0, len(tokens), bs):
+            chunk = tokens[start : start + bs].to(self.device)
+            recon, _, _ = self.network(chunk, images[start : start + bs].to(self.device))
+            maps.append(error_maps(recon, chunk, self.grid).cpu())
+        return torch.cat(maps)
+
+    def _add_position_profiles(self, tokens: torch.Tensor, images: torch.Tensor, products: list[str]) -> None:
+        """Each new product's ``position_profile`` from its training normals, with the network just trained."""
+        maps = self._error_grid(tokens, images)
+        for product in dict.fromkeys(products):
+            rows = torch.tensor([p == product for p in products])
+            self.position_profiles[product] = position_profile(maps[rows])
+
+    def score_profile(self) -> torch.Tensor | None:
+        """The profile that divides every error map (``iuf.score_calibration=position``): the mean of the
+        learned products' profiles (no product label at test time); None without calibration."""
+        if self.config.iuf.score_calibration != "position":
+            return None
+        return torch.stack([self.position_profiles[p] for p in self.products]).mean(0)
+
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def predict(self, images: torch.Tensor, true_tasks: list[str] | None = None) -> Prediction:
@@ -282,11 +316,14 @@ class IUF(ContinualMethod):
         b, _, h, w = images.shape
         scores, maps, routed = [], [], []
         bs = self.config.iuf.batch_size
+        profile = self.score_profile()
         for start in range(0, b, bs):
             chunk = images[start : start + bs].to(self.device)
             tokens = self._network_tokens(to_tokens(self.extractor(chunk)))
             recon, _, logits = self.network(tokens, chunk)
             grid_maps = error_maps(recon, tokens, self.grid).cpu()
+            if profile is not None:
+                grid_maps = calibrate_positions(grid_maps, profile)
             raw = upsample_maps(grid_maps, (h, w), 0.0)
             scores.append(pooled_max_scores(raw, self.config.iuf.score_pool))
             maps.append(upsample_maps(grid_maps, (h, w), self.config.iuf.smoothing_sigma))
@@ -307,6 +344,7 @@ class IUF(ContinualMethod):
         tensors.update({f"span/{n}": s.moment for n, s in self.spans.items()})
         if self.feature_stats is not None:
             tensors.update({"stats/mean": self.feature_stats[0], "stats/std": self.feature_stats[1]})
+        tensors.update({f"profile/{p}": v for p, v in self.position_profiles.items()})
         return tensors
 
     def state_meta(self) -> dict[str, Any]:
@@ -336,4 +374,8 @@ class IUF(ContinualMethod):
         self.network.to(self.device).eval()
         self.spans = {k[5:]: ActivationSpan(v.shape[0], v) for k, v in tensors.items() if k.startswith("span/")}
         self.feature_stats = (tensors["stats/mean"], tensors["stats/std"]) if "stats/mean" in tensors else None
+        self.position_profiles = {k[8:]: v for k, v in tensors.items() if k.startswith("profile/")}
+        missing = [p for p in self.products if p not in self.position_profiles]
+        if self.config.iuf.score_calibration == "position" and missing:
+            raise ValueError(f"iuf.score_calibration=position: the state has no position profile of products {missing} (trained with score_calibration=none)")
         self.tasks = list(meta["tasks"])

@@ -14,7 +14,9 @@ UniAD-style pipeline (You et al. 2022), nothing method-specific:
   Encoder layers accept an optional multiplicative modulation of their query input (a generic hook;
   IUF's object-aware attention plugs in there).
 - ``error_maps`` / ``pooled_max_scores``: per-token L2 reconstruction error, upsampled; image score =
-  max of the average-pooled map.
+  max of the average-pooled map. ``position_profile`` / ``calibrate_positions``: divide the error map by
+  the relative error of every grid position on normal images (scale-free, so profiles of several
+  products can be averaged).
 """
 
 from __future__ import annotations
@@ -359,6 +361,23 @@ def error_maps(reconstruction: torch.Tensor, target: torch.Tensor, grid: tuple[i
     """(B, h, w) channel L2 norm of ``reconstruction - target`` (both (B, N, C))."""
     err = torch.linalg.vector_norm(reconstruction - target, dim=-1)
     return err.reshape(err.shape[0], *grid)
+
+
+PROFILE_FLOOR = 0.1  # smallest relative position error used for calibration (a position 10x quieter than average)
+
+
+def position_profile(maps: torch.Tensor) -> torch.Tensor:
+    """(h, w) relative error of every grid position in (B, h, w) error maps of normal images: the mean
+    map divided by its own mean (unit mean, so a product's error scale drops out)."""
+    mean = maps.double().mean(0)
+    return (mean / mean.mean().clamp_min(1e-12)).float()
+
+
+def calibrate_positions(maps: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
+    """(B, h, w) error maps divided by a ``position_profile`` (floored at ``PROFILE_FLOOR``): positions that
+    are always hard to reconstruct (the border ring, where padding shapes the features) no longer
+    decide the image score."""
+    return maps / profile.to(maps.device).clamp_min(PROFILE_FLOOR)
 
 
 def upsample_maps(grid_maps: torch.Tensor, size: tuple[int, int], sigma: float) -> torch.Tensor:
