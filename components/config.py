@@ -330,7 +330,7 @@ class IUFConfig(Section):
     projection_energy: float = Field(0.99, gt=0.0, le=1.0)  # old-activation span = top directions holding this energy
     score_pool: int = Field(16, ge=1)  # image score = max of the score_pool x score_pool average-pooled map
     smoothing_sigma: float = Field(4.0, ge=0.0)  # Gaussian smoothing of the upsampled map (px); 0 = off
-    score_calibration: Literal["none", "position"] = "none"  # position: error map / relative per-position error of the training normals, averaged over learned products
+    score_calibration: Literal["none", "position"] = "position"  # position: error map / relative per-position error of the training normals, averaged over learned products
 
     @model_validator(mode="after")
     def _one_normalisation(self) -> IUFConfig:

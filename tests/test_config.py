@@ -69,3 +69,10 @@ def test_ib_iumad_training_and_scoring_knobs_are_validated() -> None:
                      ("ib_iumad.score_calibration=pixels", "score_calibration"), ("ib_iumad.combine=mean", "combine")]:
         with pytest.raises(ConfigError, match=rf"ib_iumad\.{key}"):
             load_config(REPO_ROOT / "params.yaml", [bad])
+
+
+def test_iuf_score_calibration_defaults_to_position_and_is_validated() -> None:
+    assert load_config(REPO_ROOT / "params.yaml").iuf.score_calibration == "position"
+    assert load_config(REPO_ROOT / "params.yaml", ["iuf.score_calibration=none"]).iuf.score_calibration == "none"
+    with pytest.raises(ConfigError, match=r"iuf\.score_calibration"):
+        load_config(REPO_ROOT / "params.yaml", ["iuf.score_calibration=border"])
