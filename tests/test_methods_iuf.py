@@ -335,7 +335,7 @@ def test_iuf_position_calibration_scores_with_the_mean_profile_of_learned_produc
     restored = tiny_iuf("iuf.score_calibration=position")
     restored.load(tmp_path / "calibrated")
     torch.testing.assert_close(restored.predict(images).image_scores, pred.image_scores)
-    plain = tiny_iuf()
+    plain = tiny_iuf("iuf.score_calibration=none")
     plain.fit_task(task("red"))
     plain.save(tmp_path / "plain")
     with pytest.raises(MethodStateError, match="score_calibration=position"):
