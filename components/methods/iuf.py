@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -169,9 +170,9 @@ class IUF(ContinualMethod):
         held = (self._network_tokens(to_tokens(self.cache.features(data.heldout.images, data.heldout.paths))), data.heldout.images) if stopper is not None else None
         bases = {n: self.spans[n].basis(cfg.projection_energy) for n in self.projected_modules() if n in self.spans} if projected else {}
         train_log = self._train(data, feats, labels, held, stopper, generator, old_state, old_classes, bases, lr=cfg.incremental_lr if incremental else cfg.lr)
-        self._add_spans(feats, data.train.images)
+        train_maps = self._add_spans(feats, data.train.images)
         if cfg.score_calibration == "position":
-            self._add_position_profiles(feats, data.train.images, data.train.products)
+            self._add_position_profiles(train_maps, data.train.products)
         self.tasks.append(data.name)
         self.products.extend(data.products)
         self.task_of_product.update({p: data.name for p in data.products})
@@ -256,45 +257,36 @@ class IUF(ContinualMethod):
             elif name.startswith("oasa.head.") and old_classes > 0:
                 retain_(param.data[:old_classes], old[:old_classes], rate)
 
-    @torch.no_grad()
-    def heldout_loss(self, tokens: torch.Tensor, images: torch.Tensor) -> float:
-        """Mean reconstruction loss (no jitter, eval mode) of held-out training normals."""
-        self.network.eval()
-        total = 0.0
-        bs = self.config.iuf.batch_size
-        for start in range(0, len(tokens), bs):
-            recon, _, _ = self.network(tokens[start : start + bs].to(self.device), images[start : start + bs].to(self.device))
-            total += float(self._recon_loss(recon, tokens[start : start + bs].to(self.device))) * len(recon)
-        return total / max(1, len(tokens))
-
-    @torch.no_grad()
-    def _add_spans(self, tokens: torch.Tensor, images: torch.Tensor) -> None:
-        """Add this task's input activations of every projected layer to its old-task span."""
-        modules = self.projected_modules()
+    def _eval_reconstructions(self, tokens: torch.Tensor, images: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(token batch on the device, its reconstruction) per ``iuf.batch_size`` batch, eval mode, no jitter."""
         self.network.eval()
         bs = self.config.iuf.batch_size
-        with input_activations(modules) as collected:
-            for start in range(0, len(tokens), bs):
-                self.network(tokens[start : start + bs].to(self.device), images[start : start + bs].to(self.device))
-        for name, chunks in collected.items():
-            span = self.spans.setdefault(name, ActivationSpan(modules[name].in_features))
-            span.add_task(torch.cat(chunks))
-
-    @torch.no_grad()
-    def _error_grid(self, tokens: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """(B, h, w) reconstruction error maps of network tokens (eval mode, no jitter), on the CPU."""
-        self.network.eval()
-        bs = self.config.iuf.batch_size
-        maps = []
         for start in range(0, len(tokens), bs):
             chunk = tokens[start : start + bs].to(self.device)
             recon, _, _ = self.network(chunk, images[start : start + bs].to(self.device))
-            maps.append(error_maps(recon, chunk, self.grid).cpu())
-        return torch.cat(maps)
+            yield chunk, recon
 
-    def _add_position_profiles(self, tokens: torch.Tensor, images: torch.Tensor, products: list[str]) -> None:
-        """Each new product's ``position_profile`` from its training normals, with the network just trained."""
-        maps = self._error_grid(tokens, images)
+    @torch.no_grad()
+    def heldout_loss(self, tokens: torch.Tensor, images: torch.Tensor) -> float:
+        """Mean reconstruction loss (no jitter, eval mode) of held-out training normals."""
+        total = sum(float(self._recon_loss(recon, chunk)) * len(recon) for chunk, recon in self._eval_reconstructions(tokens, images))
+        return total / max(1, len(tokens))
+
+    @torch.no_grad()
+    def _add_spans(self, tokens: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Add this task's input activations of every projected layer to its old-task span; returns the
+        (B, h, w) error maps of the same forward pass (on the CPU)."""
+        modules = self.projected_modules()
+        with input_activations(modules) as collected:
+            maps = torch.cat([error_maps(recon, chunk, self.grid).cpu() for chunk, recon in self._eval_reconstructions(tokens, images)])
+        for name, chunks in collected.items():
+            span = self.spans.setdefault(name, ActivationSpan(modules[name].in_features))
+            span.add_task(torch.cat(chunks))
+        return maps
+
+    def _add_position_profiles(self, maps: torch.Tensor, products: list[str]) -> None:
+        """Each new product's ``position_profile`` from the error maps of its training normals, with the
+        network just trained."""
         for product in dict.fromkeys(products):
             rows = torch.tensor([p == product for p in products])
             self.position_profiles[product] = position_profile(maps[rows])
@@ -366,6 +358,10 @@ class IUF(ContinualMethod):
             raise ValueError("state was trained with other reconstruction/iuf.oasa/architecture settings than the current configuration")
         if meta["image_size"] != self.config.data.image_size:
             raise ValueError(f"state was trained at image size {meta['image_size']}, not {self.config.data.image_size}")
+        profiles = {k[8:]: v for k, v in tensors.items() if k.startswith("profile/")}
+        missing = [p for p in meta["products"] if p not in profiles]
+        if self.config.iuf.score_calibration == "position" and missing:
+            raise ValueError(f"iuf.score_calibration=position: the state has no position profile of products {missing} (trained with score_calibration=none)")
         self.products = list(meta["products"])
         self.task_of_product = dict(meta["task_of_product"])
         if self.network.oasa is not None:
@@ -374,8 +370,5 @@ class IUF(ContinualMethod):
         self.network.to(self.device).eval()
         self.spans = {k[5:]: ActivationSpan(v.shape[0], v) for k, v in tensors.items() if k.startswith("span/")}
         self.feature_stats = (tensors["stats/mean"], tensors["stats/std"]) if "stats/mean" in tensors else None
-        self.position_profiles = {k[8:]: v for k, v in tensors.items() if k.startswith("profile/")}
-        missing = [p for p in self.products if p not in self.position_profiles]
-        if self.config.iuf.score_calibration == "position" and missing:
-            raise ValueError(f"iuf.score_calibration=position: the state has no position profile of products {missing} (trained with score_calibration=none)")
+        self.position_profiles = profiles
         self.tasks = list(meta["tasks"])
