@@ -17,8 +17,10 @@ from components.methods.iuf_network import ActivationSpan, ObjectDiscriminator, 
 from components.methods.reconstruction import (
     Attention,
     FeatureCache,
+    IntegerMaskDropout,
     ReconstructionTransformer,
     build_feature_extractor,
+    attention_bias,
     calibrate_positions,
     error_maps,
     level_normalise,
@@ -238,6 +240,41 @@ def test_neighbour_mask_bars_each_tokens_window_from_its_attention() -> None:
     outside[0, 0] += 5.0  # far away: attended
     torch.testing.assert_close(attn(x, inside, inside, mask)[0, centre], out)
     assert not torch.allclose(attn(x, outside, outside, mask)[0, centre], out)
+    torch.testing.assert_close(attn(x, x, x, attention_bias(mask)), attn(x, x, x, mask))  # the transformer's float form
+
+
+def test_integer_mask_dropout_is_inverted_dropout() -> None:
+    torch.manual_seed(0)
+    drop = IntegerMaskDropout(0.25)
+    x = torch.rand(64, 200, 32) + 0.5
+    y = drop(x)
+    kept = y != 0
+    assert abs(float(kept.float().mean()) - 0.75) < 0.01  # keep rate 1 - p
+    torch.testing.assert_close(y[kept], x[kept] / 0.75)  # survivors scaled by 1 / (1 - p)
+    x.requires_grad_(True)
+    y = drop(x)
+    y.sum().backward()
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad, (y != 0).float() / 0.75)  # gradient through the same mask
+    assert drop.eval()(x) is x and IntegerMaskDropout(0.0).train()(x) is x
+    with pytest.raises(ValueError, match="dropout probability"):
+        IntegerMaskDropout(1.0)
+
+
+def test_pooled_image_inputs_give_the_network_the_same_outputs() -> None:
+    method = tiny_iuf()
+    images = product_images("red", 3, 0, size=SIZE)
+    tokens = torch.randn(3, method.grid[0] * method.grid[1], method.extractor.channels)
+    method.network.eval()
+    pooled = method.network.image_inputs(images)
+    assert pooled.shape[-1] < images.shape[-1]
+    for got, want in zip(method.network(tokens, pooled), method.network(tokens, images), strict=True):
+        if isinstance(want, list):
+            for g, w in zip(got, want, strict=True):
+                torch.testing.assert_close(g, w, rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert tiny_iuf("iuf.oasa=false").network.image_inputs(images).shape == (3, 0)
 
 
 def test_layerwise_query_decoder_has_queries_per_layer_and_reconstructs() -> None:

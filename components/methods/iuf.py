@@ -85,6 +85,11 @@ class IUFNetwork(nn.Module):
         self.recon = ReconstructionTransformer(channels, grid, rcfg, neighbor_mask=config.iuf.neighbor_mask, layerwise_queries=config.iuf.layerwise_queries)
         self.oasa = ObjectDiscriminator(grid, rcfg.hidden, rcfg.heads, rcfg.encoder_layers, rcfg.ffn, rcfg.dropout) if config.iuf.oasa else None
 
+    def image_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """What ``forward`` needs of raw images, computed once per task instead of once per batch: the OASA
+        discriminator's pooled input (identical results: pooling it again is the identity), or (B, 0) without OASA."""
+        return images.new_zeros(len(images), 0) if self.oasa is None else self.oasa.pool(images)
+
     def forward(self, tokens: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
         """(reconstruction (B, N, C), decoder latents, class logits or None) of input tokens and raw images."""
         modulations, logits = (None, None) if self.oasa is None else self.oasa(images)
@@ -167,10 +172,12 @@ class IUF(ContinualMethod):
         self._set_feature_stats(raw)
         feats = self._network_tokens(raw)
         stopper = early_stopping(self.network, cfg.early_stopping_patience, len(data.heldout), f"iuf: task {data.name!r}", cfg.epochs)
-        held = (self._network_tokens(to_tokens(self.cache.features(data.heldout.images, data.heldout.paths))), data.heldout.images) if stopper is not None else None
+        held = (self._network_tokens(to_tokens(self.cache.features(data.heldout.images, data.heldout.paths))),
+                self.network.image_inputs(data.heldout.images)) if stopper is not None else None
         bases = {n: self.spans[n].basis(cfg.projection_energy) for n in self.projected_modules() if n in self.spans} if projected else {}
-        train_log = self._train(data, feats, labels, held, stopper, generator, old_state, old_classes, bases, lr=cfg.incremental_lr if incremental else cfg.lr)
-        train_maps = self._add_spans(feats, data.train.images)
+        inputs = self.network.image_inputs(data.train.images)
+        train_log = self._train(data.name, feats, inputs, labels, held, stopper, generator, old_state, old_classes, bases, lr=cfg.incremental_lr if incremental else cfg.lr)
+        train_maps = self._add_spans(feats, inputs)
         if cfg.score_calibration == "position":
             self._add_position_profiles(train_maps, data.train.products)
         self.tasks.append(data.name)
@@ -204,7 +211,7 @@ class IUF(ContinualMethod):
         weights = {"recon": 1.0, "ce": cfg.ce_weight, "scl": cfg.scl_weight}
         return sum(weights[k] * v for k, v in losses.items())  # type: ignore[return-value]
 
-    def _train(self, data: TaskData, feats: torch.Tensor, labels: torch.Tensor, held: tuple[torch.Tensor, torch.Tensor] | None,
+    def _train(self, task: str, feats: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, held: tuple[torch.Tensor, torch.Tensor] | None,
                stopper: EarlyStopping | None, generator: torch.Generator,
                old_state: dict[str, torch.Tensor], old_classes: int, bases: dict[str, tuple[torch.Tensor, torch.Tensor]], lr: float) -> dict[str, Any]:
         cfg = self.config.iuf
@@ -212,11 +219,10 @@ class IUF(ContinualMethod):
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
         modules = self.projected_modules()
         named = dict(self.network.named_parameters())
-        images = data.train.images
         history: dict[str, list[float]] = {}
         batches_per_epoch = max(1, len(feats) // cfg.batch_size)
         epochs = max(cfg.epochs, -(-cfg.min_steps // batches_per_epoch))  # ceil: at least min_steps updates
-        bar = progress_bar(range(1, epochs + 1), desc=f"iuf {data.name}", leave=False)
+        bar = progress_bar(range(1, epochs + 1), desc=f"iuf {task}", leave=False)
         for epoch in bar:
             self.network.train()
             order = torch.randperm(len(feats), generator=generator)
@@ -238,9 +244,9 @@ class IUF(ContinualMethod):
             for k, v in sums.items():
                 history.setdefault(k, []).append(v / len(feats))
             bar.set_postfix({k: f"{v[-1]:.4f}" for k, v in history.items()})
-            log.info("iuf: task %r epoch %d %s", data.name, epoch, {k: round(v[-1], 5) for k, v in history.items()})
+            log.info("iuf: task %r epoch %d %s", task, epoch, {k: round(v[-1], 5) for k, v in history.items()})
             if stopper is not None and held is not None and stopper.step(epoch, self.heldout_loss(*held)):
-                log.info("iuf: task %r early stop at epoch %d (best %d)", data.name, epoch, stopper.best_epoch)
+                log.info("iuf: task %r early stop at epoch %d (best %d)", task, epoch, stopper.best_epoch)
                 break
         if stopper is not None:
             stopper.restore()

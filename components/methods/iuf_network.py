@@ -68,9 +68,13 @@ class ObjectDiscriminator(nn.Module):
         self.blocks = nn.ModuleList(EncoderLayer(dim, heads, ffn, dropout) for _ in range(blocks))
         self.head = GrowingHead(dim)
 
-    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def pool(self, images: torch.Tensor) -> torch.Tensor:
+        """Images average-pooled to the patch embedding's input size (4h x 4w); pooling them again is the identity."""
         h, w = self.grid
-        x = F.adaptive_avg_pool2d(images, (EMBED_PATCH * h, EMBED_PATCH * w))
+        return F.adaptive_avg_pool2d(images, (EMBED_PATCH * h, EMBED_PATCH * w))
+
+    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        x = self.pool(images)
         x = F.relu(self.embed_norm(self.embed(x).flatten(2).transpose(1, 2)))
         maps = []
         for block in self.blocks:
