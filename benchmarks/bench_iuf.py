@@ -1,6 +1,6 @@
 """IUF and its ablations on the real sequence (../shared/data/real-ad) under X-Y protocols.
 
-Run: ``.venv/bin/python -m benchmarks.bench_iuf [--data DIR] [--out runs/bench-iuf] [--rows ...] [--protocols 1-1x3,2-1x2] [key=value ...]``
+Run: ``.venv/bin/python -m benchmarks.bench_iuf [--data DIR] [--out runs/bench-iuf] [--rows ...] [--protocols 1-1x3,2-1x2] [--figure] [key=value ...]``
 
 Rows: ``iuf_full`` (defaults), ``iuf_no_oasa`` (iuf.oasa=false), ``iuf_no_scl`` (iuf.scl=false),
 ``iuf_finetune`` (iuf.update_strategy=finetune, "w/o update strategy"), ``joint`` (all products in one
@@ -34,7 +34,8 @@ import pandas as pd
 import torch
 
 from benchmarks.synthetic_defects import line_defects, synthetic_defects
-from components.atomic import atomic_write_json
+from benchmarks.iuf_calibration_figure import calibration_figure
+from components.atomic import atomic_write_bytes, atomic_write_json
 from components.backbones.registry import build_backbone
 from components.config import Config, load_config
 from components.data.loading import load_images, task_data, test_batch, train_split
@@ -112,8 +113,10 @@ def validation_data(manifest: pd.DataFrame, products: list[str], image_size: int
     return kept, batches
 
 
-def run_row(cfg: Config, manifest: Any, tasks: list[list[str]], batches: dict[str, Any], shared: dict[str, Any], name: str) -> dict[str, Any]:
-    """Train ``tasks`` one step at a time, evaluating all learned products after each step."""
+def run_row(cfg: Config, manifest: Any, tasks: list[list[str]], batches: dict[str, Any], shared: dict[str, Any], name: str,
+            figure: Path | None = None) -> dict[str, Any]:
+    """Train ``tasks`` one step at a time, evaluating all learned products after each step; with ``figure``
+    the final model's ``calibration_figure`` is written there (PNG)."""
     backbone = shared.setdefault("backbone", build_backbone(cfg.backbone, cfg.data.image_size))
     method = IUF(cfg, backbone)
     if "memo" not in shared:
@@ -142,6 +145,8 @@ def run_row(cfg: Config, manifest: Any, tasks: list[list[str]], batches: dict[st
         print(f"[{name}] step {index} {data.name}: fit {fit_wall:.0f}s wall / {fit_cpu:.0f}s cpu, eval {eval_wall:.0f}s; image AUROC {aurocs}", flush=True)
     doc = matrix.to_metrics_json("iuf", cfg.protocol.name)
     doc["bench_steps"] = steps
+    if figure is not None:
+        atomic_write_bytes(figure, calibration_figure(method, batches))
     return doc
 
 
@@ -170,6 +175,7 @@ def main() -> int:
     parser.add_argument("--protocols", default=",".join(PROTOCOLS))
     parser.add_argument("--validation", action="store_true", help="validation normals + synthetic defects instead of the test split")
     parser.add_argument("--defects", choices=VALIDATION_DEFECTS, default="rectangles", help="--validation: the synthetic defects (benchmarks/synthetic_defects)")
+    parser.add_argument("--figure", action="store_true", help="also write OUT/<protocol>/<row>/calibration.png (needs iuf.score_calibration=position)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -191,7 +197,8 @@ def main() -> int:
             x, y = (len(PRODUCTS), 1) if row == "joint" else PROTOCOLS[protocol]
             cfg = load_config("params.yaml", ["method=iuf", f"data.root={args.data}", f"data.products={','.join(PRODUCTS)}",
                                               f"protocol.base_tasks={x}", f"protocol.step_tasks={y}", *ROWS[row], *args.overrides])
-            docs[row] = run_row(cfg, manifest, task_sequence(PRODUCTS, x, y), batches, shared, f"{protocol}/{row}")
+            figure = path.with_name("calibration.png") if args.figure else None
+            docs[row] = run_row(cfg, manifest, task_sequence(PRODUCTS, x, y), batches, shared, f"{protocol}/{row}", figure)
             atomic_write_json(path, docs[row])
         print(f"\n### {protocol}\n\n{table(docs)}\n", flush=True)
     return 0

@@ -73,3 +73,30 @@ def test_validation_data_refuses_a_product_with_a_single_training_image(tmp_path
     single = manifest.drop(index=train.index[1:])
     with pytest.raises(DataError, match=f"product '{product}'.*too few normal training images"):
         validation_data(single, sorted(manifest["product"].unique()), 32)
+
+
+def test_calibration_figure_of_a_trained_iuf_and_its_input_errors() -> None:
+    from benchmarks.iuf_calibration_figure import calibration_figure, first_good_and_defect
+    from components.methods.reconstruction import calibrate_positions, pooled_max_scores, upsample_maps
+    from components.types import ImageBatch
+    from tests.test_methods_iuf import task, tiny_iuf
+
+    method = tiny_iuf()
+    method.fit_task(task("red"))
+    images = torch.cat([task("red", 2, seed=5).train.images, task("red", 2, seed=6).train.images])
+    images[2:, :, 20:40, 20:40] = 3.0  # defective copies
+    masks = torch.zeros(4, images.shape[-2], images.shape[-1], dtype=torch.uint8)
+    masks[2:, 20:40, 20:40] = 1
+    batch = ImageBatch(images, ["red"] * 4, [f"t{i}" for i in range(4)], labels=torch.tensor([0, 0, 1, 1]), masks=masks)
+    assert first_good_and_defect(batch) == (0, 2)
+    raw = method.raw_error_maps(images)  # the figure's raw maps are the ones predict calibrates
+    expected = pooled_max_scores(upsample_maps(calibrate_positions(raw, method.score_profile()), tuple(images.shape[-2:]), 0.0), method.config.iuf.score_pool)
+    torch.testing.assert_close(method.predict(images).image_scores, expected)
+    png = calibration_figure(method, {"red": batch})
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    with pytest.raises(ValueError, match="good and one defective"):
+        first_good_and_defect(ImageBatch(images, ["red"] * 4, [f"t{i}" for i in range(4)], labels=torch.zeros(4, dtype=torch.long)))
+    plain = tiny_iuf("iuf.score_calibration=none")
+    plain.fit_task(task("red"))
+    with pytest.raises(ValueError, match="no position profiles"):
+        calibration_figure(plain, {"red": batch})

@@ -305,6 +305,20 @@ class IUF(ContinualMethod):
         return torch.stack([self.position_profiles[p] for p in self.products]).mean(0)
 
     # ------------------------------------------------------------------ inference
+    def _grid_error_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(uncalibrated (B, h, w) error maps on the CPU, OASA class logits or None) of one batch of images."""
+        chunk = images.to(self.device)
+        tokens = self._network_tokens(to_tokens(self.extractor(chunk)))
+        recon, _, logits = self.network(tokens, chunk)
+        return error_maps(recon, tokens, self.grid).cpu(), logits
+
+    @torch.no_grad()
+    def raw_error_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) grid error maps before any ``iuf.score_calibration`` (for figures and diagnosis)."""
+        self.network.eval()
+        bs = self.config.iuf.batch_size
+        return torch.cat([self._grid_error_maps(images[i : i + bs])[0] for i in range(0, len(images), bs)])
+
     @torch.no_grad()
     def predict(self, images: torch.Tensor, true_tasks: list[str] | None = None) -> Prediction:
         """Score images without any product label (``true_tasks`` is ignored)."""
@@ -316,10 +330,7 @@ class IUF(ContinualMethod):
         bs = self.config.iuf.batch_size
         profile = self.score_profile()
         for start in range(0, b, bs):
-            chunk = images[start : start + bs].to(self.device)
-            tokens = self._network_tokens(to_tokens(self.extractor(chunk)))
-            recon, _, logits = self.network(tokens, chunk)
-            grid_maps = error_maps(recon, tokens, self.grid).cpu()
+            grid_maps, logits = self._grid_error_maps(images[start : start + bs])
             if profile is not None:
                 grid_maps = calibrate_positions(grid_maps, profile)
             raw = upsample_maps(grid_maps, (h, w), 0.0)
@@ -328,7 +339,7 @@ class IUF(ContinualMethod):
             if logits is not None:
                 routed += [self.task_of_product[self.products[i]] for i in logits.argmax(dim=1).tolist()]
             else:
-                routed += [self.tasks[-1]] * len(chunk)
+                routed += [self.tasks[-1]] * len(grid_maps)
         return Prediction(image_scores=torch.cat(scores), anomaly_maps=torch.cat(maps), routed_tasks=routed)
 
     # ------------------------------------------------------------------ state
