@@ -45,10 +45,10 @@ def _map_panel(ax: Any, grid_map: torch.Tensor, size: tuple[int, int], sigma: fl
 
 def calibration_figure(method: IUF, batches: dict[str, ImageBatch]) -> bytes:
     """PNG bytes of the figure described in the module docstring for ``method``'s learned products."""
-    if not method.position_profiles:
+    profile = method.score_profile() if method.position_profiles else None
+    if profile is None:
         raise ValueError("calibration figure: the model has no position profiles (trained with iuf.score_calibration=none)")
     products = [p for p in method.products if p in batches]
-    profile = torch.stack([method.position_profiles[p] for p in method.products]).mean(0)
     cfg = method.config.iuf
     fig = Figure(figsize=(2.1 * 6, 2.3 * (len(products) + 1)))
     axes = fig.subplots(len(products) + 1, 6, squeeze=False)
