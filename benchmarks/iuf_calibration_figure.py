@@ -5,7 +5,7 @@ product's own profile. Then one row per product: its FIRST good and FIRST defect
 order, not picked), each with the raw error map and the calibrated one. Each map's title gives the
 image score (max of the ``score_pool`` average-pooled map) and a cross marks the grid cell holding the
 map's maximum: on the raw maps of normal images it tends to sit on the border ring, which is what the
-calibration removes. Raw and calibrated maps of one product share their colour range.
+calibration removes. The raw maps of one product share one colour range, its calibrated maps another.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def calibration_figure(method: IUF, batches: dict[str, ImageBatch]) -> bytes:
         raise ValueError("calibration figure: the model has no position profiles (trained with iuf.score_calibration=none)")
     products = [p for p in method.products if p in batches]
     cfg = method.config.iuf
-    fig = Figure(figsize=(2.1 * 6, 2.3 * (len(products) + 1)))
+    fig = Figure(figsize=(2.1 * 6, 2.3 * (len(products) + 1)), layout="constrained")
     axes = fig.subplots(len(products) + 1, 6, squeeze=False)
     for ax in axes.flat:
         ax.set_xticks([])

@@ -2,8 +2,8 @@
 
 Run: ``OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.profile_iuf_step [--steps 50] [--batch 16] [--projected] [key=value ...]``
 
-One step = the method's own ``_losses`` (jitter, OASA, reconstruction, CE, SCL) + backward + gradient
-clipping + optimizer step; ``--projected`` adds the incremental-step work (Eq. 12 projection of every
+One step = the method's own ``IUF.train_step`` (jitter, OASA, reconstruction, CE, SCL losses + backward +
+gradient clipping + optimizer step); ``--projected`` adds the incremental-step work (Eq. 12 projection of every
 ``iuf.projection_layers`` update on a random activation span, retention toward the previous weights).
 Prints the mean wall seconds per step after 3 warm-up steps, then the profiler's top operators over 5
 steps. The backbone is not involved (IUF caches its features once per task).
@@ -15,13 +15,12 @@ import argparse
 import time
 
 import torch
-from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from components.backbones.registry import build_backbone
 from components.config import load_config
 from components.methods.iuf import IUF
-from components.methods.iuf_network import ActivationSpan, projected_step
+from components.methods.iuf_network import ActivationSpan
 
 
 def main() -> int:
@@ -42,27 +41,18 @@ def main() -> int:
     if method.network.oasa is not None:
         method.network.oasa.head.grow(2, torch.Generator().manual_seed(0))
     labels = torch.randint(0, 2, (batch,))
-    params = list(method.network.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.iuf.lr, weight_decay=cfg.iuf.weight_decay)
-    modules = method.projected_modules()
-    named = dict(method.network.named_parameters())
-    old_state = {n: p.detach().clone() for n, p in named.items()} if args.projected else {}
+    old_state = {n: p.detach().clone() for n, p in method.network.named_parameters()} if args.projected else {}
     bases = {}
     if args.projected:
-        for name, module in modules.items():
+        for name, module in method.projected_modules().items():
             span = ActivationSpan(module.in_features)
             span.add_task(torch.randn(4 * module.in_features, module.in_features))
             bases[name] = span.basis(cfg.iuf.projection_energy)
+    rule = method.update_rule(cfg.iuf.lr, bases, old_state, 2)
     generator = torch.Generator().manual_seed(cfg.seed)
 
     def step() -> None:
-        losses = method._losses(tokens, images, labels, {}, generator)
-        optimizer.zero_grad(set_to_none=True)
-        method._total(losses).backward()
-        nn.utils.clip_grad_norm_(params, cfg.iuf.grad_clip)
-        projected_step(optimizer, modules, bases)
-        if old_state:
-            method._retain(named, old_state, 2)
+        method.train_step(rule, tokens, images, labels, {}, generator)
 
     method.network.train()
     for _ in range(3):

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -75,6 +76,21 @@ log = logging.getLogger(__name__)
 
 # Architecture switches of states saved before a switch existed (a key missing from a state = its value here).
 LEGACY_ARCHITECTURE: dict[str, Any] = {"neighbor_mask": 0, "layerwise_queries": False, "standardise": False, "level_norm": False}
+
+
+@dataclass
+class UpdateRule:
+    """What one IUF parameter update needs besides its batch: the optimizer over the trainable parameters,
+    the Eq. 12 projection bases of the projected layers (empty = plain update) and the Eq. 9 retention
+    target (the previous model's parameters; empty = no retention) with its number of old classes."""
+
+    optimizer: torch.optim.Optimizer
+    params: list[nn.Parameter]
+    modules: dict[str, nn.Linear]
+    bases: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    old_state: dict[str, torch.Tensor]
+    old_classes: int
+
 
 class IUFNetwork(nn.Module):
     """Reconstruction transformer + optional OASA discriminator (same width, one category map per encoder layer)."""
@@ -176,7 +192,8 @@ class IUF(ContinualMethod):
                 self.network.image_inputs(data.heldout.images)) if stopper is not None else None
         bases = {n: self.spans[n].basis(cfg.projection_energy) for n in self.projected_modules() if n in self.spans} if projected else {}
         inputs = self.network.image_inputs(data.train.images)
-        train_log = self._train(data.name, feats, inputs, labels, held, stopper, generator, old_state, old_classes, bases, lr=cfg.incremental_lr if incremental else cfg.lr)
+        rule = self.update_rule(cfg.incremental_lr if incremental else cfg.lr, bases, old_state, old_classes)
+        train_log = self._train(data.name, feats, inputs, labels, held, stopper, generator, rule)
         train_maps = self._add_spans(feats, inputs)
         if cfg.score_calibration == "position":
             self._add_position_profiles(train_maps, data.train.products)
@@ -211,14 +228,28 @@ class IUF(ContinualMethod):
         weights = {"recon": 1.0, "ce": cfg.ce_weight, "scl": cfg.scl_weight}
         return sum(weights[k] * v for k, v in losses.items())  # type: ignore[return-value]
 
-    def _train(self, task: str, feats: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, held: tuple[torch.Tensor, torch.Tensor] | None,
-               stopper: EarlyStopping | None, generator: torch.Generator,
-               old_state: dict[str, torch.Tensor], old_classes: int, bases: dict[str, tuple[torch.Tensor, torch.Tensor]], lr: float) -> dict[str, Any]:
-        cfg = self.config.iuf
+    def update_rule(self, lr: float, bases: dict[str, tuple[torch.Tensor, torch.Tensor]], old_state: dict[str, torch.Tensor], old_classes: int) -> UpdateRule:
+        """A fresh AdamW (``lr``, ``iuf.weight_decay``) over the trainable parameters, with the step's projection bases and retention target."""
         params = [p for p in self.network.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-        modules = self.projected_modules()
-        named = dict(self.network.named_parameters())
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=self.config.iuf.weight_decay)
+        return UpdateRule(optimizer, params, self.projected_modules(), bases, old_state, old_classes)
+
+    def train_step(self, rule: UpdateRule, tokens: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
+                   windows: dict[int, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """One update on one batch: losses, backward, gradient clipping, the (projected) optimizer step and
+        retention toward the previous model; returns the batch's losses."""
+        losses = self._losses(tokens, images, labels, windows, generator)
+        rule.optimizer.zero_grad(set_to_none=True)
+        self._total(losses).backward()
+        nn.utils.clip_grad_norm_(rule.params, self.config.iuf.grad_clip)
+        projected_step(rule.optimizer, rule.modules, rule.bases)
+        if rule.old_state:
+            self._retain(rule.old_state, rule.old_classes)
+        return losses
+
+    def _train(self, task: str, feats: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, held: tuple[torch.Tensor, torch.Tensor] | None,
+               stopper: EarlyStopping | None, generator: torch.Generator, rule: UpdateRule) -> dict[str, Any]:
+        cfg = self.config.iuf
         history: dict[str, list[float]] = {}
         batches_per_epoch = max(1, len(feats) // cfg.batch_size)
         epochs = max(cfg.epochs, -(-cfg.min_steps // batches_per_epoch))  # ceil: at least min_steps updates
@@ -232,13 +263,7 @@ class IUF(ContinualMethod):
                 batch = order[start : start + cfg.batch_size]  # full batches (the last one takes the remainder)
                 if start + 2 * cfg.batch_size > len(feats):
                     batch = order[start:]
-                losses = self._losses(feats[batch], images[batch], labels[batch], windows, generator)
-                optimizer.zero_grad(set_to_none=True)
-                self._total(losses).backward()
-                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                projected_step(optimizer, modules, bases)
-                if old_state:
-                    self._retain(named, old_state, old_classes)
+                losses = self.train_step(rule, feats[batch], images[batch], labels[batch], windows, generator)
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(batch)
             for k, v in sums.items():
@@ -253,9 +278,10 @@ class IUF(ContinualMethod):
         self.network.eval()
         return {"epoch_losses": history, **stopping_log(stopper, len(history.get("recon", [])))}
 
-    def _retain(self, named: dict[str, nn.Parameter], old_state: dict[str, torch.Tensor], old_classes: int) -> None:
+    def _retain(self, old_state: dict[str, torch.Tensor], old_classes: int) -> None:
         """Eq. 9 on every parameter; of the grown class head only the old products' rows."""
         rate = self.config.iuf.retention
+        named = dict(self.network.named_parameters())
         for name, old in old_state.items():
             param = named[name]
             if param.shape == old.shape:
