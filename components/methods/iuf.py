@@ -82,14 +82,14 @@ LEGACY_ARCHITECTURE: dict[str, Any] = {"neighbor_mask": 0, "layerwise_queries": 
 class UpdateRule:
     """What one IUF parameter update needs besides its batch: the optimizer over the trainable parameters,
     the Eq. 12 projection bases of the projected layers (empty = plain update) and the Eq. 9 retention
-    target (the previous model's parameters; empty = no retention) with its number of old classes."""
+    targets, resolved once per step: (parameter, its previous value, number of leading rows retained or
+    None for all); empty = no retention."""
 
     optimizer: torch.optim.Optimizer
     params: list[nn.Parameter]
     modules: dict[str, nn.Linear]
     bases: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    old_state: dict[str, torch.Tensor]
-    old_classes: int
+    retention: list[tuple[nn.Parameter, torch.Tensor, int | None]]
 
 
 class IUFNetwork(nn.Module):
@@ -232,7 +232,7 @@ class IUF(ContinualMethod):
         """A fresh AdamW (``lr``, ``iuf.weight_decay``) over the trainable parameters, with the step's projection bases and retention target."""
         params = [p for p in self.network.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=self.config.iuf.weight_decay)
-        return UpdateRule(optimizer, params, self.projected_modules(), bases, old_state, old_classes)
+        return UpdateRule(optimizer, params, self.projected_modules(), bases, self._retention_targets(old_state, old_classes))
 
     def train_step(self, rule: UpdateRule, tokens: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
                    windows: dict[int, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -243,8 +243,12 @@ class IUF(ContinualMethod):
         self._total(losses).backward()
         nn.utils.clip_grad_norm_(rule.params, self.config.iuf.grad_clip)
         projected_step(rule.optimizer, rule.modules, rule.bases)
-        if rule.old_state:
-            self._retain(rule.old_state, rule.old_classes)
+        rate = self.config.iuf.retention
+        for param, old, rows in rule.retention:
+            if rows is None:
+                retain_(param.data, old, rate)
+            else:
+                retain_(param.data[:rows], old[:rows], rate)
         return losses
 
     def _train(self, task: str, feats: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, held: tuple[torch.Tensor, torch.Tensor] | None,
@@ -278,16 +282,17 @@ class IUF(ContinualMethod):
         self.network.eval()
         return {"epoch_losses": history, **stopping_log(stopper, len(history.get("recon", [])))}
 
-    def _retain(self, old_state: dict[str, torch.Tensor], old_classes: int) -> None:
-        """Eq. 9 on every parameter; of the grown class head only the old products' rows."""
-        rate = self.config.iuf.retention
+    def _retention_targets(self, old_state: dict[str, torch.Tensor], old_classes: int) -> list[tuple[nn.Parameter, torch.Tensor, int | None]]:
+        """Eq. 9 targets: every parameter of ``old_state``; of the grown class head only the old products' rows."""
         named = dict(self.network.named_parameters())
+        targets: list[tuple[nn.Parameter, torch.Tensor, int | None]] = []
         for name, old in old_state.items():
             param = named[name]
             if param.shape == old.shape:
-                retain_(param.data, old, rate)
+                targets.append((param, old, None))
             elif name.startswith("oasa.head.") and old_classes > 0:
-                retain_(param.data[:old_classes], old[:old_classes], rate)
+                targets.append((param, old, old_classes))
+        return targets
 
     def _eval_reconstructions(self, tokens: torch.Tensor, images: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(token batch on the device, its reconstruction) per ``iuf.batch_size`` batch, eval mode, no jitter."""
