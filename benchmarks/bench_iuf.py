@@ -180,6 +180,12 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     base = load_config("params.yaml", ["method=iuf", f"data.root={args.data}", f"data.products={','.join(PRODUCTS)}", *args.overrides])
+    for flag, given, known in (("--rows", args.rows, ROWS), ("--protocols", args.protocols, PROTOCOLS)):
+        unknown = sorted(set(given.split(",")) - set(known))
+        if unknown:
+            parser.error(f"{flag}: unknown {unknown}; known: {','.join(known)}")
+    if args.figure and base.iuf.score_calibration != "position":
+        parser.error(f"--figure needs iuf.score_calibration=position (got {base.iuf.score_calibration})")
     manifest = read_dataset(Path(args.data), products=PRODUCTS)
     if args.validation:
         manifest, batches = validation_data(manifest, PRODUCTS, base.data.image_size, args.defects)

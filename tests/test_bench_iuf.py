@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.bench_iuf import VALIDATION_FRACTION, VALIDATION_VARIANTS, table, validation_data
+from benchmarks.bench_iuf import VALIDATION_FRACTION, VALIDATION_VARIANTS, main, table, validation_data
 from benchmarks.synthetic_defects import line_defects, synthetic_defects
 from components.data.manifest import read_dataset
 from components.errors import DataError
@@ -100,3 +100,18 @@ def test_calibration_figure_of_a_trained_iuf_and_its_input_errors() -> None:
     plain.fit_task(task("red"))
     with pytest.raises(ValueError, match="no position profiles"):
         calibration_figure(plain, {"red": batch})
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--figure", "iuf.score_calibration=none"], "--figure needs iuf.score_calibration=position (got none)"),
+    (["--rows", "iuf_full,iuf_bogus"], "--rows: unknown ['iuf_bogus']"),
+    (["--protocols", "3-1x1"], "--protocols: unknown ['3-1x1']"),
+])
+def test_main_refuses_bad_arguments_before_reading_any_data(argv: list[str], message: str, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("sys.argv", ["bench_iuf", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
