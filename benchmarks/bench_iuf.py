@@ -8,7 +8,7 @@ step: the upper bound; one run serves every protocol). Each row trains the real 
 step and evaluates every learned product after every step with the pipeline's own evaluation
 (``evaluate_tasks``, ``AccuracyMatrix``: ACC = final average, FM = Chaudhry forgetting), without
 Prefect/MLflow so that one process can share the frozen backbone's features between rows: features
-are computed once per image (train images by path, test images by content) and reused by every
+are computed once per image (by content, ``MemoFeatures``) and reused by every
 row, which is legitimate because the backbone is frozen. Per-step wall and CPU seconds are recorded
 (the first row pays for the features). Results: ``OUT/<protocol>/<row>/metrics.json`` + a markdown table.
 
@@ -22,7 +22,6 @@ cut-paste / offset patches, ``lines``: thin dark / bright strokes). No test imag
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from benchmarks.synthetic_defects import line_defects, synthetic_defects
+from components.data.synthetic.pasted import line_defects, synthetic_defects
 from benchmarks.iuf_calibration_figure import calibration_figure
 from components.atomic import atomic_write_bytes, atomic_write_json
 from components.backbones.registry import build_backbone
@@ -45,7 +44,8 @@ from components.errors import DataError
 from components.eval.continual import AccuracyMatrix
 from components.eval.evaluate import evaluate_tasks
 from components.methods.iuf import IUF
-from components.methods.reconstruction import FeatureCache, MultiStageFeatures
+from components.methods.feature_cache import share_feature_cache
+from components.methods.reconstruction import MultiStageFeatures, cached_features
 from components.types import ImageBatch
 
 PRODUCTS = ["grid", "hazelnut_toy", "magnetic_tile", "pcb"]
@@ -67,7 +67,8 @@ log = logging.getLogger("bench_iuf")
 
 
 class MemoFeatures:
-    """A frozen extractor whose per-image outputs are memoised by image content (shared by all rows)."""
+    """The frozen extractor shared by all rows, its outputs memoised by image content in its ``feature_cache``
+    (scoring calls it on whole batches; training features go through the same cache)."""
 
     def __init__(self, extractor: MultiStageFeatures) -> None:
         self.extractor = extractor
@@ -75,15 +76,10 @@ class MemoFeatures:
         self.channels = extractor.channels
         self.level_channels = extractor.level_channels
         self.grid_size = extractor.grid_size
-        self._store: dict[str, torch.Tensor] = {}
+        share_feature_cache(self, extractor)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        keys = [hashlib.blake2b(img.detach().cpu().numpy().tobytes(), digest_size=16).hexdigest() for img in images]
-        missing = [i for i, k in enumerate(keys) if k not in self._store]
-        if missing:
-            for i, feats in zip(missing, self.extractor(images[missing]).cpu(), strict=True):
-                self._store[keys[i]] = feats
-        return torch.stack([self._store[k] for k in keys]).to(images.device)
+        return cached_features(self.extractor, images, max(1, len(images))).to(images.device)
 
 
 def validation_data(manifest: pd.DataFrame, products: list[str], image_size: int, defects: str = "rectangles") -> tuple[pd.DataFrame, dict[str, ImageBatch]]:
@@ -121,8 +117,7 @@ def run_row(cfg: Config, manifest: Any, tasks: list[list[str]], batches: dict[st
     method = IUF(cfg, backbone)
     if "memo" not in shared:
         shared["memo"] = MemoFeatures(method.extractor)
-        shared["cache"] = FeatureCache(method.extractor, cfg.reconstruction.batch_size)
-    method.extractor, method.cache = shared["memo"], shared["cache"]  # type: ignore[assignment]
+    method.extractor = shared["memo"]  # type: ignore[assignment]
     products = [p for t in tasks for p in t]
     matrix = AccuracyMatrix(products, len(tasks), tasks)
     owners = task_of_product(tasks)

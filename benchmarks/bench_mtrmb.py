@@ -26,7 +26,7 @@ from components.config import Config
 from components.eval.continual import AccuracyMatrix
 from components.methods.registry import structure_masks
 from flows.cli import main as contad
-from flows.pipeline import METHODS_WITH_STRUCTURE_MASKS
+from flows.pipeline import uses_structure_masks
 
 # variant -> config overrides (paper's Table 4 rows; "full" = KPMK + RSCL with Grounded-SAM masks or their recorded fallback)
 VARIANTS: dict[str, list[str]] = {
@@ -52,7 +52,7 @@ def run_metrics(run: Path) -> dict[str, Any] | None:
         for product, values in record["metrics"].items():
             matrix.record(record["step"], product, values)
     config = Config.model_validate(json.loads((run / "run.json").read_text())["config"])
-    masks = structure_masks(config).record() if config.method in METHODS_WITH_STRUCTURE_MASKS else {}
+    masks = structure_masks(config).record() if uses_structure_masks(config) else {}
     return {**matrix.to_metrics_json(records[-1]["method"], "sequential"), **masks, "steps_completed": len(records)}
 
 

@@ -32,7 +32,7 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
-from benchmarks.synthetic_defects import line_defects, synthetic_defects
+from components.data.synthetic.pasted import line_defects, synthetic_defects
 from components.config import load_config
 from components.data.loading import load_images, train_split
 from components.data.manifest import read_dataset

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -217,9 +217,8 @@ class LeMOConfig(Section):
 class StreamConfig(Section):
     """Online mode (``contad stream``): prequential scoring, online updates, checkpoints."""
 
-    update: Literal["all", "below_threshold"] = "all"  # below_threshold keeps likely defects out of the memory
-    warmup: int = Field(10, ge=1)  # images always learned before the threshold exists
-    threshold_sigma: float = Field(3.0, gt=0.0)  # threshold = mean + sigma * std of normal scores so far
+    update: Literal["ok", "all"] = "ok"  # ok: only images decided OK are learned (NG ones are quarantined); all: every image
+    warmup: int = Field(10, ge=1)  # a product with no calibrated threshold: images learned, undecided, before its threshold exists
     checkpoint_every: int = Field(50, ge=1)  # images between checkpoints (also one at exit)
     poll_s: float = Field(0.5, gt=0.0)  # folder watch: seconds between directory scans
     idle_timeout_s: float = Field(30.0, ge=0.0)  # folder watch: stop after this long without new files (0 = never)
@@ -236,8 +235,9 @@ class BanksConfig(Section):
 class DecisionConfig(Section):
     """OK/NG decisions: per-task thresholds calibrated on held-out TRAINING normals only."""
 
-    target_fpr: float = Field(0.01, ge=0.0, lt=1.0)  # false-reject rate the image threshold is set for
+    target_fpr: float = Field(0.01, ge=0.0, lt=1.0)  # false-reject rate the image threshold is set for (changeable at load time)
     pixel_fpr: float = Field(0.001, ge=0.0, lt=1.0)  # fraction of normal pixels above the contour threshold
+    synthetic_variants: int = Field(2, ge=0, le=16)  # synthetic defects pasted per held-out normal for the escape estimate (0 = none)
 
 
 class ServeConfig(Section):
@@ -434,16 +434,37 @@ class DemoConfig(Section):
     @field_validator("baseline")
     @classmethod
     def _known_method(cls, value: str | None) -> str | None:
-        methods = get_args(Config.model_fields["method"].annotation)
-        if value is not None and value not in methods:
-            raise ValueError(f"unknown method {value!r} (choose from {', '.join(methods)} or null)")
-        return value
+        return None if value is None else known_method(value, " or null")
+
+
+def known_method(value: str, alternatives: str = "") -> str:
+    """``value`` when it names a registered method (``components.methods.registry``), else ``ValueError``."""
+    from components.methods.registry import METHOD_CLASSES  # a plain table: no torch import
+
+    if value not in METHOD_CLASSES:
+        raise ValueError(f"unknown method {value!r} (choose from {', '.join(METHOD_CLASSES)}{alternatives})")
+    return value
 
 
 class Config(Section):
-    """Root configuration: one object for the whole pipeline."""
+    """Root configuration: one object for the whole pipeline.
 
-    method: Literal["ucad", "patchcore_finetune", "patchcore_replay", "patchcore_oracle", "patchcore_joint", "lemo", "iuf", "ib_iumad", "mtrmb"] = "ucad"
+    ``overrides``: the ``key=value`` overrides it was loaded with (``load_config``), so a deployed
+    detector can tell what a user asked for explicitly from what a params file says.
+    """
+
+    _overrides: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def overrides(self) -> list[str]:
+        return list(self._overrides)
+
+    method: str = "ucad"  # a name registered in components.methods.registry
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        return known_method(value)
 
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
@@ -559,10 +580,12 @@ def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | 
         raise ConfigError(f"config file {path} does not exist")
     raw = apply_overrides(raw, overrides or [])
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except ValidationError as exc:
         where = source if not overrides else f"{source} with overrides {overrides}"
         raise ConfigError(_format_errors(exc, where)) from None
+    cfg._overrides = list(overrides or [])
+    return cfg
 
 
 def flatten_config(cfg: BaseModel, prefix: str = "") -> dict[str, str | int | float | bool]:

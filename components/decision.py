@@ -1,8 +1,11 @@
 """From images to OK/NG decisions: a learned method plus its calibrated per-task thresholds.
 
-``Detector`` is what ``contad predict``, the REST service and the registered MLflow model all
-run: it routes each image by itself (no product label), scores it, and compares the score
-with the image threshold of the task it was routed to (``components.eval.thresholds``).
+``Detector`` is what ``contad predict``, the REST service, ``contad stream`` and the registered MLflow
+model all run: it routes each image by itself (no product label), scores it, and compares the score
+with the image threshold of the task it was routed to (``components.eval.thresholds``). It is built
+from a method directory alone (``Detector.from_method_dir``): the state, its calibration and the
+configuration it was trained with (``components.artifact``), so it scores exactly what the run's
+evaluation scored; the command line contributes deploy-time settings only.
 
 ``decode_image`` turns untrusted bytes into an RGB array with bounded cost: the format is
 sniffed from the content (never from a file name or header), the pixel count is checked from
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +25,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile
 
+from components.artifact import deployed_config, read_detector_config, version_drift
 from components.config import Config
-from components.data.loading import IMAGENET_MEAN, IMAGENET_STD, _to_rgb
+from components.data.loading import IMAGENET_MEAN, IMAGENET_STD, _to_rgb, xyz_tensor
 from components.errors import ContadError, DataError
 from components.eval.thresholds import NG, Calibration, read_calibration
 from components.methods.base import ContinualMethod
 
+log = logging.getLogger(__name__)
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated image is an error, never silently padded
 
 # Magic numbers of the accepted formats: the content decides, not the file name or Content-Type.
@@ -68,6 +74,23 @@ def decode_image(data: bytes, max_pixels: int, source: str = "image") -> np.ndar
     except Exception as exc:  # noqa: BLE001 - any decoder failure (truncated, corrupt) is bad input
         raise DataError(f"{source}: cannot decode {kind} image ({exc})") from exc
     return np.array(rgb, dtype=np.uint8)
+
+
+def decode_xyz(data: bytes, max_pixels: int, source: str = "depth") -> np.ndarray:
+    """(H, W, 3) float32 organised point cloud from TIFF bytes; ``DataError`` naming ``source`` otherwise."""
+    import tifffile
+
+    if sniff_format(data) != "TIFF":
+        raise DataError(f"{source}: not an xyz TIFF (got bytes {data[:8]!r})")
+    try:
+        xyz = np.asarray(tifffile.imread(io.BytesIO(data)), dtype=np.float32)
+    except Exception as exc:  # noqa: BLE001 - any reader failure is bad input
+        raise DataError(f"{source}: cannot decode the xyz TIFF ({exc})") from exc
+    if xyz.ndim != 3 or xyz.shape[2] != 3:
+        raise DataError(f"{source}: xyz TIFF has shape {xyz.shape}, expected (H, W, 3)")
+    if xyz.shape[0] * xyz.shape[1] > max_pixels:
+        raise ImageTooLarge(f"{source}: {xyz.shape[1]}x{xyz.shape[0]} points exceed the limit of {max_pixels} (serve.max_pixels)")
+    return xyz
 
 
 def normalise(rgbs: list[np.ndarray], image_size: int) -> torch.Tensor:
@@ -117,8 +140,16 @@ class Detector:
         self.bank_version = bank_version
 
     @classmethod
-    def from_method_dir(cls, method_dir: Path, config: Config, model_version: str | None = None, bank_version: str | None = None) -> Detector:
-        """Rebuild backbone + method from a saved method directory holding ``calibration.json``."""
+    def from_method_dir(cls, method_dir: Path, config: Config, model_version: str | None = None, bank_version: str | None = None,
+                        fallback: Config | None = None) -> Detector:
+        """Rebuild backbone + method from a saved method directory holding ``calibration.json``.
+
+        The configuration is the one stored with the state (``detector.json``) with ``config``'s
+        deploy-time settings (``components.artifact.deployed_config``): an explicit override of
+        anything that changes inference is refused. ``decision.target_fpr`` re-derives the thresholds
+        from the stored calibration sample. ``fallback``: the training configuration recorded elsewhere
+        (a registered model's ``config`` artifact) for a state saved before ``detector.json`` existed.
+        """
         from components.backbones.registry import build_backbone
         from components.backbones.tiled import tiled_backbone
         from components.data.tiling import effective_tile
@@ -128,6 +159,14 @@ class Detector:
         calibration = read_calibration(method_dir)
         if calibration is None:
             raise ContadError(f"{method_dir} holds no calibration.json: retrain with this contad version (thresholds are calibrated after training)")
+        stored = read_detector_config(method_dir) or fallback
+        drift = version_drift(method_dir)
+        if drift:
+            log.warning("%s was saved with other code versions (%s): scores may differ from its evaluation", method_dir, "; ".join(drift))
+        what = f"bank version {bank_version[:12]}" if bank_version else (f"model version {model_version}" if model_version else str(method_dir))
+        if stored is not None:
+            config = deployed_config(stored, config, what)
+        calibration = calibration.at_target(config.decision.target_fpr)
         tile = effective_tile(config.data)
         inner = build_backbone(config.backbone, tile if tile is not None and tile < config.data.image_size else config.data.image_size)
         method = build_method(config, tiled_backbone(inner, config.data.image_size, tile, config.data.tile_overlap))
@@ -138,12 +177,26 @@ class Detector:
     def image_size(self) -> int:
         return self.config.data.image_size
 
-    def decide(self, rgbs: list[np.ndarray]) -> list[Verdict]:
-        """Verdicts for HxWx3 uint8 images (each routed by itself)."""
+    @property
+    def uses_depth(self) -> bool:
+        return self.method.uses_depth
+
+    def decide(self, rgbs: list[np.ndarray], depths: list[np.ndarray] | None = None) -> list[Verdict]:
+        """Verdicts for HxWx3 uint8 images (each routed by itself); ``depths``: their (H, W, 3) xyz point
+        clouds, required by a method that ``uses_depth`` (nearest-resized like training data)."""
         if not rgbs:
             return []
+        depth = None
+        if self.method.uses_depth:
+            if depths is None or len(depths) != len(rgbs):
+                raise ContadError(f"method {self.method.name!r} scores RGB + depth: every image needs its xyz point cloud")
+            depth = xyz_tensor(depths, self.image_size)
         with torch.no_grad():
-            prediction = self.method.predict(normalise(rgbs, self.image_size))
+            prediction = self.method.predict(normalise(rgbs, self.image_size), depth=depth)
+        return self.verdicts(prediction)
+
+    def verdicts(self, prediction: Any) -> list[Verdict]:
+        """One ``Verdict`` per image of a ``Prediction`` at this detector's thresholds."""
         scores = prediction.image_scores.detach().float().cpu().numpy()
         maps = prediction.anomaly_maps.detach().float().cpu().numpy()
         verdicts = []
@@ -159,8 +212,12 @@ class Detector:
             "bank_version": self.bank_version,
             "method": self.config.method,
             "image_size": self.image_size,
+            "tile": self.config.data.tile,
+            "uses_depth": self.method.uses_depth,
             "tasks": list(self.method.tasks),
-            "thresholds": self.calibration.to_dict(),
+            "thresholds": {"target_fpr": self.calibration.target_fpr, "pixel_fpr": self.calibration.pixel_fpr,
+                           "tasks": {t: vars(v) for t, v in self.calibration.tasks.items()}},
+            "promises": self.calibration.promises(),
         }
 
 
@@ -172,4 +229,4 @@ def read_config_json(path: Path) -> Config:
         raise ContadError(f"{path}: unreadable contad config ({exc})") from exc
 
 
-__all__ = ["NG", "Detector", "ImageTooLarge", "Verdict", "decode_image", "normalise", "read_config_json", "sniff_format"]
+__all__ = ["NG", "Detector", "ImageTooLarge", "Verdict", "decode_image", "decode_xyz", "normalise", "read_config_json", "sniff_format"]

@@ -35,8 +35,10 @@ from prefect import flow, tags, task
 from prefect.cache_policies import NO_CACHE
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
+from components.artifact import deployed_config, read_detector_config
 from components.atomic import atomic_write_json
 from components.config import Config, config_to_dict
+from components.data.protocol import task_name, task_products
 from components.data.tiling import resolve_tiling
 from components.errors import ContadError, DataError
 from components.eval.continual import RESERVED_FRR
@@ -108,16 +110,16 @@ def _task_of_product(manifest: dict[str, Any]) -> dict[str, str]:
         return {str(k): str(v) for k, v in manifest["task_of_product"].items()}
     mapping: dict[str, str] = {}
     for task in manifest.get("tasks") or []:
-        products = [str(p) for p in task] if isinstance(task, list) else str(task).split("+")
+        products = [str(p) for p in task] if isinstance(task, list) else task_products(str(task))
         for product in products:
-            mapping[product] = "+".join(products)
+            mapping[product] = task_name(products)
     for product in manifest.get("products") or {}:
         mapping.setdefault(product, product)
     return mapping
 
 
 def _task_names(manifest: dict[str, Any]) -> list[str]:
-    return ["+".join(t) if isinstance(t, list) else str(t) for t in manifest.get("tasks") or []]
+    return [task_name(t) if isinstance(t, list) else str(t) for t in manifest.get("tasks") or []]
 
 
 def _stored_metrics(manifest: dict[str, Any], products: list[str]) -> dict[str, dict[str, float]] | None:
@@ -208,11 +210,11 @@ def _add_product_locked(cfg: Config, path: Path, name: str, out: Path, store: Ba
         old_manifest = _old_manifest(old_products)
     manifest = pd.concat([old_manifest, new_manifest], ignore_index=True)
     training = pipeline.training_manifest(cfg, manifest)  # without the reserved normals of products with no test images
-    cfg = resolve_tiling(cfg, old_manifest, list(old_products))  # data.tile=auto: as the base run resolved it
+    base_dir = store.checkout(previous, out / "base_method")
+    cfg = _base_config(cfg, base_dir, previous, old_manifest, list(old_products))
     with _stage("caching structure masks", name, previous):
         pipeline.cache_masks(cfg, training, [name])
     with _stage("training the new task", name, previous):
-        base_dir = store.checkout(previous, out / "base_method")
         method_dir = named(pipeline.train_task, "train", step, name)(cfg, base_dir, name, [name], training, out / "method")
     fault_point("after_train")
     task_of_product = {**_task_of_product(base), name: name}
@@ -248,6 +250,17 @@ def _add_product_locked(cfg: Config, path: Path, name: str, out: Path, store: Ba
     publish_add_product(name, step, metrics, gate.to_dict(), bank_version, model_version, tracker)
     atomic_write_json(out / "add_product.json", result.to_dict())
     return result
+
+
+def _base_config(cfg: Config, base_dir: Path, previous: str, old_manifest: pd.DataFrame, old_products: list[str]) -> Config:
+    """The configuration the new task is learned with: the champion's own (``detector.json``: image size,
+    tiling, backbone, method switches) with this command's deploy-time settings; an override that would
+    change how the champion scores is refused. A champion stored before its configuration was: ``cfg``,
+    with ``data.tile=auto`` resolved on the old products as the base run did."""
+    stored = read_detector_config(base_dir)
+    if stored is None:
+        return resolve_tiling(cfg, old_manifest, old_products)
+    return deployed_config(stored, cfg, f"bank version {previous[:SHORT_HASH]}")
 
 
 @task(name="register_model", cache_policy=NO_CACHE, persist_result=False)

@@ -1,6 +1,7 @@
 """``contad serve-api``: the REST inference service for the line camera (FastAPI + uvicorn).
 
-Endpoints (OpenAPI schema at ``/openapi.json``, docs at ``/docs``):
+Endpoints (OpenAPI schema at ``/openapi.json``; Swagger UI at ``/docs``, served from local files so it
+works offline: ``flows/offline_docs.py``):
 
 - ``POST /v1/predict``: one image as the raw request body (``application/octet-stream`` or
   ``image/*``) or as the ``image`` file of a ``multipart/form-data`` form. Returns JSON
@@ -41,16 +42,19 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from components.config import Config
-from components.decision import Detector, ImageTooLarge, decode_image
+from components.decision import Detector, decode_image, decode_xyz
 from components.errors import ContadError, DataError
 from components.eval.figures import heatmap_overlay_png
 from flows.deployed import DeployedVersion, DetectorSource
+from flows.offline_docs import add_offline_docs
+from flows.predict import TOO_LARGE, skip_message, skip_reason
 
 log = logging.getLogger(__name__)
 
 RAW_CONTENT_TYPES = ("application/octet-stream", "image/")
 MULTIPART = "multipart/form-data"
 IMAGE_FIELD = "image"
+DEPTH_FIELD = "depth"  # multipart file with the xyz TIFF of an RGB + depth detector
 
 
 class PredictResponse(BaseModel):
@@ -186,30 +190,36 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-async def image_bytes(request: Request, max_bytes: int) -> bytes:
-    """The encoded image of a raw-body or multipart request (the content type only chooses how to read it)."""
+async def image_bytes(request: Request, max_bytes: int) -> tuple[bytes, bytes | None]:
+    """(encoded image, xyz TIFF or None) of a raw-body or multipart request (the content type only chooses
+    how to read it; a multipart request may carry the point cloud as a ``depth`` file)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if not (content_type.startswith(RAW_CONTENT_TYPES) or content_type == MULTIPART):
         raise HTTPException(415, f"unsupported Content-Type {content_type or '(none)'!r}: send the image as "
                                  f"application/octet-stream, image/* or {MULTIPART} with an {IMAGE_FIELD!r} file")
     body = await read_body(request, max_bytes)
     if content_type != MULTIPART:
-        return body
+        return body, None
     request._body = body  # noqa: SLF001 - let Starlette parse the already size-checked body
     try:
-        form = await request.form(max_files=1, max_fields=8)
+        form = await request.form(max_files=2, max_fields=8)
     except Exception as exc:  # noqa: BLE001 - malformed multipart is bad input
         raise HTTPException(400, f"malformed {MULTIPART} body: {exc}") from None
     upload = form.get(IMAGE_FIELD)
     if upload is None or isinstance(upload, str):
         raise HTTPException(400, f"{MULTIPART} request needs a file field named {IMAGE_FIELD!r}")
-    return await upload.read()
+    depth = form.get(DEPTH_FIELD)
+    return await upload.read(), (await depth.read() if depth is not None and not isinstance(depth, str) else None)
 
 
-def decode_and_decide(detector: Detector, data: bytes, max_pixels: int) -> tuple[Any, Any]:
-    """(decoded RGB image, verdict) of one encoded image."""
+def decode_and_decide(detector: Detector, data: bytes, max_pixels: int, depth: bytes | None = None) -> tuple[Any, Any]:
+    """(decoded RGB image, verdict) of one encoded image (with its xyz TIFF for an RGB + depth detector)."""
     rgb = decode_image(data, max_pixels, source="request body")
-    return rgb, detector.decide([rgb])[0]
+    if not detector.uses_depth:
+        return rgb, detector.decide([rgb])[0]
+    if depth is None:
+        raise DataError(f"this detector scores RGB + depth: send {MULTIPART} with files {IMAGE_FIELD!r} and {DEPTH_FIELD!r} (xyz TIFF)")
+    return rgb, detector.decide([rgb], [decode_xyz(depth, max_pixels, source=DEPTH_FIELD)])[0]
 
 
 def create_app(cfg: Config, source: DetectorSource, token: str | None = None, start_reloader: bool = True) -> FastAPI:
@@ -225,8 +235,10 @@ def create_app(cfg: Config, source: DetectorSource, token: str | None = None, st
         if start_reloader:
             reloader.stop()
 
-    app = FastAPI(title="contad inference API", version="1", lifespan=lifespan,
+    app = FastAPI(title="contad inference API", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  swagger_ui_oauth2_redirect_url=None,
                   description="OK/NG decisions and heat maps from the deployed continual anomaly detector.")
+    add_offline_docs(app)  # /docs from local files: no CDN
     app.state.slot, app.state.reloader = slot, reloader
     errors = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}
 
@@ -268,7 +280,7 @@ def create_app(cfg: Config, source: DetectorSource, token: str | None = None, st
         "application/octet-stream": {"schema": body_schema},
         "image/png": {"schema": body_schema},
         "image/jpeg": {"schema": body_schema},
-        MULTIPART: {"schema": {"type": "object", "properties": {IMAGE_FIELD: body_schema}, "required": [IMAGE_FIELD]}},
+        MULTIPART: {"schema": {"type": "object", "properties": {IMAGE_FIELD: body_schema, DEPTH_FIELD: body_schema}, "required": [IMAGE_FIELD]}},
     }}
 
     @app.post("/v1/predict", response_model=PredictResponse, openapi_extra={"requestBody": request_body},
@@ -278,15 +290,13 @@ def create_app(cfg: Config, source: DetectorSource, token: str | None = None, st
         started = time.perf_counter()
         authorise(request)
         deployed = serving()  # taken once: a reload during this request does not affect it
-        data = await image_bytes(request, cfg.serve.max_bytes)
+        data, depth = await image_bytes(request, cfg.serve.max_bytes)
         if not data:
             raise HTTPException(400, "empty request body: send the encoded image")
         try:  # decoding is bounded work too: it runs in the inference slot, off the event loop
-            rgb, verdict = await limiter.run(decode_and_decide, deployed.detector, data, cfg.serve.max_pixels)
-        except ImageTooLarge as exc:
-            raise HTTPException(413, str(exc)) from None
-        except DataError as exc:
-            raise HTTPException(400, str(exc)) from None
+            rgb, verdict = await limiter.run(decode_and_decide, deployed.detector, data, cfg.serve.max_pixels, depth)
+        except DataError as exc:  # too large (ours or PIL's decompression-bomb limit): 413; anything else: 400
+            raise HTTPException(413 if skip_reason(exc) == TOO_LARGE else 400, skip_message(exc, "request body", cfg.serve.max_pixels)) from None
         result = PredictResponse(**verdict.to_dict(), model_version=deployed.version.model_version, bank_version=deployed.version.bank_version,
                                  latency_ms=round(1000 * (time.perf_counter() - started), 3))
         if heatmap == "png":

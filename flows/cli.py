@@ -13,7 +13,9 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import traceback
+import warnings
 from pathlib import Path
 
 from components.config import Config, ConfigError, load_config
@@ -35,7 +37,8 @@ exit codes:
   0    success (run / add-product: the final step was promoted: current bank + champion)
   1    promotion gate rejected the (final) step: stored, but not current and not champion;
        banks doctor: a problem remains
-  2    invalid input, configuration or usage (the message names the file or key)
+  2    invalid input, configuration or usage (the message names the file or key);
+       data validate: the dataset failed validation; predict: no input image could be decided
   3    output not writable (read-only file system or permission denied)
   4    disk full (no space left on device)
   5    tracking database unreadable or corrupt (tracking.uri)
@@ -127,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         b = banks.add_parser(name, help=helptext)
         if name not in ("list", "doctor"):
             b.add_argument("version", help="version hash (a unique prefix is enough)")
+        if name == "list":
+            b.add_argument("--json", action="store_true", help="print the versions as JSON (store, current, versions oldest first, each with current true/false)")
         b.add_argument("--store", default=None, help="bank store directory (default: banks.store_dir)")
         _add_params(b)
 
@@ -157,10 +162,38 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="inspect the configuration").add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     _add_params(config.add_parser("show", help="print the effective, validated config (params file + overrides) as YAML"))
 
-    api = sub.add_parser("serve-api", help="REST inference service (POST /v1/predict; binds serve.host, default 127.0.0.1)")
+    api = sub.add_parser("serve-api", help="REST inference service (POST /v1/predict, Swagger UI at /docs; binds 127.0.0.1:8000 by default)")
     _add_model_source(api, required=False)
+    api.add_argument("--host", default=None, type=_host, help="address to bind (default: serve.host, 127.0.0.1; beyond loopback needs the "
+                     "bearer token of serve.token_env); wins over a serve.host= override")
+    api.add_argument("--port", default=None, type=_port, help="TCP port (default: serve.port, 8000); wins over a serve.port= override")
     _add_params(api)
     return parser
+
+
+def _host(text: str) -> str:
+    """argparse type of ``serve-api --host``: a non-empty address without spaces."""
+    if not text.strip() or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"invalid address {text!r}: give an IP address or host name, e.g. 127.0.0.1")
+    return text
+
+
+def _port(text: str) -> int:
+    """argparse type of ``serve-api --port``: an integer in 0..65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: expected an integer from 0 to 65535")
+    return port
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    """Config overrides spelled as flags (``serve-api --host/--port``); appended last, so they win over ``key=value``."""
+    if args.command != "serve-api":
+        return []
+    return ([f"serve.host={args.host}"] if args.host is not None else []) + ([f"serve.port={args.port}"] if args.port is not None else [])
 
 
 def _add_model_source(p: argparse.ArgumentParser, required: bool) -> None:
@@ -217,6 +250,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         print(f"offline dvc plots template written to {write_html_template(Path(args.out))}")
         return EXIT_OK
+    if args.command == "banks" and getattr(args, "json", False):
+        from flows.banks_json import banks_list_json
+
+        cfg = load_config(args.params, overrides)
+        return banks_list_json(Path(args.store) if args.store else Path(cfg.banks.store_dir), cfg.banks.lock_timeout_s)
     if args.command == "banks":
         from flows.promotion import banks_command
 
@@ -270,7 +308,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if overrides and not hasattr(args, "overrides"):
         build_parser().error(f"{args.command} takes no config overrides: {' '.join(overrides)}")
     if hasattr(args, "overrides"):
-        args.overrides = list(args.overrides or []) + overrides
+        args.overrides = list(args.overrides or []) + overrides + _flag_overrides(args)
     return args
 
 
@@ -283,15 +321,72 @@ def _causes(exc: BaseException) -> list[BaseException]:
     return chain
 
 
-def classify_error(exc: BaseException) -> tuple[int, str]:
-    """(exit code, one-line message) for an exception that ended a command (see ``EXIT_CODES``)."""
+def _write_probe(path: Path) -> str | None:
+    """Why nothing can be created at ``path`` (its nearest existing folder refuses a new entry), or None when it can."""
+    folder = path.absolute()
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".contad-write-check-", dir=folder))
+    except OSError as exc:
+        return f"{folder} does not allow creating files ({exc.strerror or exc})"
+    return None
+
+
+def unwritable_output(exc: BaseException, outputs: list[tuple[str, Path]]) -> str | None:
+    """The message for a "no such file" failure while writing under one of ``outputs`` (flag, path), when that
+    location really cannot be written (e.g. under /proc); None otherwise (a missing input stays what it is)."""
+    for cause in _causes(exc):
+        if not (isinstance(cause, OSError) and cause.errno == errno.ENOENT and cause.filename):
+            continue
+        failed = Path(os.fsdecode(cause.filename)).absolute()
+        for flag, out in outputs:
+            out = out.absolute()
+            if failed == out or out in failed.parents or failed.parent == out.parent:
+                reason = _write_probe(out)
+                if reason is not None:
+                    return f"cannot write {flag} {out}: {reason}; choose a writable location"
+    return None
+
+
+def _output_paths(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """The output locations a command was given (``--out``, ``--report``, ``--store``) as (flag, path)."""
+    return [(f"--{name}", Path(value)) for name in ("out", "report", "store") if isinstance(value := getattr(args, name, None), str)]
+
+
+def _is_database_error(exc: BaseException) -> bool:
+    """An SQLite/SQLAlchemy database error (the only databases contad opens itself are MLflow tracking stores)."""
+    return type(exc).__name__ in ("DatabaseError", "OperationalError") and type(exc).__module__.split(".")[0] in ("sqlite3", "sqlalchemy")
+
+
+def _tracking_uri(args: argparse.Namespace) -> str | None:
+    """The command's ``tracking.uri`` (None when it has no config or the config does not load)."""
+    if not hasattr(args, "params"):
+        return None
+    try:
+        return load_config(args.params, getattr(args, "overrides", []) or []).tracking.uri
+    except Exception:  # noqa: BLE001 - only a hint for an error message
+        return None
+
+
+def classify_error(exc: BaseException, outputs: list[tuple[str, Path]] | None = None, tracking_uri: str | None = None) -> tuple[int, str]:
+    """(exit code, one-line message) for an exception that ended a command (see ``EXIT_CODES``);
+    ``outputs``: the command's output locations, to tell an unwritable one from a missing input;
+    ``tracking_uri``: named when an SQLite/SQLAlchemy error ends the command."""
     from components.errors import UnreadableDataError
     from components.memory.store import BankLockTimeout
 
+    unwritable = unwritable_output(exc, outputs or [])
+    if unwritable is not None:
+        return EXIT_READ_ONLY, unwritable
     for cause in _causes(exc):
         name = type(cause).__name__
         if name == "TrackingStoreError":
             return EXIT_TRACKING_DB, str(cause)
+        if _is_database_error(cause):
+            text = str(cause).splitlines()[0] if str(cause) else name
+            return EXIT_TRACKING_DB, (f"tracking database {tracking_uri or '(tracking.uri)'} is unreadable ({text}); "
+                                      "move it aside or set tracking.uri to another database")
         if isinstance(cause, BankLockTimeout):
             return EXIT_LOCKED, str(cause)
         if isinstance(cause, UnreadableDataError):
@@ -362,12 +457,34 @@ def _quiet_third_party() -> None:
             handler.addFilter(_ThirdPartyBelowWarning())
 
 
+# Offline, telemetry-free defaults for every command (the Makefile exports the same): without them the temporary
+# Prefect server logs "ERROR | prefect.server.services.telemetry - Failed to send telemetry" on every run.
+OFFLINE_ENV = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "DO_NOT_TRACK": "1",
+}
+
+
+def set_offline_defaults() -> None:
+    """Set ``OFFLINE_ENV`` where the environment does not say otherwise (before Prefect, MLflow, DVC, GX are imported)."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def main(argv: list[str] | None = None) -> int:
+    set_offline_defaults()
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
     from components.progress import configure_logging
 
     configure_logging(logging.DEBUG if args.verbose else logging.INFO)  # log lines print through the progress bars
     logging.captureWarnings(True)  # warnings too (as ``py.warnings`` records), from the first import on
+    # PIL warns about images above its own pixel limit; contad bounds them itself (serve.max_pixels: "too large")
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit", category=RuntimeWarning, module=r"PIL\.")
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")  # MLflow's records reach that handler too (not a second stream)
     if not args.verbose:
         _quiet_third_party()
@@ -380,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
                 _quiet_framework_logs()
         return _dispatch(args)
     except (Exception, KeyboardInterrupt) as exc:
-        code, message = classify_error(exc)
+        code, message = classify_error(exc, _output_paths(args), _tracking_uri(args))
         if args.verbose:
             traceback.print_exception(exc, file=sys.stderr)
         print(f"contad: error: {message}", file=sys.stderr)

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -102,24 +105,49 @@ def demo_command(cfg: Config, out: Path) -> int:
         console.print(summary_table(execute(baseline, baseline_out)))
         runs.append(baseline_out)
         report_command(runs, out=out)
-    print(where_to_look(cfg, out, baseline, time.perf_counter() - started))  # plain print: paths and commands must not be wrapped
+    print(where_to_look(cfg, out, baseline, time.perf_counter() - started, products))  # plain print: paths and commands must not be wrapped
     return 0
 
 
-def where_to_look(cfg: Config, out: Path, baseline: Config | None, seconds: float) -> str:
-    """The closing lines of ``contad demo``: reports, comparison, metrics, MLflow, banks, next command."""
-    from components.eval.report import COMPARISON_FILE
+def script_command(name: str) -> str:
+    """How to call this environment's console script ``name`` from the current directory, without an activated
+    virtual environment: ``name`` when that is the one on PATH, else its path (``.venv/bin/contad`` from the repo root)."""
+    script = Path(sys.executable).parent / name  # not resolved: a venv's python is a link into the base interpreter
+    if not script.is_file():
+        return name
+    found = shutil.which(name)
+    if found is not None and Path(found).resolve() == script.resolve():
+        return name
+    try:
+        return str(script.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(script.absolute())
 
+
+def where_to_look(cfg: Config, out: Path, baseline: Config | None, seconds: float, products: list[str] | None = None) -> str:
+    """The closing lines of ``contad demo``: reports, comparison, metrics, then commands that work as printed from
+    the current directory on the demo's own stores (predict, serve-api, MLflow UI, banks, add-product)."""
+    from components.eval.report import COMPARISON_FILE
+    from flows.model_registry import CHAMPION_ALIAS
+
+    contad, q = script_command("contad"), shlex.quote
     lines = [f"finished in {seconds:.0f} s. Where to look:", f"  report:        {out / REPORT_FILE}"]
     if baseline is not None:
         lines.append(f"  comparison:    {out / COMPARISON_FILE}   ({cfg.method} vs. {baseline.method}: accuracy and forgetting)")
         lines.append(f"  baseline run:  {out / BASELINES_DIR / baseline.method / REPORT_FILE}")
     lines.append(f"  metrics:       {out / METRICS_FILE}")
+    images = Path(cfg.data.root) / products[0] / "test" if products else Path(cfg.data.root)
     if cfg.tracking.enabled:
-        lines.append(f"  MLflow UI:     mlflow ui --backend-store-uri {cfg.tracking.uri}")
-    lines.append(f"  bank versions: contad banks list --store {cfg.banks.store_dir}")
+        source = f"--model models:/{cfg.tracking.registered_model}@{CHAMPION_ALIAS} tracking.uri={q(cfg.tracking.uri)}"
+    else:
+        source = f"--bank {q(cfg.banks.store_dir)}"
+    lines.append(f"  predict:       {contad} predict {q(str(images))} {source} --out {q(str(out / 'predictions'))}")
+    lines.append(f"  REST service:  {contad} serve-api {source}   (docs: http://{cfg.serve.host}:{cfg.serve.port}/docs)")
+    if cfg.tracking.enabled:
+        lines.append(f"  MLflow UI:     {script_command('mlflow')} ui --backend-store-uri {q(cfg.tracking.uri)}")
+    lines.append(f"  bank versions: {contad} banks list --store {q(cfg.banks.store_dir)}")
     lines.append(
-        "  add a product: contad add-product PRODUCT_DIR --name NAME"
-        f" banks.store_dir={cfg.banks.store_dir} tracking.uri={cfg.tracking.uri} masks.cache_dir={cfg.masks.cache_dir}"
+        f"  add a product: {contad} add-product PRODUCT_DIR --name NAME"
+        f" banks.store_dir={q(cfg.banks.store_dir)} tracking.uri={q(cfg.tracking.uri)} masks.cache_dir={q(cfg.masks.cache_dir)}"
     )
     return "\n".join(lines)

@@ -5,7 +5,9 @@
 registry or file lookup), ``load(version)`` builds the ``Detector`` of a version. The REST
 service polls ``current()`` to hot-reload when the ``champion`` alias or the bank store's
 current pointer moves. Registered models are loaded from their artifacts (method state,
-calibration, config) with the installed code, not through ``mlflow.pyfunc``.
+calibration, config) with the installed code, not through ``mlflow.pyfunc``. Either way the
+detector's configuration is the one it was trained with (``components.artifact``); the command
+line's configuration contributes deploy-time settings only.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from components.artifact import read_detector_config
 from components.config import Config
 from components.decision import Detector, read_config_json
 from components.errors import ContadError
@@ -54,7 +57,7 @@ class DetectorSource:
 class RegistrySource(DetectorSource):
     """A registered MLflow model, by alias (followed as it moves) or fixed version number."""
 
-    def __init__(self, model_uri: str, tracking_uri: str) -> None:
+    def __init__(self, model_uri: str, config: Config) -> None:
         match = _MODEL_URI.match(model_uri)
         if match is None:
             raise ContadError(f"--model {model_uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
@@ -62,7 +65,8 @@ class RegistrySource(DetectorSource):
 
         self.name, self.alias, self.version = match["name"], match["alias"], match["version"]
         self.description = model_uri
-        self.tracking_uri = tracking_uri
+        self.config = config
+        self.tracking_uri = tracking_uri = config.tracking.uri
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
     def current(self) -> DeployedVersion:
@@ -86,8 +90,8 @@ class RegistrySource(DetectorSource):
         with tempfile.TemporaryDirectory(prefix="contad-deployed-") as tmp:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=self.tracking_uri))
             artifacts = _pyfunc_artifacts(local)
-            config = read_config_json(artifacts["config"])
-            return Detector.from_method_dir(artifacts["method"], config, version.model_version, version.bank_version)
+            recorded = read_config_json(artifacts["config"])
+            return Detector.from_method_dir(artifacts["method"], self.config, version.model_version, version.bank_version, fallback=recorded)
 
 
 def _pyfunc_artifacts(model_dir: Path) -> dict[str, Path]:
@@ -122,12 +126,13 @@ class BankSource(DetectorSource):
         return DeployedVersion(key=f"bank:{version}", model_version=None, bank_version=version)
 
     def load(self, version: DeployedVersion) -> Detector:
-        manifest = self.store.show(str(version.bank_version))
-        if manifest.get("method") not in (None, self.config.method):
-            raise ContadError(f"bank version {str(version.bank_version)[:12]} holds a {manifest['method']!r} model but method={self.config.method!r}; "
-                              "pass the configuration of the run that produced it (--params / method=...)")
         with tempfile.TemporaryDirectory(prefix="contad-bank-") as tmp:
             method_dir = self.store.checkout(str(version.bank_version), Path(tmp) / "method")
+            if read_detector_config(method_dir) is None:  # a version stored before its configuration was
+                manifest = self.store.show(str(version.bank_version))
+                if manifest.get("method") not in (None, self.config.method):
+                    raise ContadError(f"bank version {str(version.bank_version)[:12]} holds a {manifest['method']!r} model but method={self.config.method!r}; "
+                                      "pass the configuration of the run that produced it (--params / method=...)")
             return Detector.from_method_dir(method_dir, self.config, None, version.bank_version)
 
 
@@ -136,5 +141,5 @@ def make_source(config: Config, model: str | None, bank: str | None) -> Detector
     if (model is None) == (bank is None):
         raise ContadError("give exactly one of --model models:/NAME@ALIAS and --bank DIR[@VERSION]")
     if model is not None:
-        return RegistrySource(model, config.tracking.uri)
+        return RegistrySource(model, config)
     return BankSource(str(bank), config)

@@ -7,7 +7,8 @@ puts it on ``sys.path``), so ``mlflow models serve -m models:/contad-detector@ch
 this source tree.
 
 Signature. Input: a DataFrame with a binary ``image`` column (encoded PNG/JPEG/BMP/TIFF bytes;
-base64 in MLflow's JSON) or a string ``image_path`` column. Param ``mask`` (bool, default
+base64 in MLflow's JSON) or a string ``image_path`` column; for an RGB + depth detector also a binary
+``depth`` (xyz TIFF bytes) or string ``depth_path`` column. Param ``mask`` (bool, default
 false). Output: one row per image with ``product`` (routed task), ``score``, ``threshold``
 (that task's calibrated image threshold), ``decision`` ("OK"/"NG") and, with ``mask=true``,
 ``mask``: the 32x32 defect mask as 32 lines of "0"/"1".
@@ -26,6 +27,8 @@ METHOD_ARTIFACT = "method"
 CONFIG_ARTIFACT = "config"
 IMAGE_COLUMN = "image"
 IMAGE_PATH_COLUMN = "image_path"
+DEPTH_COLUMN = "depth"
+DEPTH_PATH_COLUMN = "depth_path"
 MASK_PARAM = "mask"
 OUTPUT_COLUMNS = ("product", "score", "threshold", "decision")
 
@@ -70,11 +73,41 @@ class ContadDetector(mlflow.pyfunc.PythonModel):
                 raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
         return images
 
+    def _depths(self, model_input: Any) -> list[Any] | None:
+        """(H, W, 3) xyz of every row for an RGB + depth detector (None otherwise); bad input: MLflow 400."""
+        import pandas as pd
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        from components.decision import decode_xyz
+        from components.errors import ContadError
+
+        if not self.detector.uses_depth:
+            return None
+        if not isinstance(model_input, pd.DataFrame):
+            model_input = pd.DataFrame(model_input)
+        max_pixels = self.detector.config.serve.max_pixels
+        depths = []
+        for row, record in enumerate(model_input.to_dict("records")):
+            try:
+                data = record.get(DEPTH_COLUMN)
+                if data is not None and not (isinstance(data, float) and data != data):
+                    depths.append(decode_xyz(bytes(data), max_pixels, source=f"row {row} depth"))
+                elif record.get(DEPTH_PATH_COLUMN):
+                    path = str(record[DEPTH_PATH_COLUMN])
+                    with open(path, "rb") as handle:
+                        depths.append(decode_xyz(handle.read(), max_pixels, source=path))
+                else:
+                    raise ContadError(f"row {row}: this detector scores RGB + depth: needs a {DEPTH_COLUMN!r} (xyz TIFF bytes) or {DEPTH_PATH_COLUMN!r} value")
+            except (ContadError, OSError) as exc:
+                raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
+        return depths
+
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 - MLflow would read hints as a schema
         """One row per image: product, score, threshold, decision (+ mask when ``params["mask"]``)."""
         import pandas as pd
 
-        verdicts = self.detector.decide(self._rgb_images(model_input))
+        verdicts = self.detector.decide(self._rgb_images(model_input), self._depths(model_input))
         rows = [v.to_dict() for v in verdicts]
         if (params or {}).get(MASK_PARAM):
             for row, verdict in zip(rows, verdicts):
@@ -88,7 +121,8 @@ def detector_signature() -> Any:
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
     return ModelSignature(
-        inputs=Schema([ColSpec("binary", IMAGE_COLUMN, required=False), ColSpec("string", IMAGE_PATH_COLUMN, required=False)]),
+        inputs=Schema([ColSpec("binary", IMAGE_COLUMN, required=False), ColSpec("string", IMAGE_PATH_COLUMN, required=False),
+                       ColSpec("binary", DEPTH_COLUMN, required=False), ColSpec("string", DEPTH_PATH_COLUMN, required=False)]),
         outputs=Schema([ColSpec("string", "product"), ColSpec("double", "score"), ColSpec("double", "threshold"),
                         ColSpec("string", "decision"), ColSpec("string", MASK_PARAM, required=False)]),
         params=ParamSchema([ParamSpec(MASK_PARAM, "boolean", False)]),

@@ -110,8 +110,9 @@ def fanout_width(compute: ComputeConfig) -> int:
 def evaluate_product(cfg: Config, method_dir: str, rows: pd.DataFrame, product: str, task_of_product: dict[str, str]) -> dict[str, float]:
     """Metrics of one product's test images under the method in ``method_dir`` (one Dask worker)."""
     from components.data.loading import test_batch
-    from flows.pipeline import evaluate_batches
+    from flows.pipeline import evaluate_batches, stored_config
 
+    cfg = stored_config(cfg, Path(method_dir))  # the state's own configuration (image size, tiling)
     return evaluate_batches(cfg, Path(method_dir), {product: test_batch(rows, product, cfg.data.image_size)}, task_of_product)[product]
 
 

@@ -64,14 +64,15 @@ from components.errors import ContadError, DataError
 from components.eval.continual import RESERVED_FRR, AccuracyMatrix
 from components.eval.evaluate import evaluate_tasks, predict_batch
 from components.eval.report import write_report
-from components.eval.thresholds import Calibration, calibrate_heldout, decision_metrics, learned_task_of_product, read_calibration, write_calibration
+from components.artifact import deployed_config, read_detector_config, write_detector_config
+from components.eval.thresholds import Calibration, calibrate_heldout, carried_leave_out, decision_metrics, learned_task_of_product, read_calibration, write_calibration
 from components.faults import fault_point
 from components.memory.store import BankStore, state_files
 from components.methods.base import ContinualMethod
-from components.methods.registry import build_method, structure_masks
+from components.methods.registry import build_method, method_class, structure_masks
 from components.progress import progress_bar
 from components.segment.cache import MaskCache, build_cache, label_maps_for
-from components.types import ImageBatch, Prediction
+from components.types import ImageBatch, Prediction, TaskData
 from flows import fanout
 from flows.run_links import continual_run_name, link_runs, named, publish_summary, run_tags
 
@@ -89,7 +90,6 @@ AVERAGE_CSV = "average.csv"
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 RESULTS_DIR = ".prefect-results"
-METHODS_WITH_STRUCTURE_MASKS = frozenset({"ucad", "mtrmb"})
 # Parts of a run directory that are not report artifacts (state, data, stores).
 NON_ARTIFACTS = frozenset({STEPS_DIR, "banks", "data", "mask_cache", "mlartifacts", RESULTS_DIR, "baselines"})  # baselines: `contad demo`
 # Config sections that do not change what a run computes (they may differ on resume).
@@ -165,6 +165,13 @@ def load_backbone(cfg: Config) -> PromptedBackbone:
     return _cached_backbone(cfg.backbone.model_dump_json(), cfg.data.image_size)
 
 
+def stored_config(cfg: Config, method_dir: Path) -> Config:
+    """The configuration ``method_dir``'s state was trained with (``detector.json``) with ``cfg``'s deploy-time
+    settings: every evaluation scores what the deployed detector scores; ``cfg`` for a state saved without one."""
+    stored = read_detector_config(Path(method_dir))
+    return deployed_config(stored, cfg, str(method_dir)) if stored is not None else cfg
+
+
 def load_method(cfg: Config, method_dir: Path | None) -> ContinualMethod:
     """A ``cfg.method`` instance, restored from ``method_dir`` when given."""
     method = build_method(cfg, load_backbone(cfg))
@@ -174,8 +181,8 @@ def load_method(cfg: Config, method_dir: Path | None) -> ContinualMethod:
 
 
 def uses_structure_masks(cfg: Config) -> bool:
-    """Whether ``cfg.method`` trains with structure label maps (UCAD only when it trains prompts)."""
-    return cfg.method in METHODS_WITH_STRUCTURE_MASKS and not (cfg.method == "ucad" and cfg.ucad.epochs == 0)
+    """Whether ``cfg.method`` trains with structure label maps (its ``needs_structure_masks``)."""
+    return method_class(cfg.method).needs_structure_masks(cfg)
 
 
 def product_dirs(manifest: pd.DataFrame, products: list[str]) -> dict[str, str]:
@@ -298,12 +305,21 @@ def train_task(cfg: Config, method_dir_in: Path | None, task_name: str, products
     seconds = time.perf_counter() - started
     cpu_seconds = time.process_time() - cpu_started  # what the wall time would be on an idle machine with one thread
     method.save(out_dir)
-    calibration = calibrate_method(cfg, method, manifest)
+    write_detector_config(out_dir, cfg)  # what inference needs besides the state: deployed = evaluated
+    previous = read_calibration(Path(method_dir_in)) if method_dir_in is not None else None
+    leave_out = {**carried_leave_out(method, previous), **_calibration_scores(method, data)}
+    calibration = calibrate_method(cfg, method, manifest, leave_out)
     if calibration is not None:
         write_calibration(out_dir, calibration)  # part of the state: versioned with the bank, shipped with the model
     atomic_write_json(out_dir.parent / TRAIN_LOG, {"task": task_name, "products": products, "seconds": seconds, "cpu_seconds": cpu_seconds, "log": train_log})
     logger.info("task %s trained in %.1f s; state saved to %s", task_name, seconds, out_dir)
     return out_dir
+
+
+def _calibration_scores(method: ContinualMethod, data: TaskData) -> dict[str, torch.Tensor]:
+    """``{task: scores}`` of the method's own calibration scores for the task it just learned (may be empty)."""
+    scores = method.calibration_scores(data)
+    return {data.name: scores} if scores is not None and len(scores) else {}
 
 
 def training_manifest(cfg: Config, manifest: pd.DataFrame) -> pd.DataFrame:
@@ -317,6 +333,7 @@ def evaluate_all_tasks(cfg: Config, method_dir: Path, manifest: pd.DataFrame, ta
 
     Products without test images get only ``RESERVED_FRR`` (``evaluate_reserved``), no AUROC.
     """
+    cfg = stored_config(cfg, Path(method_dir))
     untested = set(untested_products(manifest[manifest["product"].isin(list(task_of_product))]))
     batches = {p: test_batch(manifest, p, cfg.data.image_size) for p in task_of_product if p not in untested}
     metrics = evaluate_batches(cfg, Path(method_dir), batches, task_of_product) if batches else {}
@@ -334,6 +351,7 @@ def evaluate_reserved(cfg: Config, method_dir: Path, manifest: pd.DataFrame, pro
     """
     if not products:
         return {}
+    cfg = stored_config(cfg, Path(method_dir))
     _, reserved = reserve_normals(manifest[manifest["product"].isin(products)], cfg.promotion.reserved_normals_fraction, cfg.seed)
     calibration = read_calibration(Path(method_dir))
     method = load_method(cfg, Path(method_dir)) if calibration is not None and not reserved.empty else None
@@ -354,6 +372,7 @@ def evaluate_reserved(cfg: Config, method_dir: Path, manifest: pd.DataFrame, pro
 
 def evaluate_batches(cfg: Config, method_dir: Path, batches: dict[str, ImageBatch], task_of_product: dict[str, str]) -> dict[str, dict[str, float]]:
     """Threshold-free metrics of each product's test batch, plus OK/NG metrics at the deployed per-task thresholds."""
+    cfg = stored_config(cfg, Path(method_dir))
     method = load_method(cfg, method_dir)
     metrics, predictions = evaluate_tasks(method, batches, task_of_product, cfg)
     calibration = read_calibration(method_dir)
@@ -381,9 +400,10 @@ def overlay_examples(cfg: Config, method: ContinualMethod, manifest: pd.DataFram
     return examples
 
 
-def calibrate_method(cfg: Config, method: ContinualMethod, manifest: pd.DataFrame) -> Calibration | None:
+def calibrate_method(cfg: Config, method: ContinualMethod, manifest: pd.DataFrame, leave_out: dict[str, torch.Tensor] | None = None) -> Calibration | None:
     """Per-task decision thresholds of every task ``method`` learned, from the held-out normal TRAINING
-    images of their products in ``manifest`` (test rows are never read); None without held-out images."""
+    images of their products in ``manifest`` (test rows are never read) and the tasks' ``leave_out``
+    scores (``components.eval.thresholds``); None without held-out images."""
     learned = learned_task_of_product(method)
     products = [p for p in learned if p in set(manifest["product"])]
     missing = sorted(set(learned) - set(products))
@@ -402,7 +422,7 @@ def calibrate_method(cfg: Config, method: ContinualMethod, manifest: pd.DataFram
         labels=torch.zeros(len(held), dtype=torch.long),
         depth=depth_of(held, cfg.data.image_size),
     )
-    return calibrate_heldout(method, batch, cfg)
+    return calibrate_heldout(method, batch, cfg, leave_out)
 
 
 @io_task(name="version_memory_bank")
@@ -555,11 +575,14 @@ def register_model(tracker: Any, method_dir: Path, bank_version: str, step: int,
 
 
 @graph_task(name="promotion_gate")
-def _promote_if_gate_passes(cfg: Config, tracker: Any, bank_version: str, model_version: str | None, new_products: list[str],
-                            after: dict[str, dict[str, float]], before: dict[str, dict[str, float]] | None) -> dict[str, Any]:
-    """Gate the step; when it passes, make its bank version current and its model champion (one transaction)."""
-    from flows.promotion import promote, promotion_gate, registry_for
+def _promote_if_gate_passes(cfg: Config, tracker: Any, bank_version: str, model_version: str | None, after: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Gate the step against the current champion (every product it does not contain is new to the gate);
+    when it passes, make its bank version current and its model champion (one transaction)."""
+    from flows.promotion import gate_scope, promote, promotion_gate, registry_for
 
+    store = BankStore(cfg.banks.store_dir)
+    champion = store.current()
+    new_products, before = gate_scope(after, store.show(champion) if champion else None)
     decision = promotion_gate(cfg.promotion, new_products, after, before)
     tracker.record_gate(model_version, decision.to_dict())
     if decision.passed:
@@ -617,8 +640,7 @@ def _prepare(cfg: Config) -> tuple[pd.DataFrame, list[list[str]]]:
 
 
 def _run_step(cfg: Config, out: Path, index: int, tasks: list[list[str]], manifest: pd.DataFrame,
-              method_dir_in: Path | None, parent_version: str | None, tracker: Any,
-              previous_metrics: dict[str, dict[str, float]] | None) -> dict[str, Any]:
+              method_dir_in: Path | None, parent_version: str | None, tracker: Any) -> dict[str, Any]:
     """Train, evaluate, version and register step ``index``; its record appears atomically at the end."""
     name = task_name(tasks[index])
     learned = tasks[: index + 1]
@@ -646,8 +668,7 @@ def _run_step(cfg: Config, out: Path, index: int, tasks: list[list[str]], manife
         bank_manifest = BankStore(cfg.banks.store_dir).show(version)
         model_version = named(register_model, "register", index, name)(tracker, method_dir, version, index, name, bank_manifest)
         fault_point("after_register")
-        gate = named(_promote_if_gate_passes, "gate", index, name)(
-            cfg, tracker, version, model_version, tasks[index], metrics, previous_metrics)
+        gate = named(_promote_if_gate_passes, "gate", index, name)(cfg, tracker, version, model_version, metrics)
         record = {**meta, "bank_version": version, "model_version": model_version, "promotion": gate,
                   STATE_HASHES: state_files(method_dir), "completed": time.strftime("%Y-%m-%dT%H:%M:%S")}
         atomic_write_json(tmp / STEP_RECORD, record)
@@ -688,7 +709,6 @@ def _continual_run(cfg: Config, out: Path) -> dict[str, Any]:
     tracker = open_tracker(cfg, run_record)
     method_dir: Path | None = None
     version: str | None = None
-    previous: dict[str, dict[str, float]] | None = None
     with tracker, progress_bar(total=len(tasks), desc="continual steps", unit="step") as bar:
         new_parent_run = _attach_tracker(cfg, out, tracker, run_record)
         for index, step_products in enumerate(tasks):
@@ -698,7 +718,7 @@ def _continual_run(cfg: Config, out: Path) -> dict[str, Any]:
             if record is None:
                 bar.set_description(f"step {index + 1}/{len(tasks)}: {name}", refresh=False)
                 logger.info("step %d/%d: learning %s", index + 1, len(tasks), name)
-                record = _run_step(cfg, out, index, tasks, manifest, method_dir, version, tracker, previous)
+                record = _run_step(cfg, out, index, tasks, manifest, method_dir, version, tracker)
             else:
                 BankStore(cfg.banks.store_dir).verify(record["bank_version"])
                 logger.info("step %d/%d (%s) already completed (bank version %s); not retraining", index + 1, len(tasks), name, record["bank_version"][:12])
@@ -714,7 +734,6 @@ def _continual_run(cfg: Config, out: Path) -> dict[str, Any]:
                 tracker.log_step_summary(index, step_summary(matrix, index))  # average/forgetting/BWT curves
             method_dir = step_dir(out, index, name) / METHOD_DIR
             version = record["bank_version"]
-            previous = record["metrics"]
             bar.update(1)
         metrics_json = matrix.to_metrics_json(cfg.method, cfg.protocol.name)
         metrics_json["bank_version"] = version

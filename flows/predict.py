@@ -8,11 +8,20 @@ into ``--out``:
   ``product``, ``score``, ``threshold``, ``decision``, ``overlay`` (relative path),
   ``model_version``, ``bank_version``;
 - ``overlays/NNNNN_<name>.png``: the image with its heat map and the defect contour;
-- ``skipped.csv`` (``path``, ``error``) when files could not be read; they are also reported
-  on stderr and never stop the run.
+- ``skipped.csv`` (``path``, ``reason``, ``error``) when files could not be decided: ``reason`` is
+  ``unreadable`` (not an image, truncated, corrupt) or ``too large`` (more pixels than
+  ``serve.max_pixels``); they are also reported on stderr and never stop the run;
+- ``summary.json``: per routed product the decisions, the threshold and what it promises (false-reject
+  rate controlled to ``promised_fpr``, ``escape_estimate`` from synthetic defects) and, where the folder
+  layout labels the images (MVTec ``test/good`` vs ``test/<defect>``), the measured false-reject rate,
+  escape rate and image AUROC by product folder.
+
+An RGB + depth detector (``uses_depth``) reads each ``.../rgb/NAME.png`` with its point cloud
+``.../xyz/NAME.tiff`` (the MVTec 3D-AD layout); files in the ``xyz/`` and ``gt/`` folders next to an
+``rgb/`` folder are not images to decide.
 
 NG is a result, not an error: the exit code is 0 whenever the model could be loaded and at
-least one input path matched.
+least one image was decided; 2 (input error) when every input was skipped.
 """
 
 from __future__ import annotations
@@ -22,15 +31,18 @@ import glob
 import io
 import json
 import logging
+import re
 import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from components.atomic import atomic_write_bytes, atomic_write_text
 from components.config import Config
-from components.decision import Detector, Verdict, decode_image
+from components.decision import Detector, ImageTooLarge, Verdict, decode_image
 from components.errors import ContadError, DataError
 from components.eval.figures import heatmap_overlay_png
 from components.progress import progress_bar
@@ -42,6 +54,10 @@ PREDICTION_COLUMNS = ["path", "product", "score", "threshold", "decision", "over
 PREDICTIONS_CSV = "predictions.csv"
 PREDICTIONS_JSONL = "predictions.jsonl"
 SKIPPED_CSV = "skipped.csv"
+SUMMARY_JSON = "summary.json"
+MVTEC3D_NOT_IMAGES = frozenset({"xyz", "gt"})  # sibling folders of rgb/ in the MVTec 3D-AD layout
+SKIPPED_COLUMNS = ["path", "reason", "error"]
+TOO_LARGE, UNREADABLE = "too large", "unreadable"
 OVERLAYS_DIR = "overlays"
 
 
@@ -78,22 +94,74 @@ def _read(path: Path, max_pixels: int) -> Any:
         raise DataError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
 
 
+def skip_reason(exc: DataError) -> str:
+    """``too large`` for an image above the pixel limit (ours or PIL's decompression-bomb guard), else ``unreadable``."""
+    from PIL import Image
+
+    too_large = isinstance(exc, ImageTooLarge) or any(isinstance(c, Image.DecompressionBombError) for c in (exc.__cause__, exc.__context__))
+    return TOO_LARGE if too_large else UNREADABLE
+
+
+def skip_message(exc: DataError, path: Path | str, max_pixels: int) -> str:
+    """The one-line reason ``path`` (a file, or e.g. "request body") was not decided, in contad's terms: PIL's
+    decompression-bomb error becomes the pixel limit (``serve.max_pixels``)."""
+    if skip_reason(exc) == TOO_LARGE and not isinstance(exc, ImageTooLarge):
+        pixels = re.search(r"Image size \((\d+) pixels\)", str(exc))
+        size = f"{int(pixels[1])} pixels" if pixels else "the image"
+        return f"{path}: {size} exceeds the limit of {max_pixels} (serve.max_pixels)"
+    return str(exc)
+
+
+def skipped_summary(skipped: list[dict[str, str]]) -> str:
+    """``"3 skipped (2 unreadable, 1 too large)"`` (``"0 skipped"`` when none)."""
+    counts = Counter(row["reason"] for row in skipped)
+    detail = ", ".join(f"{counts[reason]} {reason}" for reason in (UNREADABLE, TOO_LARGE) if counts[reason])
+    return f"{len(skipped)} skipped" + (f" ({detail})" if detail else "")
+
+
+def xyz_path(path: Path) -> Path | None:
+    """The point cloud of an MVTec 3D-AD ``.../rgb/NAME.png``: ``.../xyz/NAME.tiff`` (None when absent)."""
+    if path.parent.name != "rgb":
+        return None
+    for suffix in (".tiff", ".tif"):
+        candidate = path.parent.parent / "xyz" / f"{path.stem}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read_depth(path: Path) -> Any:
+    from components.data.loading import read_xyz
+
+    depth = xyz_path(path)
+    if depth is None:
+        raise DataError(f"{path}: no point cloud ../xyz/{path.stem}.tiff next to this rgb image (the detector scores RGB + depth)")
+    return read_xyz(str(depth))
+
+
 def predict_files(detector: Detector, paths: list[Path], out: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Decide every image in ``paths``; write overlays under ``out``; returns (rows, skipped)."""
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     size = detector.config.serve.heatmap_size
+    if detector.uses_depth:  # MVTec 3D-AD: point clouds and ground-truth masks next to rgb/ are not images to decide
+        paths = [p for p in paths if not (p.parent.name in MVTEC3D_NOT_IMAGES and (p.parent.parent / "rgb").is_dir())]
     bar = progress_bar(total=len(paths), desc="predict", unit="img")
     for chunk in _batches(paths, detector.config.eval.batch_size):
-        readable, images = [], []
+        readable, images, depths = [], [], []
         for path in chunk:
             try:
-                images.append(_read(path, detector.config.serve.max_pixels))
+                rgb = _read(path, detector.config.serve.max_pixels)
+                if detector.uses_depth:
+                    depths.append(_read_depth(path))
+                images.append(rgb)
                 readable.append(path)
             except DataError as exc:
-                skipped.append({"path": str(path), "error": str(exc)})
-                print(f"contad: skipped {path}: {exc}", file=sys.stderr)
-        for path, rgb, verdict in zip(readable, images, detector.decide(images)):
+                reason = skip_reason(exc)
+                message = skip_message(exc, path, detector.config.serve.max_pixels)
+                skipped.append({"path": str(path), "reason": reason, "error": message})
+                print(f"contad: skipped {path} ({reason}): {message}", file=sys.stderr)
+        for path, rgb, verdict in zip(readable, images, detector.decide(images, depths if detector.uses_depth else None)):
             overlay = f"{OVERLAYS_DIR}/{len(rows):05d}_{path.stem}.png"
             atomic_write_bytes(out / overlay, heatmap_overlay_png(rgb, verdict.anomaly_map, verdict.pixel_threshold, size=size))
             rows.append(_row(path, verdict, overlay, detector))
@@ -117,7 +185,7 @@ def write_predictions(out: Path, rows: list[dict[str, Any]], skipped: list[dict[
     atomic_write_text(out / PREDICTIONS_JSONL, "".join(json.dumps(row) + "\n" for row in rows))
     if skipped:
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=["path", "error"], lineterminator="\n")
+        writer = csv.DictWriter(buffer, fieldnames=SKIPPED_COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(skipped)
         atomic_write_text(out / SKIPPED_CSV, buffer.getvalue())
@@ -135,7 +203,80 @@ def predict_command(cfg: Config, inputs: list[str], out: Path, model: str | None
     out = Path(out)
     rows, skipped = predict_files(detector, paths, out)
     write_predictions(out, rows, skipped)
+    summary = decision_summary(detector, rows)
+    atomic_write_text(out / SUMMARY_JSON, json.dumps(summary, indent=2) + "\n")
     counts = Counter(row["decision"] for row in rows)
-    print(f"{len(rows)} image(s) decided: {counts.get('OK', 0)} OK, {counts.get('NG', 0)} NG; {len(skipped)} skipped (unreadable)")
-    print(f"predictions: {out / PREDICTIONS_CSV} and {out / PREDICTIONS_JSONL}; overlays: {out / OVERLAYS_DIR}/")
+    print(f"{len(rows)} image(s) decided: {counts.get('OK', 0)} OK, {counts.get('NG', 0)} NG; {skipped_summary(skipped)}")
+    if rows:
+        print(summary_text(summary))
+    print(f"predictions: {out / PREDICTIONS_CSV} and {out / PREDICTIONS_JSONL}; summary: {out / SUMMARY_JSON}; overlays: {out / OVERLAYS_DIR}/")
+    if not rows:  # nothing decided is an input error, not a result
+        raise ContadError(f"no image could be decided: {skipped_summary(skipped)} of {len(paths)} input file(s); see {out / SKIPPED_CSV}")
     return 0
+
+
+def folder_label(path: str) -> int | None:
+    """0 / 1 when an MVTec-layout path says good / defective (``test/good/...``, ``test/<defect>/[rgb/]...``), else None."""
+    parts = Path(path).parts
+    if "test" not in parts:
+        return None
+    below = parts[len(parts) - parts[::-1].index("test") :]
+    return None if len(below) < 2 else int(below[0] != "good")
+
+
+def _folder_product(path: str) -> str:
+    """The product folder of an MVTec-layout test image (the folder above ``test``)."""
+    parts = Path(path).parts
+    index = len(parts) - 1 - parts[::-1].index("test")
+    return parts[index - 1] if index > 0 else ""
+
+
+def _number(value: float) -> float | None:
+    return None if value != value else float(value)
+
+
+def decision_summary(detector: Detector, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per routed product: decisions, threshold and its promises; per product folder: the measured rates
+    and image AUROC where the folder layout labels the images."""
+    from components.eval.metrics import auroc
+
+    routed: dict[str, Any] = {}
+    for product in sorted({row["product"] for row in rows}):
+        mine = [row for row in rows if row["product"] == product]
+        threshold = detector.calibration.for_task(product)
+        routed[product] = {"images": len(mine), "OK": sum(r["decision"] == "OK" for r in mine), "NG": sum(r["decision"] == "NG" for r in mine),
+                           "threshold": threshold.image, "calibration_normals": threshold.n_images,
+                           "promised_fpr": _number(threshold.promised_fpr), "escape_estimate": _number(threshold.escape_estimate)}
+    labelled = [(row, folder_label(row["path"])) for row in rows]
+    labelled = [(row, label) for row, label in labelled if label is not None]
+    measured: dict[str, Any] = {}
+    for folder in sorted({_folder_product(row["path"]) for row, _ in labelled}):
+        mine = [(row, label) for row, label in labelled if _folder_product(row["path"]) == folder]
+        good = [row for row, label in mine if label == 0]
+        bad = [row for row, label in mine if label == 1]
+        scores = np.array([r["score"] for r in good + bad], dtype=np.float64)
+        labels = np.array([0] * len(good) + [1] * len(bad))
+        measured[folder] = {"images": len(mine), "good": len(good), "defective": len(bad),
+                            "false_reject_rate": sum(r["decision"] == "NG" for r in good) / len(good) if good else None,
+                            "escape_rate": sum(r["decision"] == "OK" for r in bad) / len(bad) if bad else None,
+                            "image_auroc": auroc(labels, scores) if good and bad else None}
+    promises = [line for line in detector.calibration.promises() if line.split(":")[0].removeprefix("task ") in routed]
+    return {"target_fpr": detector.calibration.target_fpr, "routed": routed, "measured": measured, "promises": promises}
+
+
+def summary_text(summary: dict[str, Any]) -> str:
+    """The summary as terminal lines: per routed product, then the measured rates per product folder."""
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    lines = [f"decisions at decision.target_fpr={summary['target_fpr']}:"]
+    for product, e in summary["routed"].items():
+        lines.append(f"  routed to {product}: {e['images']} images, {e['OK']} OK, {e['NG']} NG; threshold {e['threshold']:.4g} from "
+                     f"{e['calibration_normals']} normals: false-reject rate controlled to {pct(e['promised_fpr'])}, "
+                     f"escape estimate (synthetic defects) {pct(e['escape_estimate'])}")
+    for folder, e in summary["measured"].items():
+        auroc = "-" if e["image_auroc"] is None else f"{e['image_auroc']:.4f}"
+        lines.append(f"  measured on {folder} (labels from the folders): false-reject rate {pct(e['false_reject_rate'])}, "
+                     f"escape rate {pct(e['escape_rate'])}, image AUROC {auroc}")
+    lines += [f"  note: {line}" for line in summary["promises"]]
+    return "\n".join(lines)

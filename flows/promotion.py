@@ -1,8 +1,10 @@
 """The promotion gate and the one transaction that makes a bank version current *and* champion.
 
-Gate: passes when every newly learned product reaches ``promotion.min_new_image_auroc`` image
-AUROC and no previously learned product loses more than ``promotion.max_forgetting`` image AUROC
-compared with the champion's own evaluation of it. A product with normal images only (no test
+Gate: passes when every product the champion does not contain yet (whichever step learned it: a
+product rejected at one step is new again at the next) reaches ``promotion.min_new_image_auroc``
+image AUROC and keeps its false-reject rate at the deployed threshold (good test images decided NG)
+at or below ``promotion.max_false_reject_rate``, and no product the champion contains loses more
+than ``promotion.max_forgetting`` image AUROC compared with the champion's own evaluation of it. A product with normal images only (no test
 set, so no AUROC) instead must keep its false-reject rate on its reserved normals (never trained
 on, never used for a threshold: ``components.data.loading.reserve_normals``) at or below
 ``promotion.max_false_reject_rate``, when it is new and at every later step.
@@ -34,6 +36,20 @@ from components.memory.store import SHORT_HASH, BankError, BankStore
 log = logging.getLogger(__name__)
 
 GATE_METRIC = "image_auroc"
+DECISION_FRR = "false_reject_rate"  # good test images decided NG at the deployed thresholds
+
+
+def gate_scope(after: dict[str, dict[str, float]], champion: dict[str, Any] | None) -> tuple[list[str], dict[str, dict[str, float]] | None]:
+    """(products new to the gate, the champion's own metrics of the products it contains) for a step whose
+    metrics cover ``after``; ``champion`` is the current bank version's manifest (None: no champion yet).
+
+    Every product the champion does not contain is new, whichever step learned it, so a product
+    rejected at one step is checked again as new by every later step until a champion contains it.
+    """
+    contained = set((champion or {}).get("task_of_product") or {})
+    new = [p for p in after if p not in contained]
+    before = {p: m for p, m in ((champion or {}).get("metrics") or {}).items() if p in contained}
+    return new, (before if champion is not None else None)
 
 
 @dataclass
@@ -44,6 +60,7 @@ class GateDecision:
     reasons: list[str] = field(default_factory=list)
     drops: dict[str, float] = field(default_factory=dict)
     false_reject_rates: dict[str, float] = field(default_factory=dict)  # products with normal images only
+    checked: list[str] = field(default_factory=list)  # every check made, passed or not (one line each)
 
     def message(self) -> str:
         if self.passed:
@@ -51,7 +68,8 @@ class GateDecision:
         return "promotion gate failed: " + "; ".join(self.reasons)
 
     def to_dict(self) -> dict[str, object]:
-        return {"passed": self.passed, "reasons": list(self.reasons), "drops": dict(self.drops), "false_reject_rates": dict(self.false_reject_rates)}
+        return {"passed": self.passed, "reasons": list(self.reasons), "drops": dict(self.drops), "false_reject_rates": dict(self.false_reject_rates),
+                "checked": list(self.checked)}
 
 
 def _value(metrics: dict[str, dict[str, float]], product: str, metric: str = GATE_METRIC) -> float | None:
@@ -73,6 +91,7 @@ def _false_reject_check(cfg: PromotionConfig, product: str, after: dict[str, dic
         decision.reasons.append(f"{role} product {product!r} has normal images only and no {RESERVED_FRR} (too few train/good images to reserve, or no thresholds)")
         return
     decision.false_reject_rates[product] = rate
+    decision.checked.append(f"{role} product {product!r} (normal images only): {RESERVED_FRR} {rate:.4f} <= {cfg.max_false_reject_rate}")
     if rate > cfg.max_false_reject_rate:
         decision.reasons.append(f"{role} product {product!r} (normal images only) {RESERVED_FRR} {rate:.4f} > promotion.max_false_reject_rate {cfg.max_false_reject_rate}")
 
@@ -91,10 +110,16 @@ def promotion_gate(
             _false_reject_check(cfg, product, after, decision, "new")
             continue
         value = _value(after, product)
+        decision.checked.append(f"new product {product!r}: {GATE_METRIC} {'-' if value is None else f'{value:.4f}'} >= {cfg.min_new_image_auroc}")
         if value is None:
             reasons.append(f"no {GATE_METRIC} for new product {product!r}")
         elif value < cfg.min_new_image_auroc:
             reasons.append(f"new product {product!r} {GATE_METRIC} {value:.4f} < promotion.min_new_image_auroc {cfg.min_new_image_auroc}")
+        frr = _value(after, product, DECISION_FRR)
+        if frr is not None:  # decisions at the deployed threshold (absent when the step has no calibration)
+            decision.checked.append(f"new product {product!r}: {DECISION_FRR} {frr:.4f} <= {cfg.max_false_reject_rate}")
+            if frr > cfg.max_false_reject_rate:
+                reasons.append(f"new product {product!r} {DECISION_FRR} {frr:.4f} > promotion.max_false_reject_rate {cfg.max_false_reject_rate}")
     for product in sorted(after):
         if product not in new_products and _normals_only(after, product):
             _false_reject_check(cfg, product, after, decision, "old")
@@ -108,6 +133,7 @@ def promotion_gate(
             reasons.append(f"old product {product!r} was not evaluated after the step")
             continue
         drops[product] = old - new
+        decision.checked.append(f"old product {product!r}: {GATE_METRIC} drop {old - new:.4f} <= {cfg.max_forgetting}")
         if old - new > cfg.max_forgetting:
             reasons.append(f"old product {product!r} {GATE_METRIC} dropped {old - new:.4f} ({old:.4f} -> {new:.4f}) > promotion.max_forgetting {cfg.max_forgetting}")
     decision.passed = not reasons

@@ -6,8 +6,8 @@
 - Cross-links (``link_runs``): the MLflow parent run gets tags ``prefect.flow_run_id``,
   ``prefect.flow_run_name`` and, with a Prefect server, ``prefect.flow_run_url``; the Prefect flow
   run gets the tag ``mlflow-run:<run id>``.
-- One markdown artifact per run (``publish_summary``): the final accuracy table (per product, average,
-  forgetting) and where the MLflow run is.
+- One markdown artifact per run (``publish_summary``, key per run directory: ``run_key``): the final accuracy
+  table (per product, average, forgetting) and where the MLflow run is.
 
 Everything here is best effort: a failure to tag or publish is logged and never fails the run.
 """
@@ -19,6 +19,8 @@ import math
 import re
 from dataclasses import dataclass
 from typing import Any
+
+from components.data.protocol import task_name
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +192,7 @@ def publish_markdown(key: str, markdown: str, description: str) -> str | None:
 def run_summary_markdown(metrics_json: dict[str, Any], tracker: Any) -> str:
     """The markdown of a continual run's summary artifact."""
     steps = metrics_json.get("steps") or [[p] for p in metrics_json.get("tasks") or []]
-    order = " → ".join("+".join(group) for group in steps)
+    order = " → ".join(task_name(group) for group in steps)
     bank = str(metrics_json.get("bank_version") or "-")[:12]
     promoted = "yes" if metrics_json.get("promoted", True) else "no (the promotion gate rejected it)"
     return (
@@ -201,9 +203,29 @@ def run_summary_markdown(metrics_json: dict[str, Any], tracker: Any) -> str:
     )
 
 
+def run_key(method: Any, protocol: Any, out: Any) -> str:
+    """Artifact key of a continual run: ``contad-<method>-<protocol>-<out folder>-<6 hex of its absolute path>``.
+
+    One key per run directory, so the Prefect UI's "latest" of a key is this run's table (a resumed
+    run adds a version to its own key), never another run's of the same method and protocol.
+    """
+    import hashlib
+    from pathlib import Path
+
+    base = f"contad-{method}-{protocol}"
+    if not out:
+        return artifact_key(base)
+    path = Path(str(out)).absolute()
+    return artifact_key(f"{base}-{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:6]}")
+
+
 def publish_summary(metrics_json: dict[str, Any], tracker: Any) -> str | None:
-    """The continual run's markdown artifact (key ``contad-<method>-<protocol>``)."""
-    key = f"contad-{metrics_json.get('method')}-{metrics_json.get('protocol')}"
+    """The continual run's markdown artifact (key ``run_key``: per method, protocol and run directory)."""
+    try:
+        out = _parameters().get("out")
+    except Exception:  # noqa: BLE001 - no flow run parameters: the key names method and protocol only
+        out = None
+    key = run_key(metrics_json.get("method"), metrics_json.get("protocol"), out)
     return publish_markdown(key, run_summary_markdown(metrics_json, tracker), "final accuracy table and MLflow run of a contad run")
 
 

@@ -3,21 +3,25 @@
 A line camera's images arrive one at a time. Each image is, in this order (prequential):
 1. decoded (an unreadable image is logged with its path, recorded in ``stream.jsonl`` with its
    error and skipped; the stream goes on);
-2. scored with the CURRENT model of ``NAME``'s task, and routed by key among all learned tasks
-   (``routed`` is a monitoring signal: a mismatch flags an image from another line);
-3. decided: ``warmup`` for the first ``stream.warmup`` images, then ``anomalous`` when the score
-   exceeds mean + ``stream.threshold_sigma`` x std of the scores of the images judged normal so far,
-   else ``normal``;
-4. learned (one online update) when ``stream.update=all``, or with ``below_threshold`` only when it
-   was not judged anomalous (likely defects stay out of the memory);
+2. scored with the CURRENT model of ``NAME``'s task (``ContinualMethod.score_one``), and routed by
+   content among all learned tasks (``routed`` is a monitoring signal: a mismatch flags an image from
+   another line);
+3. decided OK / NG with the rule ``contad predict`` uses: NG when the score is above the
+   ``decision.target_fpr`` quantile of the task's calibration sample (``components.eval.thresholds``):
+   the calibrated normals of the starting model (``--init``) plus the scores of every image this stream
+   decided OK. A task without calibrated normals first labels ``stream.warmup`` images ``warmup``
+   (learned, never decided; their scores start the sample);
+4. learned (``learn_one``) when decided OK or warm-up; an NG image is never learned with the default
+   ``stream.update=ok`` (``all``: every image): it is appended to ``DIR/quarantine.jsonl``;
 5. appended to ``DIR/stream.jsonl`` (path, product, routed, score, threshold, decision, learned,
-   model_step = updates the scoring model had seen) and flushed.
+   model_step = images the task had learned before this one) and flushed.
 
 Every ``stream.checkpoint_every`` images and at exit the model and the stream position are
-written atomically to ``DIR/checkpoint`` and committed as a bank version (``contad banks list
+written atomically to ``DIR/checkpoint`` (with the configuration and a calibration holding the
+stream's sample, so ``contad predict --bank`` decides like the stream) and committed as a bank version (``contad banks list
 --store DIR/banks`` unless ``banks.store_dir`` is set). Rerunning the same command after a crash
 (even ``kill -9``) resumes from the last checkpoint: ``stream.jsonl`` is cut back to the
-checkpoint's length and images already learned are skipped, so the final state equals that of an
+checkpoint's length (``quarantine.jsonl`` too) and images already learned are skipped, so the final state equals that of an
 uninterrupted stream. SOURCE is a folder watched for new images, a text file of image paths, or
 ``-`` for paths on stdin. Fault hook for tests: env ``CONTAD_STREAM_KILL_AFTER=N`` SIGKILLs the
 process right after the N-th image of this run.
@@ -27,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -37,12 +40,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prefect import flow
 
+from components.artifact import deployed_config, read_detector_config, write_detector_config
 from components.atomic import atomic_directory
 from components.config import BanksConfig, Config
 from components.data.loading import load_images
 from components.errors import ContadError
+from components.eval.thresholds import NG, OK, Calibration, TaskSample, quantile_threshold, read_calibration, write_calibration
 from components.memory.store import BankStore
 from components.methods.base import ContinualMethod
 from components.progress import progress_bar
@@ -50,6 +56,8 @@ from components.progress import progress_bar
 log = logging.getLogger(__name__)
 
 STREAM_LOG = "stream.jsonl"
+QUARANTINE_LOG = "quarantine.jsonl"
+WARMUP = "warmup"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_METHOD = "method"
 CHECKPOINT_STATE = "stream.json"
@@ -107,28 +115,43 @@ def open_source(source: str, cfg: Config) -> Iterator[str]:
 # ---------------------------------------------------------------------------------- state
 @dataclass
 class StreamState:
-    """Where a stream is: images handled, their paths, log length, and normal-score statistics (Welford)."""
+    """Where a stream is: images handled, their paths, log lengths, and the task's calibration sample."""
 
     product: str
     step: int = 0  # images handled (learned, rejected or unreadable)
     processed: list[str] = field(default_factory=list)
     log_bytes: int = 0  # length of stream.jsonl at this state
-    normal_count: int = 0
-    normal_mean: float = 0.0
-    normal_m2: float = 0.0
+    quarantine_bytes: int = 0  # length of quarantine.jsonl at this state
+    calibrated: list[float] = field(default_factory=list)  # normal scores of the starting model's calibration
+    accepted: list[float] = field(default_factory=list)  # scores of warm-up and OK images of this stream
 
     def threshold(self, cfg: Config) -> float | None:
-        """mean + sigma x std of the scores judged normal so far; None during warm-up."""
-        if self.normal_count < cfg.stream.warmup:
+        """The ``decision.target_fpr`` quantile of the calibration sample; None during warm-up."""
+        if not self.calibrated and len(self.accepted) < cfg.stream.warmup:
             return None
-        std = math.sqrt(self.normal_m2 / max(self.normal_count - 1, 1))
-        return self.normal_mean + cfg.stream.threshold_sigma * std
+        return quantile_threshold(np.asarray(self.calibrated + self.accepted), cfg.decision.target_fpr)
 
-    def add_normal(self, score: float) -> None:
-        self.normal_count += 1
-        delta = score - self.normal_mean
-        self.normal_mean += delta / self.normal_count
-        self.normal_m2 += delta * (score - self.normal_mean)
+
+def stream_calibration(method_dir: Path | None, product: str) -> list[float]:
+    """The calibrated normal scores of ``product``'s task in a starting model's ``calibration.json`` (may be empty)."""
+    calibration = read_calibration(method_dir) if method_dir is not None else None
+    if calibration is None:
+        return []
+    task = calibration.task_of_product.get(product, product)
+    sample = calibration.samples.get(task)
+    return [float(v) for v in sample.normal] if sample is not None else []
+
+
+def checkpoint_calibration(cfg: Config, state: StreamState, previous: Calibration | None) -> Calibration | None:
+    """The starting calibration with the stream's task sample: the OK scores join its held-out normals."""
+    if state.threshold(cfg) is None:
+        return previous
+    samples = dict(previous.samples) if previous is not None else {}
+    old = samples.get(state.product)
+    pixel = old.pixel if old is not None else float("inf")  # no maps of the streamed normals: no contour drawn
+    samples[state.product] = TaskSample(tuple(state.calibrated + state.accepted), (), pixel, old.synthetic if old is not None else ())
+    task_of_product = {**(previous.task_of_product if previous is not None else {}), state.product: state.product}
+    return Calibration(cfg.decision.target_fpr, cfg.decision.pixel_fpr, samples, task_of_product)
 
 
 def version_checkpoint(store_dir: Path, method_dir: Path, meta: dict[str, Any], out: Path) -> str:
@@ -142,13 +165,20 @@ def version_checkpoint(store_dir: Path, method_dir: Path, meta: dict[str, Any], 
     return BankStore(store_dir).commit(method_dir, meta, make_current=own_store)
 
 
-def write_checkpoint(out: Path, method: ContinualMethod, state: StreamState, store_dir: Path) -> str:
-    """Atomically write ``OUT/checkpoint`` (method + stream state), then version it; returns the bank version."""
+def write_checkpoint(out: Path, method: ContinualMethod, state: StreamState, store_dir: Path, start: Calibration | None = None) -> str:
+    """Atomically write ``OUT/checkpoint`` (method + configuration + calibration + stream state), then
+    version it; returns the bank version."""
     checkpoint = out / CHECKPOINT_DIR
     with atomic_directory(checkpoint) as tmp:
         method.save(tmp / CHECKPOINT_METHOD)
+        write_detector_config(tmp / CHECKPOINT_METHOD, method.config)
+        calibration = checkpoint_calibration(method.config, state, start)
+        if calibration is not None:
+            write_calibration(tmp / CHECKPOINT_METHOD, calibration)
         (tmp / CHECKPOINT_STATE).write_text(json.dumps(asdict(state)) + "\n", encoding="utf-8")
-    meta = {"step": state.step, "tasks": list(method.tasks), "source": "stream", "stream_product": state.product, "images_learned": getattr(method, "images_learned", None)}
+    learned = {task: method.images_learned(task) for task in method.tasks}
+    meta = {"step": state.step, "tasks": list(method.tasks), "source": "stream", "stream_product": state.product, "images_learned": learned,
+            "method": method.name, "task_of_product": {t: t for t in method.tasks}}
     return version_checkpoint(store_dir, checkpoint / CHECKPOINT_METHOD, meta, out)
 
 
@@ -166,73 +196,73 @@ def restore(out: Path, method: ContinualMethod, product: str) -> StreamState:
     log_path = out / STREAM_LOG
     if checkpoint is None:
         log_path.unlink(missing_ok=True)
+        (out / QUARANTINE_LOG).unlink(missing_ok=True)
         return StreamState(product=product)
     state = StreamState(**json.loads((checkpoint / CHECKPOINT_STATE).read_text(encoding="utf-8")))
     if state.product != product:
         raise ContadError(f"{checkpoint}: this stream directory learns product {state.product!r}, not {product!r} (use another --out)")
     method.load(checkpoint / CHECKPOINT_METHOD)
-    if log_path.exists():
-        with log_path.open("r+b") as fh:
-            fh.truncate(state.log_bytes)
+    for path, length in ((log_path, state.log_bytes), (out / QUARANTINE_LOG, state.quarantine_bytes)):
+        if path.exists():
+            with path.open("r+b") as fh:
+                fh.truncate(length)
     log.info("stream: resuming %s after %d images (checkpoint %s)", product, state.step, checkpoint)
     return state
 
 
 # ---------------------------------------------------------------------------------- the loop
-def _task_index(method: Any, product: str) -> int:
-    return method.tasks.index(product) if product in method.tasks else method.add_task(product)
-
-
-def _routed_product(method: Any, feats: Any) -> str | None:
-    """The task key routing sends the image to (None while no task has a key yet)."""
-    try:
-        return method.tasks[int(method.route_features(feats)[0])]
-    except ContadError:
-        return None
-
-
-def _handle(method: Any, cfg: Config, state: StreamState, task: int, path: str) -> dict[str, Any]:
-    """Score one image with the current model, decide, then (maybe) learn it; the stream.jsonl record."""
+def _handle(method: ContinualMethod, cfg: Config, state: StreamState, path: str) -> dict[str, Any]:
+    """Score one image with the current model, decide it, then learn it unless NG; the stream.jsonl record."""
     record: dict[str, Any] = {"index": state.step, "path": path, "product": state.product}
     try:
         image = load_images([path], cfg.data.image_size)
     except ContadError as exc:
         log.error("stream: skipping unreadable image %s: %s", path, exc)
-        return {**record, "error": str(exc), "learned": False}
-    feats = method.frozen_features(image)
-    model_step = method.images_learned[task]
-    score = float(method.score_features(feats, task)[0][0])  # prequential: before any update
-    routed = _routed_product(method, feats)
+        return {**record, "error": str(exc), "decision": None, "learned": False}
+    model_step = method.images_learned(state.product)
+    scored = method.score_one(image, state.product)  # prequential: before any update
     threshold = state.threshold(cfg)
-    decision = "warmup" if threshold is None else ("anomalous" if score > threshold else "normal")
-    learn = cfg.stream.update == "all" or decision != "anomalous"
-    if decision != "anomalous":
-        state.add_normal(score)
-    loss = method.learn_features(feats, task) if learn else None
-    return {**record, "routed": routed, "score": score, "threshold": threshold, "decision": decision, "learned": learn, "model_step": model_step, "loss": loss}
+    decision = WARMUP if threshold is None else (NG if scored.score > threshold else OK)
+    learn = decision != NG or cfg.stream.update == "all"
+    if decision != NG:
+        state.accepted.append(scored.score)
+    loss = method.learn_one(scored, state.product) if learn else None
+    return {**record, "routed": scored.routed, "score": scored.score, "threshold": threshold, "decision": decision, "learned": learn,
+            "model_step": model_step, "loss": loss}
 
 
-def run_stream(cfg: Config, method: ContinualMethod, source: Iterator[str], product: str, out: Path) -> dict[str, Any]:
-    """Prequential online loop over ``source`` (see module docstring); returns a summary."""
-    if not getattr(method, "supports_streaming", False):
-        raise ContadError(f"method {method.name!r} does not support streaming (method=lemo does)")
+def run_stream(cfg: Config, method: ContinualMethod, source: Iterator[str], product: str, out: Path, init: Path | None = None) -> dict[str, Any]:
+    """Prequential online loop over ``source`` (see module docstring); returns a summary.
+
+    ``init``: the method directory ``method`` was loaded from (its calibration starts the sample).
+    """
+    if not method.learns_online:
+        raise ContadError(f"method {method.name!r} does not support streaming (methods declaring learns_online do, e.g. method=lemo)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     store_dir = Path(cfg.banks.store_dir) if cfg.banks.store_dir != BanksConfig().store_dir else out / "banks"
     state = restore(out, method, product)
-    task = _task_index(method, product)
+    method.stream_task(product)
+    start = read_calibration(init) if init is not None else None
+    if state.step == 0:
+        state.calibrated = stream_calibration(init, product)
     done = set(state.processed)
     kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
-    new_images, started, score_sum, scored = 0, time.perf_counter(), 0.0, 0
+    new_images, started, counts = 0, time.perf_counter(), {OK: 0, NG: 0, WARMUP: 0}
     version = None
     bar = progress_bar(desc=f"stream {product}", unit="img")
-    with (out / STREAM_LOG).open("ab") as log_file:
+    with (out / STREAM_LOG).open("ab") as log_file, (out / QUARANTINE_LOG).open("ab") as quarantine:
         for path in source:
             if path in done:
                 log.debug("stream: %s already learned before the checkpoint; skipped", path)
                 continue
-            record = _handle(method, cfg, state, task, path)
+            record = _handle(method, cfg, state, path)
             line = (json.dumps(record) + "\n").encode("utf-8")
+            if record.get("decision") == NG:
+                held = (json.dumps({k: record[k] for k in ("index", "path", "product", "score", "threshold")}) + "\n").encode("utf-8")
+                quarantine.write(held)
+                quarantine.flush()
+                state.quarantine_bytes += len(held)
             log_file.write(line)
             log_file.flush()
             state.step += 1
@@ -240,30 +270,33 @@ def run_stream(cfg: Config, method: ContinualMethod, source: Iterator[str], prod
             state.log_bytes += len(line)
             done.add(path)
             new_images += 1
-            if "score" in record:
-                score_sum, scored = score_sum + record["score"], scored + 1
+            if record.get("decision") in counts:
+                counts[record["decision"]] += 1
             bar.update(1)
-            bar.set_postfix(img_s=f"{new_images / max(time.perf_counter() - started, 1e-9):.1f}", mean_score=f"{score_sum / max(scored, 1):.4f}")
+            bar.set_postfix(img_s=f"{new_images / max(time.perf_counter() - started, 1e-9):.1f}", OK=counts[OK], NG=counts[NG])
             if state.step % cfg.stream.checkpoint_every == 0:
-                version = write_checkpoint(out, method, state, store_dir)
+                version = write_checkpoint(out, method, state, store_dir, start)
             if kill_after and new_images == kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
             if cfg.stream.max_images is not None and new_images >= cfg.stream.max_images:
                 break
     bar.close()
     if new_images or version is None:
-        version = write_checkpoint(out, method, state, store_dir)
+        version = write_checkpoint(out, method, state, store_dir, start)
     seconds = time.perf_counter() - started
     summary = {
         "product": product,
         "new_images": new_images,
         "total_images": state.step,
+        "decisions": {"OK": counts[OK], "NG": counts[NG], "warmup": counts[WARMUP]},
         "images_per_s": new_images / seconds if seconds > 0 else 0.0,
         "bank_version": version,
         "bank_store": str(store_dir),
         "stream_log": str(out / STREAM_LOG),
+        "quarantine": str(out / QUARANTINE_LOG),
     }
-    log.info("stream: %d new images (%d in total) at %.1f img/s; bank version %s", new_images, state.step, summary["images_per_s"], version[:12])
+    log.info("stream: %d new images (%d in total; %d OK, %d NG quarantined, %d warm-up) at %.1f img/s; bank version %s",
+             new_images, state.step, counts[OK], counts[NG], counts[WARMUP], summary["images_per_s"], version[:12])
     return summary
 
 
@@ -272,8 +305,11 @@ def stream_flow(cfg: Config, source: str, product: str, out: Path, init: Path | 
     """Prefect flow around ``run_stream``: build the method (optionally from a saved state) and stream ``source``."""
     from flows.pipeline import load_method
 
+    if init is not None:
+        stored = read_detector_config(Path(init))
+        cfg = deployed_config(stored, cfg, f"--init {init}") if stored is not None else cfg  # the model's own configuration
     method = load_method(cfg, init)
-    return run_stream(cfg, method, open_source(source, cfg), product, Path(out))
+    return run_stream(cfg, method, open_source(source, cfg), product, Path(out), init)
 
 
 def stream_command(cfg: Config, source: str, product: str, out: Path, init: Path | None = None) -> int:

@@ -197,17 +197,25 @@ def fail_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
     return failed
 
 
+# MLflow 3's UI opens an experiment without this tag in its GenAI overview (traces, prompts); contad's are classic ML runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
-    """Id of experiment ``name``, created (artifacts next to a sqlite store) when missing."""
+    """Id of experiment ``name``, created (artifacts next to a sqlite store) when missing; tagged as a
+    classic model-development experiment (``EXPERIMENT_KIND_TAG``) unless it already has a kind."""
     existing = client.get_experiment_by_name(name)
     if existing is not None:
         if existing.lifecycle_stage == "deleted":
             client.restore_experiment(existing.experiment_id)
+        if EXPERIMENT_KIND_TAG not in existing.tags:
+            client.set_experiment_tag(existing.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return existing.experiment_id
     try:
         root = local_artifact_root(tracking_uri)
         location = f"{root}/{name}" if root else None
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except MlflowException:
         found = client.get_experiment_by_name(name)  # created concurrently
         if found is None:
@@ -571,10 +579,12 @@ def version_description(method: str, protocol: str, step: int, task: str, produc
 
 def gate_description(gate: dict[str, Any]) -> str:
     """Markdown line of a promotion gate decision (``GateDecision.to_dict()``)."""
+    checked = "\n".join(f"- {c}" for c in gate.get("checked") or [])
+    checked = f"\n\nChecked:\n{checked}" if checked else ""
     if gate.get("passed"):
-        return "Promotion gate: **passed**."
+        return f"Promotion gate: **passed**.{checked}"
     reasons = "\n".join(f"- {r}" for r in gate.get("reasons") or [])
-    return f"Promotion gate: **rejected** (stored, never champion):\n{reasons}"
+    return f"Promotion gate: **rejected** (stored, never champion):\n{reasons}{checked}"
 
 
 def champion_version(client: MlflowClient, model_name: str) -> tuple[str, str | None] | None:

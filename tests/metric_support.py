@@ -23,6 +23,8 @@ def assert_same_metrics(got: Any, want: Any, path: str = "") -> None:
         for i, (g, w) in enumerate(zip(got, want)):
             assert_same_metrics(g, w, f"{path}[{i}]")
     elif isinstance(want, float) and isinstance(got, (int, float)) and not isinstance(got, bool):
+        if math.isnan(want) and math.isnan(got):  # undefined in both
+            return
         assert math.isclose(got, want, rel_tol=1e-5, abs_tol=1e-8), f"{path}: {got} != {want}"
     else:
         assert got == want, f"{path}: {got!r} != {want!r}"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmarks.bench_iuf import VALIDATION_FRACTION, VALIDATION_VARIANTS, main, table, validation_data
-from benchmarks.synthetic_defects import line_defects, synthetic_defects
+from components.data.synthetic.pasted import line_defects, synthetic_defects
 from components.data.manifest import read_dataset
 from components.errors import DataError
 from tests.test_pipeline_helpers import make_tiny_products

@@ -12,7 +12,7 @@ from PIL import Image
 from components.config import Config
 from components.data.loading import load_images, load_masks, task_data, task_image_paths, test_batch, train_split
 from components.data.manifest import read_dataset
-from components.data.protocol import ordered_products, task_of_product, task_sequence
+from components.data.protocol import ordered_products, task_name, task_of_product, task_products, task_sequence
 from components.errors import DataError
 
 
@@ -102,6 +102,8 @@ def test_protocols(tmp_path: Path) -> None:
     assert task_sequence(products, 3, 1) == [["a", "b", "c"], ["d"], ["e"]]
     assert task_sequence(products, 2, 2) == [["a", "b"], ["c", "d"], ["e"]]
     assert task_of_product(task_sequence(products, 2, 2))["d"] == "c+d"
+    assert task_name(["c", "d"]) == "c+d" and task_name(["e"]) == "e"
+    assert all(task_products(task_name(t)) == t for t in task_sequence(products, 2, 2))
     with pytest.raises(DataError):
         task_sequence(products, 6, 1)
     df = read_dataset(_dataset(tmp_path))

@@ -67,7 +67,7 @@ def test_corrupted_dataset_reports_every_file(tmp_path: Path, capsys: pytest.Cap
     shutil.copytree(f, root / fabric.upper())
 
     before = _tree_hashes(root)
-    assert validate_command(root, tmp_path / REPORT_NAME) == 1
+    assert validate_command(root, tmp_path / REPORT_NAME) == 2
     assert _tree_hashes(root) == before  # nothing in the data was modified
 
     found = {(x["rule"], x["path"]) for x in json.loads((tmp_path / REPORT_NAME).read_text())["failures"]}
@@ -98,7 +98,7 @@ def test_unknown_layout_and_read_only_fallback(tmp_path: Path, monkeypatch: pyte
     monkeypatch.chdir(tmp_path)
     os.chmod(junk, 0o555)
     try:
-        assert validate_command(junk, None) == 1
+        assert validate_command(junk, None) == 2
     finally:
         os.chmod(junk, 0o755)
     assert not (junk / REPORT_NAME).exists()

@@ -7,13 +7,12 @@ import math
 
 import pytest
 
+from components.data.protocol import task_of_product, task_sequence
 from components.errors import ContadError
 from components.eval.continual import (
     AccuracyMatrix,
     MetricsSchemaError,
     metrics_json_problems,
-    protocol_steps,
-    task_of_product,
     validate_metrics_json,
 )
 from components.eval.metrics import METRIC_KEYS
@@ -59,10 +58,10 @@ def test_undefined_cells_are_skipped() -> None:
 
 
 def test_iuf_x_y_protocol() -> None:
-    steps = protocol_steps(["a", "b", "c", "d"], base_tasks=2, step_tasks=1)
+    steps = task_sequence(["a", "b", "c", "d"], base_tasks=2, step_tasks=1)
     assert steps == [["a", "b"], ["c"], ["d"]]
     assert task_of_product(steps) == {"a": "a+b", "b": "a+b", "c": "c", "d": "d"}
-    assert protocol_steps(list("abcdef"), 3, 2) == [["a", "b", "c"], ["d", "e"], ["f"]]
+    assert task_sequence(list("abcdef"), 3, 2) == [["a", "b", "c"], ["d", "e"], ["f"]]
     m = AccuracyMatrix(["a", "b", "c", "d"], 3, steps=steps)
     _fill(m, "image_auroc", [
         {"a": 0.9, "b": 0.8},
@@ -128,4 +127,4 @@ def test_bad_construction_and_recording() -> None:
     with pytest.raises(ContadError, match="outside"):
         m.record(5, "a", {})
     with pytest.raises(ContadError, match="base_tasks"):
-        protocol_steps(["a"], base_tasks=2)
+        task_sequence(["a"], base_tasks=2, step_tasks=1)

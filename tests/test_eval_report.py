@@ -12,8 +12,9 @@ from PIL import Image
 
 from components.config import Config
 from components.errors import ContadError
-from components.eval.continual import AccuracyMatrix, protocol_steps, task_of_product, validate_metrics_json
-from components.eval.evaluate import evaluate_tasks, select_overlays
+from components.data.protocol import task_of_product, task_sequence
+from components.eval.continual import AccuracyMatrix, validate_metrics_json
+from components.eval.evaluate import evaluate_tasks
 from components.eval.report import report_command, write_report
 from components.eval.thresholds import Calibration, calibrate_heldout, decision_metrics, quantile_threshold
 from components.methods.base import ContinualMethod
@@ -39,7 +40,7 @@ class MeanImageDistance(ContinualMethod):
         self.tasks.append(data.name)
         return {"n": len(data.train)}
 
-    def predict(self, images: torch.Tensor, true_tasks: list[str] | None = None) -> Prediction:
+    def predict(self, images: torch.Tensor, true_tasks: list[str] | None = None, depth: torch.Tensor | None = None) -> Prediction:
         self.calls.append((len(images), true_tasks))
         means = torch.stack(self.means)
         dists = ((images[:, None] - means[None]) ** 2).mean(dim=(2, 3, 4))
@@ -85,7 +86,7 @@ def _task(product: str, gen: torch.Generator) -> TaskData:
 def _run_sequence(out: Path, cfg: Config, method_name: str = "mean_distance") -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     products = ["alpha", "beta"]
-    steps = protocol_steps(products, cfg.protocol.base_tasks, cfg.protocol.step_tasks)
+    steps = task_sequence(products, cfg.protocol.base_tasks, cfg.protocol.step_tasks)
     tasks = task_of_product(steps)
     method = MeanImageDistance(cfg)
     tests = {p: _test_batch(p, gen) for p in products}
@@ -106,7 +107,7 @@ def _run_sequence(out: Path, cfg: Config, method_name: str = "mean_distance") ->
     calibration = calibrate_heldout(method, heldout, cfg)
     doc = matrix.to_metrics_json(method_name, cfg.protocol.name)
     doc["thresholds"] = calibration.to_dict()
-    overlays = select_overlays(tests, predictions, cfg.eval.overlays_per_task)
+    overlays = {p: (tests[p], predictions[p]) for p in predictions}  # whole test batches (the pipeline picks a few: overlay_examples)
     write_report(out, doc, overlays)
     return doc
 
@@ -138,7 +139,8 @@ def test_two_task_sequence_end_to_end(tmp_path: Path) -> None:
     report = (run / "report.md").read_text()
     # one table + one heatmap figure per metric family, not one per metric
     assert report.count("| metric | alpha | beta | Average | FM | BWT |") == 2  # (no per-step decision rates here)
-    assert [line for line in report.splitlines() if line.startswith("## ")][:2] == ["## Image-level detection", "## Pixel-level localisation"]
+    assert [line for line in report.splitlines() if line.startswith("## ")][:4] == [
+        "## Glossary", "## Run", "## Image-level detection", "## Pixel-level localisation"]
     families = ["family_image-level_detection.png", "family_pixel-level_localisation.png"]
     assert all(f"figures/{name}" in report for name in families) and "figures/overlay_alpha.png" in report
     assert "matrix_" not in report and "every value is in %" in report

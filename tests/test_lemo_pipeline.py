@@ -11,7 +11,7 @@ from components.memory.store import BankStore
 from flows.cli import main
 from tests.test_pipeline_helpers import make_tiny_products, shared_prefect_api
 
-TINY_LEMO = ["method=lemo", "promotion.min_new_image_auroc=0.0", "promotion.max_forgetting=1.0", "data.image_size=64", "data.heldout_fraction=0.2", "lemo.key_size=16", "eval.overlays_per_task=0", "tracking.enabled=false"]
+TINY_LEMO = ["method=lemo", "promotion.min_new_image_auroc=0.0", "promotion.max_forgetting=1.0", "promotion.max_false_reject_rate=1.0", "data.image_size=64", "data.heldout_fraction=0.2", "lemo.key_size=16", "eval.overlays_per_task=0", "tracking.enabled=false"]
 
 
 @pytest.fixture(scope="module")

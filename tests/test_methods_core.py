@@ -8,7 +8,7 @@ import torch
 from components.methods.contrastive import sample_patches, structure_contrastive_loss
 from components.methods.coreset import coreset, k_center_greedy
 from components.methods.knn import NearestNeighbours
-from components.methods.routing import KeyRouter, route_images
+from components.methods.routing import KeyRouter
 from components.methods.scoring import anomaly_maps, gaussian_blur
 from components.segment.grid import downsample_label_map
 from tests.methods_support import ToyBackbone, label_maps_of, product_images
@@ -52,7 +52,7 @@ def test_routing_picks_the_task_whose_keys_are_nearest() -> None:
     keys = [c + torch.randn(5 + t, 12) for t, c in enumerate(centres)]  # uneven key sizes
     truth = torch.randint(0, 6, (30,))
     key_feats = centres[truth][:, None, :] + torch.randn(30, 9, 12)
-    assert torch.equal(route_images(key_feats, keys), truth)
+    assert torch.equal(KeyRouter(keys).route(key_feats), truth)  # what UCAD.route and LeMO run
 
 
 def test_router_distances_equal_per_task_loop() -> None:

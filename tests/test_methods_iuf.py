@@ -12,15 +12,16 @@ import torch
 
 from components.backbones.registry import build_backbone
 from components.config import Config, ReconstructionConfig, load_config
+from components.methods.feature_cache import feature_cache
 from components.methods.iuf import IUF
 from components.methods.iuf_network import ActivationSpan, ObjectDiscriminator, project_update, retain_, semantic_compression_loss
 from components.methods.reconstruction import (
     Attention,
-    FeatureCache,
     IntegerMaskDropout,
     ReconstructionTransformer,
     build_feature_extractor,
     attention_bias,
+    cached_features,
     calibrate_positions,
     error_maps,
     level_normalise,
@@ -62,20 +63,21 @@ def task(product: str, n: int = 8, seed: int = 0) -> TaskData:
                     heldout=ImageBatch(held, [product] * 2, [f"{product}/held/{seed}-{i}" for i in range(2)]))
 
 
-def test_feature_cache_equals_on_the_fly_features() -> None:
+def test_cached_features_equal_on_the_fly_features_and_are_computed_once_per_image_content() -> None:
     cfg = tiny_iuf_config()
     extractor = build_feature_extractor(cfg.reconstruction, cfg.backbone)
     images = product_images("red", 5, seed=1, size=SIZE)
-    paths = [f"img{i}" for i in range(5)]
-    cache = FeatureCache(extractor, batch_size=2)
-    cached = cache.features(images, paths)
+    cached = cached_features(extractor, images, batch_size=2)
     assert cached.shape == (5, extractor.channels, 4, 4) and extractor.channels == 16 + 24 + 40 + 112
     torch.testing.assert_close(cached, extractor(images))
     calls = []
     extractor.register_forward_hook(lambda *_: calls.append(1))
-    again = cache.features(images[[3, 1]], [paths[3], paths[1]])
-    assert calls == [] and len(cache) == 5, "cached images must not be recomputed"
+    again = cached_features(extractor, images[[3, 1]].clone(), batch_size=2)  # the same content in new tensors: no recomputation
+    assert calls == [] and len(feature_cache(extractor)) == 5, "cached images must not be recomputed"
     torch.testing.assert_close(again, extractor(images[[3, 1]]))
+    other = build_feature_extractor(cfg.reconstruction, cfg.backbone)
+    cached_features(other, images[:1], batch_size=2)
+    assert len(feature_cache(other)) == 1, "every extractor has its own cache"
 
 
 def test_other_timm_cnn_without_checkpoint_names_the_key() -> None:
@@ -218,7 +220,7 @@ def test_early_stopping_keeps_the_best_epoch_on_heldout_training_normals() -> No
     log = method.fit_task(data)
     losses = log["heldout_losses"]
     assert 1 <= len(losses) <= 4 and log["best_epoch"] == 1 + losses.index(min(losses))
-    held = method._network_tokens(method.cache.features(data.heldout.images, data.heldout.paths).flatten(2).transpose(1, 2))
+    held = method._network_tokens(to_tokens(cached_features(method.extractor, data.heldout.images, method.config.reconstruction.batch_size)))
     assert method.heldout_loss(held, data.heldout.images) == pytest.approx(min(losses), rel=1e-5)
 
 
@@ -290,7 +292,7 @@ def test_standardisation_uses_the_first_tasks_statistics_only() -> None:
     first = task("red")
     method.fit_task(first)
     assert method.feature_stats is not None
-    raw = to_tokens(method.cache.features(first.train.images, first.train.paths))
+    raw = to_tokens(cached_features(method.extractor, first.train.images, method.config.reconstruction.batch_size))
     mean, std = method.feature_stats
     torch.testing.assert_close(mean, raw.reshape(-1, raw.shape[-1]).mean(0), rtol=1e-4, atol=1e-4)
     frozen = (mean.clone(), std.clone())
@@ -317,7 +319,7 @@ def test_iuf_level_norm_trains_on_level_normalised_tokens_and_is_checked_on_load
     method = tiny_iuf("iuf.level_norm=true")
     first = task("red")
     method.fit_task(first)
-    raw = to_tokens(method.cache.features(first.train.images, first.train.paths))
+    raw = to_tokens(cached_features(method.extractor, first.train.images, method.config.reconstruction.batch_size))
     seen = method._network_tokens(raw)
     sizes = method.extractor.level_channels
     assert sum(sizes) == raw.shape[-1] and method.feature_stats is None

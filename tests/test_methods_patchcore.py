@@ -97,9 +97,11 @@ def test_reweighting_scales_the_max_patch_score() -> None:
 
 
 def test_registry_builds_every_configured_method() -> None:
-    from typing import get_args
+    from components.config import ConfigError, load_config
 
-    assert set(METHODS) == set(get_args(Config.model_fields["method"].annotation))
+    assert [load_config(None, [f"method={name}"]).method for name in METHODS] == list(METHODS)  # the config knows the registry
+    with pytest.raises(ConfigError, match="unknown method 'patchcore_x'"):
+        load_config(None, ["method=patchcore_x"])
     for name, cls in [("ucad", UCAD), ("patchcore_finetune", PatchCoreFinetune), ("patchcore_replay", PatchCoreReplay), ("patchcore_oracle", PatchCoreOracle)]:
         method = build_method(toy_config(name), ToyBackbone())
         assert type(method) is cls and method.name == name

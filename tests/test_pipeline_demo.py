@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from components.errors import ContadError
 from components.memory.store import BankStore
-from flows.demo import baseline_config, demo_command, demo_config, where_to_look
+from flows.demo import baseline_config, demo_command, demo_config, script_command, where_to_look
 from tests.test_pipeline_helpers import TINY_OVERRIDES, FitCounter, shared_prefect_api
 from tests.conftest import REPO_ROOT
 from components.config import load_config
@@ -45,6 +47,15 @@ def test_demo_config_keeps_everything_under_out(tmp_path: Path) -> None:
     assert f"comparison:    {tmp_path / 'demo' / 'comparison.md'}" in closing
     assert str(tmp_path / "demo" / "baselines" / "patchcore_finetune" / "report.md") in closing
     assert "comparison" not in where_to_look(cfg, tmp_path / "demo", None, 12.0)
+    # commands that work as printed without an activated .venv, on the demo's own tracking store
+    contad = script_command("contad")
+    assert contad == "contad" or Path(contad).name == "contad" and Path(contad).is_file()
+    closing = where_to_look(cfg, tmp_path / "demo", baseline, 12.0, ["bottle_cap"])
+    model = f"--model models:/contad-detector@champion tracking.uri=sqlite:///{out / 'mlflow.db'}"
+    assert f"  predict:       {contad} predict {out / 'data' / 'bottle_cap' / 'test'} {model} --out {tmp_path / 'demo' / 'predictions'}" in closing
+    assert f"  REST service:  {contad} serve-api {model}   (docs: http://127.0.0.1:8000/docs)" in closing
+    assert f"{script_command('mlflow')} ui --backend-store-uri sqlite:///{out / 'mlflow.db'}" in closing
+    assert f"  bank versions: {contad} banks list --store {out / 'banks'}" in closing
 
 
 def test_demo_refuses_foreign_data_directory(tmp_path: Path) -> None:
@@ -69,6 +80,11 @@ def test_demo_end_to_end_with_mlflow_and_resume(
     assert "report.md" in printed
     assert f"comparison:    {out / 'comparison.md'}" in printed
     assert f"mlflow ui --backend-store-uri sqlite:///{db}" in printed
+    # the printed predict command works as printed, from this directory, on the demo's registry
+    (predict_line,) = [line for line in printed.splitlines() if line.startswith("  predict:")]
+    predicted = subprocess.run(shlex.split(predict_line.split(":", 1)[1]), capture_output=True, text=True, timeout=600)
+    assert predicted.returncode == 0, predicted.stderr
+    assert "image(s) decided" in predicted.stdout and (out / "predictions" / "predictions.csv").is_file()
     assert len(fits.calls) == 4  # two products, UCAD and the patchcore_finetune baseline
     comparison = (out / "comparison.md").read_text()
     assert "| Image AUROC | ucad |" in comparison and "| Image AUROC | patchcore_finetune |" in comparison

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from components.data.protocol import task_name
 from components.errors import ContadError, DataError
 from components.memory.store import BankStore
 from flows.cli import main
 from tests.test_pipeline_helpers import FitCounter, make_tiny_products, shared_prefect_api, tiny_config
 
 TINY_CLI = [
-    "promotion.min_new_image_auroc=0.0", "promotion.max_forgetting=1.0",
+    "promotion.min_new_image_auroc=0.0", "promotion.max_forgetting=1.0", "promotion.max_false_reject_rate=1.0",
     "data.image_size=64", "data.heldout_fraction=0.2", "masks.image_size=64", "masks.workers=1",
     "ucad.epochs=1", "ucad.key_size=16", "ucad.knowledge_size=32", "ucad.batch_size=4",
     "ucad.pairs_per_image=32", "eval.overlays_per_task=0", "tracking.enabled=false",
@@ -157,12 +158,12 @@ def test_x_y_protocol_with_a_baseline_method(prefect_api: str, products: Path, t
     doc = json.loads((tmp_path / "xy" / "metrics.json").read_text())
     first, last = doc["tasks"][:2], doc["tasks"][2]
     assert doc["protocol"] == "2-1" and doc["steps"] == [first, [last]]
-    assert fits.calls == ["+".join(first), last]
+    assert fits.calls == [task_name(first), last]
     assert doc["matrix"]["image_auroc"][0][2] is None and doc["matrix"]["image_auroc"][1][2] is not None
-    assert sorted(p.name for p in (tmp_path / "xy" / "steps").iterdir()) == [f"00-{'+'.join(first)}", f"01-{last}"]
+    assert sorted(p.name for p in (tmp_path / "xy" / "steps").iterdir()) == [f"00-{task_name(first)}", f"01-{last}"]
     assert not (tmp_path / "mask_cache").exists(), "PatchCore needs no structure masks"
     manifest = BankStore(tmp_path / "xy" / "banks").show(doc["bank_version"])
-    assert manifest["task_of_product"] == {first[0]: "+".join(first), first[1]: "+".join(first), last: last}
+    assert manifest["task_of_product"] == {first[0]: task_name(first), first[1]: task_name(first), last: last}
 
 
 @pytest.mark.slow  # starts the session's Prefect test server
@@ -178,3 +179,34 @@ def test_invalid_dataset_stops_before_training(prefect_api: str, products: Path,
     assert _cli_run(tmp_path / "out", broken, tmp_path / "cache") == 2
     assert victim.name in capsys.readouterr().err
     assert fits.calls == [] and not (tmp_path / "out" / "steps").exists()
+
+
+def test_a_product_rejected_at_one_step_is_checked_again_by_every_later_gate(
+        prefect_api: str, products: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forced failure: the gate rejects any step whose new products include the second product. It is never
+    walked around: no later bank version that contains it becomes current, each later gate lists it as new."""
+    import flows.promotion
+    from flows.pipeline import run_command
+
+    real_gate = flows.promotion.promotion_gate
+    names = sorted(p.name for p in products.iterdir() if p.is_dir() and not p.name.startswith("."))
+    rejected = names[1]
+    seen: list[list[str]] = []
+
+    def gate(cfg, new_products, after, before=None):  # type: ignore[no-untyped-def]
+        seen.append(list(new_products))
+        decision = real_gate(cfg, new_products, after, before)
+        if rejected in new_products:
+            decision.passed = False
+            decision.reasons.append(f"forced: {rejected} rejected")
+        return decision
+
+    monkeypatch.setattr(flows.promotion, "promotion_gate", gate)
+    cfg = tiny_config(products, tmp_path, "method=patchcore_oracle", "promotion.max_false_reject_rate=1.0")
+    assert run_command(cfg, tmp_path / "run") == 1  # the final step contains the rejected product: not promoted
+    assert seen == [[names[0]], [names[1]], [names[1], names[2]]]  # step 3's gate checks the product step 2 failed
+    store = BankStore(tmp_path / "run" / "banks")
+    current = store.show(store.current())
+    assert rejected not in current["task_of_product"] and current["step"] == 0
+    record = json.loads((tmp_path / "run" / "steps" / f"02-{names[2]}" / "step.json").read_text())
+    assert not record["promotion"]["passed"] and any(rejected in line for line in record["promotion"]["checked"])

@@ -37,6 +37,7 @@ TINY_OVERRIDES = [
     "eval.overlays_per_task=0",
     "promotion.min_new_image_auroc=0.0",  # these tests are about the pipeline's mechanics, not the gate:
     "promotion.max_forgetting=1.0",  # every step is promoted (current + champion), as before the gate applied to runs
+    "promotion.max_false_reject_rate=1.0",
 ]
 
 

@@ -48,7 +48,7 @@ def served(base: TrainedBase, tmp_path_factory: pytest.TempPathFactory) -> tuple
     cfg.serve.max_bytes = 300_000
     cfg.serve.max_pixels = 1_000_000
     cfg.serve.reload_poll_s = 0.2
-    app = create_app(cfg, RegistrySource(f"models:/{MODEL}@{CHAMPION_ALIAS}", cfg.tracking.uri), token=TOKEN)
+    app = create_app(cfg, RegistrySource(f"models:/{MODEL}@{CHAMPION_ALIAS}", cfg), token=TOKEN)
     with running_server(app) as url:
         yield url, cfg
 
@@ -87,6 +87,8 @@ def test_bad_input_is_a_clear_4xx_and_the_service_keeps_serving(served: tuple[st
     octet = {**AUTH, "Content-Type": "application/octet-stream"}
     big = io.BytesIO()
     Image.fromarray(np.zeros((1200, 1200, 3), np.uint8)).save(big, format="PNG")  # small file, too many pixels
+    bomb = io.BytesIO()
+    Image.new("1", (15000, 15000)).save(bomb, format="PNG")  # ~30 kB, above PIL's own decompression-bomb limit
     noisy = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8)).save(noisy, format="PNG")  # > max_bytes
     cases = [
@@ -94,6 +96,7 @@ def test_bad_input_is_a_clear_4xx_and_the_service_keeps_serving(served: tuple[st
         ("not an image", dict(content=b"GIF89a or plain text", headers=octet), 400, "not a supported image"),
         ("empty body", dict(content=b"", headers=octet), 400, "empty request body"),
         ("too many pixels", dict(content=big.getvalue(), headers=octet), 413, "serve.max_pixels"),
+        ("decompression bomb", dict(content=bomb.getvalue(), headers=octet), 413, "225000000 pixels exceeds the limit of 1000000 (serve.max_pixels)"),
         ("too many bytes", dict(content=noisy.getvalue(), headers=octet), 413, "serve.max_bytes"),
         ("wrong content type", dict(content=png, headers={**AUTH, "Content-Type": "application/json"}), 415, "unsupported Content-Type"),
         ("no content type", dict(content=png, headers=AUTH), 415, "unsupported Content-Type"),

@@ -61,30 +61,53 @@ def test_each_image_is_scored_before_it_updates_the_model(tmp_path: Path) -> Non
         assert line["path"] == path and line["model_step"] == k
         assert line["score"] == pytest.approx(float(reference.score_features(feats, t)[0][0]), abs=1e-6)
         reference.learn_features(feats, t)  # the reference learns only after scoring, like the stream must
-    assert [line["decision"] for line in lines] == ["warmup"] * 4 + [lines[4]["decision"], lines[5]["decision"]]
-    assert all(line["learned"] for line in lines)
+    assert [line["decision"] for line in lines[:4]] == ["warmup"] * 4 and {lines[4]["decision"], lines[5]["decision"]} <= {"OK", "NG"}
+    assert all(line["learned"] == (line["decision"] != "NG") for line in lines)
 
 
-@pytest.mark.parametrize("policy", ["all", "below_threshold"])
-def test_update_policy_and_threshold_from_normals_seen_so_far(tmp_path: Path, policy: str) -> None:
-    cfg = stream_config(update=policy, warmup=5, threshold_sigma=0.5)
+@pytest.mark.parametrize("policy", ["ok", "all"])
+def test_decisions_use_the_calibration_quantile_and_ng_is_never_learned(tmp_path: Path, policy: str) -> None:
+    cfg = stream_config(update=policy, warmup=5)
+    cfg.decision.target_fpr = 0.2
     images = torch.cat([product_images("red", 8, seed=2), product_images("blue", 3, seed=3), product_images("red", 3, seed=4)])
     method = LeMO(cfg, ToyBackbone())
-    run_stream(cfg, method, iter(write_images(tmp_path / "img", images, "f")), "red", tmp_path / "out")
-    lines = records(tmp_path / "out")
-    normal_scores: list[float] = []
+    out = tmp_path / "out"
+    summary = run_stream(cfg, method, iter(write_images(tmp_path / "img", images, "f")), "red", out)
+    lines = records(out)
+    accepted: list[float] = []
     for line in lines:
-        if len(normal_scores) < cfg.stream.warmup:
+        if len(accepted) < cfg.stream.warmup:
             assert line["decision"] == "warmup" and line["threshold"] is None
-        else:
-            expected = float(np.mean(normal_scores) + 0.5 * np.std(normal_scores, ddof=1))
-            assert line["threshold"] == pytest.approx(expected, rel=1e-6)
-            assert line["decision"] == ("anomalous" if line["score"] > expected else "normal")
-        if line["decision"] != "anomalous":
-            normal_scores.append(line["score"])
-        assert line["learned"] == (policy == "all" or line["decision"] != "anomalous")
-    assert any(line["decision"] == "anomalous" for line in lines)
-    assert method.images_learned[0] == sum(line["learned"] for line in lines)
+        else:  # the rule `contad predict` uses: the target_fpr quantile of the calibration sample
+            expected = float(np.quantile(accepted, 1 - cfg.decision.target_fpr, method="higher"))
+            assert line["threshold"] == pytest.approx(expected, rel=1e-9)
+            assert line["decision"] == ("NG" if line["score"] > expected else "OK")
+        if line["decision"] != "NG":
+            accepted.append(line["score"])
+        assert line["learned"] == (policy == "all" or line["decision"] != "NG")
+    ng = [line for line in lines if line["decision"] == "NG"]
+    assert ng and summary["decisions"]["NG"] == len(ng)
+    quarantined = [json.loads(x) for x in (out / "quarantine.jsonl").read_text().splitlines()]
+    assert [q["path"] for q in quarantined] == [line["path"] for line in ng] and all(q["score"] > q["threshold"] for q in quarantined)
+    assert method.images_learned_per_task[0] == sum(line["learned"] for line in lines)
+
+
+def test_a_calibrated_start_decides_from_the_first_image_and_checkpoints_are_deployable(tmp_path: Path) -> None:
+    from components.eval.thresholds import read_calibration
+    from flows.stream import stream_calibration
+
+    cfg = stream_config(warmup=3)
+    first = LeMO(cfg, ToyBackbone())
+    run_stream(cfg, first, iter(write_images(tmp_path / "a", product_images("red", 6, seed=11), "a")), "red", tmp_path / "first")
+    init = tmp_path / "first" / "checkpoint" / "method"
+    sample = stream_calibration(init, "red")
+    assert len(sample) == 6 and read_calibration(init) is not None and (init / "detector.json").is_file()
+    resumed = LeMO(cfg, ToyBackbone())
+    resumed.load(init)
+    run_stream(cfg, resumed, iter(write_images(tmp_path / "b", product_images("red", 3, seed=12), "b")), "red", tmp_path / "second", init=init)
+    lines = records(tmp_path / "second")
+    assert all(line["decision"] in ("OK", "NG") for line in lines), "a calibrated product needs no warm-up"
+    assert lines[0]["threshold"] == pytest.approx(float(np.quantile(sample, 1 - cfg.decision.target_fpr, method="higher")))
 
 
 def test_folder_watch_picks_up_images_added_while_running(tmp_path: Path) -> None:
@@ -116,7 +139,7 @@ def test_bad_image_is_logged_with_its_path_and_skipped(tmp_path: Path, caplog: p
     assert [line["path"] for line in lines] == good[:2] + [str(broken)] + good[2:]
     assert "error" in lines[2] and str(broken) in lines[2]["error"] and not lines[2]["learned"]
     assert all("score" in line for line in lines[3:]), "the stream goes on after the bad image"
-    assert method.images_learned[0] == 4
+    assert method.images_learned_per_task[0] == 4
     assert str(broken) in caplog.text
 
 
@@ -154,7 +177,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_stream(tmp_path: Path) -> No
     resumed = LeMO(cfg, ToyBackbone())
     summary = run_stream(cfg, resumed, iter(paths), "red", out)
     assert summary["new_images"] == 6, "images 1-3 (checkpointed) are skipped; 4-5 are redone after the kill"
-    assert resumed.images_learned == reference.images_learned == [9]
+    assert resumed.images_learned_per_task == reference.images_learned_per_task == [9]
     for name, tensor in reference.state_tensors().items():
         torch.testing.assert_close(resumed.state_tensors()[name], tensor, atol=1e-5, rtol=0, msg=name)
     got, want = records(out), records(tmp_path / "uninterrupted")

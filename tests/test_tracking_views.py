@@ -21,6 +21,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from components.config import Config, flatten_config
+from flows.run_links import run_key
 from tests.tracking_support import linked_dataset, prefect_server, sequential_runs, tiny_config, tiny_products
 
 pytestmark = pytest.mark.integration
@@ -168,7 +169,8 @@ def test_prefect_and_mlflow_runs_link_each_other(tracked: TrackedRun) -> None:
 def test_prefect_markdown_artifact_has_the_final_table_and_mlflow_run(tracked: TrackedRun) -> None:
     parent, _ = _runs(tracked.cfg)
     (artifact,) = [a for a in tracked.artifacts if a.type == "markdown"]
-    assert artifact.key == "contad-patchcore-finetune-sequential"
+    work = Path(tracked.cfg.banks.store_dir).parent  # the run directory
+    assert artifact.key == run_key("patchcore_finetune", "sequential", work) and artifact.key.startswith("contad-patchcore-finetune-sequential-work-")
     text = str(artifact.data)
     for product in tracked.metrics["tasks"]:
         final = tracked.metrics["final"]["image_auroc"][product]

@@ -53,7 +53,7 @@ def tiny_config(work: Path, data_root: Path, tracking_uri: str | None = None, **
             "masks": {"cache_dir": str(work / "mask_cache")},
             "banks": {"store_dir": str(work / "banks")},
             "tracking": {"uri": tracking_uri or f"sqlite:///{work / 'mlflow.db'}", "registered_model": "contad-detector"},
-            "promotion": {"min_new_image_auroc": 0.0, "max_forgetting": 1.0, **promotion},
+            "promotion": {"min_new_image_auroc": 0.0, "max_forgetting": 1.0, "max_false_reject_rate": 1.0, **promotion},
         }
     )
 

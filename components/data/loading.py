@@ -96,19 +96,29 @@ def read_xyz(path: str, image_size: int | None = None) -> np.ndarray:
         raise DataError(f"cannot read xyz tiff {path}: {exc}") from exc
     if xyz.ndim != 3 or xyz.shape[2] != 3:
         raise DataError(f"xyz tiff {path} has shape {xyz.shape}, expected (H, W, 3)")
-    if image_size is not None and xyz.shape[:2] != (image_size, image_size):
-        rows = (np.arange(image_size) * xyz.shape[0] // image_size).clip(0, xyz.shape[0] - 1)
-        cols = (np.arange(image_size) * xyz.shape[1] // image_size).clip(0, xyz.shape[1] - 1)
-        xyz = xyz[rows[:, None], cols[None, :]]  # nearest: never mixes valid and invalid (0) points
-    return xyz
+    return resize_xyz(xyz, image_size) if image_size is not None else xyz
+
+
+def resize_xyz(xyz: np.ndarray, image_size: int) -> np.ndarray:
+    """(S, S, 3) nearest-resized point cloud: never mixes valid and invalid (0) points."""
+    if xyz.shape[:2] == (image_size, image_size):
+        return xyz
+    rows = (np.arange(image_size) * xyz.shape[0] // image_size).clip(0, xyz.shape[0] - 1)
+    cols = (np.arange(image_size) * xyz.shape[1] // image_size).clip(0, xyz.shape[1] - 1)
+    return xyz[rows[:, None], cols[None, :]]
+
+
+def xyz_tensor(clouds: list[np.ndarray], image_size: int) -> torch.Tensor:
+    """``(N, 3, S, S)`` float32 from (H, W, 3) point clouds (nearest-resized, invalid points 0)."""
+    out = torch.empty((len(clouds), 3, image_size, image_size), dtype=torch.float32)
+    for i, xyz in enumerate(clouds):
+        out[i] = torch.from_numpy(np.ascontiguousarray(resize_xyz(np.asarray(xyz, dtype=np.float32), image_size))).permute(2, 0, 1)
+    return out
 
 
 def load_depth(paths: list[str], image_size: int) -> torch.Tensor:
     """``(N, 3, S, S)`` float32 xyz point clouds (nearest-resized, invalid points 0)."""
-    out = torch.empty((len(paths), 3, image_size, image_size), dtype=torch.float32)
-    for i, path in enumerate(_progress(list(paths), "loading xyz")):
-        out[i] = torch.from_numpy(np.ascontiguousarray(read_xyz(path, image_size))).permute(2, 0, 1)
-    return out
+    return xyz_tensor([read_xyz(path) for path in _progress(list(paths), "loading xyz")], image_size)
 
 
 def depth_of(rows: pd.DataFrame, image_size: int) -> torch.Tensor | None:

@@ -1,8 +1,9 @@
 """Task sequences: which products are learned at which step, and in what order.
 
 Sequential protocol: one product per task, task name = product name. "X-Y" protocol: the first
-task learns the first X products together, every later task the next Y; a task's name is
-``"+".join(products)``.
+task learns the first X products together, every later task the next Y. A task's name joins its
+products with "+" (``task_name``; ``task_products`` reads them back): the only place that spells
+the convention out.
 """
 
 from __future__ import annotations
@@ -27,9 +28,17 @@ def task_sequence(products: list[str], base_tasks: int, step_tasks: int) -> list
     return tasks
 
 
+_TASK_SEPARATOR = "+"
+
+
 def task_name(products: list[str]) -> str:
-    """Name of the task that learns ``products`` together."""
-    return "+".join(products)
+    """Name of the task that learns ``products`` together (``"a+b"``; one product: its name)."""
+    return _TASK_SEPARATOR.join(products)
+
+
+def task_products(task: str) -> list[str]:
+    """The products of the task named ``task`` (inverse of ``task_name``)."""
+    return task.split(_TASK_SEPARATOR)
 
 
 def task_of_product(tasks: list[list[str]]) -> dict[str, str]:

@@ -2,7 +2,7 @@
 
 A run has one input size (``data.image_size``: every product's images, maps and metrics use it).
 With ``data.tile = auto`` a run of a method on the shared frozen backbone (UCAD, MTRMB, the PatchCore
-family; ``AUTO_TILED_METHODS``) whose products include a high-resolution one (median native short side of its training
+family: methods declaring ``tiles_inputs``) whose products include a high-resolution one (median native short side of its training
 images >= ``TILE_FACTOR`` x ``data.image_size``) is encoded at ``TILE_FACTOR`` x the input size in
 tiles of ``data.image_size`` px (``TILE_FACTOR``² x the backbone cost), so defects a few pixels wide
 survive the resize; otherwise it is one pass at ``data.image_size``. The decision is taken once per
@@ -25,7 +25,6 @@ from components.errors import DataError
 
 log = logging.getLogger(__name__)
 
-AUTO_TILED_METHODS = frozenset({"ucad", "mtrmb", "patchcore_finetune", "patchcore_replay", "patchcore_oracle", "patchcore_joint"})
 TILE_FACTOR = 2  # tiles per side when auto-tiling: 4 backbone passes per image
 SIZE_SAMPLE = 50  # training images per product whose headers are read
 
@@ -67,7 +66,9 @@ def resolve_tiling(cfg: Config, manifest: pd.DataFrame, products: list[str]) -> 
     if cfg.data.tile != "auto":
         return cfg
     image_size, tile = cfg.data.image_size, None
-    if cfg.method in AUTO_TILED_METHODS:
+    from components.methods.registry import method_class  # the method's ``tiles_inputs`` capability
+
+    if method_class(cfg.method).tiles_inputs:
         sides = native_short_sides(manifest, products)
         image_size, tile = auto_tiling(cfg.data.image_size, sides)
         log.info("data.tile=auto: native short sides %s px -> data.image_size=%d, data.tile=%s",

@@ -58,6 +58,7 @@ FALLBACK_REPORT_DIR = Path("runs") / "validation"
 MIN_SIDE = 16
 MAX_SIDE = 16384
 DECODE_THREADS = 2
+EXIT_INVALID = 2  # the exit code of a dataset that fails validation: invalid input (``contad --help``)
 DEFAULT_MIN_VALID_FRACTION = 0.05
 
 
@@ -441,9 +442,9 @@ def write_report(report: ValidationReport, report_path: Path | None) -> Path:
 
 
 def validate_command(root: Path, report_path: Path | None, min_valid_fraction: float = DEFAULT_MIN_VALID_FRACTION) -> int:
-    """CLI entry: validate, write the JSON report, print every failure; 0 when valid, 1 otherwise."""
+    """CLI entry: validate, write the JSON report, print every failure; 0 when valid, else ``EXIT_INVALID`` (2: invalid input)."""
     report = validate_dataset(Path(root), min_valid_fraction)
     written = write_report(report, report_path)
     print(report.describe())
     print(f"validation report: {written.resolve()}")
-    return 0 if report.ok else 1
+    return 0 if report.ok else EXIT_INVALID

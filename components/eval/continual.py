@@ -33,37 +33,12 @@ ROUTING_KEY = "routing_accuracy"
 # False-reject rate on the reserved normals of a product with normal images only (no test set, so no AUROC).
 RESERVED_FRR = "reserved_false_reject_rate"
 # Error rates (decisions at the deployed thresholds): lower is better, so forgetting is their rise.
-LOWER_IS_BETTER = frozenset({"escape_rate", "false_reject_rate", RESERVED_FRR})
+LOWER_IS_BETTER = frozenset({"escape_rate", "false_reject_rate", RESERVED_FRR, "promised_fpr", "escape_estimate", "false_reject_bound"})
 SCHEMA_KEYS: tuple[str, ...] = ("method", "protocol", "tasks", "matrix", "final", "average", "forgetting", "routing_accuracy")
 
 
 class MetricsSchemaError(ContadError):
     """A ``metrics.json`` document does not follow the schema."""
-
-
-def protocol_steps(products: list[str], base_tasks: int = 1, step_tasks: int = 1) -> list[list[str]]:
-    """Products learned at each step: ``base_tasks`` together first, then ``step_tasks`` per step.
-
-    The last step may hold fewer products when they do not divide evenly.
-    """
-    if base_tasks < 1 or step_tasks < 1:
-        raise ContadError(f"protocol.base_tasks and protocol.step_tasks must be >= 1, got {base_tasks}, {step_tasks}")
-    if base_tasks > len(products):
-        raise ContadError(f"protocol.base_tasks={base_tasks} exceeds the {len(products)} products {products}")
-    steps = [list(products[:base_tasks])]
-    rest = list(products[base_tasks:])
-    steps += [rest[i : i + step_tasks] for i in range(0, len(rest), step_tasks)]
-    return steps
-
-
-def task_name(step_products: list[str]) -> str:
-    """Name of the task learning ``step_products`` (``"a+b"`` for several)."""
-    return "+".join(step_products)
-
-
-def task_of_product(steps: list[list[str]]) -> dict[str, str]:
-    """Map every product to the name of the task (step) that learns it."""
-    return {product: task_name(group) for group in steps for product in group}
 
 
 def _is_missing(value: Any) -> bool:

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from components.atomic import atomic_write_json, atomic_write_text
+from components.data.protocol import task_name
 from components.errors import ContadError
-from components.eval.continual import AccuracyMatrix, task_name
+from components.eval.continual import AccuracyMatrix
 from components.eval.metrics import METRIC_KEYS
 
 SUMMARY_FILE = "summary.json"

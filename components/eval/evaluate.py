@@ -39,14 +39,9 @@ def predict_batch(
     with torch.no_grad():
         for start in range(0, len(batch), batch_size):
             images = batch.images[start : start + batch_size]
-            true_tasks = None
-            if method.uses_task_labels:
-                true_tasks = [task_of_product[p] for p in batch.products[start : start + batch_size]]
-            if method.uses_depth:  # the method checks that it got the point clouds it needs
-                depth = batch.depth[start : start + batch_size] if batch.depth is not None else None
-                parts.append(method.predict(images, true_tasks=true_tasks, depth=depth))  # type: ignore[call-arg]
-            else:
-                parts.append(method.predict(images, true_tasks=true_tasks))
+            true_tasks = [task_of_product[p] for p in batch.products[start : start + batch_size]] if method.uses_task_labels else None
+            depth = batch.depth[start : start + batch_size] if method.uses_depth and batch.depth is not None else None
+            parts.append(method.predict(images, true_tasks=true_tasks, depth=depth))  # a depth method checks that it got its point clouds
     prediction = concat_predictions(parts)
     if prediction.image_scores.shape[0] != len(batch) or prediction.anomaly_maps.shape[0] != len(batch):
         raise ContadError(f"method {method.name!r} returned {prediction.image_scores.shape[0]} scores for {len(batch)} images")
@@ -76,36 +71,3 @@ def evaluate_tasks(
             len(batch),
         )
     return metrics, predictions
-
-
-def select_overlays(
-    batches: dict[str, ImageBatch], predictions: dict[str, Prediction], per_product: int
-) -> dict[str, tuple[ImageBatch, Prediction]]:
-    """Up to ``per_product`` test images per product for overlay figures: defective ones, then at
-    least one good one (``max(1, per_product // 3)``) so false rejects are visible too."""
-    chosen: dict[str, tuple[ImageBatch, Prediction]] = {}
-    for product, batch in batches.items():
-        if product not in predictions or per_product <= 0:
-            continue
-        labels = batch.labels.tolist() if batch.labels is not None else [0] * len(batch)
-        defective = [i for i, y in enumerate(labels) if y == 1]
-        good = [i for i, y in enumerate(labels) if y != 1]
-        n_defective = min(len(defective), max(per_product - min(max(1, per_product // 3), len(good)), 0))
-        idx = defective[:n_defective] + good[: per_product - n_defective]
-        pred = predictions[product]
-        chosen[product] = (
-            ImageBatch(
-                images=batch.images[idx],
-                products=[batch.products[i] for i in idx],
-                paths=[batch.paths[i] for i in idx],
-                labels=batch.labels[idx] if batch.labels is not None else None,
-                masks=batch.masks[idx] if batch.masks is not None else None,
-                depth=batch.depth[idx] if batch.depth is not None else None,
-            ),
-            Prediction(
-                image_scores=pred.image_scores[idx],
-                anomaly_maps=pred.anomaly_maps[idx],
-                routed_tasks=[pred.routed_tasks[i] for i in idx] if pred.routed_tasks else [],
-            ),
-        )
-    return chosen

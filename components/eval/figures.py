@@ -18,6 +18,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from components.data.protocol import task_name
 from components.eval.continual import LOWER_IS_BETTER, AccuracyMatrix
 from components.eval.metrics import METRIC_KEYS
 from components.eval.thresholds import Calibration
@@ -69,7 +70,7 @@ def denormalise(images: torch.Tensor) -> np.ndarray:
 def _step_labels(doc: dict[str, Any], n_rows: int) -> list[str]:
     steps = doc.get("steps")
     if steps and len(steps) == n_rows:
-        return [f"step {i}: {'+'.join(g)}" for i, g in enumerate(steps)]
+        return [f"step {i}: {task_name(g)}" for i, g in enumerate(steps)]
     return [f"step {i}" for i in range(n_rows)]
 
 
@@ -90,7 +91,7 @@ def _as_array(rows: list[list[float | None]]) -> np.ndarray:
 METRIC_FAMILIES: dict[str, tuple[str, ...]] = {
     "Image-level detection": ("image_auroc", "image_ap", "image_f1max"),
     "Pixel-level localisation": ("pixel_auroc", "aupro", "pixel_ap", "pixel_f1max"),
-    "Decisions at the deployed thresholds": ("escape_rate", "false_reject_rate"),
+    "Decisions at the deployed thresholds": ("escape_rate", "false_reject_rate", "escape_estimate", "promised_fpr", "false_reject_bound"),
 }
 TITLE_PT = 12.0  # 12 pt at 100 dpi = 17 px; figures are at most ~900 px wide, so no downscaling in a page
 LABEL_PT = 10.0

@@ -8,6 +8,7 @@ are methods (comparison) or training steps (accuracy matrix). Values are percent
 from __future__ import annotations
 
 import json
+import math
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +37,35 @@ METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 COMPARISON_FILE = "comparison.md"
 FIGURES_DIR = "figures"
+
+
+# One line per term, in the order a reader meets them; ``glossary_markdown`` puts them near the top of both reports.
+GLOSSARY: tuple[tuple[str, str], ...] = (
+    ("AUROC (image AUROC)", "area under the ROC curve of the image anomaly scores: the chance that a random defective "
+     "image scores above a random good one (50 = guessing, 100 = perfect); threshold-free."),
+    ("Pixel AUROC", "the same over pixels: defect pixels of the ground-truth masks against all normal pixels (localisation)."),
+    ("AUPRO@0.3", "area under the per-region-overlap curve up to a pixel false-positive rate of 30 % (`eval.aupro_fpr_limit`), "
+     "divided by that limit (100 = perfect): every defect region counts equally, so small defects weigh as much as large ones."),
+    ("AP (image AP, pixel AP)", "average precision: area under the precision-recall curve; unlike AUROC it drops when "
+     "few anomalies hide among many normals."),
+    ("F1-max (image F1-max, pixel F1-max)", "the best F1 score (harmonic mean of precision and recall) over all thresholds."),
+    ("Average", "mean over products of the final value (after the last training step)."),
+    ("FM", "forgetting measure: per product learned before the last step, its best earlier value minus its final value, "
+     "averaged; lower is better (for error rates, the rise)."),
+    ("BWT", "backward transfer: final value minus the value right after the product was learned, averaged over earlier "
+     "products; negative = forgetting."),
+    ("Routing accuracy", "share of test images that the method sends, without any product label, to the task of their own product."),
+    ("Escape rate", "share of defective test parts passed as OK at the deployed per-product threshold (lower is better)."),
+    ("False-reject rate (FRR)", "share of good test parts rejected as NG at the deployed per-product threshold (lower is better)."),
+    ("Promised FRR, false-reject bound, escape estimate", "what the calibration promises before any test image: the FRR the "
+     "threshold controls, max(target, 1/n) with n calibration normals; the largest FRR on this many good test parts still "
+     "consistent with that promise; the share of synthetic defects pasted on held-out normals that would pass as OK."),
+)
+
+
+def glossary_markdown() -> list[str]:
+    """The ``## Glossary`` section: one line per metric and term of the reports (``GLOSSARY``)."""
+    return ["## Glossary", "", *(f"- **{term}**: {text}" for term, text in GLOSSARY)]
 
 
 def fmt(value: float | None) -> str:
@@ -69,21 +99,42 @@ def method_row(label: str, doc: dict[str, Any], metric: str, products: list[str]
     return [label] + [fmt(final.get(p)) for p in products] + [fmt(doc["average"].get(metric)), fmt(doc["forgetting"].get(metric))]
 
 
-def thresholds_markdown(thresholds: dict[str, Any]) -> list[str]:
-    """Lines describing the deployed per-task thresholds (a ``Calibration.to_dict()``)."""
-    rows = [[f"`{task}`", f"{t['image']:.4g}", f"{t['pixel']:.4g}", str(t["n_images"])] for task, t in thresholds["tasks"].items()]
+def _percent(value: Any) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * float(value):.1f}"
+
+
+def thresholds_markdown(thresholds: dict[str, Any], final: dict[str, dict[str, Any]] | None = None) -> list[str]:
+    """Lines describing the deployed per-task thresholds (a ``Calibration.to_dict()``), what they promise
+    and, per product, the measured test rates beside them (``final``: metrics.json's ``final``)."""
+    final = final or {}
+    task_of_product = thresholds.get("task_of_product") or {t: t for t in thresholds["tasks"]}
+    rows = []
+    for product, task in task_of_product.items():
+        t = thresholds["tasks"].get(task)
+        if t is None:
+            continue
+        rows.append([f"`{product}`", f"{t['image']:.4g}", f"{t['pixel']:.4g}", str(t["n_images"]),
+                     _percent(t.get("promised_fpr")), _percent((final.get("false_reject_bound") or {}).get(product)),
+                     _percent((final.get("false_reject_rate") or {}).get(product)),
+                     _percent(t.get("escape_estimate")), _percent((final.get("escape_rate") or {}).get(product))])
     return [
-        "## Decision thresholds",
+        "## Decisions at the deployed thresholds",
         "",
-        f"Per task, from held-out training normals only (never test images): image threshold at a target "
-        f"false-reject rate of {100 * thresholds['target_fpr']:.3g}% (a part is NG when its score is above the threshold "
-        f"of the task it is routed to), pixel threshold (heat-map contour) at {100 * thresholds['pixel_fpr']:.3g}% of normal "
-        "pixels. With n held-out normals the false-reject rate is controlled only to 1/n. Escape rate (defective parts "
-        "passed as OK) and false-reject rate (good parts rejected) of the test images at these thresholds are in the "
-        "tables above.",
+        f"Per task, from normal TRAINING images only (never test images): held-out normals routed to the task and, for "
+        f"memory-bank methods, every training image scored against the memory without its own patches (leave-one-out). "
+        f"The image threshold is set for a false-reject rate of {100 * thresholds['target_fpr']:.3g}% (a part is NG when its "
+        f"score is above the threshold of the task it is routed to); the pixel threshold (heat-map contour) at "
+        f"{100 * thresholds['pixel_fpr']:.3g}% of normal pixels. *Promised FRR*: the false-reject rate the threshold "
+        "controls, max(target, 1/n) with n calibration normals; *FRR bound*: the largest measured rate on this many good "
+        "test parts that is consistent with that promise (95 % binomial quantile); a measured FRR above it breaks the "
+        "promise. *Measured FRR*: good test parts rejected. *Escape "
+        "estimate*: synthetic defects pasted on held-out normals that pass as OK (known before any test image); "
+        "*measured escape*: defective test parts passed as OK. Rates in %.",
         "",
-        markdown_table(["task", "image threshold", "pixel threshold", "held-out normals"], rows),
+        markdown_table(["product", "image threshold", "pixel threshold", "calibration normals", "promised FRR", "FRR bound (95 %)", "measured FRR",
+                        "escape estimate", "measured escape"], rows),
     ]
+
 
 def masks_provider_lines(doc: dict[str, Any]) -> list[str]:
     """The report line naming the structure-mask provider a run used (and why, when it fell back)."""
@@ -115,6 +166,10 @@ def run_markdown(doc: dict[str, Any], figures: dict[str, str]) -> str:
     parts = [
         f"# Continual anomaly detection report: {doc['method']}",
         "",
+        *glossary_markdown(),
+        "",
+        "## Run",
+        "",
         f"- protocol: `{doc['protocol']}`; products in training order: {', '.join(tasks)}",
         f"- routing accuracy (last step, mean over products): {fmt(doc.get('routing_accuracy'))}%",
         *masks_provider_lines(doc),
@@ -136,7 +191,7 @@ def run_markdown(doc: dict[str, Any], figures: dict[str, str]) -> str:
         if metrics[0] == "image_auroc" and "curves" in figures:
             parts += ["", f"![image AUROC per product across steps]({figures['curves']})"]
     if "tasks" in (doc.get("thresholds") or {}):
-        parts += ["", *thresholds_markdown(doc["thresholds"])]
+        parts += ["", *thresholds_markdown(doc["thresholds"], doc.get("final"))]
     overlays = [k for k in figures if k.startswith("overlay_")]
     if overlays:
         parts += ["", "## Anomaly maps", "", "Good and defective test images: image (title: score vs. the routed task's image threshold and the decision; red = wrong decision), ground truth, anomaly heatmap (white contour: the routed task's pixel threshold from held-out training normals)."]
@@ -187,6 +242,10 @@ def comparison_markdown(labels: list[str], runs: Sequence[Path], docs: Sequence[
         products += [p for p in d["tasks"] if p not in products]
     parts = [
         "# Continual anomaly detection: comparison",
+        "",
+        *glossary_markdown(),
+        "",
+        "## Runs",
         "",
         markdown_table(
             ["method", "run", "protocol", "products", "routing acc."],

@@ -1,27 +1,36 @@
-"""Per-task decision thresholds, calibrated on held-out TRAINING normals only (never test data).
+"""Per-task decision thresholds from score samples of normal TRAINING images only (never test data).
 
-For every learned task (= product in the sequential protocol) the held-out normal training
-images of its products are scored by the method itself (routed by their own content, no task
-label). Then
+For every learned task the calibration keeps a *sample* of image scores of normal images the task's
+scoring state was not fitted on, on the scale ``predict`` reports:
 
-- image threshold ``t_img``: the ``1 - decision.target_fpr`` quantile of their image scores,
-  taken as an order statistic (``method="higher"``), so at most ``target_fpr`` of the held-out
-  normals score strictly above it; a part is NG when ``score > t_img``;
-- pixel threshold ``t_px``: the ``1 - decision.pixel_fpr`` quantile of all their anomaly-map
-  pixels; it draws the defect contour on heat maps.
+- held-out normal training images of every learned product, grouped by the task ``predict`` ROUTES
+  them to (the deployed rule looks a threshold up by the routed task, so that is the distribution the
+  threshold must bound; a task that no held-out normal is routed to falls back to its own products'
+  held-out normals);
+- for methods that can score their own training images without them (``ContinualMethod.calibration_scores``,
+  e.g. leave-one-out against a memory bank), every training image of the task, scored once when the
+  task is learned and carried to later steps while ``frozen_task_memory`` keeps them valid.
 
-With ``n`` held-out images the false-reject rate can only be controlled to ``1/n``: fewer than
-``1/target_fpr`` images make ``t_img`` their maximum (noted as ``n_images`` in the file).
+The image threshold is the ``1 - decision.target_fpr`` quantile of the sample as an order statistic
+(``method="higher"``): at most ``target_fpr`` of the sample scores strictly above it, and a part is NG
+when ``score > threshold``. Because the sample is stored, ``decision.target_fpr`` can be changed when a
+detector is loaded (``Calibration.at_target``) without retraining. With ``n`` scores the false-reject
+rate can only be controlled to ``1/n``: a smaller target makes the threshold the sample's maximum, and
+the calibration says so (``promised_fpr``) instead of promising the target.
 
-The calibration is written as ``calibration.json`` into the method directory, so it is part of
-the content-hashed memory-bank version and of every registered model built from it.
+The pixel threshold (the heat-map contour) is the ``1 - decision.pixel_fpr`` quantile of the held-out
+normals' map pixels. The escape-rate estimate is the share of synthetic defects pasted on the held-out
+normals (``components.data.synthetic.pasted``) that the deployed rule would pass as OK.
+
+Written as ``calibration.json`` into the method directory: part of the content-hashed bank version and
+of every registered model built from it.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +39,7 @@ import torch
 
 from components.atomic import atomic_write_json
 from components.config import Config
+from components.data.protocol import task_products
 from components.errors import ContadError
 from components.eval.evaluate import predict_batch
 from components.methods.base import ContinualMethod
@@ -41,27 +51,88 @@ OK, NG = "OK", "NG"
 
 @dataclass(frozen=True)
 class TaskThreshold:
-    """Image- and pixel-level thresholds of one task and how many held-out normals set them."""
+    """Decision thresholds of one task at the calibration's target, with what they can promise.
+
+    ``n_images``: calibration normals behind ``image``; ``promised_fpr``: the false-reject rate the
+    threshold controls, ``max(target_fpr, 1/n)``; ``escape_estimate``: share of synthetic defects routed
+    to the task at or below ``image`` (NaN without synthetic defects).
+    """
 
     image: float
     pixel: float
     n_images: int
+    promised_fpr: float = math.nan
+    escape_estimate: float = math.nan
+
+
+@dataclass(frozen=True)
+class TaskSample:
+    """The score sample one task's thresholds are taken from (see the module docstring)."""
+
+    heldout: tuple[float, ...]  # held-out normals routed to the task (or its own, as a fallback)
+    leave_out: tuple[float, ...]  # the task's training images scored without themselves
+    pixel: float  # pixel threshold at the calibration's ``pixel_fpr``
+    synthetic: tuple[float, ...] = ()  # synthetic defects routed to the task
+    fixed_image: float | None = None  # only for a calibration written before samples were stored
+
+    @property
+    def normal(self) -> np.ndarray:
+        return np.asarray(self.heldout + self.leave_out, dtype=np.float64)
+
+    def threshold(self, target_fpr: float) -> TaskThreshold:
+        """The task's thresholds at ``target_fpr``."""
+        normal = self.normal
+        if normal.size == 0:
+            if self.fixed_image is None:
+                raise ContadError("calibration: a task has no normal scores to take a threshold from")
+            return TaskThreshold(self.fixed_image, self.pixel, 0)
+        image = quantile_threshold(normal, target_fpr)
+        synthetic = np.asarray(self.synthetic, dtype=np.float64)
+        escape = float(np.mean(synthetic <= image)) if synthetic.size else math.nan
+        return TaskThreshold(image, self.pixel, int(normal.size), max(target_fpr, 1.0 / normal.size), escape)
+
+    def to_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"heldout": list(self.heldout), "leave_out": list(self.leave_out), "pixel": self.pixel, "synthetic": list(self.synthetic)}
+        if self.fixed_image is not None:
+            doc["fixed_image"] = self.fixed_image
+        return doc
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> TaskSample:
+        return cls(tuple(map(float, doc.get("heldout") or [])), tuple(map(float, doc.get("leave_out") or [])), float(doc["pixel"]),
+                   tuple(map(float, doc.get("synthetic") or [])), None if doc.get("fixed_image") is None else float(doc["fixed_image"]))
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """Thresholds per task, the target rates they were set for, and each product's task."""
+    """Score samples per task, the target rates thresholds are taken at, and each product's task."""
 
     target_fpr: float
     pixel_fpr: float
-    tasks: dict[str, TaskThreshold]
+    samples: dict[str, TaskSample]
     task_of_product: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def tasks(self) -> dict[str, TaskThreshold]:
+        """Thresholds of every task at ``target_fpr``."""
+        return {task: sample.threshold(self.target_fpr) for task, sample in self.samples.items()}
+
+    def at_target(self, target_fpr: float) -> Calibration:
+        """The same samples with thresholds at ``target_fpr`` (``decision.target_fpr`` chosen at load time)."""
+        if target_fpr == self.target_fpr:
+            return self
+        if not 0.0 <= target_fpr < 1.0:
+            raise ContadError(f"decision.target_fpr must be in [0, 1), got {target_fpr}")
+        if any(s.normal.size == 0 for s in self.samples.values()):
+            raise ContadError("decision.target_fpr: this calibration stores no score samples (written by an older contad); "
+                              "retrain to change the target at load time")
+        return replace(self, target_fpr=float(target_fpr))
 
     def for_task(self, task: str) -> TaskThreshold:
         """Thresholds of ``task`` (the task an image was routed to)."""
-        if task not in self.tasks:
-            raise ContadError(f"no calibrated threshold for task {task!r} (calibrated: {sorted(self.tasks)})")
-        return self.tasks[task]
+        if task not in self.samples:
+            raise ContadError(f"no calibrated threshold for task {task!r} (calibrated: {sorted(self.samples)})")
+        return self.samples[task].threshold(self.target_fpr)
 
     def for_product(self, product: str) -> TaskThreshold:
         """Thresholds of the task that learned ``product``."""
@@ -71,17 +142,36 @@ class Calibration:
         """``"NG"`` when ``score`` is above the task's image threshold, else ``"OK"``."""
         return NG if score > self.for_task(task).image else OK
 
+    def promises(self) -> list[str]:
+        """One line per task whose calibration sample is too small for the target rate."""
+        lines = []
+        for task, t in self.tasks.items():
+            if t.n_images and t.promised_fpr > self.target_fpr:
+                lines.append(f"task {task}: {t.n_images} calibration normals control the false-reject rate only to 1/n = "
+                             f"{t.promised_fpr:.3g}, not decision.target_fpr {self.target_fpr:.3g}")
+        return lines
+
     def to_dict(self) -> dict[str, Any]:
+        """JSON form: the samples, plus the thresholds at ``target_fpr`` for readers."""
         return {"target_fpr": self.target_fpr, "pixel_fpr": self.pixel_fpr,
-                "tasks": {t: asdict(v) for t, v in self.tasks.items()}, "task_of_product": dict(self.task_of_product)}
+                "tasks": {t: _finite(vars(v)) for t, v in self.tasks.items()},
+                "samples": {t: s.to_dict() for t, s in self.samples.items()},
+                "task_of_product": dict(self.task_of_product)}
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> Calibration:
         try:
-            tasks = {str(t): TaskThreshold(float(v["image"]), float(v["pixel"]), int(v["n_images"])) for t, v in doc["tasks"].items()}
-            return cls(float(doc["target_fpr"]), float(doc["pixel_fpr"]), tasks, {str(k): str(v) for k, v in (doc.get("task_of_product") or {}).items()})
+            if "samples" in doc:
+                samples = {str(t): TaskSample.from_dict(s) for t, s in doc["samples"].items()}
+            else:  # before samples were stored: fixed thresholds only
+                samples = {str(t): TaskSample((), (), float(v["pixel"]), (), float(v["image"])) for t, v in doc["tasks"].items()}
+            return cls(float(doc["target_fpr"]), float(doc["pixel_fpr"]), samples, {str(k): str(v) for k, v in (doc.get("task_of_product") or {}).items()})
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ContadError(f"malformed calibration ({exc!r})") from exc
+
+
+def _finite(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
 
 
 def quantile_threshold(normal_scores: np.ndarray | torch.Tensor, rate: float, key: str = "decision.target_fpr") -> float:
@@ -95,25 +185,41 @@ def quantile_threshold(normal_scores: np.ndarray | torch.Tensor, rate: float, ke
     return float(np.quantile(values, 1.0 - rate, method="higher"))
 
 
-def calibrate(prediction: Prediction, products: list[str], task_of_product: dict[str, str], target_fpr: float, pixel_fpr: float) -> Calibration:
-    """Per-task thresholds from predictions on held-out normal training images of ``products``.
+def _scores(values: np.ndarray) -> tuple[float, ...]:
+    return tuple(float(v) for v in values)
 
-    Images are grouped by the task that learned their product (the distribution the threshold
-    must bound), whatever task the method routed them to.
+
+def calibrate(prediction: Prediction, products: list[str], task_of_product: dict[str, str], target_fpr: float, pixel_fpr: float,
+              leave_out: dict[str, torch.Tensor] | None = None, synthetic: Prediction | None = None) -> Calibration:
+    """Per-task score samples from predictions on held-out normal TRAINING images of ``products``.
+
+    Held-out scores join the sample of the task each image was routed to (a task no image was routed
+    to takes its own products' images); ``leave_out`` adds scores per task; ``synthetic`` (predictions
+    on synthetic defects) gives each routed task its escape-estimate sample. Pixel thresholds come from
+    the maps of each task's own products' held-out images.
     """
     if len(products) != int(prediction.image_scores.shape[0]):
         raise ContadError(f"calibration: {len(products)} products for {prediction.image_scores.shape[0]} scores")
-    scores = prediction.image_scores.detach().cpu().numpy()
+    scores = prediction.image_scores.detach().cpu().numpy().astype(np.float64)
     maps = prediction.anomaly_maps.detach().cpu().numpy()
-    tasks: dict[str, TaskThreshold] = {}
-    for task in sorted({task_of_product[p] for p in products}):
-        rows = np.array([task_of_product[p] == task for p in products])
-        tasks[task] = TaskThreshold(
-            image=quantile_threshold(scores[rows], target_fpr),
-            pixel=quantile_threshold(maps[rows], pixel_fpr, key="decision.pixel_fpr"),
-            n_images=int(rows.sum()),
+    routed = np.asarray(prediction.routed_tasks if prediction.routed_tasks else [task_of_product[p] for p in products])
+    own = np.asarray([task_of_product[p] for p in products])
+    extra = {t: v.detach().cpu().numpy().astype(np.float64) for t, v in (leave_out or {}).items()}
+    defect_scores = synthetic.image_scores.detach().cpu().numpy().astype(np.float64) if synthetic is not None else np.empty(0)
+    defect_routed = np.asarray(synthetic.routed_tasks) if synthetic is not None else np.empty(0, dtype=str)
+    samples: dict[str, TaskSample] = {}
+    for task in sorted(set(own) | set(extra)):
+        members = routed == task if bool((routed == task).any()) else own == task
+        pixel_rows = own == task if bool((own == task).any()) else members
+        if not bool(pixel_rows.any()):
+            raise ContadError(f"calibration: task {task!r} has no held-out normals (data.heldout_fraction too small?)")
+        samples[task] = TaskSample(
+            heldout=_scores(scores[members]),
+            leave_out=_scores(extra.get(task, np.empty(0))),
+            pixel=quantile_threshold(maps[pixel_rows], pixel_fpr, key="decision.pixel_fpr"),
+            synthetic=_scores(defect_scores[defect_routed == task]),
         )
-    return Calibration(target_fpr, pixel_fpr, tasks, {p: task_of_product[p] for p in sorted(set(products))})
+    return Calibration(target_fpr, pixel_fpr, samples, {p: task_of_product[p] for p in sorted(set(products))})
 
 
 def check_heldout(batch: ImageBatch) -> None:
@@ -124,18 +230,52 @@ def check_heldout(batch: ImageBatch) -> None:
 
 def learned_task_of_product(method: ContinualMethod) -> dict[str, str]:
     """``{product: task}`` of every task ``method`` has learned (task names join products with "+")."""
-    return {product: task for task in method.tasks for product in task.split("+")}
+    return {product: task for task in method.tasks for product in task_products(task)}
 
 
-def calibrate_heldout(method: ContinualMethod, heldout: ImageBatch, cfg: Config) -> Calibration:
-    """Score held-out normal TRAINING images of learned products and calibrate per-task thresholds."""
+def synthetic_defect_batch(heldout: ImageBatch, variants: int, seed: int) -> ImageBatch | None:
+    """Synthetic defects pasted on ``heldout``'s images (rectangles from the same product's other images or
+    intensity offsets, and thin strokes), depth copied; None for ``variants`` = 0."""
+    from components.data.synthetic.pasted import line_defects, synthetic_defects
+
+    if variants <= 0 or len(heldout) == 0:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    images, products, depth = [], [], []
+    for product in sorted(set(heldout.products)):
+        rows = torch.tensor([i for i, p in enumerate(heldout.products) if p == product])
+        normals = heldout.images[rows]
+        pasted = synthetic_defects(normals, normals, max(1, variants - 1), generator)[0]
+        strokes = line_defects(normals, 1, generator)[0]
+        images += [pasted, strokes]
+        per_image = max(1, variants - 1)
+        products += [product] * (len(pasted) + len(strokes))
+        if heldout.depth is not None:
+            d = heldout.depth[rows]
+            depth += [d.repeat_interleave(per_image, dim=0), d]
+    return ImageBatch(images=torch.cat(images), products=products, paths=[""] * len(products),
+                      depth=torch.cat(depth) if depth else None)
+
+
+def calibrate_heldout(method: ContinualMethod, heldout: ImageBatch, cfg: Config, leave_out: dict[str, torch.Tensor] | None = None) -> Calibration:
+    """Score held-out normal TRAINING images of learned products (and synthetic defects pasted on them)
+    and calibrate per-task score samples; ``leave_out`` adds per-task scores (``calibration_scores``)."""
     check_heldout(heldout)
     task_of_product = learned_task_of_product(method)
     unknown = sorted(set(heldout.products) - set(task_of_product))
     if unknown:
         raise ContadError(f"calibration images of products {unknown} that the method has not learned (tasks: {method.tasks})")
     prediction = predict_batch(method, heldout, task_of_product, cfg.eval.batch_size)
-    return calibrate(prediction, list(heldout.products), task_of_product, cfg.decision.target_fpr, cfg.decision.pixel_fpr)
+    defects = synthetic_defect_batch(heldout, cfg.decision.synthetic_variants, cfg.seed)
+    synthetic = predict_batch(method, defects, task_of_product, cfg.eval.batch_size) if defects is not None else None
+    return calibrate(prediction, list(heldout.products), task_of_product, cfg.decision.target_fpr, cfg.decision.pixel_fpr, leave_out, synthetic)
+
+
+def carried_leave_out(method: ContinualMethod, previous: Calibration | None) -> dict[str, torch.Tensor]:
+    """Leave-one-out samples of earlier tasks that stay valid (``frozen_task_memory``), from the previous calibration."""
+    if previous is None or not method.frozen_task_memory:
+        return {}
+    return {t: torch.tensor(s.leave_out, dtype=torch.float64) for t, s in previous.samples.items() if s.leave_out and t in method.tasks}
 
 
 def write_calibration(method_dir: Path, calibration: Calibration) -> Path:
@@ -162,16 +302,20 @@ def read_calibration(method_dir: Path) -> Calibration | None:
 
 def routed_thresholds(prediction: Prediction, calibration: Calibration) -> np.ndarray:
     """``(B,)`` image threshold of the task each image was routed to (the deployed decision rule)."""
-    return np.array([calibration.for_task(t).image for t in prediction.routed_tasks], dtype=np.float64)
+    thresholds = {t: calibration.for_task(t).image for t in set(prediction.routed_tasks)}
+    return np.array([thresholds[t] for t in prediction.routed_tasks], dtype=np.float64)
 
 
 def decision_metrics(prediction: Prediction, batch: ImageBatch, calibration: Calibration) -> dict[str, float]:
-    """Escape and false-reject rates of test images at the deployed per-task thresholds.
+    """Escape and false-reject rates of test images at the deployed per-task thresholds, with what the
+    calibration promised for the batch's product: ``promised_fpr`` and ``escape_estimate`` (synthetic).
 
     ``escape_rate``: defective images decided OK / defective images. ``false_reject_rate``: good
-    images decided NG / good images. NaN when a class is absent.
+    images decided NG / good images. NaN when a class is absent. ``false_reject_bound``: the largest
+    false-reject rate on this many good images that is consistent with ``promised_fpr`` (``binomial_upper``).
     """
-    out = {"escape_rate": math.nan, "false_reject_rate": math.nan}
+    out = {"escape_rate": math.nan, "false_reject_rate": math.nan, "false_reject_bound": math.nan,
+           **expected_rates(calibration, batch.products[0] if batch.products else None)}
     if batch.labels is None:
         return out
     defective = batch.labels.cpu().numpy().astype(bool)
@@ -179,5 +323,31 @@ def decision_metrics(prediction: Prediction, batch: ImageBatch, calibration: Cal
     if defective.any():
         out["escape_rate"] = float(np.count_nonzero(defective & ~rejected) / np.count_nonzero(defective))
     if (~defective).any():
-        out["false_reject_rate"] = float(np.count_nonzero(~defective & rejected) / np.count_nonzero(~defective))
+        n_good = int(np.count_nonzero(~defective))
+        out["false_reject_rate"] = float(np.count_nonzero(~defective & rejected) / n_good)
+        if math.isfinite(out["promised_fpr"]):
+            out["false_reject_bound"] = binomial_upper(n_good, out["promised_fpr"]) / n_good
     return out
+
+
+BOUND_CONFIDENCE = 0.95
+
+
+def binomial_upper(n: int, rate: float, confidence: float = BOUND_CONFIDENCE) -> int:
+    """The smallest ``r`` with P(Binomial(n, rate) <= r) >= ``confidence``: more than ``r`` rejects of ``n`` good
+    parts would contradict a promised false-reject ``rate`` at that confidence."""
+    total = 0.0
+    for r in range(n + 1):
+        total += math.comb(n, r) * rate**r * (1.0 - rate) ** (n - r)
+        if total >= confidence:
+            return r
+    return n
+
+
+def expected_rates(calibration: Calibration, product: str | None) -> dict[str, float]:
+    """``{"promised_fpr", "escape_estimate"}`` of ``product``'s task (NaN when unknown)."""
+    if product is None or calibration.task_of_product.get(product, product) not in calibration.samples:
+        return {"promised_fpr": math.nan, "escape_estimate": math.nan}
+    threshold = calibration.for_product(product)
+    return {"promised_fpr": threshold.promised_fpr, "escape_estimate": threshold.escape_estimate}
+

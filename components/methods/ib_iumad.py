@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -43,14 +44,14 @@ from components.backbones.base import PromptedBackbone
 from components.config import Config
 from components.errors import ContadError
 from components.methods.base import ContinualMethod
-from components.methods.early_stopping import EarlyStopping, early_stopping, stopping_log
+from components.methods.early_stopping import EarlyStopping, early_stopping
 from components.methods.ib_iumad_net.depth_image import xyz_to_image
 from components.methods.ib_iumad_net.fusion import fusion_loss, ib_loss
 from components.methods.ib_iumad_net.network import IBIUMADNetwork, NetworkOutput
 from components.methods.iuf_network import ActivationSpan, input_activations, linear_layers, projected_step, retain_
 from components.methods.reconstruction import (
-    FeatureCache,
     build_feature_extractor,
+    cached_features,
     channel_stats,
     error_maps,
     feature_jitter,
@@ -59,7 +60,7 @@ from components.methods.reconstruction import (
     to_tokens,
     upsample_maps,
 )
-from components.progress import progress_bar
+from components.methods.training_loop import train_epochs
 from components.types import ImageBatch, Prediction, TaskData
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,6 @@ class IBIUMAD(ContinualMethod):
         self.extractor = build_feature_extractor(config.reconstruction, config.backbone, backbone)
         self.device = next(self.extractor.net.parameters()).device
         self.grid = self.extractor.grid_size(config.data.image_size)
-        self.caches = {m: FeatureCache(self.extractor, config.reconstruction.batch_size) for m in self.modalities}
         self.products: list[str] = []
         self.task_of_product: dict[str, str] = {}
         self.spans: dict[str, ActivationSpan] = {}
@@ -106,7 +106,7 @@ class IBIUMAD(ContinualMethod):
     def _raw_tokens(self, batch: ImageBatch, desc: str | None = None) -> dict[str, torch.Tensor]:
         """(N, h*w, C) cached backbone feature tokens per modality of a batch."""
         inputs = self._modality_images(batch.images, batch.depth, batch.paths[0] if batch.paths else "the batch")
-        return {m: to_tokens(self.caches[m].features(x, batch.paths, desc=f"{desc} {m}" if desc else None)) for m, x in inputs.items()}
+        return {m: to_tokens(cached_features(self.extractor, x, self.config.reconstruction.batch_size, f"{desc} {m}" if desc else None)) for m, x in inputs.items()}
 
     def _tokens(self, batch: ImageBatch, desc: str | None = None) -> dict[str, torch.Tensor]:
         """(N, h*w, C) standardised feature tokens per modality of a batch."""
@@ -126,10 +126,7 @@ class IBIUMAD(ContinualMethod):
 
     # ------------------------------------------------------------------ training
     def _check_new(self, data: TaskData) -> None:
-        if data.name in self.tasks:
-            raise ContadError(f"task {data.name!r} is already learned (tasks: {self.tasks})")
-        if len(data.train) == 0:
-            raise ContadError(f"task {data.name!r} has no training images")
+        super()._check_new(data)
         known = sorted(set(data.products) & set(self.products))
         if known:
             raise ContadError(f"task {data.name!r}: products {known} are already learned")
@@ -190,40 +187,26 @@ class IBIUMAD(ContinualMethod):
     def _train(self, name: str, tokens: dict[str, torch.Tensor], labels: torch.Tensor, generator: torch.Generator,
                old_state: dict[str, torch.Tensor], old_classes: int, bases: dict[str, tuple[torch.Tensor, torch.Tensor]],
                heldout_tokens: dict[str, torch.Tensor], stopper: EarlyStopping | None) -> dict[str, Any]:
-        """Train up to ``ib_iumad.epochs`` epochs; with ``stopper``, stop on the held-out loss and restore the best epoch."""
+        """Train up to ``ib_iumad.epochs`` epochs (a last, shorter batch when the batch size does not divide the
+        images); with ``stopper``, stop on the held-out loss and restore the best epoch."""
         cfg = self.config.ib_iumad
         params = [p for p in self.network.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         modules = self._projected_modules()
         named = dict(self.network.named_parameters())
-        n = len(labels)
-        history: dict[str, list[float]] = {}
-        for epoch in progress_bar(range(1, cfg.epochs + 1), desc=f"ib_iumad {name}", leave=False):
-            self.network.train()
-            order = torch.randperm(n, generator=generator)
-            sums: dict[str, float] = {}
-            for start in range(0, n, cfg.batch_size):
-                batch = order[start : start + cfg.batch_size]
-                losses = self._losses({m: t[batch] for m, t in tokens.items()}, labels[batch], generator)
-                optimizer.zero_grad(set_to_none=True)
-                self._total(losses).backward()
-                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                projected_step(optimizer, modules, bases)
-                if old_state:
-                    self._retain(named, old_state, old_classes)
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(batch)
-            for k, v in sums.items():
-                history.setdefault(k, []).append(v / n)
-            log.info("ib_iumad: task %r epoch %d %s", name, epoch, {k: round(v[-1], 5) for k, v in history.items()})
-            if stopper is not None and stopper.step(epoch, self._stopping_loss(heldout_tokens)):
-                log.info("ib_iumad: task %r early stop at epoch %d (best %d)", name, epoch, stopper.best_epoch)
-                break
-        if stopper is not None:
-            stopper.restore()
-        self.network.eval()
-        epochs_run = len(next(iter(history.values()), []))
-        return {"epoch_losses": history, **stopping_log(stopper, epochs_run), "epochs_run": epochs_run}
+
+        def update(batch: torch.Tensor) -> dict[str, torch.Tensor]:
+            losses = self._losses({m: t[batch] for m, t in tokens.items()}, labels[batch], generator)
+            optimizer.zero_grad(set_to_none=True)
+            self._total(losses).backward()
+            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            projected_step(optimizer, modules, bases)
+            return losses
+
+        return train_epochs(self.network, len(labels), update, generator, epochs=cfg.epochs, batch_size=cfg.batch_size, last_batch="short",
+                            where=f"ib_iumad: task {name!r}", desc=f"ib_iumad {name}",
+                            after_update=partial(self._retain, named, old_state, old_classes) if old_state else None,
+                            stopper=stopper, heldout_loss=partial(self._stopping_loss, heldout_tokens))
 
     def _projected_modules(self) -> dict[str, nn.Linear]:
         return linear_layers(self.network, self.config.ib_iumad.projection_layers)
@@ -310,8 +293,7 @@ class IBIUMAD(ContinualMethod):
     @torch.no_grad()
     def predict(self, images: torch.Tensor, true_tasks: list[str] | None = None, depth: torch.Tensor | None = None) -> Prediction:
         """Score (B, 3, H, W) images (+ (B, 3, H, W) xyz) without any product label (``true_tasks`` is ignored)."""
-        if not self.tasks:
-            raise ContadError("ib_iumad: no task learned yet; train at least one task before predicting")
+        self._require_tasks()
         _, _, h, w = images.shape
         inputs = self._modality_images(images, depth, "the images to score")
         tokens = self._standardised({m: to_tokens(self.extractor(x.to(self.device))) for m, x in inputs.items()})

@@ -34,6 +34,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -44,7 +45,7 @@ from components.backbones.base import PromptedBackbone
 from components.config import Config
 from components.errors import ContadError
 from components.methods.base import ContinualMethod
-from components.methods.early_stopping import EarlyStopping, early_stopping, stopping_log
+from components.methods.early_stopping import EarlyStopping, early_stopping
 from components.methods.iuf_network import (
     ActivationSpan,
     ObjectDiscriminator,
@@ -55,9 +56,9 @@ from components.methods.iuf_network import (
     semantic_compression_loss,
 )
 from components.methods.reconstruction import (
-    FeatureCache,
     ReconstructionTransformer,
     build_feature_extractor,
+    cached_features,
     calibrate_positions,
     channel_stats,
     error_maps,
@@ -69,7 +70,7 @@ from components.methods.reconstruction import (
     to_tokens,
     upsample_maps,
 )
-from components.progress import progress_bar
+from components.methods.training_loop import train_epochs
 from components.types import Prediction, TaskData
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,6 @@ class IUF(ContinualMethod):
             self.device = next(self.extractor.net.parameters()).device
             self.grid = self.extractor.grid_size(config.data.image_size)
             self.network = IUFNetwork(self.extractor.channels, self.grid, config).to(self.device)
-        self.cache = FeatureCache(self.extractor, config.reconstruction.batch_size)
         self.products: list[str] = []
         self.task_of_product: dict[str, str] = {}
         self.spans: dict[str, ActivationSpan] = {}
@@ -157,10 +157,7 @@ class IUF(ContinualMethod):
         return F.mse_loss(recon, target) if self.config.iuf.recon_loss == "mse" else F.l1_loss(recon, target)
 
     def _check_new(self, data: TaskData) -> None:
-        if data.name in self.tasks:
-            raise ContadError(f"task {data.name!r} is already learned (tasks: {self.tasks})")
-        if len(data.train) == 0:
-            raise ContadError(f"task {data.name!r} has no training images")
+        super()._check_new(data)
         known = sorted(set(data.products) & set(self.products))
         if known:
             raise ContadError(f"task {data.name!r}: products {known} are already learned")
@@ -184,11 +181,11 @@ class IUF(ContinualMethod):
             self.network.oasa.head.grow(len(data.products), generator)
         class_of = {p: i for i, p in enumerate([*self.products, *data.products])}
         labels = torch.tensor([class_of[p] for p in data.train.products], dtype=torch.long)
-        raw = to_tokens(self.cache.features(data.train.images, data.train.paths, desc=f"{data.name}: features"))
+        raw = to_tokens(cached_features(self.extractor, data.train.images, self.config.reconstruction.batch_size, f"{data.name}: features"))
         self._set_feature_stats(raw)
         feats = self._network_tokens(raw)
         stopper = early_stopping(self.network, cfg.early_stopping_patience, len(data.heldout), f"iuf: task {data.name!r}", cfg.epochs)
-        held = (self._network_tokens(to_tokens(self.cache.features(data.heldout.images, data.heldout.paths))),
+        held = (self._network_tokens(to_tokens(cached_features(self.extractor, data.heldout.images, self.config.reconstruction.batch_size))),
                 self.network.image_inputs(data.heldout.images)) if stopper is not None else None
         bases = {n: self.spans[n].basis(cfg.projection_energy) for n in self.projected_modules() if n in self.spans} if projected else {}
         inputs = self.network.image_inputs(data.train.images)
@@ -253,34 +250,17 @@ class IUF(ContinualMethod):
 
     def _train(self, task: str, feats: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, held: tuple[torch.Tensor, torch.Tensor] | None,
                stopper: EarlyStopping | None, generator: torch.Generator, rule: UpdateRule) -> dict[str, Any]:
+        """``iuf.epochs`` epochs (raised to ``iuf.min_steps`` updates) of ``train_step`` on full batches (the
+        last one takes the remainder); with ``stopper``, stop on the held-out loss and keep the best epoch."""
         cfg = self.config.iuf
-        history: dict[str, list[float]] = {}
-        batches_per_epoch = max(1, len(feats) // cfg.batch_size)
-        epochs = max(cfg.epochs, -(-cfg.min_steps // batches_per_epoch))  # ceil: at least min_steps updates
-        bar = progress_bar(range(1, epochs + 1), desc=f"iuf {task}", leave=False)
-        for epoch in bar:
-            self.network.train()
-            order = torch.randperm(len(feats), generator=generator)
-            sums: dict[str, float] = {}
-            windows: dict[int, torch.Tensor] = {}
-            for start in range(0, batches_per_epoch * cfg.batch_size, cfg.batch_size):
-                batch = order[start : start + cfg.batch_size]  # full batches (the last one takes the remainder)
-                if start + 2 * cfg.batch_size > len(feats):
-                    batch = order[start:]
-                losses = self.train_step(rule, feats[batch], images[batch], labels[batch], windows, generator)
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(batch)
-            for k, v in sums.items():
-                history.setdefault(k, []).append(v / len(feats))
-            bar.set_postfix({k: f"{v[-1]:.4f}" for k, v in history.items()})
-            log.info("iuf: task %r epoch %d %s", task, epoch, {k: round(v[-1], 5) for k, v in history.items()})
-            if stopper is not None and held is not None and stopper.step(epoch, self.heldout_loss(*held)):
-                log.info("iuf: task %r early stop at epoch %d (best %d)", task, epoch, stopper.best_epoch)
-                break
-        if stopper is not None:
-            stopper.restore()
-        self.network.eval()
-        return {"epoch_losses": history, **stopping_log(stopper, len(history.get("recon", [])))}
+        windows: dict[int, torch.Tensor] = {}  # SCL latent windows, emptied every epoch
+
+        def update(batch: torch.Tensor) -> dict[str, torch.Tensor]:
+            return self.train_step(rule, feats[batch], images[batch], labels[batch], windows, generator)
+
+        return train_epochs(self.network, len(feats), update, generator, epochs=cfg.epochs, batch_size=cfg.batch_size, last_batch="merge",
+                            where=f"iuf: task {task!r}", desc=f"iuf {task}", min_updates=cfg.min_steps, epoch_start=windows.clear,
+                            stopper=stopper, heldout_loss=partial(self.heldout_loss, *held) if held is not None else None)
 
     def _retention_targets(self, old_state: dict[str, torch.Tensor], old_classes: int) -> list[tuple[nn.Parameter, torch.Tensor, int | None]]:
         """Eq. 9 targets: every parameter of ``old_state``; of the grown class head only the old products' rows."""
@@ -351,10 +331,9 @@ class IUF(ContinualMethod):
         return torch.cat([self._grid_error_maps(images[i : i + bs])[0] for i in range(0, len(images), bs)])
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, true_tasks: list[str] | None = None) -> Prediction:
+    def predict(self, images: torch.Tensor, true_tasks: list[str] | None = None, depth: torch.Tensor | None = None) -> Prediction:
         """Score images without any product label (``true_tasks`` is ignored)."""
-        if not self.tasks:
-            raise ContadError("iuf: no task learned yet; train at least one task before predicting")
+        self._require_tasks()
         self.network.eval()
         b, _, h, w = images.shape
         scores, maps, routed = [], [], []

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from components.backbones.base import PromptedBackbone
 from components.config import Config
 from components.errors import ContadError
-from components.methods.base import ContinualMethod
+from components.methods.base import ContinualMethod, StreamScore
 from components.methods.coreset import coreset
 from components.methods.extract import batched, module_device
 from components.methods.lemo_net import LeMOAdapter, anonce_loss, enhance_prototypes, kmeans_prototypes, prototype_scores, qr_prototypes
@@ -66,7 +66,7 @@ class LeMO(ContinualMethod):
     """Online prototype memory with a learned adapter; one adapter + memory per task, key-routed."""
 
     name: ClassVar[str] = "lemo"
-    supports_streaming: ClassVar[bool] = True
+    learns_online: ClassVar[bool] = True
 
     def __init__(self, config: Config, backbone: PromptedBackbone) -> None:
         super().__init__(config, backbone)
@@ -81,7 +81,7 @@ class LeMO(ContinualMethod):
         self.prototypes: list[torch.nn.Parameter] = []  # per task (K, D)
         self.usage: list[torch.Tensor] = []  # per task (K,) assignment shares (feature_enhanced)
         self.optimizers: list[torch.optim.Adam] = []
-        self.images_learned: list[int] = []
+        self.images_learned_per_task: list[int] = []
         self.prototypes_ready: list[bool] = []  # False until k-means init saw the first image
         self.score_stats: list[dict[str, float]] = []
         self._router: KeyRouter | None = None
@@ -117,7 +117,7 @@ class LeMO(ContinualMethod):
         self.usage.append(torch.full((cfg.prototypes,), 1.0 / cfg.prototypes))
         self.keys.append(torch.empty(0, self.backbone.feature_dim))
         self.pending_keys.append(torch.empty(0, self.backbone.feature_dim))
-        self.images_learned.append(0)
+        self.images_learned_per_task.append(0)
         self.prototypes_ready.append(cfg.prototype_init == "qr")
         self.score_stats.append({})
         self.optimizers.append(self._new_optimizer(t))
@@ -174,7 +174,7 @@ class LeMO(ContinualMethod):
         adapter.eval()
         if cfg.memory_update == "feature_enhanced":
             enhance_prototypes(prototypes.data, self.usage[task_index], z.detach()[0], cfg.feature_momentum, cfg.min_usage)
-        self.images_learned[task_index] += 1
+        self.images_learned_per_task[task_index] += 1
         return float(loss.detach())
 
     def _grow_key(self, task_index: int, pooled: torch.Tensor) -> None:
@@ -249,10 +249,9 @@ class LeMO(ContinualMethod):
         scores = self.score_features(feats, task_index)[0]
         return {"count": len(scores), "mean": float(scores.mean()), "std": float(scores.std()) if len(scores) > 1 else 0.0, "max": float(scores.max())}
 
-    def predict(self, images: torch.Tensor, true_tasks: list[str] | None = None) -> Prediction:
+    def predict(self, images: torch.Tensor, true_tasks: list[str] | None = None, depth: torch.Tensor | None = None) -> Prediction:
         """Route every image by itself (``true_tasks`` is ignored) and score it with its task."""
-        if not self.tasks:
-            raise ContadError("lemo: no task learned yet; train at least one task before predicting")
+        self._require_tasks()
         b, _, h, w = images.shape
         if h != self.config.data.image_size or w != h:
             raise ContadError(f"lemo: images are {h}x{w}, expected {self.config.data.image_size} square (data.image_size)")
@@ -263,6 +262,26 @@ class LeMO(ContinualMethod):
             members = (routed == t).nonzero().flatten()
             scores[members], maps[members] = self.score_features(feats[members], t)
         return Prediction(image_scores=scores, anomaly_maps=maps, routed_tasks=[self.tasks[t] for t in routed.tolist()])
+
+    # ------------------------------------------------------------------ streaming protocol
+    def stream_task(self, task: str) -> None:
+        if task not in self.tasks:
+            self.add_task(task)
+
+    def score_one(self, image: torch.Tensor, task: str) -> StreamScore:
+        feats = self.frozen_features(image)
+        score = float(self.score_features(feats, self.tasks.index(task))[0][0])
+        try:
+            routed: str | None = self.tasks[int(self.route_features(feats)[0])]
+        except ContadError:  # no task has a key yet
+            routed = None
+        return StreamScore(score, routed, feats)
+
+    def learn_one(self, scored: StreamScore, task: str) -> float | None:
+        return self.learn_features(scored.handle, self.tasks.index(task))
+
+    def images_learned(self, task: str) -> int:
+        return self.images_learned_per_task[self.tasks.index(task)]
 
     # ------------------------------------------------------------------ state
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -287,7 +306,7 @@ class LeMO(ContinualMethod):
             "config": self.config.lemo.model_dump(mode="json"),
             "backbone": self.config.backbone.model_dump(mode="json"),
             "image_size": self.config.data.image_size,
-            "images_learned": list(self.images_learned),
+            "images_learned": list(self.images_learned_per_task),
             "prototypes_ready": list(self.prototypes_ready),
             "score_stats": list(self.score_stats),
         }
@@ -312,7 +331,7 @@ class LeMO(ContinualMethod):
                 self.prototypes[t].copy_(tensors[f"prototypes/{t}"])
             self.usage[t] = tensors[f"usage/{t}"].float().clone()
             self._load_adam(t, tensors)
-        self.images_learned = [int(n) for n in meta["images_learned"]]
+        self.images_learned_per_task = [int(n) for n in meta["images_learned"]]
         self.prototypes_ready = [bool(r) for r in meta["prototypes_ready"]]
         self.score_stats = list(meta.get("score_stats", [{} for _ in self.tasks]))
         self._router = None

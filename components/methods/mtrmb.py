@@ -66,7 +66,7 @@ from components.backbones.text import TextEncoder, build_text_encoder, task_sent
 from components.config import Config
 from components.errors import ContadError
 from components.methods.contrastive import structure_contrastive_loss
-from components.methods.extract import feature_cache
+from components.methods.feature_cache import share_feature_cache
 from components.methods.multimodal import TextImageFusion, cross_alignment_loss, key_pull_loss, refined_contrastive_loss
 from components.methods.ucad import UCAD
 from components.segment.fallback import MasksChoice, choose_masks
@@ -102,7 +102,7 @@ class FusedBackbone(PromptedBackbone):
         self._new_fusion = new_fusion  # callable -> TextImageFusion, or None without KPMK
         # Share the wrapped backbone's test-feature cache: un-prompted keys are the same features, and
         # fused features are cached under the MTRMBPrompt's digest (prompt + fusion + text).
-        self.__dict__["_contad_feature_cache"] = feature_cache(inner)
+        share_feature_cache(self, inner)
 
     def grid_size(self, image_size: int) -> tuple[int, int]:
         return self.inner.grid_size(image_size)
@@ -153,6 +153,11 @@ class MTRMB(UCAD):
 
     # ------------------------------------------------------------------ masks
     @classmethod
+    def needs_structure_masks(cls, config: Config) -> bool:
+        """MTRMB always trains its prompts (``mtrmb.epochs``) on structure label maps."""
+        return True
+
+    @classmethod
     def structure_masks(cls, config: Config) -> MasksChoice:
         """Label-map provider of this run: ``mtrmb.masks_provider`` (or its fallback) with RSCL, else ``masks.provider``."""
         if config.mtrmb.rscl:
@@ -186,8 +191,7 @@ class MTRMB(UCAD):
     # ------------------------------------------------------------------ training
     def fit_task(self, data: TaskData) -> dict[str, Any]:
         """Learn one task: UCAD's key / prompt / knowledge steps with the task's text fusion and Eq. 8."""
-        if data.name in self.tasks:
-            raise ContadError(f"task {data.name!r} is already learned (tasks: {self.tasks})")
+        self._check_new(data)
         sentence = task_sentence(self.config.text, data.products or [data.name])
         if self.config.mtrmb.kpmk:
             self._pending_text = self._encode_task_text(sentence)

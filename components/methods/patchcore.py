@@ -23,9 +23,10 @@ from components.config import Config, MemoryConfig
 from components.errors import ContadError
 from components.methods.base import ContinualMethod
 from components.methods.coreset import memory_coreset, nbytes
-from components.methods.extract import batched, feature_cache, module_device
+from components.methods.extract import batched, module_device
+from components.methods.feature_cache import feature_cache
 from components.methods.knn import NearestNeighbours
-from components.methods.scoring import anomaly_maps, heldout_score_stats, normalisation_scale, score_patches
+from components.methods.scoring import anomaly_maps, heldout_score_stats, leave_one_out_image_scores, normalisation_scale, score_patches
 from components.types import Prediction, TaskData
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,10 @@ BATCH_SIZE = 8
 class MemoryBank:
     """A coreset of patch features with the task each row came from, and its nearest-neighbour index."""
 
-    def __init__(self, features: torch.Tensor, origin: torch.Tensor) -> None:
+    def __init__(self, features: torch.Tensor, origin: torch.Tensor, row_image: torch.Tensor | None = None) -> None:
         self.features = features.float().contiguous()
         self.origin = origin.long().contiguous()
+        self.row_image = row_image  # training image of each row (only right after ``fit``; not saved)
         self.index = NearestNeighbours(self.features)
 
     @classmethod
@@ -51,7 +53,7 @@ class MemoryBank:
         b, n, c = features.shape
         flat_origin = origin.long().repeat_interleave(n)
         index = memory_coreset(features.reshape(b * n, c), memory, seed=seed, size=size)
-        return cls(features.reshape(b * n, c)[index], flat_origin[index])
+        return cls(features.reshape(b * n, c)[index], flat_origin[index], index // n)
 
     @property
     def nbytes(self) -> int:
@@ -68,6 +70,8 @@ class MemoryBank:
 class _PatchCoreBase(ContinualMethod):
     """Shared feature extraction, scoring and map making of the PatchCore baselines."""
 
+    tiles_inputs: ClassVar[bool] = True
+
     def __init__(self, config: Config, backbone: PromptedBackbone) -> None:
         super().__init__(config, backbone)
 
@@ -77,16 +81,6 @@ class _PatchCoreBase(ContinualMethod):
     def _fit_bank(self, feats: torch.Tensor, origin: torch.Tensor) -> MemoryBank:
         """The task's bank: ``patchcore.coreset_size`` rows or the ``memory`` ratio/budget coreset."""
         return MemoryBank.fit(feats, origin, self.config.memory, self.config.patchcore.coreset_size, self.config.seed)
-
-    def _require_tasks(self) -> None:
-        if not self.tasks:
-            raise ContadError(f"{self.name}: no task learned yet; train at least one task before predicting")
-
-    def _check_new(self, data: TaskData) -> None:
-        if data.name in self.tasks:
-            raise ContadError(f"task {data.name!r} is already learned (tasks: {self.tasks})")
-        if len(data.train) == 0:
-            raise ContadError(f"task {data.name!r} has no training images")
 
     def _predict_with(self, bank: MemoryBank, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(image_scores, anomaly_maps, owner task index) of ``images`` against ``bank``."""
@@ -124,7 +118,7 @@ class PatchCoreFinetune(_PatchCoreBase):
         return {"task": data.name, "bank_size": int(self.bank.features.shape[0]), "memory_bytes": self.bank.nbytes,
                 "train_images": len(data.train), "seconds": time.perf_counter() - started}
 
-    def predict(self, images: torch.Tensor, true_tasks: list[str] | None = None) -> Prediction:
+    def predict(self, images: torch.Tensor, true_tasks: list[str] | None = None, depth: torch.Tensor | None = None) -> Prediction:
         self._require_tasks()
         assert self.bank is not None
         scores, maps, owner = self._predict_with(self.bank, images)
@@ -205,25 +199,32 @@ class PatchCoreOracle(_PatchCoreBase):
 
     name: ClassVar[str] = "patchcore_oracle"
     uses_task_labels: ClassVar[bool] = True
+    frozen_task_memory: ClassVar[bool] = True
 
     def __init__(self, config: Config, backbone: PromptedBackbone) -> None:
         super().__init__(config, backbone)
         self.banks: list[MemoryBank] = []
         self.score_stats: list[dict[str, float]] = []
+        self._leave_out: tuple[str, torch.Tensor] | None = None  # (task, raw leave-one-out scores of its training images), not saved
 
     def fit_task(self, data: TaskData) -> dict[str, Any]:
         self._check_new(data)
         started = time.perf_counter()
         task_index = len(self.tasks)
         feats = self._features(data.train.images, desc=f"{data.name}: features")
-        self.banks.append(self._fit_bank(feats, torch.full((feats.shape[0],), task_index)))
+        bank = self._fit_bank(feats, torch.full((feats.shape[0],), task_index))
+        self.banks.append(bank)
         self.tasks.append(data.name)
+        self._leave_out = None
+        if not self.config.patchcore.reweight and bank.row_image is not None and len(feats) > 1:
+            scores = leave_one_out_image_scores(feats, bank.index, bank.features, bank.row_image, self.config.patchcore.num_neighbors)
+            self._leave_out = (data.name, scores)
         heldout = self._predict_with(self.banks[-1], data.heldout.images)[0] if len(data.heldout) else torch.empty(0)
         self.score_stats.append(heldout_score_stats(heldout))
         return {"task": data.name, "bank_size": int(self.banks[-1].features.shape[0]), "memory_bytes": self.banks[-1].nbytes,
                 "train_images": len(data.train), "seconds": time.perf_counter() - started}
 
-    def predict(self, images: torch.Tensor, true_tasks: list[str] | None = None) -> Prediction:
+    def predict(self, images: torch.Tensor, true_tasks: list[str] | None = None, depth: torch.Tensor | None = None) -> Prediction:
         """Score each image with the bank of its true task (``true_tasks`` is required)."""
         self._require_tasks()
         if true_tasks is None or len(true_tasks) != images.shape[0]:
@@ -240,6 +241,12 @@ class PatchCoreOracle(_PatchCoreBase):
             scale = self.score_scale(task_index)
             image_scores[members], maps[members] = scores / scale, task_maps / scale
         return Prediction(image_scores=image_scores, anomaly_maps=maps, routed_tasks=list(true_tasks))
+
+    def calibration_scores(self, data: TaskData) -> torch.Tensor | None:
+        """Leave-one-out scores of the training images of the task just learned (see ``UCAD.calibration_scores``)."""
+        if self._leave_out is None or self._leave_out[0] != data.name or not self.tasks or self.tasks[-1] != data.name:
+            return None
+        return self._leave_out[1] / self.score_scale(len(self.tasks) - 1)
 
     def score_scale(self, task_index: int) -> float:
         """Divisor of task ``task_index``'s scores and maps (``patchcore.normalise_scores``; 1.0 when off)."""

@@ -6,8 +6,8 @@ UniAD-style pipeline (You et al. 2022), nothing method-specific:
   bilinearly resized (anti-aliased when shrinking) onto one grid of stride ``reconstruction.stride``
   and concatenated. Default EfficientNet-Lite0 levels 0-3 (16+24+40+112 = 192 channels, 14 x 14 at
   224 px), the Lite0 recipe of the authors' B4 levels 1-4; any timm CNN with ``reconstruction.checkpoint``.
-- ``FeatureCache``: the backbone is frozen, so every image's features are computed once per run and
-  reused by every epoch (keyed by image path).
+- ``cached_features``: the extractor is frozen, so its features of an image are computed once and
+  reused by every epoch and step (``components.methods.feature_cache``, keyed by image content).
 - ``feature_jitter``: training-time noise on the input tokens, ``f + N(0, 1) * ||f|| / C * scale``.
 - ``ReconstructionTransformer``: Linear C -> hidden, learned row/column positional embedding,
   post-norm transformer encoder, learned-query decoder with cross-attention, Linear hidden -> C.
@@ -35,7 +35,8 @@ from components.backbones.base import PromptedBackbone
 from components.backbones.common import check_images, freeze, renormalise
 from components.config import BackboneConfig, ReconstructionConfig
 from components.errors import WeightsError
-from components.methods.extract import batched, module_device
+from components.methods.extract import module_device
+from components.methods.feature_cache import feature_cache
 from components.methods.scoring import gaussian_blur
 
 log = logging.getLogger(__name__)
@@ -125,27 +126,10 @@ def build_feature_extractor(cfg: ReconstructionConfig, backbone_cfg: BackboneCon
     return MultiStageFeatures(net, cfg.stages, cfg.stride, mean, std).to(device).eval()
 
 
-class FeatureCache:
-    """Frozen-backbone features per image path, computed once per run (the backbone never changes)."""
-
-    def __init__(self, extractor: MultiStageFeatures, batch_size: int = 16) -> None:
-        self.extractor = extractor
-        self.batch_size = batch_size
-        self._store: dict[str, torch.Tensor] = {}
-
-    def __len__(self) -> int:
-        return len(self._store)
-
-    def features(self, images: torch.Tensor, paths: Sequence[str], desc: str | None = None) -> torch.Tensor:
-        """(B, C, h, w) features of ``images`` (named ``paths``), computing only the missing ones."""
-        if len(paths) != images.shape[0]:
-            raise ValueError(f"{len(paths)} paths for {images.shape[0]} images")
-        missing = [i for i, p in enumerate(paths) if p not in self._store]
-        if missing:
-            fresh = batched(self.extractor, images[missing], self.batch_size, module_device(self.extractor.net), desc=desc)
-            for i, feats in zip(missing, fresh, strict=True):
-                self._store[paths[i]] = feats
-        return torch.stack([self._store[p] for p in paths])
+def cached_features(extractor: MultiStageFeatures, images: torch.Tensor, batch_size: int, desc: str | None = None) -> torch.Tensor:
+    """(B, C, h, w) features of ``images`` in batches of ``batch_size``: the extractor is frozen, so each
+    image's are computed once (the extractor's ``feature_cache``, by image content) and then reused."""
+    return feature_cache(extractor).features("features", extractor, images, batch_size, module_device(extractor.net), desc)
 
 
 def feature_jitter(tokens: torch.Tensor, scale: float, generator: torch.Generator | None = None) -> torch.Tensor:

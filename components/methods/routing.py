@@ -46,7 +46,3 @@ class KeyRouter:
         """(B,) index of the nearest task for every image."""
         return self.task_distances(key_feats).argmin(dim=1)
 
-
-def route_images(key_feats: torch.Tensor, keys: list[torch.Tensor]) -> torch.Tensor:
-    """(B,) index into ``keys`` of the task each image of ``key_feats`` (B, N, C) is routed to."""
-    return KeyRouter(keys).route(key_feats)

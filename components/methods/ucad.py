@@ -43,10 +43,11 @@ from components.methods.base import ContinualMethod
 from components.methods.contrastive import structure_contrastive_loss
 from components.methods.coreset import coreset, memory_coreset, nbytes
 from components.methods.early_stopping import early_stopping, stopping_log
-from components.methods.extract import batched, feature_cache, module_device, module_digest
+from components.methods.extract import batched, module_device
+from components.methods.feature_cache import feature_cache, module_digest
 from components.methods.knn import NearestNeighbours
 from components.methods.routing import KeyRouter
-from components.methods.scoring import anomaly_maps, heldout_score_stats, normalisation_scale, score_patches
+from components.methods.scoring import anomaly_maps, heldout_score_stats, leave_one_out_image_scores, normalisation_scale, score_patches
 from components.progress import progress_bar
 from components.segment.grid import downsample_label_map
 from components.types import Prediction, TaskData
@@ -58,6 +59,13 @@ class UCAD(ContinualMethod):
     """Unsupervised continual anomaly detection with task-routed prompts and knowledge."""
 
     name: ClassVar[str] = "ucad"
+    tiles_inputs: ClassVar[bool] = True
+    frozen_task_memory: ClassVar[bool] = True
+
+    @classmethod
+    def needs_structure_masks(cls, config: Config) -> bool:
+        """Structure label maps train the prompts: needed only when ``ucad.epochs`` > 0."""
+        return config.ucad.epochs > 0
 
     def __init__(self, config: Config, backbone: PromptedBackbone) -> None:
         super().__init__(config, backbone)
@@ -67,6 +75,7 @@ class UCAD(ContinualMethod):
         self.score_stats: list[dict[str, float]] = []
         self._router: KeyRouter | None = None
         self._memories: dict[int, NearestNeighbours] = {}
+        self._leave_out: tuple[str, torch.Tensor] | None = None  # (task, raw leave-one-out scores of its training images), not saved
 
     @property
     def device(self) -> torch.device:
@@ -75,10 +84,7 @@ class UCAD(ContinualMethod):
     # ------------------------------------------------------------------ training
     def fit_task(self, data: TaskData) -> dict[str, Any]:
         """Learn the key, prompt and knowledge of one new task from its normal training images."""
-        if data.name in self.tasks:
-            raise ContadError(f"task {data.name!r} is already learned (tasks: {self.tasks})")
-        if len(data.train) == 0:
-            raise ContadError(f"task {data.name!r} has no training images")
+        self._check_new(data)
         started = time.perf_counter()
         task_index = len(self.tasks)
         images = data.train.images
@@ -86,7 +92,8 @@ class UCAD(ContinualMethod):
 
         key = self._build_key(data)
         prompt, train_log = self._train_prompt(data, task_index)
-        knowledge = self._build_knowledge(data, prompt, reserved_bytes=nbytes([key, *prompt.state_dict().values()]))
+        knowledge, leave_out = self._build_knowledge(data, prompt, reserved_bytes=nbytes([key, *prompt.state_dict().values()]))
+        self._leave_out = (data.name, leave_out) if leave_out is not None else None
 
         self.tasks.append(data.name)
         self.keys.append(key)
@@ -114,13 +121,25 @@ class UCAD(ContinualMethod):
         memory = self.config.memory
         return coreset(key_feats.reshape(-1, key_feats.shape[-1]), cfg.key_size, memory.projection_dim, self.config.seed, memory.preselect_factor)
 
-    def _build_knowledge(self, data: TaskData, prompt: TaskPrompt, reserved_bytes: int) -> torch.Tensor:
-        """The task knowledge: budgeted coreset of the prompted patch features of its training images."""
+    def _build_knowledge(self, data: TaskData, prompt: TaskPrompt, reserved_bytes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The task knowledge (budgeted coreset of the prompted patch features of its training images) and the
+        raw leave-one-out image scores of those images (None with ``ucad.reweight`` or a single image)."""
         cfg = self.config.ucad
         feats = batched(lambda x: self.backbone.features(x, prompt), data.train.images, cfg.batch_size, self.device, desc=f"{data.name}: knowledge")
         flat = feats.reshape(-1, feats.shape[-1])
         index = memory_coreset(flat, self.config.memory, seed=self.config.seed, reserved_bytes=reserved_bytes, size=cfg.knowledge_size)
-        return flat[index].contiguous()
+        knowledge = flat[index].contiguous()
+        if cfg.reweight or feats.shape[0] < 2:
+            return knowledge, None
+        leave_out = leave_one_out_image_scores(feats, NearestNeighbours(knowledge), knowledge, index // feats.shape[1])
+        return knowledge, leave_out
+
+    def calibration_scores(self, data: TaskData) -> torch.Tensor | None:
+        """Each training image of the task just learned, scored against its knowledge without its own patches
+        (leave-one-out), divided by the task's score scale like ``predict``; None for any other task."""
+        if self._leave_out is None or self._leave_out[0] != data.name or not self.tasks or self.tasks[-1] != data.name:
+            return None
+        return self._leave_out[1] / self.score_scale(len(self.tasks) - 1)
 
     def task_bytes(self, task_index: int) -> int:
         """Bytes of task ``task_index``'s stored state (key + prompt + knowledge)."""
@@ -261,10 +280,9 @@ class UCAD(ContinualMethod):
         """
         return self.score_features(self.task_features(images, task_index), task_index)
 
-    def predict(self, images: torch.Tensor, true_tasks: list[str] | None = None) -> Prediction:
+    def predict(self, images: torch.Tensor, true_tasks: list[str] | None = None, depth: torch.Tensor | None = None) -> Prediction:
         """Route every image to a task (``true_tasks`` is ignored), then score it with that task."""
-        if not self.tasks:
-            raise ContadError("ucad: no task learned yet; train at least one task before predicting")
+        self._require_tasks()
         b, _, h, w = images.shape
         routed = self.route(images)
         grid = self.backbone.grid_size(h)

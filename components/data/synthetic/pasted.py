@@ -1,7 +1,7 @@
-"""Synthetic defects on held-out normal TRAINING images: a validation set that reads no test image.
+"""Synthetic defects pasted on normal TRAINING images (model-input tensors): a validation set that reads no test image.
 
-Used to choose and check defaults of the reconstruction methods (``diag_reconstruction``,
-``bench_iuf --validation``). ``synthetic_defects``: every normal image gets ``variants`` copies with
+Used for the escape-rate estimate of every calibration (``components.eval.thresholds``) and to choose
+and check defaults (``benchmarks/diag_reconstruction``, ``bench_iuf --validation``). ``synthetic_defects``: every normal image gets ``variants`` copies with
 one rectangle each, of 5-18 % of the image side (12-40 px at 224 px), either cut from a donor image of
 the same product, flipped and pasted elsewhere, or an intensity / colour offset of the region.
 ``line_defects``: 1-3 thin strokes in the image's own extreme values (scratches, cracks, opens and
