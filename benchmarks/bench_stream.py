@@ -36,7 +36,7 @@ from components.config import Config, load_config  # noqa: E402
 from components.data.loading import IMAGENET_MEAN, IMAGENET_STD, denormalize, load_images  # noqa: E402
 from components.data.manifest import read_dataset  # noqa: E402
 from components.methods.lemo import LeMO  # noqa: E402
-from flows.pipeline import load_backbone  # noqa: E402
+from components.methods.loading import load_backbone  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-ad"
 

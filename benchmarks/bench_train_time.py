@@ -25,8 +25,8 @@ from components.config import load_config
 from components.data.loading import task_data
 from components.data.manifest import list_images, read_dataset
 from components.data.tiling import resolve_tiling
+from components.methods.loading import load_backbone
 from components.methods.registry import build_method
-from flows.pipeline import load_backbone
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-ad"
 FLIPS = (lambda im: im, ImageOps.mirror, ImageOps.flip, lambda im: ImageOps.flip(ImageOps.mirror(im)))
@@ -67,7 +67,7 @@ def main() -> int:
         wall, cpu = time.perf_counter(), time.process_time()
         log = method.fit_task(data)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    print(f"| method | product | train images (+ held out) | image_size / tile | train wall s | CPU s | memory MB | load 1/5/15 before -> after |")
+    print("| method | product | train images (+ held out) | image_size / tile | train wall s | CPU s | memory MB | load 1/5/15 before -> after |")
     print("|---|---|---|---|---|---|---|---|")
     after = os.getloadavg()
     print(

@@ -50,6 +50,8 @@ def run(out: Path, overrides: list[str]) -> dict[str, Any]:
     from components.backbones.common import resolve_device
     from components.config import load_config
     from components.data.protocol import ordered_products, task_name, task_of_product, task_sequence
+    from components.methods.loading import load_backbone
+    from components.methods.registry import uses_structure_masks
     from flows import pipeline
     from flows.demo import demo_config, ensure_synthetic_data
 
@@ -61,9 +63,9 @@ def run(out: Path, overrides: list[str]) -> dict[str, Any]:
     manifest = timed(stages, "validate", lambda: pipeline.validate_dataset.fn(Path(cfg.data.root)))
     products = ordered_products(manifest, cfg)
     tasks = task_sequence(products, cfg.protocol.base_tasks, cfg.protocol.step_tasks)
-    if pipeline.uses_structure_masks(cfg):
+    if uses_structure_masks(cfg):
         timed(stages, "masks", lambda: pipeline.cache_masks.fn(cfg, manifest, products))
-    timed(stages, "backbone load", lambda: pipeline.load_backbone(cfg))
+    timed(stages, "backbone load", lambda: load_backbone(cfg))
     method_dir: Path | None = None
     for index, step in enumerate(tasks):
         name = task_name(step)

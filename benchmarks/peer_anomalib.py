@@ -272,8 +272,8 @@ def raw_metrics(labels, masks, scores, maps) -> tuple[float, float]:
 
 def run_contad(cfg, data, test) -> SystemResult:
     """patchcore_oracle on one product through contad's own code (train on ``data``, score ``test``)."""
+    from components.methods.loading import load_backbone
     from components.methods.registry import build_method
-    from flows.pipeline import load_backbone
 
     method = build_method(cfg, load_backbone(cfg))
     started = time.perf_counter()

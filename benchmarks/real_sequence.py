@@ -22,7 +22,15 @@ from pathlib import Path
 
 from flows.cli import main as contad
 
-METHODS = ("ucad", "patchcore_oracle", "patchcore_finetune", "patchcore_replay")
+
+
+def default_methods() -> list[str]:
+    """The registered memory-bank methods on the shared frozen backbone that train without structure masks
+    (capabilities, not a list of names: a new such method joins the benchmark by registering)."""
+    from components.config import Config
+    from components.methods.registry import METHODS
+
+    return [name for name, cls in METHODS.items() if cls.tiles_inputs and not cls.needs_structure_masks(Config(method=name))]
 PRODUCTS = "grid,hazelnut_toy,magnetic_tile,pcb"
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-ad"
 
@@ -69,7 +77,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=os.environ.get("CONTAD_REAL_AD", str(DEFAULT_DATA)))
     parser.add_argument("--out", default="runs/bench-real")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(default_methods()))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     out = Path(args.out)

@@ -45,13 +45,13 @@ from components.eval.continual import RESERVED_FRR
 from components.faults import fault_point
 from components.memory.store import CURRENT_FILE, SHORT_HASH, BankStore
 from flows.promotion import GATE_METRIC, GateDecision, Registry, check_agreement, promote, promotion_gate, store_transaction
+from flows.records import RESULTS_DIR
 from flows.run_links import add_product_run_name, link_runs, named, publish_add_product, run_tags, tag_flow_run
 from flows.tracking import make_tracker
 
 log = logging.getLogger(__name__)
 
 PRODUCT_ADDED_EVENT = "contad.product.added"
-RESULTS_DIR = ".prefect-results"
 _VALID_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -109,8 +109,8 @@ def _task_of_product(manifest: dict[str, Any]) -> dict[str, str]:
     if isinstance(manifest.get("task_of_product"), dict):
         return {str(k): str(v) for k, v in manifest["task_of_product"].items()}
     mapping: dict[str, str] = {}
-    for task in manifest.get("tasks") or []:
-        products = [str(p) for p in task] if isinstance(task, list) else task_products(str(task))
+    for learned in manifest.get("tasks") or []:
+        products = [str(p) for p in learned] if isinstance(learned, list) else task_products(str(learned))
         for product in products:
             mapping[product] = task_name(products)
     for product in manifest.get("products") or {}:

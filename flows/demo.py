@@ -23,7 +23,8 @@ from rich.console import Console
 from components.atomic import atomic_directory, atomic_write_json
 from components.config import Config, MasksConfig, TrackingConfig
 from components.errors import ContadError
-from flows.pipeline import METRICS_FILE, REPORT_FILE, execute, run_config, summary_table
+from components.eval.report import METRICS_FILE, REPORT_FILE
+from flows.pipeline import execute, run_config, summary_table
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,24 @@ def script_command(name: str) -> str:
         return str(script.absolute())
 
 
+def promotion_lines(cfg: Config, out: Path) -> list[str]:
+    """What the champion holds and why later steps were not promoted (from the step records and the bank store)."""
+    from components.memory.store import BankStore
+
+    store = BankStore(Path(cfg.banks.store_dir))
+    current = store.current() if store.versions_dir.is_dir() else None
+    if current is None:
+        return ["  champion:      none (no step passed the promotion gate)"]
+    products = ", ".join(store.show(current).get("task_of_product") or {})
+    lines = [f"  champion:      bank version {current[:12]} ({products})"]
+    for record_path in sorted((Path(out) / "steps").glob("*/step.json")):
+        record = json.loads(record_path.read_text())
+        gate = record.get("promotion") or {}
+        if not gate.get("passed", True):
+            lines.append(f"  not promoted:  step {record['step'] + 1} ({record['task']}): {'; '.join(gate.get('reasons') or [])}")
+    return lines
+
+
 def where_to_look(cfg: Config, out: Path, baseline: Config | None, seconds: float, products: list[str] | None = None) -> str:
     """The closing lines of ``contad demo``: reports, comparison, metrics, then commands that work as printed from
     the current directory on the demo's own stores (predict, serve-api, MLflow UI, banks, add-product)."""
@@ -136,6 +155,7 @@ def where_to_look(cfg: Config, out: Path, baseline: Config | None, seconds: floa
         lines.append(f"  comparison:    {out / COMPARISON_FILE}   ({cfg.method} vs. {baseline.method}: accuracy and forgetting)")
         lines.append(f"  baseline run:  {out / BASELINES_DIR / baseline.method / REPORT_FILE}")
     lines.append(f"  metrics:       {out / METRICS_FILE}")
+    lines += promotion_lines(cfg, out)
     images = Path(cfg.data.root) / products[0] / "test" if products else Path(cfg.data.root)
     if cfg.tracking.enabled:
         source = f"--model models:/{cfg.tracking.registered_model}@{CHAMPION_ALIAS} tracking.uri={q(cfg.tracking.uri)}"

@@ -26,6 +26,10 @@ from prefect import Flow, task
 from prefect.cache_policies import NO_CACHE
 
 from components.config import ComputeConfig, Config, MasksConfig
+from components.data.loading import test_batch
+from components.data.manifest import untested_products
+from components.eval.step_eval import evaluate_batches, evaluate_reserved
+from components.methods.loading import stored_config
 from components.segment.cache import BuildSummary, MaskCache, PendingImage, plan_build, read_image_bytes, sha256_hex
 
 log = logging.getLogger(__name__)
@@ -109,18 +113,12 @@ def fanout_width(compute: ComputeConfig) -> int:
 @fanout_task(name="evaluate_product", task_run_name="evaluate-{product}")
 def evaluate_product(cfg: Config, method_dir: str, rows: pd.DataFrame, product: str, task_of_product: dict[str, str]) -> dict[str, float]:
     """Metrics of one product's test images under the method in ``method_dir`` (one Dask worker)."""
-    from components.data.loading import test_batch
-    from flows.pipeline import evaluate_batches, stored_config
-
     cfg = stored_config(cfg, Path(method_dir))  # the state's own configuration (image size, tiling)
     return evaluate_batches(cfg, Path(method_dir), {product: test_batch(rows, product, cfg.data.image_size)}, task_of_product)[product]
 
 
 def evaluate_all_tasks(cfg: Config, method_dir: Path, manifest: pd.DataFrame, task_of_product: dict[str, str]) -> dict[str, dict[str, float]]:
-    """``flows.pipeline.evaluate_all_tasks`` with one ``evaluate_product`` task per product (call inside a flow)."""
-    from components.data.loading import untested_products
-    from flows.pipeline import evaluate_reserved
-
+    """``flows.pipeline_tasks.evaluate_all_tasks`` with one ``evaluate_product`` task per product (call inside a flow)."""
     untested = untested_products(manifest[manifest["product"].isin(list(task_of_product))])
     futures = {
         product: evaluate_product.submit(cfg, str(method_dir), manifest[manifest["product"] == product].reset_index(drop=True), product, task_of_product)

@@ -51,6 +51,7 @@ from components.errors import ContadError
 from components.eval.thresholds import NG, OK, Calibration, TaskSample, quantile_threshold, read_calibration, write_calibration
 from components.memory.store import BankStore
 from components.methods.base import ContinualMethod
+from components.methods.loading import load_method
 from components.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -303,8 +304,6 @@ def run_stream(cfg: Config, method: ContinualMethod, source: Iterator[str], prod
 @flow(name="contad-stream", validate_parameters=False, persist_result=False)
 def stream_flow(cfg: Config, source: str, product: str, out: Path, init: Path | None = None) -> dict[str, Any]:
     """Prefect flow around ``run_stream``: build the method (optionally from a saved state) and stream ``source``."""
-    from flows.pipeline import load_method
-
     if init is not None:
         stored = read_detector_config(Path(init))
         cfg = deployed_config(stored, cfg, f"--init {init}") if stored is not None else cfg  # the model's own configuration

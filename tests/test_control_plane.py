@@ -191,7 +191,7 @@ def test_lock_timeout_is_a_clear_error(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------- step records (case 5)
 def test_resume_refuses_a_tampered_step_state(tmp_path: Path) -> None:
     from components.memory.store import state_files
-    from flows.pipeline import METHOD_DIR, STATE_HASHES, STEP_RECORD, read_step_record, step_dir
+    from flows.records import METHOD_DIR, STATE_HASHES, STEP_RECORD, read_step_record, step_dir
 
     directory = step_dir(tmp_path, 0, "a")
     method = _state(directory / METHOD_DIR, bytes(range(256)) * 100)
@@ -215,7 +215,7 @@ def test_out_of_range_config_is_refused_up_front(override: str) -> None:
 
 
 def test_locations_are_not_part_of_the_run_fingerprint(tmp_path: Path) -> None:
-    from flows.pipeline import check_run_record, config_fingerprint
+    from flows.records import check_run_record, config_fingerprint
 
     base = load_config(None, [])
     moved = load_config(None, ["masks.cache_dir=/elsewhere", "banks.store_dir=/x", "tracking.uri=sqlite:////y.db", "ucad.epochs=0"])

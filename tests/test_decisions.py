@@ -15,10 +15,11 @@ import pytest
 from PIL import Image
 
 from components.data.manifest import read_dataset
-from components.eval.thresholds import CALIBRATION_FILE, read_calibration
+from components.eval.thresholds import CALIBRATION_FILE, calibrate_method, read_calibration
 from components.memory.store import BankStore
+from components.methods.loading import load_method
 from flows.cli import main
-from flows.pipeline import STEPS_DIR, calibrate_method, load_method
+from flows.records import STEPS_DIR
 from tests.tracking_support import TrainedBase, tiny_config, trained_base
 
 # Config overrides that rebuild the trained base's method from a bank store.

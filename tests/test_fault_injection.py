@@ -28,7 +28,7 @@ from tests.tracking_support import TrainedBase, copy_base, tiny_config, trained_
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("validate_dataset", "cache_masks", "train_task", "evaluate_all_tasks", "version_memory_bank",
-         "register_model", "_promote_if_gate_passes", "report_task", "publish_run")
+         "register_model", "promote_if_gate_passes", "report_task", "publish_run")
 CHILD = f"""
 import json, sys
 from pathlib import Path

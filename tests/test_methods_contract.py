@@ -3,7 +3,7 @@
 Each method learns two synthetic products through the pipeline's own ``train_task`` (tiled inputs for
 methods that tile). Then:
 - it predicts without product labels, routing every image to a learned task;
-- a save/load round trip scores identically;
+- the state saved by ``train_task`` scores like the same step learned in memory (save/load round trip);
 - the deployed ``Detector``, built from the method directory ALONE while the command line's
   configuration differs (defaults: 224 px, ``data.tile: auto``), gives the evaluation's per-image
   scores to 1e-5 and the decisions of the calibrated thresholds, from files decoded as ``contad
@@ -22,16 +22,18 @@ import pytest
 import torch
 
 from components.config import Config, SynthConfig, load_config
-from components.data.loading import read_xyz, test_batch
+from components.data.loading import read_xyz, task_data, test_batch
 from components.data.manifest import read_dataset
 from components.decision import Detector, decode_image
 from components.errors import ContadError
 from components.eval.evaluate import predict_batch
 from components.eval.thresholds import read_calibration
 from components.memory.store import BankStore
-from components.methods.registry import METHODS
+from components.methods.loading import load_method
+from components.methods.registry import METHODS, uses_structure_masks
 from flows import pipeline
 from flows.deployed import BankSource
+from flows.pipeline_tasks import seed_everything, task_label_maps
 
 # Small settings per method (a method missing here runs with the common ones).
 TINY: dict[str, list[str]] = {
@@ -83,23 +85,28 @@ def test_contract_and_deployed_equals_evaluated(name: str, datasets: dict[bool, 
     cfg = _config(name, tmp_path, root)
     manifest = read_dataset(root)
     products = sorted(manifest["product"].unique())
-    if pipeline.uses_structure_masks(cfg):
+    if uses_structure_masks(cfg):
         pipeline.cache_masks.fn(cfg, manifest, products)
     torch.manual_seed(0)
     first = pipeline.train_task.fn(cfg, None, products[0], [products[0]], manifest, tmp_path / "s0" / "method")
     method_dir = pipeline.train_task.fn(cfg, first, products[1], [products[1]], manifest, tmp_path / "s1" / "method")
 
-    method = pipeline.load_method(cfg, method_dir)
+    method = load_method(cfg, method_dir)
     assert method.tasks == products
     task_of_product = {p: p for p in products}
     batches = {p: test_batch(manifest, p, cfg.data.image_size) for p in products}
     evaluated = {p: predict_batch(method, b, task_of_product, cfg.eval.batch_size) for p, b in batches.items()}
     for prediction in evaluated.values():
         assert set(prediction.routed_tasks) <= set(products)  # routed by content, to learned tasks only
-    reloaded = pipeline.load_method(cfg, method_dir)  # a fresh instance from the saved state
+    # the same second step learned in memory (train_task's seeding and data): the saved state scores identically
+    seed_everything(cfg.seed, products[1])
+    live = load_method(cfg, first)
+    live.fit_task(task_data(manifest, products[1], [products[1]], cfg, task_label_maps(cfg, manifest, [products[1]])))
     for p, b in batches.items():
-        again = predict_batch(reloaded, b, task_of_product, cfg.eval.batch_size)
-        torch.testing.assert_close(again.image_scores, evaluated[p].image_scores, atol=1e-6, rtol=0)
+        again = predict_batch(live, b, task_of_product, cfg.eval.batch_size)
+        torch.testing.assert_close(evaluated[p].image_scores, again.image_scores, atol=1e-6, rtol=0)
+        torch.testing.assert_close(evaluated[p].anomaly_maps, again.anomaly_maps, atol=1e-5, rtol=0)
+        assert evaluated[p].routed_tasks == again.routed_tasks
 
     requested = Config()  # the command line's params: 224 px, tile auto, another method
     if cls.uses_task_labels:

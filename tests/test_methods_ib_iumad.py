@@ -74,15 +74,12 @@ def test_label_free_scores_maps_and_routing(trained: IBIUMAD, manifest) -> None:
     assert not torch.allclose(other_depth.image_scores, pred.image_scores)  # the depth modality matters
 
 
-def test_save_load_gives_identical_scores(trained: IBIUMAD, manifest, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    batch = test_batch(manifest, "washer", SIZE)
-    before = trained.predict(batch.images, depth=batch.depth)
+def test_a_loaded_state_refuses_relearning_and_other_settings(trained: IBIUMAD, manifest, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # identical scores after a round trip: tests/test_methods_contract.py (every method)
     trained.save(tmp_path / "state")
     restored = _build(tiny_config())
     restored.load(tmp_path / "state")
-    after = restored.predict(batch.images, depth=batch.depth)
-    assert torch.equal(before.image_scores, after.image_scores) and torch.equal(before.anomaly_maps, after.anomaly_maps)
-    assert after.routed_tasks == before.routed_tasks and restored.tasks == ["washer", "screw"]
+    assert restored.tasks == ["washer", "screw"]
     with pytest.raises(ContadError, match="already learned"):
         restored.fit_task(task_data(manifest, "washer", ["washer"], tiny_config(), None))
     with pytest.raises(Exception, match="other settings"):

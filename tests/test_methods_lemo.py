@@ -121,7 +121,7 @@ def test_shared_adapter_changes_old_tasks() -> None:
     assert not torch.allclose(method.predict(probe).image_scores, before), "the shared adapter drifts with the new task"
 
 
-def test_save_load_round_trip_continues_identically(tmp_path: Path) -> None:
+def test_adam_moments_are_saved_so_online_learning_continues_identically(tmp_path: Path) -> None:
     cfg = lemo_config()
     images = product_images("red", 5, seed=7)
     a = LeMO(cfg, ToyBackbone())
@@ -130,8 +130,7 @@ def test_save_load_round_trip_continues_identically(tmp_path: Path) -> None:
         a.learn_features(a.frozen_features(images[i : i + 1]), t)
     a.save(tmp_path / "state")
     b = LeMO(cfg, ToyBackbone())
-    b.load(tmp_path / "state")
-    assert torch.equal(a.predict(images).image_scores, b.predict(images).image_scores)
+    b.load(tmp_path / "state")  # identical scores right after loading: tests/test_methods_contract.py
     for method in (a, b):  # Adam moments are part of the state: later updates match too
         for i in range(3, 5):
             method.learn_features(method.frozen_features(images[i : i + 1]), 0)

@@ -249,18 +249,15 @@ def test_state_with_the_old_full_rank_text_projection_is_refused(trained: MTRMB,
         _mtrmb(minilm).load_state(tensors, trained.state_meta())
 
 
-def test_save_load_round_trip_gives_identical_scores(trained: MTRMB, tmp_path: Path, minilm: TextEncoder) -> None:
-    images = torch.cat([product_images(p, 3, seed=30 + i, defect="blue" if p != "blue" else "red") for i, p in enumerate(PRODUCTS)])
-    pred = trained.predict(images)
+def test_saved_state_keeps_the_task_sentences_and_loads_without_a_text_encoder(trained: MTRMB, tmp_path: Path, minilm: TextEncoder) -> None:
+    # identical scores after a round trip: tests/test_methods_contract.py (every method)
     out = trained.save(tmp_path / "mtrmb")
     meta = json.loads((out / "model.json").read_text())
     assert meta["method"] == "mtrmb" and meta["state"]["text"]["sentences"] == trained.texts
     restored = build_method(toy_config("mtrmb"), ToyBackbone())
-    restored.load(out)  # no text encoder needed to load or predict
-    assert restored._text_encoder is None
-    again = restored.predict(images)
-    assert torch.equal(again.image_scores, pred.image_scores) and torch.equal(again.anomaly_maps, pred.anomaly_maps)
-    assert again.routed_tasks == pred.routed_tasks and restored.texts == trained.texts
+    restored.load(out)
+    restored.predict(product_images("red", 2, seed=30))  # no text encoder needed to load or predict
+    assert restored._text_encoder is None and restored.texts == trained.texts
 
 
 def test_product_text_from_config_is_stored_with_the_task(minilm: TextEncoder, tmp_path: Path) -> None:

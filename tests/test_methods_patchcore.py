@@ -8,7 +8,6 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from components.config import Config
 from components.errors import ContadError
 from components.methods.patchcore import PatchCoreFinetune, PatchCoreOracle, PatchCoreReplay
 from components.methods.registry import METHODS, build_method
@@ -45,16 +44,10 @@ def test_replay_keeps_an_equal_share_buffer_and_round_trips(tmp_path: Path) -> N
     logs = [replay.fit_task(toy_task(p)) for p in ("red", "green", "blue")]
     assert [log["replayed_images"] for log in logs] == [0, 5, 5]
     assert [len(b) for b in replay.buffer_images] == [2, 2, 1]  # 5 images over 3 tasks
-    images = torch.cat([product_images("red", 3, seed=5), product_images("blue", 3, seed=6, defect="green")])
-    pred = replay.predict(images)
-    out = replay.save(tmp_path / "replay")
     restored = PatchCoreReplay(cfg, ToyBackbone())
-    restored.load(out)
+    restored.load(replay.save(tmp_path / "replay"))  # the buffer is part of the state (scores: tests/test_methods_contract.py)
     assert [len(b) for b in restored.buffer_images] == [2, 2, 1]
     assert all(torch.equal(a, b) for a, b in zip(replay.buffer_images, restored.buffer_images, strict=True))
-    again = restored.predict(images)
-    assert torch.equal(again.image_scores, pred.image_scores) and torch.equal(again.anomaly_maps, pred.anomaly_maps)
-    assert again.routed_tasks == pred.routed_tasks
 
 
 def test_replay_buffer_images_come_from_the_task_training_images() -> None:
@@ -65,7 +58,7 @@ def test_replay_buffer_images_come_from_the_task_training_images() -> None:
         assert any(torch.equal(img, t) for t in task.train.images)
 
 
-def test_oracle_needs_true_tasks_and_round_trips(tmp_path: Path) -> None:
+def test_oracle_needs_true_tasks(tmp_path: Path) -> None:
     oracle = PatchCoreOracle(toy_config("patchcore_oracle"), ToyBackbone())
     assert oracle.uses_task_labels
     for product in ("red", "green"):
@@ -78,9 +71,6 @@ def test_oracle_needs_true_tasks_and_round_trips(tmp_path: Path) -> None:
         oracle.predict(images, ["red", "red", "blue", "blue"])
     pred = oracle.predict(images, truth)
     assert pred.routed_tasks == truth and pred.anomaly_maps.shape == (4, IMAGE_SIZE, IMAGE_SIZE)
-    restored = PatchCoreOracle(toy_config("patchcore_oracle"), ToyBackbone())
-    restored.load(oracle.save(tmp_path / "oracle"))
-    assert torch.equal(restored.predict(images, truth).image_scores, pred.image_scores)
 
 
 def test_reweighting_scales_the_max_patch_score() -> None:

@@ -83,22 +83,12 @@ def test_prompts_change_features_only_for_their_task() -> None:
     assert torch.equal(method.predict(images).image_scores, red_scores)
 
 
-def test_save_load_round_trip_gives_identical_scores(trained: UCAD, tmp_path: Path) -> None:
-    images = torch.cat([product_images(p, 3, seed=30 + i, defect="blue" if p != "blue" else "red") for i, p in enumerate(PRODUCTS)])
-    pred = trained.predict(images)
+def test_saved_state_records_tasks_and_score_statistics_and_overwrites_atomically(trained: UCAD, tmp_path: Path) -> None:
+    # identical scores after a round trip: tests/test_methods_contract.py (every method)
     out = trained.save(tmp_path / "ucad")
     meta = json.loads((out / "model.json").read_text())
     assert meta["method"] == "ucad" and meta["tasks"] == list(PRODUCTS)
     assert len(meta["state"]["score_stats"]) == 3 and meta["state"]["config"]["key_size"] == 8
-
-    restored = UCAD(toy_config(), ToyBackbone())
-    restored.load(out)
-    again = restored.predict(images)
-    assert restored.tasks == trained.tasks
-    assert torch.equal(again.image_scores, pred.image_scores)
-    assert torch.equal(again.anomaly_maps, pred.anomaly_maps)
-    assert again.routed_tasks == pred.routed_tasks
-
     trained.save(out)  # overwriting an existing state is atomic and leaves no temp dirs behind
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ucad"]
 

@@ -103,7 +103,7 @@ def test_resume_after_failure_continues_and_matches_uninterrupted_run(
 def test_retry_condition_only_retries_transient_io() -> None:
     from prefect.states import Completed, Failed
 
-    from flows.pipeline import retry_on_transient_io
+    from flows.pipeline_tasks import retry_on_transient_io
 
     assert retry_on_transient_io(None, None, Failed(data=OSError(errno.EIO, "I/O error")))
     assert not retry_on_transient_io(None, None, Failed(data=FileNotFoundError("gone")))
@@ -137,7 +137,7 @@ def test_building_block_retries_transient_io_errors(prefect_api: str, monkeypatc
 
 
 def test_step_records_reject_mismatched_task(tmp_path: Path) -> None:
-    from flows.pipeline import read_step_record, step_dir
+    from flows.records import read_step_record, step_dir
 
     d = step_dir(tmp_path, 0, "a+b")
     d.mkdir(parents=True)

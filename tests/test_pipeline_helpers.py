@@ -96,14 +96,14 @@ def make_tiny_products(root: Path, n_products: int = 3) -> Path:
 
 
 class FitCounter:
-    """Wraps ``flows.pipeline.build_method`` to record every ``fit_task`` call and optionally fail one."""
+    """Wraps ``components.methods.loading.build_method`` to record every ``fit_task`` call and optionally fail one."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, fail_at_call: int | None = None) -> None:
-        import flows.pipeline as pipeline
+        import components.methods.loading as loading
 
         self.calls: list[str] = []
         self.fail_at_call = fail_at_call
-        real_build = pipeline.build_method
+        real_build = loading.build_method
 
         def counting_build(cfg, backbone):  # type: ignore[no-untyped-def]
             method = real_build(cfg, backbone)
@@ -118,7 +118,7 @@ class FitCounter:
             method.fit_task = fit_task  # type: ignore[method-assign]
             return method
 
-        monkeypatch.setattr(pipeline, "build_method", counting_build)
+        monkeypatch.setattr(loading, "build_method", counting_build)
 
 
 def offline_env(api_url: str | None) -> dict[str, str]:
@@ -136,7 +136,7 @@ def iter_files(root: Path) -> Iterator[Path]:
 
 def test_fingerprint_ignores_how_synthetic_data_is_made() -> None:
     """``data.synth`` does not change what a run computes (the data is fingerprinted separately)."""
-    from flows.pipeline import config_fingerprint
+    from flows.records import config_fingerprint
 
     base = load_config(REPO_ROOT / "params.yaml", ["data.root=/data"])
     assert config_fingerprint(base) == config_fingerprint(load_config(REPO_ROOT / "params.yaml", ["data.root=/data", "data.synth.train_per_product=3"]))

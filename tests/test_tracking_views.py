@@ -153,7 +153,7 @@ def test_prefect_task_runs_are_named_by_step_and_product(tracked: TrackedRun) ->
     }
     assert expected <= names, sorted(names)
     assert any(n.startswith("report") for n in names) and any(n.startswith("masks") or n.startswith("validate") for n in names)
-    assert tracked.flow_run.name == f"patchcore_finetune · sequential · dataset → work"
+    assert tracked.flow_run.name == "patchcore_finetune · sequential · dataset → work"
     assert all({"method:patchcore_finetune", "protocol:sequential"} <= set(t.tags) for t in tracked.task_runs)
 
 

@@ -38,6 +38,9 @@ METRIC_TITLES = {
     "routing_accuracy": "Routing accuracy",
     "escape_rate": "Escape rate @ deployed thr.",
     "false_reject_rate": "False-reject rate @ deployed thr.",
+    "escape_estimate": "Escape estimate (synthetic defects)",
+    "promised_fpr": "Promised false-reject rate",
+    "false_reject_bound": "False-reject bound (95 %)",
 }
 
 

@@ -118,7 +118,7 @@ def thresholds_markdown(thresholds: dict[str, Any], final: dict[str, dict[str, A
                      _percent((final.get("false_reject_rate") or {}).get(product)),
                      _percent(t.get("escape_estimate")), _percent((final.get("escape_rate") or {}).get(product))])
     return [
-        "## Decisions at the deployed thresholds",
+        "## Thresholds and what they promise",
         "",
         f"Per task, from normal TRAINING images only (never test images): held-out normals routed to the task and, for "
         f"memory-bank methods, every training image scored against the memory without its own patches (leave-one-out). "

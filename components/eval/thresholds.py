@@ -29,21 +29,26 @@ of every registered model built from it.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from components.atomic import atomic_write_json
 from components.config import Config
+from components.data.loading import depth_of, load_images, train_split
 from components.data.protocol import task_products
 from components.errors import ContadError
 from components.eval.evaluate import predict_batch
 from components.methods.base import ContinualMethod
-from components.types import ImageBatch, Prediction
+from components.types import ImageBatch, Prediction, TaskData
+
+log = logging.getLogger(__name__)
 
 CALIBRATION_FILE = "calibration.json"
 OK, NG = "OK", "NG"
@@ -276,6 +281,37 @@ def carried_leave_out(method: ContinualMethod, previous: Calibration | None) -> 
     if previous is None or not method.frozen_task_memory:
         return {}
     return {t: torch.tensor(s.leave_out, dtype=torch.float64) for t, s in previous.samples.items() if s.leave_out and t in method.tasks}
+
+
+def task_leave_out(method: ContinualMethod, data: TaskData) -> dict[str, torch.Tensor]:
+    """``{task: scores}`` of the method's own calibration scores for the task it just learned (may be empty)."""
+    scores = method.calibration_scores(data)
+    return {data.name: scores} if scores is not None and len(scores) else {}
+
+
+def calibrate_method(cfg: Config, method: ContinualMethod, manifest: pd.DataFrame, leave_out: dict[str, torch.Tensor] | None = None) -> Calibration | None:
+    """Per-task decision thresholds of every task ``method`` learned, from the held-out normal TRAINING
+    images of their products in ``manifest`` (test rows are never read) and the tasks' ``leave_out``
+    scores (``calibrate_heldout``); None without held-out images."""
+    learned = learned_task_of_product(method)
+    products = [p for p in learned if p in set(manifest["product"])]
+    missing = sorted(set(learned) - set(products))
+    if missing:
+        log.warning("no data for learned products %s: their tasks get no decision threshold", missing)
+    if not products:
+        return None
+    _, held = train_split(manifest, products, cfg.data.heldout_fraction, cfg.seed)
+    if held.empty:
+        log.warning("data.heldout_fraction=%s leaves no held-out normals: no decision thresholds", cfg.data.heldout_fraction)
+        return None
+    batch = ImageBatch(
+        images=load_images(list(held["image_path"]), cfg.data.image_size),
+        products=list(held["product"]),
+        paths=list(held["image_path"]),
+        labels=torch.zeros(len(held), dtype=torch.long),
+        depth=depth_of(held, cfg.data.image_size),
+    )
+    return calibrate_heldout(method, batch, cfg, leave_out)
 
 
 def write_calibration(method_dir: Path, calibration: Calibration) -> Path:

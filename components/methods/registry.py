@@ -65,6 +65,11 @@ def build_method(cfg: Config, backbone: PromptedBackbone) -> ContinualMethod:
     return method_class(cfg.method)(cfg, backbone)
 
 
+def uses_structure_masks(cfg: Config) -> bool:
+    """Whether ``cfg.method`` trains with structure label maps (its ``needs_structure_masks``)."""
+    return method_class(cfg.method).needs_structure_masks(cfg)
+
+
 def structure_masks(cfg: Config) -> MasksChoice:
     """The label-map provider a run of ``cfg.method`` uses (a method may ask for its own, with a fallback)."""
     from components.segment.fallback import choose_masks
