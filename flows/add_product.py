@@ -138,14 +138,22 @@ def _json_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, f
     return {p: {k: float(v) if v is not None and math.isfinite(float(v)) else None for k, v in m.items()} for p, m in metrics.items()}
 
 
-def _validated_manifest(path: Path, name: str) -> pd.DataFrame:
-    """Validate the product folder (as a one-product dataset named ``name``) and read its manifest."""
+def _validated_manifest(path: Path, name: str, in_flow: bool = True) -> pd.DataFrame:
+    """Validate the product folder (as a one-product dataset named ``name``) and read its manifest; errors name
+    the user's folder, not the temporary one-product dataset. ``in_flow=False``: the plain check (no Prefect task)."""
     from components.data.manifest import read_product
     from flows import pipeline
 
     with tempfile.TemporaryDirectory(prefix="contad-add-") as tmp:
         (Path(tmp) / name).symlink_to(path, target_is_directory=True)
-        pipeline.validate_dataset(Path(tmp))
+        validate = pipeline.validate_dataset if in_flow else pipeline.validate_dataset.fn
+        try:
+            validate(Path(tmp))
+        except DataError as exc:
+            message = str(exc)
+            for root in dict.fromkeys((tmp, str(Path(tmp).resolve()))):
+                message = message.replace(f"dataset {root} ", f"product folder {path} ").replace(str(Path(root) / name), str(path))
+            raise DataError(message) from None
     return read_product(path, name)
 
 
@@ -293,13 +301,15 @@ def _mark_promoted(tracker: Any, model_version: str | None) -> None:
 
 
 @flow(name="contad-add-product", log_prints=True, flow_run_name=add_product_run_name)
-def add_product_flow(path: str, name: str, config: dict[str, Any] | None = None, out: str | None = None, fail_on_reject: bool = True) -> dict[str, Any]:
+def add_product_flow(path: str, name: str, config: dict[str, Any] | None = None, out: str | None = None, fail_on_reject: bool = True,
+                     overrides: list[str] | None = None) -> dict[str, Any]:
     """Prefect flow of an incremental run (what ``contad serve`` runs on ``contad.product.added``).
 
     Returns ``AddProductResult.to_dict()``. Raises when the step fails, and (``fail_on_reject``)
     when the promotion gate rejects it, so a served flow run ends Failed.
     """
     cfg = Config.model_validate(config or {})
+    cfg._overrides = list(overrides or [])  # what the user set explicitly: refused when it would change how the champion scores
     target = Path(out) if out else default_out(name)
     labels = run_tags(cfg.method, cfg.protocol.name, "add-product")
     tag_flow_run(labels)
@@ -357,7 +367,12 @@ def add_product_command(cfg: Config, path: Path, name: str, out: Path | None, vi
         emit_product_added(Path(path), name)
         print(f"sent {PRODUCT_ADDED_EVENT} for {name!r} ({Path(path).resolve()}); the `contad serve` deployment will run it")
         return 0
-    result = add_product_flow(path=str(Path(path).resolve()), name=name, config=config_to_dict(cfg), out=str(out) if out else None, fail_on_reject=False)
+    if not Path(path).is_dir():
+        raise DataError(f"product folder {path} does not exist or is not a directory")
+    with _stage("validating the product data", name, BankStore(Path(cfg.banks.store_dir)).current()):
+        _validated_manifest(Path(path).resolve(), name, in_flow=False)  # bad data: an error naming the folder, before Prefect starts
+    result = add_product_flow(path=str(Path(path).resolve()), name=name, config=config_to_dict(cfg), out=str(out) if out else None, fail_on_reject=False,
+                              overrides=cfg.overrides)
     if result["promoted"]:
         rate = (result["gate"].get("false_reject_rates") or {}).get(name)
         checked = "" if rate is None else f" (normal images only: {rate:.1%} of its reserved normals rejected, limit {cfg.promotion.max_false_reject_rate:.1%})"

@@ -300,7 +300,8 @@ def create_app(cfg: Config, source: DetectorSource, token: str | None = None, st
         result = PredictResponse(**verdict.to_dict(), model_version=deployed.version.model_version, bank_version=deployed.version.bank_version,
                                  latency_ms=round(1000 * (time.perf_counter() - started), 3))
         if heatmap == "png":
-            png = await asyncio.to_thread(heatmap_overlay_png, rgb, verdict.anomaly_map, verdict.pixel_threshold, None, cfg.serve.heatmap_size)
+            png = await asyncio.to_thread(heatmap_overlay_png, rgb, verdict.anomaly_map, verdict.pixel_threshold, None, cfg.serve.heatmap_size,
+                                          (verdict.decision, verdict.score, verdict.threshold, verdict.product))
             headers = {f"X-Contad-{k.replace('_', '-').title()}": str(v) for k, v in result.model_dump().items()}
             return Response(png, media_type="image/png", headers=headers)
         return result

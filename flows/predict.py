@@ -163,7 +163,8 @@ def predict_files(detector: Detector, paths: list[Path], out: Path) -> tuple[lis
                 print(f"contad: skipped {path} ({reason}): {message}", file=sys.stderr)
         for path, rgb, verdict in zip(readable, images, detector.decide(images, depths if detector.uses_depth else None)):
             overlay = f"{OVERLAYS_DIR}/{len(rows):05d}_{path.stem}.png"
-            atomic_write_bytes(out / overlay, heatmap_overlay_png(rgb, verdict.anomaly_map, verdict.pixel_threshold, size=size))
+            atomic_write_bytes(out / overlay, heatmap_overlay_png(rgb, verdict.anomaly_map, verdict.pixel_threshold, size=size,
+                                                                  decision=(verdict.decision, verdict.score, verdict.threshold, verdict.product)))
             rows.append(_row(path, verdict, overlay, detector))
         bar.update(len(chunk))
     bar.close()

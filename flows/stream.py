@@ -75,6 +75,7 @@ def watch_folder(folder: Path, poll_s: float, idle_timeout_s: float, sleep: Call
     sizes: dict[str, int] = {}
     yielded: set[str] = set()
     last_new = time.monotonic()
+    announced = False  # the "waiting" line is logged once per idle spell
     while True:
         found = []
         for path in folder.rglob("*"):
@@ -88,9 +89,15 @@ def watch_folder(folder: Path, poll_s: float, idle_timeout_s: float, sleep: Call
         for _, key in sorted(found):
             yielded.add(key)
             last_new = time.monotonic()
+            announced = False
             yield key
         if idle_timeout_s > 0 and time.monotonic() - last_new > idle_timeout_s:
+            log.info("stream: no new image in %s for %.0f s (stream.idle_timeout_s): stopping", folder, idle_timeout_s)
             return
+        if not found and not announced:
+            until = f"stops after {idle_timeout_s:.0f} s without one (stream.idle_timeout_s)" if idle_timeout_s > 0 else "until interrupted"
+            log.info("stream: waiting for new images in %s; %s", folder, until)
+            announced = True
         sleep(poll_s)
 
 

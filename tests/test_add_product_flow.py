@@ -91,6 +91,7 @@ def test_invalid_product_data_changes_nothing(base: TrainedBase, tmp_path: Path)
         add_product_command(cfg, broken, name="broken", out=tmp_path / "out", via_server=False)
 
     assert "champion unchanged" in str(info.value)
+    assert f"product folder {broken} " in str(info.value) and "contad-add-" not in str(info.value)  # the user's folder, not a temp copy
     assert _state(store, client) == before
 
 

@@ -210,3 +210,13 @@ def test_methods_without_streaming_are_refused(tmp_path: Path) -> None:
     cfg = stream_config()
     with pytest.raises(ContadError, match="does not support streaming"):
         run_stream(cfg, PatchCoreOracle(cfg, ToyBackbone()), iter([]), "red", tmp_path / "out")
+
+
+def test_folder_watch_says_it_is_waiting_and_why_it_stops(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="flows.stream")
+    assert list(watch_folder(tmp_path, poll_s=0.02, idle_timeout_s=0.1)) == []
+    waiting = [r.getMessage() for r in caplog.records if "waiting for new images" in r.getMessage()]
+    assert len(waiting) == 1 and "stream.idle_timeout_s" in waiting[0], "announced once per idle spell, with the knob"
+    assert any("stopping" in r.getMessage() for r in caplog.records)

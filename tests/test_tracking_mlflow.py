@@ -185,7 +185,7 @@ def test_registered_detector_versions_alias_and_prediction(tmp_path: Path, store
     assert all(len(m) == 32 and all(len(row) == 32 and set(row) <= {"0", "1"} for row in m) for m in masks)
     with pytest.raises(Exception, match="row 0: not a supported image"):
         detector.predict(pd.DataFrame({"image": [b"not an image"]}))
-    assert detector.metadata.get_input_schema().input_names() == ["image", "image_path"]
+    assert detector.metadata.get_input_schema().input_names() == ["image", "image_path", "depth", "depth_path"]
 
 
 def test_promotion_gate_thresholds() -> None:

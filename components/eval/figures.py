@@ -278,9 +278,11 @@ def overlay_figure(product: str, batch: ImageBatch, prediction: Prediction, cali
     return to_png(fig, dpi=DPI)
 
 
-def heatmap_overlay_png(rgb: np.ndarray, anomaly_map: np.ndarray, pixel_threshold: float | None, vmax: float | None = None, size: int = 256) -> bytes:
+def heatmap_overlay_png(rgb: np.ndarray, anomaly_map: np.ndarray, pixel_threshold: float | None, vmax: float | None = None, size: int = 256,
+                        decision: tuple[str, float, float, str] | None = None) -> bytes:
     """One operator overlay as PNG: the image with a jet heat map blended in and a white contour
-    where the map exceeds ``pixel_threshold``.
+    where the map exceeds ``pixel_threshold``; ``decision`` = (OK/NG, score, threshold, product) is written in a
+    banner across the top (red for NG, green for OK), so the picture says what was decided and why.
 
     ``rgb``: HxWx3 uint8; ``anomaly_map``: hxw float. The colour scale runs from 0 to ``vmax``
     (default twice the pixel threshold, so "at threshold" is the middle of the scale).
@@ -301,9 +303,23 @@ def heatmap_overlay_png(rgb: np.ndarray, anomaly_map: np.ndarray, pixel_threshol
         interior[:, 1:] &= above[:, :-1]
         interior[:, :-1] &= above[:, 1:]
         blended[above & ~interior] = 1.0
+    image = Image.fromarray((np.clip(blended, 0.0, 1.0) * 255).astype(np.uint8))
+    if decision is not None:
+        _decision_banner(image, *decision)
     buffer = io.BytesIO()
-    Image.fromarray((np.clip(blended, 0.0, 1.0) * 255).astype(np.uint8)).save(buffer, format="PNG")
+    image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _decision_banner(image: Any, decision: str, score: float, threshold: float, product: str) -> None:
+    """Draw ``NG  score 1.42 > 1.28  (product)`` on a red (NG) or green (OK) band across the top of ``image``."""
+    from PIL import ImageDraw
+
+    draw = ImageDraw.Draw(image)
+    height = max(12, image.height // 14)
+    draw.rectangle((0, 0, image.width, height), fill=(200, 30, 30) if decision == "NG" else (30, 140, 60))
+    relation = ">" if score > threshold else "<="
+    draw.text((4, max(0, (height - 10) // 2)), f"{decision}  score {score:.3g} {relation} {threshold:.3g}  ({product})", fill=(255, 255, 255))
 
 def depth_panel(ax: Any, xyz: torch.Tensor) -> None:
     """Height (-z, per-image 1-99 % range) of a (3, H, W) point cloud; invalid points (all 0) in grey."""
