@@ -165,3 +165,21 @@ def test_predict_deployment_entry_point_writes_decisions(base: TrainedBase, tmp_
         rows = list(csv.DictReader(handle))
     assert len(rows) == len(list((product / "test").rglob("*.png"))) > 0
     assert {row["decision"] for row in rows} <= {"OK", "NG"} and all(row["product"] for row in rows)
+
+
+def test_predict_refuses_an_override_that_changes_inference_and_takes_the_target_at_load_time(
+        base: TrainedBase, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    last = json.loads((base.work / "metrics.json").read_text())["tasks"][-1]
+    product = next(f for f in base.old if f.name == last)
+    store = str(base.work / "banks")
+    # the bank version carries its configuration: the params file's defaults (224 px, tile auto) do not matter
+    assert main(["predict", str(product / "test"), "--bank", store, "--out", str(tmp_path / "plain")]) == 0
+    code = main(["predict", str(product / "test"), "--bank", store, "--out", str(tmp_path / "bad"), "data.image_size=128"])
+    err = capsys.readouterr().err
+    assert code == 2 and "data.image_size=128" in err and "trained and calibrated with data.image_size=64" in err
+    assert main(["predict", str(product / "test"), "--bank", store, "--out", str(tmp_path / "loose"), "decision.target_fpr=0.5"]) == 0
+    strict = {r["path"]: r for r in map(json.loads, (tmp_path / "plain" / "predictions.jsonl").read_text().splitlines())}
+    loose = [json.loads(line) for line in (tmp_path / "loose" / "predictions.jsonl").read_text().splitlines()]
+    assert all(r["score"] == strict[r["path"]]["score"] and r["threshold"] <= strict[r["path"]]["threshold"] for r in loose)
+    summary = json.loads((tmp_path / "loose" / "summary.json").read_text())
+    assert summary["target_fpr"] == 0.5 and all(e["promised_fpr"] >= 0.5 for e in summary["routed"].values())
