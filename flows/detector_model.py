@@ -45,63 +45,47 @@ class ContadDetector(mlflow.pyfunc.PythonModel):
         config = read_config_json(Path(context.artifacts[CONFIG_ARTIFACT]))
         self.detector = Detector.from_method_dir(Path(context.artifacts[METHOD_ARTIFACT]), config)
 
-    def _rgb_images(self, model_input: Any) -> list[Any]:
-        """HxWx3 uint8 images of every row; bad input raises an MLflow 400 naming the row."""
+    def _decoded(self, model_input: Any, column: str, path_column: str, what: str, decode: Any) -> list[Any]:
+        """``decode(bytes, max_pixels, source)`` of every row's ``column`` bytes or ``path_column`` file; bad input
+        raises an MLflow 400 naming the row."""
         import pandas as pd
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-        from components.decision import decode_image
         from components.errors import ContadError
 
         if not isinstance(model_input, pd.DataFrame):
             model_input = pd.DataFrame(model_input)
         max_pixels = self.detector.config.serve.max_pixels
-        images = []
+        decoded = []
         for row, record in enumerate(model_input.to_dict("records")):
             try:
-                data = record.get(IMAGE_COLUMN)
+                data = record.get(column)
                 if data is not None and not (isinstance(data, float) and data != data):
-                    images.append(decode_image(bytes(data), max_pixels, source=f"row {row}"))
-                elif record.get(IMAGE_PATH_COLUMN):
-                    path = str(record[IMAGE_PATH_COLUMN])
+                    decoded.append(decode(bytes(data), max_pixels, source=f"row {row}"))
+                elif record.get(path_column):
+                    path = str(record[path_column])
                     with open(path, "rb") as handle:
-                        images.append(decode_image(handle.read(), max_pixels, source=path))
+                        decoded.append(decode(handle.read(), max_pixels, source=path))
                 else:
-                    raise ContadError(f"row {row}: needs an {IMAGE_COLUMN!r} (image bytes) or {IMAGE_PATH_COLUMN!r} value")
+                    raise ContadError(f"row {row}: needs a {column!r} ({what}) or {path_column!r} value")
             except (ContadError, OSError) as exc:
                 raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
-        return images
+        return decoded
+
+    def _rgb_images(self, model_input: Any) -> list[Any]:
+        """HxWx3 uint8 images of every row."""
+        from components.decision import decode_image
+
+        return self._decoded(model_input, IMAGE_COLUMN, IMAGE_PATH_COLUMN, "image bytes", decode_image)
 
     def _depths(self, model_input: Any) -> list[Any] | None:
-        """(H, W, 3) xyz of every row for an RGB + depth detector (None otherwise); bad input: MLflow 400."""
-        import pandas as pd
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
+        """(H, W, 3) xyz of every row for an RGB + depth detector (None otherwise)."""
         from components.decision import decode_xyz
-        from components.errors import ContadError
 
         if not self.detector.uses_depth:
             return None
-        if not isinstance(model_input, pd.DataFrame):
-            model_input = pd.DataFrame(model_input)
-        max_pixels = self.detector.config.serve.max_pixels
-        depths = []
-        for row, record in enumerate(model_input.to_dict("records")):
-            try:
-                data = record.get(DEPTH_COLUMN)
-                if data is not None and not (isinstance(data, float) and data != data):
-                    depths.append(decode_xyz(bytes(data), max_pixels, source=f"row {row} depth"))
-                elif record.get(DEPTH_PATH_COLUMN):
-                    path = str(record[DEPTH_PATH_COLUMN])
-                    with open(path, "rb") as handle:
-                        depths.append(decode_xyz(handle.read(), max_pixels, source=path))
-                else:
-                    raise ContadError(f"row {row}: this detector scores RGB + depth: needs a {DEPTH_COLUMN!r} (xyz TIFF bytes) or {DEPTH_PATH_COLUMN!r} value")
-            except (ContadError, OSError) as exc:
-                raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
-        return depths
+        return self._decoded(model_input, DEPTH_COLUMN, DEPTH_PATH_COLUMN, "this detector scores RGB + depth: xyz TIFF bytes", decode_xyz)
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 - MLflow would read hints as a schema
         """One row per image: product, score, threshold, decision (+ mask when ``params["mask"]``)."""

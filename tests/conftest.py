@@ -7,16 +7,9 @@ from pathlib import Path
 
 import pytest
 
-for _key, _value in {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DVC_NO_ANALYTICS": "1",
-    "GX_ANALYTICS_ENABLED": "false",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "DO_NOT_TRACK": "1",
-    "CUDA_VISIBLE_DEVICES": "",
-}.items():
+from flows.cli import OFFLINE_ENV  # the CLI's own offline, telemetry-free defaults (light import: no Prefect)
+
+for _key, _value in {**OFFLINE_ENV, "CUDA_VISIBLE_DEVICES": ""}.items():
     os.environ.setdefault(_key, _value)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
