@@ -24,7 +24,8 @@ from typing import Any
 from benchmarks.real_sequence import DEFAULT_DATA, PRODUCTS
 from components.config import Config
 from components.eval.continual import AccuracyMatrix
-from components.methods.registry import structure_masks, uses_structure_masks
+from components.methods.registry import uses_structure_masks
+from components.segment.fallback import structure_masks
 from flows.cli import main as contad
 
 # variant -> config overrides (paper's Table 4 rows; "full" = KPMK + RSCL with Grounded-SAM masks or their recorded fallback)

@@ -23,7 +23,8 @@ from PIL import Image, ImageOps
 
 from components.config import load_config
 from components.data.loading import task_data
-from components.data.manifest import list_images, read_dataset
+from components.data.image_files import list_images
+from components.data.manifest import read_dataset
 from components.data.tiling import resolve_tiling
 from components.methods.loading import load_backbone
 from components.methods.registry import build_method

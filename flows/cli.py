@@ -215,7 +215,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(config_to_dict(load_config(args.params, overrides)), sort_keys=False), end="")
         return EXIT_OK
     if args.command == "data" and args.data_command == "synth":
-        from components.data.synth import synth_command
+        from components.data.synthesis import synth_command
 
         cfg = load_config(args.params, overrides + (["data.synth.depth=true"] if args.depth else []))
         return synth_command(cfg, out=Path(args.out), products=args.products, seed=args.seed)

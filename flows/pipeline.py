@@ -43,7 +43,8 @@ from components.eval.thresholds import read_calibration
 from components.faults import fault_point
 from components.memory.store import BankStore, state_files
 from components.methods.loading import load_method
-from components.methods.registry import structure_masks, uses_structure_masks
+from components.methods.registry import uses_structure_masks
+from components.segment.fallback import structure_masks
 from components.progress import progress_bar
 from flows import fanout
 from flows.pipeline_tasks import (

@@ -42,7 +42,8 @@ from components.eval.step_eval import evaluate_learned
 from components.eval.thresholds import calibrate_method, carried_leave_out, read_calibration, task_leave_out, write_calibration
 from components.memory.store import BankStore
 from components.methods.loading import load_method
-from components.methods.registry import structure_masks, uses_structure_masks
+from components.methods.registry import uses_structure_masks
+from components.segment.fallback import structure_masks
 from components.segment.cache import MaskCache, build_cache, label_maps_for
 from components.types import ImageBatch, Prediction
 from flows import promotion  # looked up on use: tests swap promotion.promotion_gate

@@ -17,7 +17,8 @@ from components.errors import ContadError, WeightsError
 from components.methods.mtrmb import MTRMB
 from components.methods.coreset import nbytes
 from components.methods.multimodal import TextImageFusion, cross_alignment_loss, key_pull_loss, refined_contrastive_loss
-from components.methods.registry import build_method, structure_masks
+from components.methods.registry import build_method
+from components.segment.fallback import structure_masks
 from components.methods.ucad import UCAD
 from components.segment.fallback import choose_masks
 from components.types import ImageBatch, TaskData

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from components.atomic import atomic_directory, atomic_write_json, atomic_write_text
-from components.config import Config, SynthConfig
+from components.config import SynthConfig
 from components.data.synthetic.canvas import lighting_field, to_uint8
 from components.data.synthetic.defects import paint_defect
 from components.data.synthetic.designs import ProductSpec, product_specs
@@ -210,18 +210,3 @@ def object_mask_path(root: Path, image_path: Path) -> Path | None:
         return None
     candidate = root / META_DIR / relative.with_suffix(".png")
     return candidate if candidate.is_file() else None
-
-
-def synth_command(cfg: Config, out: Path, products: int | None, seed: int | None) -> int:
-    """CLI entry: generate products (defaults from ``cfg.data.synth``) and print a summary."""
-    synth_cfg = cfg.data.synth
-    n_products = synth_cfg.products if products is None else products
-    use_seed = synth_cfg.seed if seed is None else seed
-    if synth_cfg.depth:
-        from components.data.synth_depth import generate_depth_products
-
-        names = generate_depth_products(Path(out), n_products, use_seed, synth_cfg)
-    else:
-        names = generate_products(Path(out), n_products, use_seed, synth_cfg)
-    print(f"wrote {len(names)} synthetic {'RGB + xyz ' if synth_cfg.depth else ''}products to {out}: {', '.join(names)}")
-    return 0

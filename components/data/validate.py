@@ -48,7 +48,8 @@ import pandas as pd
 from PIL import Image
 
 from components.atomic import atomic_write_json
-from components.data.manifest import IMAGE_SUFFIXES, MANIFEST_COLUMNS, detect_layout, read_dataset, untested_products, visible_subdirs
+from components.data.image_files import IMAGE_SUFFIXES, visible_subdirs
+from components.data.manifest import MANIFEST_COLUMNS, detect_layout, read_dataset, untested_products
 from components.errors import DataError
 
 log = logging.getLogger(__name__)

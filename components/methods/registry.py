@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     from components.backbones.base import PromptedBackbone
     from components.config import Config
     from components.methods.base import ContinualMethod
-    from components.segment.fallback import MasksChoice
 
 METHOD_CLASSES: dict[str, str] = {
     "ucad": "components.methods.ucad:UCAD",
@@ -68,13 +67,3 @@ def build_method(cfg: Config, backbone: PromptedBackbone) -> ContinualMethod:
 def uses_structure_masks(cfg: Config) -> bool:
     """Whether ``cfg.method`` trains with structure label maps (its ``needs_structure_masks``)."""
     return method_class(cfg.method).needs_structure_masks(cfg)
-
-
-def structure_masks(cfg: Config) -> MasksChoice:
-    """The label-map provider a run of ``cfg.method`` uses (a method may ask for its own, with a fallback)."""
-    from components.segment.fallback import choose_masks
-
-    chooser = getattr(method_class(cfg.method), "structure_masks", None)
-    if chooser is not None:
-        return chooser(cfg)
-    return choose_masks(cfg.masks, cfg.masks.provider, None)

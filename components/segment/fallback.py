@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from components.config import MasksConfig
+from components.config import Config, MasksConfig
 
 # Weight keys each model provider needs, in the order they are checked.
 PROVIDER_WEIGHT_KEYS: dict[str, tuple[str, ...]] = {
@@ -63,3 +63,14 @@ def choose_masks(cfg: MasksConfig, requested: str, fallback: str | None) -> Mask
         used, reason = fallback, f"{missing} is not set (weights are never downloaded)"
     config = cfg if cfg.provider == used else cfg.model_copy(update={"provider": used})
     return MasksChoice(requested=requested, used=used, reason=reason, config=config)
+
+
+def structure_masks(cfg: Config) -> MasksChoice:
+    """The label-map provider a run of ``cfg.method`` uses: the method's own choice (a ``structure_masks``
+    classmethod, e.g. MTRMB's provider with a fallback) or ``masks.provider``."""
+    from components.methods.registry import method_class
+
+    chooser = getattr(method_class(cfg.method), "structure_masks", None)
+    if chooser is not None:
+        return chooser(cfg)
+    return choose_masks(cfg.masks, cfg.masks.provider, None)

@@ -19,7 +19,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from components.data.manifest import ImageRecord, read_product_folders, visible_subdirs
+from components.data.image_files import ImageRecord, read_product_folders, visible_subdirs
 from components.errors import DataError
 
 SPLITS = (("train", "train"), ("val", "train"), ("test_public", "test"))

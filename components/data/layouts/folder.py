@@ -16,7 +16,7 @@ from __future__ import annotations
 import zlib
 from pathlib import Path
 
-from components.data.manifest import ImageRecord, is_image_file, list_images, read_product_folders, visible_subdirs
+from components.data.image_files import ImageRecord, is_image_file, list_images, read_product_folders, visible_subdirs
 
 NORMAL_DIRS = ("normal", "good", "ok")
 ABNORMAL_DIRS = ("abnormal", "anomaly", "anomalous", "defect", "defective", "bad", "ng")

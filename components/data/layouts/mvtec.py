@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from components.data.manifest import ImageRecord, is_image_file, list_images, visible_subdirs
+from components.data.image_files import ImageRecord, is_image_file, list_images, visible_subdirs
 
 log = logging.getLogger(__name__)
 

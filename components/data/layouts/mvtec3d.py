@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from components.data.manifest import ImageRecord, is_image_file, list_images, read_product_folders, visible_subdirs
+from components.data.image_files import ImageRecord, is_image_file, list_images, read_product_folders, visible_subdirs
 
 GOOD = "good"
 SPLITS = (("train", "train"), ("validation", "train"), ("test", "test"))

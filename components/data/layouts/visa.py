@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from components.data.manifest import ImageRecord
+from components.data.image_files import ImageRecord
 from components.errors import DataError
 
 SPLIT_CSV = Path("split_csv") / "1cls.csv"
