@@ -105,8 +105,22 @@ class ProgressLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.flush()
         except RecursionError:
             raise
-        except Exception:  # noqa: BLE001 - logging must never raise (logging's own convention)
+        except Exception as exc:  # noqa: BLE001 - logging must never raise (logging's own convention) ...
+            if _interrupted(exc):  # ... but Ctrl-C must never be swallowed (tqdm turns one raised in its lock set-up into another error)
+                raise KeyboardInterrupt from exc
             self.handleError(record)
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether a ``KeyboardInterrupt`` is anywhere in ``exc``'s chain of causes and contexts."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def configure_logging(level: int, fmt: str = LOG_FORMAT, stream: TextIO | None = None) -> ProgressLogHandler | None:
@@ -117,6 +131,7 @@ def configure_logging(level: int, fmt: str = LOG_FORMAT, stream: TextIO | None =
     root = logging.getLogger()
     if root.handlers:
         return None
+    tqdm.get_lock()  # created now, not inside the first log write (its lazy import is where a Ctrl-C used to get lost)
     handler = ProgressLogHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(logging.Formatter(fmt))
     root.addHandler(handler)
