@@ -45,10 +45,7 @@ def code_versions() -> dict[str, str]:
 def inference_config(cfg: Config) -> dict[str, Any]:
     """``cfg`` as a dict with every ``DEPLOY_TIME`` key at its default: what decides a score, and nothing about
     where a run lived (so the same state trained in two places has the same content hash)."""
-    doc, defaults = config_to_dict(cfg), config_to_dict(Config())
-    for key in DEPLOY_TIME:
-        _set(doc, key, _get(defaults, key))
-    return doc
+    return _with_deploy_time(config_to_dict(cfg), config_to_dict(Config()))
 
 
 def write_detector_config(method_dir: Path, cfg: Config) -> Path:
@@ -101,6 +98,13 @@ def _set(doc: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _with_deploy_time(doc: dict[str, Any], source: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` (a config dict, changed in place) with every ``DEPLOY_TIME`` key taken from ``source``."""
+    for key in DEPLOY_TIME:
+        _set(doc, key, _get(source, key))
+    return doc
+
+
 def deployed_config(artifact: Config, requested: Config, what: str = "this detector") -> Config:
     """The artifact's configuration with the deploy-time settings of ``requested``.
 
@@ -115,11 +119,6 @@ def deployed_config(artifact: Config, requested: Config, what: str = "this detec
         if _get(stored, key) != _get(wanted, key):
             raise ContadError(f"{item}: {what} was trained and calibrated with {key}={_get(stored, key)!r}; an override that changes "
                               "inference is refused (drop it, or retrain with it)")
-    merged = json.loads(json.dumps(stored))
-    for key in DEPLOY_TIME:
-        value = _get(wanted, key)
-        if value is not None or key.split(".")[0] in wanted:
-            _set(merged, key, value)
-    cfg = Config.model_validate(merged)
+    cfg = Config.model_validate(_with_deploy_time(stored, wanted))
     cfg._overrides = requested.overrides
     return cfg

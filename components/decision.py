@@ -150,10 +150,7 @@ class Detector:
         from the stored calibration sample. ``fallback``: the training configuration recorded elsewhere
         (a registered model's ``config`` artifact) for a state saved before ``detector.json`` existed.
         """
-        from components.backbones.registry import build_backbone
-        from components.backbones.tiled import tiled_backbone
-        from components.data.tiling import effective_tile
-        from components.methods.registry import build_method
+        from components.methods.loading import load_method
 
         method_dir = Path(method_dir)
         calibration = read_calibration(method_dir)
@@ -167,11 +164,7 @@ class Detector:
         if stored is not None:
             config = deployed_config(stored, config, what)
         calibration = calibration.at_target(config.decision.target_fpr)
-        tile = effective_tile(config.data)
-        inner = build_backbone(config.backbone, tile if tile is not None and tile < config.data.image_size else config.data.image_size)
-        method = build_method(config, tiled_backbone(inner, config.data.image_size, tile, config.data.tile_overlap))
-        method.load(method_dir)
-        return cls(method, calibration, config, model_version, bank_version)
+        return cls(load_method(config, method_dir), calibration, config, model_version, bank_version)
 
     @property
     def image_size(self) -> int:

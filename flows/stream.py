@@ -140,9 +140,8 @@ class StreamState:
         return quantile_threshold(np.asarray(self.calibrated + self.accepted), cfg.decision.target_fpr)
 
 
-def stream_calibration(method_dir: Path | None, product: str) -> list[float]:
-    """The calibrated normal scores of ``product``'s task in a starting model's ``calibration.json`` (may be empty)."""
-    calibration = read_calibration(method_dir) if method_dir is not None else None
+def stream_calibration(calibration: Calibration | None, product: str) -> list[float]:
+    """The calibrated normal scores of ``product``'s task in a starting model's calibration (may be empty)."""
     if calibration is None:
         return []
     task = calibration.task_of_product.get(product, product)
@@ -253,7 +252,7 @@ def run_stream(cfg: Config, method: ContinualMethod, source: Iterator[str], prod
     method.stream_task(product)
     start = read_calibration(init) if init is not None else None
     if state.step == 0:
-        state.calibrated = stream_calibration(init, product)
+        state.calibrated = stream_calibration(start, product)
     done = set(state.processed)
     kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
     new_images, started, counts = 0, time.perf_counter(), {OK: 0, NG: 0, WARMUP: 0}

@@ -100,7 +100,7 @@ def test_a_calibrated_start_decides_from_the_first_image_and_checkpoints_are_dep
     first = LeMO(cfg, ToyBackbone())
     run_stream(cfg, first, iter(write_images(tmp_path / "a", product_images("red", 6, seed=11), "a")), "red", tmp_path / "first")
     init = tmp_path / "first" / "checkpoint" / "method"
-    sample = stream_calibration(init, "red")
+    sample = stream_calibration(read_calibration(init), "red")
     assert len(sample) == 6 and read_calibration(init) is not None and (init / "detector.json").is_file()
     resumed = LeMO(cfg, ToyBackbone())
     resumed.load(init)

@@ -32,6 +32,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -117,9 +118,9 @@ class Calibration:
     samples: dict[str, TaskSample]
     task_of_product: dict[str, str] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def tasks(self) -> dict[str, TaskThreshold]:
-        """Thresholds of every task at ``target_fpr``."""
+        """Thresholds of every task at ``target_fpr`` (derived once: every decision looks them up)."""
         return {task: sample.threshold(self.target_fpr) for task, sample in self.samples.items()}
 
     def at_target(self, target_fpr: float) -> Calibration:
@@ -137,7 +138,7 @@ class Calibration:
         """Thresholds of ``task`` (the task an image was routed to)."""
         if task not in self.samples:
             raise ContadError(f"no calibrated threshold for task {task!r} (calibrated: {sorted(self.samples)})")
-        return self.samples[task].threshold(self.target_fpr)
+        return self.tasks[task]
 
     def for_product(self, product: str) -> TaskThreshold:
         """Thresholds of the task that learned ``product``."""
@@ -338,8 +339,7 @@ def read_calibration(method_dir: Path) -> Calibration | None:
 
 def routed_thresholds(prediction: Prediction, calibration: Calibration) -> np.ndarray:
     """``(B,)`` image threshold of the task each image was routed to (the deployed decision rule)."""
-    thresholds = {t: calibration.for_task(t).image for t in set(prediction.routed_tasks)}
-    return np.array([thresholds[t] for t in prediction.routed_tasks], dtype=np.float64)
+    return np.array([calibration.for_task(t).image for t in prediction.routed_tasks], dtype=np.float64)
 
 
 def decision_metrics(prediction: Prediction, batch: ImageBatch, calibration: Calibration) -> dict[str, float]:
@@ -372,9 +372,14 @@ BOUND_CONFIDENCE = 0.95
 def binomial_upper(n: int, rate: float, confidence: float = BOUND_CONFIDENCE) -> int:
     """The smallest ``r`` with P(Binomial(n, rate) <= r) >= ``confidence``: more than ``r`` rejects of ``n`` good
     parts would contradict a promised false-reject ``rate`` at that confidence."""
+    if rate <= 0.0:
+        return 0
+    if rate >= 1.0:
+        return n
+    log_p, log_q, log_n = math.log(rate), math.log1p(-rate), math.lgamma(n + 1)
     total = 0.0
-    for r in range(n + 1):
-        total += math.comb(n, r) * rate**r * (1.0 - rate) ** (n - r)
+    for r in range(n + 1):  # probabilities in log space: math.comb(n, r) overflows a float from n ~ 1030 on
+        total += math.exp(log_n - math.lgamma(r + 1) - math.lgamma(n - r + 1) + r * log_p + (n - r) * log_q)
         if total >= confidence:
             return r
     return n
