@@ -58,6 +58,7 @@ class ContinualMethod(ABC):
     tiles_inputs: ClassVar[bool] = False
     learns_online: ClassVar[bool] = False
     frozen_task_memory: ClassVar[bool] = False
+    _fit_scores: tuple[str, torch.Tensor] | None = None  # (task, raw calibration scores) of the last fit_task; not saved
 
     def __init__(self, config: Config, backbone: PromptedBackbone) -> None:
         self.config = config
@@ -94,8 +95,19 @@ class ContinualMethod(ABC):
     def calibration_scores(self, data: TaskData) -> torch.Tensor | None:
         """Image scores of normal images of the task just learned that its scoring state did not fit on
         (e.g. each training image scored against the memory without its own patches), on the scale
-        ``predict`` reports; None when the method has no such scores. Extra samples for its threshold."""
-        return None
+        ``predict`` reports; None when the method has no such scores. Extra samples for its threshold.
+
+        A method that has them records ``(task, raw scores)`` in ``_fit_scores`` during ``fit_task``;
+        they are divided by the task's ``score_scale`` here (not saved with the state).
+        """
+        fitted = self._fit_scores
+        if fitted is None or fitted[0] != data.name or not self.tasks or self.tasks[-1] != data.name:
+            return None
+        return fitted[1] / self.score_scale(len(self.tasks) - 1)
+
+    def score_scale(self, task_index: int) -> float:
+        """Divisor of task ``task_index``'s raw scores in ``predict`` (1.0: raw scores are reported)."""
+        return 1.0
 
     # ------------------------------------------------------------------ streaming protocol (``learns_online``)
     def stream_task(self, task: str) -> None:

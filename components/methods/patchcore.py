@@ -205,7 +205,6 @@ class PatchCoreOracle(_PatchCoreBase):
         super().__init__(config, backbone)
         self.banks: list[MemoryBank] = []
         self.score_stats: list[dict[str, float]] = []
-        self._leave_out: tuple[str, torch.Tensor] | None = None  # (task, raw leave-one-out scores of its training images), not saved
 
     def fit_task(self, data: TaskData) -> dict[str, Any]:
         self._check_new(data)
@@ -215,10 +214,10 @@ class PatchCoreOracle(_PatchCoreBase):
         bank = self._fit_bank(feats, torch.full((feats.shape[0],), task_index))
         self.banks.append(bank)
         self.tasks.append(data.name)
-        self._leave_out = None
-        if not self.config.patchcore.reweight and bank.row_image is not None and len(feats) > 1:
+        self._fit_scores = None
+        if not self.config.patchcore.reweight and bank.row_image is not None and len(feats) > 1:  # -> calibration_scores
             scores = leave_one_out_image_scores(feats, bank.index, bank.features, bank.row_image, self.config.patchcore.num_neighbors)
-            self._leave_out = (data.name, scores)
+            self._fit_scores = (data.name, scores)
         heldout = self._predict_with(self.banks[-1], data.heldout.images)[0] if len(data.heldout) else torch.empty(0)
         self.score_stats.append(heldout_score_stats(heldout))
         return {"task": data.name, "bank_size": int(self.banks[-1].features.shape[0]), "memory_bytes": self.banks[-1].nbytes,
@@ -241,12 +240,6 @@ class PatchCoreOracle(_PatchCoreBase):
             scale = self.score_scale(task_index)
             image_scores[members], maps[members] = scores / scale, task_maps / scale
         return Prediction(image_scores=image_scores, anomaly_maps=maps, routed_tasks=list(true_tasks))
-
-    def calibration_scores(self, data: TaskData) -> torch.Tensor | None:
-        """Leave-one-out scores of the training images of the task just learned (see ``UCAD.calibration_scores``)."""
-        if self._leave_out is None or self._leave_out[0] != data.name or not self.tasks or self.tasks[-1] != data.name:
-            return None
-        return self._leave_out[1] / self.score_scale(len(self.tasks) - 1)
 
     def score_scale(self, task_index: int) -> float:
         """Divisor of task ``task_index``'s scores and maps (``patchcore.normalise_scores``; 1.0 when off)."""

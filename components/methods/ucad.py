@@ -75,7 +75,6 @@ class UCAD(ContinualMethod):
         self.score_stats: list[dict[str, float]] = []
         self._router: KeyRouter | None = None
         self._memories: dict[int, NearestNeighbours] = {}
-        self._leave_out: tuple[str, torch.Tensor] | None = None  # (task, raw leave-one-out scores of its training images), not saved
 
     @property
     def device(self) -> torch.device:
@@ -93,7 +92,7 @@ class UCAD(ContinualMethod):
         key = self._build_key(data)
         prompt, train_log = self._train_prompt(data, task_index)
         knowledge, leave_out = self._build_knowledge(data, prompt, reserved_bytes=nbytes([key, *prompt.state_dict().values()]))
-        self._leave_out = (data.name, leave_out) if leave_out is not None else None
+        self._fit_scores = (data.name, leave_out) if leave_out is not None else None  # -> calibration_scores
 
         self.tasks.append(data.name)
         self.keys.append(key)
@@ -133,13 +132,6 @@ class UCAD(ContinualMethod):
             return knowledge, None
         leave_out = leave_one_out_image_scores(feats, NearestNeighbours(knowledge), knowledge, index // feats.shape[1])
         return knowledge, leave_out
-
-    def calibration_scores(self, data: TaskData) -> torch.Tensor | None:
-        """Each training image of the task just learned, scored against its knowledge without its own patches
-        (leave-one-out), divided by the task's score scale like ``predict``; None for any other task."""
-        if self._leave_out is None or self._leave_out[0] != data.name or not self.tasks or self.tasks[-1] != data.name:
-            return None
-        return self._leave_out[1] / self.score_scale(len(self.tasks) - 1)
 
     def task_bytes(self, task_index: int) -> int:
         """Bytes of task ``task_index``'s stored state (key + prompt + knowledge)."""
