@@ -18,7 +18,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DO_NOT_TRACK := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test test-fast lock bench clean-venv system-deps services services-stop
+.PHONY: venv demo test test-fast repro lock bench leaderboard clean-venv system-deps services services-stop
 
 venv: $(STAMP)
 
@@ -31,11 +31,19 @@ $(STAMP): pyproject.toml requirements.lock
 demo: $(STAMP)
 	$(VENV)/bin/contad demo --out $(OUT)
 
+# `dvc repro` of dvc.yaml: its stages call `contad`, so .venv/bin goes first on PATH (nothing to activate).
+repro: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/dvc repro $(DVC_ARGS)
+
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not integration" $(PYTEST_ARGS)
+
+leaderboard: $(STAMP)
+	$(VENV)/bin/contad bench --sequence real-ad --seeds 3
+	$(VENV)/bin/contad bench --sequence real-3d --seeds 3
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_methods

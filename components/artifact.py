@@ -25,7 +25,7 @@ from components.errors import ContadError
 
 DETECTOR_FILE = "detector.json"
 # Sections / dotted keys a deployment may set for itself: they never change a score.
-DEPLOY_TIME: tuple[str, ...] = ("decision.target_fpr", "serve", "tracking", "banks", "stream", "compute", "promotion", "demo",
+DEPLOY_TIME: tuple[str, ...] = ("decision.target_fpr", "serve", "tracking", "banks", "stream", "drift", "compute", "promotion", "demo",
                                 "eval.batch_size", "eval.overlays_per_task", "data.root", "data.products", "data.num_workers",
                                 "data.synth", "masks.cache_dir", "masks.workers", "masks.device", "backbone.device", "text.prompts")
 VERSIONED_PACKAGES = ("contad", "torch", "torchvision", "timm", "faiss-cpu", "numpy")

@@ -101,6 +101,7 @@ class UCADConfig(Section):
     pairs_per_image: PositiveInt = 256  # patch pairs sampled per image for the contrastive loss
     early_stopping_patience: NonNegativeInt = 0  # 0 = fixed epochs; else stop on held-out train normals
     reweight: bool = False  # PatchCore-style re-weighting of the image score
+    image_top_k: PositiveInt = 1  # image score = mean of the k highest patch scores (1 = max; reweight needs 1)
     normalise_scores: bool = True  # divide scores by the routed task's mean held-out normal score
 
 
@@ -225,11 +226,26 @@ class StreamConfig(Section):
     max_images: int | None = Field(None, ge=1)  # stop after this many new images (None = until the source ends)
 
 
+class DriftConfig(Section):
+    """Drift watch of serve-api and stream (``components.eval.drift``): OK scores per product against calibration."""
+
+    enabled: bool = True
+    window: int = Field(50, ge=5)  # OK-decided images per product in one comparison window
+    alpha: float = Field(0.01, gt=0.0, lt=1.0)  # KS test significance: ~alpha of undrifted windows alarm
+
+
 class BanksConfig(Section):
     """Versioned memory-bank store."""
 
     store_dir: str = "runs/banks"
     lock_timeout_s: NonNegativeFloat = 3600.0  # how long a command waits for another one's lock on the store
+
+
+class FeedbackConfig(Section):
+    """Operator feedback (``contad feedback``): verdicts on images the line has seen, learned into a new bank version."""
+
+    min_images: int = Field(5, ge=1)  # false rejects marked good needed before ``feedback apply`` builds a version (unless --force)
+    patch_share: float = Field(0.1, gt=0.0, le=1.0)  # share of the feedback images' patch features added to the memory (farthest first)
 
 
 class DecisionConfig(Section):
@@ -250,6 +266,7 @@ class ServeConfig(Section):
     max_bytes: int = Field(20_000_000, ge=1)  # largest accepted request body
     max_pixels: int = Field(40_000_000, ge=1)  # largest accepted decoded image (width * height)
     request_timeout_s: float = Field(30.0, gt=0)  # inference time limit per request (503 after)
+    read_timeout_s: float = Field(10.0, gt=0)  # a client must send its request headers, then its body, each within this (slow clients are cut)
     max_concurrent: int = Field(2, ge=1)  # inferences running at once; more wait (bounded by the timeout)
     reload_poll_s: float = Field(10.0, ge=0)  # how often the champion alias is polled; 0 = never reload
     heatmap_size: int = Field(256, ge=16, le=2048)  # side of returned heat-map overlays
@@ -477,12 +494,14 @@ class Config(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     banks: BanksConfig = Field(default_factory=BanksConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     decision: DecisionConfig = Field(default_factory=DecisionConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     lemo: LeMOConfig = Field(default_factory=LeMOConfig)
     stream: StreamConfig = Field(default_factory=StreamConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
     reconstruction: ReconstructionConfig = Field(default_factory=ReconstructionConfig)
     iuf: IUFConfig = Field(default_factory=IUFConfig)
     ib_iumad: IBIUMADConfig = Field(default_factory=IBIUMADConfig)
@@ -570,9 +589,13 @@ def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | 
     if path is not None and Path(path).exists():
         source = str(path)
         try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc  # one line
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not a YAML text file (byte {exc.start} is not UTF-8 text)") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: cannot be read ({exc.strerror or exc})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         raw = loaded

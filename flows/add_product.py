@@ -43,7 +43,8 @@ from components.data.tiling import resolve_tiling
 from components.errors import ContadError, DataError
 from components.eval.continual import RESERVED_FRR
 from components.faults import fault_point
-from components.memory.store import CURRENT_FILE, SHORT_HASH, BankStore
+from components.memory.store import CURRENT_FILE, SHORT_HASH, BankStore, content_hash, state_files
+from flows.feedback import gate_escapes
 from flows.promotion import GATE_METRIC, GateDecision, Registry, check_agreement, promote, promotion_gate, store_transaction
 from flows.records import RESULTS_DIR
 from flows.run_links import add_product_run_name, link_runs, named, publish_add_product, run_tags, tag_flow_run
@@ -95,7 +96,7 @@ def _stage(name: str, product: str, previous: str | None) -> Iterator[None]:
 
 def check_product_name(name: str) -> str:
     """``name`` if it is a usable product name (letters, digits, ``_.-``); else ``DataError``."""
-    if not _VALID_NAME.match(name or ""):
+    if not _VALID_NAME.fullmatch(name or ""):
         raise DataError(f"product name {name!r} is invalid: use letters, digits, '_', '.', '-' (no '/', '+' or spaces)")
     return name
 
@@ -147,14 +148,45 @@ def _validated_manifest(path: Path, name: str, in_flow: bool = True) -> pd.DataF
     with tempfile.TemporaryDirectory(prefix="contad-add-") as tmp:
         (Path(tmp) / name).symlink_to(path, target_is_directory=True)
         validate = pipeline.validate_dataset if in_flow else pipeline.validate_dataset.fn
-        try:
-            validate(Path(tmp))
-        except DataError as exc:
-            message = str(exc)
+
+        def users_paths(message: str) -> str:
             for root in dict.fromkeys((tmp, str(Path(tmp).resolve()))):
                 message = message.replace(f"dataset {root} ", f"product folder {path} ").replace(str(Path(root) / name), str(path))
-            raise DataError(message) from None
+                message = message.replace(root, f"{path} (as product {name!r})")
+            return message
+
+        try:
+            with _log_rewrite(users_paths):
+                validate(Path(tmp))
+        except DataError as exc:
+            raise DataError(users_paths(str(exc))) from None
     return read_product(path, name)
+
+
+class _RewriteFilter(logging.Filter):
+    """Rewrites every passing record's rendered message with ``rewrite``."""
+
+    def __init__(self, rewrite: Any) -> None:
+        super().__init__()
+        self.rewrite = rewrite
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = self.rewrite(record.getMessage()), None
+        return True
+
+
+@contextmanager
+def _log_rewrite(rewrite: Any) -> Iterator[None]:
+    """While inside, log lines reaching the root handlers are rewritten (the temporary folder -> the user's)."""
+    handlers = list(logging.getLogger().handlers)
+    rewrite_filter = _RewriteFilter(rewrite)
+    for handler in handlers:
+        handler.addFilter(rewrite_filter)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(rewrite_filter)
 
 
 def _old_manifest(products: dict[str, str]) -> pd.DataFrame:
@@ -208,6 +240,9 @@ def _add_product_locked(cfg: Config, path: Path, name: str, out: Path, store: Ba
     old_products: dict[str, str] = {str(k): str(v) for k, v in (base.get("products") or {}).items()}
     step = int(base.get("step", len(_task_names(base)) - 1)) + 1
     if name in old_products:
+        finished = _finish_interrupted_record(cfg, name, path, out, store, registry, base, previous)
+        if finished is not None:
+            return finished
         raise AddProductError(f"product {name!r} is already learned by bank version {previous[:SHORT_HASH]} (from {old_products[name]}); choose another --name")
     tracker = make_tracker(cfg, run_name=f"add-product-{name}")
     log.info("adding product %s from %s on top of bank version %s (products: %s)", name, path, previous[:SHORT_HASH], ", ".join(old_products))
@@ -232,6 +267,8 @@ def _add_product_locked(cfg: Config, path: Path, name: str, out: Path, store: Ba
         if before is None and old_products:
             before = pipeline.evaluate_all_tasks(cfg, base_dir, old_manifest, _task_of_product(base))
     gate = promotion_gate(cfg.promotion, [name], metrics, before)
+    with _stage("scoring the recorded escapes", name, previous):
+        escapes = gate_escapes(cfg, store, gate, method_dir, base_dir, previous)  # operator feedback (flows/feedback.py)
     meta = {
         "step": step,
         "task": name,
@@ -243,6 +280,7 @@ def _add_product_locked(cfg: Config, path: Path, name: str, out: Path, store: Ba
         "gate": gate.to_dict(),
         "trigger": "add-product",
         "parent": previous,
+        **({"escapes": escapes} if escapes else {}),
     }
     with _stage("versioning the memory bank", name, previous):
         bank_version = named(pipeline.version_memory_bank, "version", step, name)(cfg, method_dir, meta)  # a candidate: not current yet
@@ -255,7 +293,28 @@ def _add_product_locked(cfg: Config, path: Path, name: str, out: Path, store: Ba
             promote(store, registry, bank_version, model_version)
             _mark_promoted(tracker, model_version)
     result = AddProductResult(name, previous, bank_version, model_version, gate.passed, gate, metrics)
-    publish_add_product(name, step, metrics, gate.to_dict(), bank_version, model_version, tracker)
+    publish_add_product(name, step, metrics, gate.to_dict(), bank_version, model_version, tracker, store.root)
+    atomic_write_json(out / "add_product.json", result.to_dict())
+    return result
+
+
+def _finish_interrupted_record(cfg: Config, name: str, path: Path, out: Path, store: BankStore, registry: Registry | None, base: dict[str, Any],
+                               current: str) -> AddProductResult | None:
+    """The result of an add-product of ``name`` into ``out`` whose promotion committed but which was killed before writing
+    ``add_product.json``: the current version is its step (same folder, same trained state in ``out/method``). Tags the
+    promoted run and writes the record; None when the current version is not such an unfinished step."""
+    if (out / "add_product.json").is_file() or base.get("task") != name or base.get("trigger") != "add-product":
+        return None
+    if (base.get("products") or {}).get(name) != str(path) or not (out / "method").is_dir():
+        return None
+    if content_hash(state_files(out / "method")) != current:
+        return None
+    model_version = registry.version_for_bank(current) if registry is not None else None
+    log.warning("add-product %s: the promotion of bank version %s committed but the run was interrupted before its record; finishing it",
+                name, current[:SHORT_HASH])
+    _mark_promoted(make_tracker(cfg, run_name=f"add-product-{name}"), model_version)
+    gate = GateDecision(**{k: v for k, v in (base.get("gate") or {"passed": True}).items() if k in GateDecision.__dataclass_fields__})
+    result = AddProductResult(name, str(base.get("parent") or ""), current, model_version, True, gate, base.get("metrics") or {})
     atomic_write_json(out / "add_product.json", result.to_dict())
     return result
 

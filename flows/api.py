@@ -7,17 +7,26 @@ works offline: ``flows/offline_docs.py``):
   ``image/*``) or as the ``image`` file of a ``multipart/form-data`` form. Returns JSON
   ``{product, score, threshold, decision, model_version, bank_version, latency_ms}``; with
   ``?heatmap=png`` the heat-map overlay PNG instead (decision fields in ``X-Contad-*`` headers).
+- ``POST /v1/feedback?verdict=good|defect[&product=P&by=WHO]``: an operator verdict on one image (body as for
+  predict), recorded in the served bank store (``--bank DIR``, else ``banks.store_dir``) with what the served
+  model decides on it; returns the record (``flows/feedback.py``). 400: a verdict twice, an unknown product.
 - ``GET /v1/model``: what is deployed (versions, tasks, thresholds, source, reloads).
 - ``GET /healthz`` (process alive) and ``GET /readyz`` (a model is loaded).
+- ``GET /metrics``: Prometheus text (``flows/monitoring.py``): requests and latencies by endpoint,
+  decisions by product, and the drift watch per product (KS distance of the last window of OK
+  scores to the calibration normals, its critical value, alarms; an alarm also emits the Prefect
+  event ``contad.product.drift`` when ``PREFECT_API_URL`` is set). Same auth as ``/v1/*``.
 
 Bounded inputs: ``serve.max_bytes`` (413), ``serve.max_pixels`` (413, checked from the image
 header before decoding), content sniffed from the bytes (400 when not PNG/JPEG/BMP/TIFF or
 truncated), unsupported Content-Type (415), ``serve.max_concurrent`` inferences at once and
-``serve.request_timeout_s`` per request (503). Bad input never gives a 500.
+``serve.request_timeout_s`` per request (503). Bad input never gives a 500. Slow clients: the request
+headers, then the body, must each arrive within ``serve.read_timeout_s`` (the connection is closed,
+or 408 for the body); a client that disconnects mid-upload costs one log line, not a traceback.
 
 Auth: when the environment variable named by ``serve.token_env`` is set, ``/v1/*`` needs
-``Authorization: Bearer <token>`` (401 otherwise); binding a non-loopback address without a
-token is refused.
+``Authorization: Bearer <token>`` (401 otherwise) and ``/readyz`` shows the model and bank versions
+only with it; binding a non-loopback address without a token is refused.
 
 Hot reload: a background thread polls the source (``serve.reload_poll_s``); when the champion
 alias (or the bank store's current pointer) moves, the new detector is loaded beside the old
@@ -38,16 +47,19 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from components.config import Config
 from components.decision import Detector, decode_image, decode_xyz
 from components.errors import ContadError, DataError
 from components.eval.figures import heatmap_overlay_png
 from flows.deployed import DeployedVersion, DetectorSource
+from flows.monitoring import PROMETHEUS_CONTENT_TYPE, DriftReporter, LineMonitor
 from flows.offline_docs import add_offline_docs
-from flows.predict import TOO_LARGE, skip_message, skip_reason
+from flows.predict import TOO_LARGE, no_reprs, skip_message, skip_reason
 
 log = logging.getLogger(__name__)
 
@@ -176,35 +188,101 @@ def api_token(cfg: Config) -> str | None:
     return os.environ.get(cfg.serve.token_env) or None
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, refused with 413 as soon as it exceeds ``max_bytes``."""
+class SlowClientGuard(H11Protocol):
+    """uvicorn's h11 connection with a deadline on the request headers: a client that has not sent a complete
+    request head ``read_timeout_s`` after connecting (or after its previous response) is disconnected."""
+
+    read_timeout_s: float  # set per server by ``slow_client_guard`` (serve.read_timeout_s)
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def handle_events(self) -> None:
+        waiting = self.cycle
+        super().handle_events()
+        if self.cycle is not waiting:  # a request head arrived: its body has its own deadline (``read_body``)
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self._idle():
+            self._arm()  # the next request on this keep-alive connection (unless a pipelined one already started)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self.read_timeout_s, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _idle(self) -> bool:
+        """No request is in progress on this connection (none yet, or the last one answered)."""
+        return self.cycle is None or self.cycle.response_complete
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self._idle() and not self.transport.is_closing():
+            log.info("client %s sent no complete request head within serve.read_timeout_s=%s s: connection closed",
+                     _peer(self.client), self.read_timeout_s)
+            self.transport.close()
+
+
+def slow_client_guard(read_timeout_s: float) -> type[SlowClientGuard]:
+    """The uvicorn ``http`` protocol class cutting request heads slower than ``read_timeout_s``."""
+    return type("SlowClientGuard", (SlowClientGuard,), {"read_timeout_s": read_timeout_s})
+
+
+def _peer(client: Any) -> str:
+    """``host:port`` of a uvicorn/Starlette client address (or "unknown")."""
+    return f"{client[0]}:{client[1]}" if client else "unknown"
+
+
+async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The request body, refused with 413 as soon as it exceeds ``max_bytes`` and with 408 when it has not
+    arrived within ``timeout_s``; a client gone mid-upload is logged in one line (``ClientDisconnect``)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise HTTPException(413, f"request body of {declared} bytes exceeds serve.max_bytes={max_bytes}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise HTTPException(413, f"request body exceeds serve.max_bytes={max_bytes}")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise HTTPException(413, f"request body exceeds serve.max_bytes={max_bytes}")
+                chunks.append(chunk)
+    except TimeoutError:
+        log.info("client %s sent %d body bytes in serve.read_timeout_s=%s s: request cut", _peer(request.client), size, timeout_s)
+        raise HTTPException(408, f"request body not received within serve.read_timeout_s={timeout_s} s") from None
+    except ClientDisconnect:
+        log.info("client %s disconnected after %d body bytes: request dropped", _peer(request.client), size)
+        raise HTTPException(400, "client disconnected before the request body was complete") from None
     return b"".join(chunks)
 
 
-async def image_bytes(request: Request, max_bytes: int) -> tuple[bytes, bytes | None]:
+async def image_bytes(request: Request, max_bytes: int, timeout_s: float) -> tuple[bytes, bytes | None]:
     """(encoded image, xyz TIFF or None) of a raw-body or multipart request (the content type only chooses
     how to read it; a multipart request may carry the point cloud as a ``depth`` file)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if not (content_type.startswith(RAW_CONTENT_TYPES) or content_type == MULTIPART):
         raise HTTPException(415, f"unsupported Content-Type {content_type or '(none)'!r}: send the image as "
                                  f"application/octet-stream, image/* or {MULTIPART} with an {IMAGE_FIELD!r} file")
-    body = await read_body(request, max_bytes)
+    body = await read_body(request, max_bytes, timeout_s)
     if content_type != MULTIPART:
         return body, None
     request._body = body  # noqa: SLF001 - let Starlette parse the already size-checked body
     try:
         form = await request.form(max_files=2, max_fields=8)
     except Exception as exc:  # noqa: BLE001 - malformed multipart is bad input
-        raise HTTPException(400, f"malformed {MULTIPART} body: {exc}") from None
+        raise HTTPException(400, f"malformed {MULTIPART} body: {no_reprs(str(exc))}") from None
     upload = form.get(IMAGE_FIELD)
     if upload is None or isinstance(upload, str):
         raise HTTPException(400, f"{MULTIPART} request needs a file field named {IMAGE_FIELD!r}")
@@ -227,6 +305,7 @@ def create_app(cfg: Config, source: DetectorSource, token: str | None = None, st
     slot = ModelSlot()
     reloader = Reloader(source, slot, cfg.serve.reload_poll_s)
     limiter = Limiter(cfg.serve.max_concurrent, cfg.serve.request_timeout_s)
+    monitor = LineMonitor(cfg, DriftReporter(cfg) if cfg.drift.enabled else None)
 
     async def lifespan(app: FastAPI):  # noqa: ANN202
         if start_reloader:
@@ -234,20 +313,38 @@ def create_app(cfg: Config, source: DetectorSource, token: str | None = None, st
         yield
         if start_reloader:
             reloader.stop()
+        if monitor.reporter is not None:
+            monitor.reporter.close()
 
     app = FastAPI(title="contad inference API", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   swagger_ui_oauth2_redirect_url=None,
                   description="OK/NG decisions and heat maps from the deployed continual anomaly detector.")
     add_offline_docs(app)  # /docs from local files: no CDN
-    app.state.slot, app.state.reloader = slot, reloader
-    errors = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}
+    app.state.slot, app.state.reloader, app.state.monitor = slot, reloader, monitor
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Any) -> Response:
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            monitor.observe_request(getattr(route, "path", "unmatched"), status, time.perf_counter() - started)
+
+    errors = {code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 415, 422, 503)}
+
+    def authorised(request: Request) -> bool:
+        """No token configured, or the request carries it."""
+        if token is None:
+            return True
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(value.strip().encode(), token.encode())
 
     def authorise(request: Request) -> None:
-        if token is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(value.strip().encode(), token.encode()):
+        if not authorised(request):
             raise HTTPException(401, "missing or invalid bearer token (Authorization: Bearer <token>)", headers={"WWW-Authenticate": "Bearer"})
 
     def serving() -> Deployed:
@@ -262,10 +359,18 @@ def create_app(cfg: Config, source: DetectorSource, token: str | None = None, st
         return {"status": "ok"}
 
     @app.get("/readyz", responses={503: {"model": ErrorResponse}})
-    async def readyz() -> dict[str, Any]:
-        """A model is loaded and requests can be served."""
+    async def readyz(request: Request) -> dict[str, Any]:
+        """A model is loaded and requests can be served; which versions, only to an authorised client."""
         deployed = serving()
+        if not authorised(request):
+            return {"status": "ready"}
         return {"status": "ready", "model_version": deployed.version.model_version, "bank_version": deployed.version.bank_version}
+
+    @app.get("/metrics", response_class=PlainTextResponse, responses={200: {"content": {PROMETHEUS_CONTENT_TYPE: {}}}, 401: {"model": ErrorResponse}})
+    async def metrics(request: Request) -> Response:
+        """Prometheus metrics: requests, latencies, decisions per product, drift of OK scores per product."""
+        authorise(request)
+        return Response(monitor.render(), media_type=PROMETHEUS_CONTENT_TYPE)
 
     @app.get("/v1/model", responses=errors)
     async def model_info(request: Request) -> dict[str, Any]:
@@ -290,13 +395,15 @@ def create_app(cfg: Config, source: DetectorSource, token: str | None = None, st
         started = time.perf_counter()
         authorise(request)
         deployed = serving()  # taken once: a reload during this request does not affect it
-        data, depth = await image_bytes(request, cfg.serve.max_bytes)
+        data, depth = await image_bytes(request, cfg.serve.max_bytes, cfg.serve.read_timeout_s)
         if not data:
             raise HTTPException(400, "empty request body: send the encoded image")
         try:  # decoding is bounded work too: it runs in the inference slot, off the event loop
             rgb, verdict = await limiter.run(decode_and_decide, deployed.detector, data, cfg.serve.max_pixels, depth)
         except DataError as exc:  # too large (ours or PIL's decompression-bomb limit): 413; anything else: 400
             raise HTTPException(413 if skip_reason(exc) == TOO_LARGE else 400, skip_message(exc, "request body", cfg.serve.max_pixels)) from None
+        monitor.observe_verdict(deployed.detector, deployed.version.key, verdict,
+                                {"model_version": deployed.version.model_version, "bank_version": deployed.version.bank_version})
         result = PredictResponse(**verdict.to_dict(), model_version=deployed.version.model_version, bank_version=deployed.version.bank_version,
                                  latency_ms=round(1000 * (time.perf_counter() - started), 3))
         if heatmap == "png":
@@ -306,9 +413,29 @@ def create_app(cfg: Config, source: DetectorSource, token: str | None = None, st
             return Response(png, media_type="image/png", headers=headers)
         return result
 
+    @app.post("/v1/feedback", openapi_extra={"requestBody": request_body}, responses=errors)
+    async def feedback(request: Request, verdict: Literal["good", "defect"] = Query(..., description="the operator's verdict on the image"),
+                       product: str | None = Query(None, description="the image's product (default: where it is routed)"),
+                       by: str | None = Query(None, description="who gives the verdict (default: api)")) -> dict[str, Any]:
+        """Record an operator verdict on one image (body as for /v1/predict) with what the served model decides on it
+        (``contad feedback``: false rejects marked good are learned by ``contad feedback apply``; escapes gate every candidate)."""
+        authorise(request)
+        deployed = serving()
+        data, depth = await image_bytes(request, cfg.serve.max_bytes, cfg.serve.read_timeout_s)
+        if not data:
+            raise HTTPException(400, "empty request body: send the encoded image")
+        try:
+            _, decided = await limiter.run(decode_and_decide, deployed.detector, data, cfg.serve.max_pixels, depth)
+        except DataError as exc:
+            raise HTTPException(413 if skip_reason(exc) == TOO_LARGE else 400, skip_message(exc, "request body", cfg.serve.max_pixels)) from None
+        from flows.feedback import feedback_config, record_served  # the recording side (Prefect, the store lock) only when used
+
+        return await asyncio.to_thread(record_served, feedback_config(cfg, source), data, decided, deployed.version.model_version,
+                                       deployed.version.bank_version, verdict, product, by)
+
     @app.exception_handler(ContadError)
     async def contad_error(request: Request, exc: ContadError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=400)
+        return JSONResponse({"detail": no_reprs(str(exc))}, status_code=400)
 
     return app
 
@@ -332,5 +459,6 @@ def serve_api_command(cfg: Config, model: str | None = None, bank: str | None = 
     source.current()  # fail fast on a wrong model/bank reference
     app = create_app(cfg, source, token)
     print(f"serving {source.description} on http://{cfg.serve.host}:{cfg.serve.port} (docs: /docs; auth: {'bearer token' if token else 'none'})")
-    uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="warning", timeout_graceful_shutdown=10)
+    uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="warning", timeout_graceful_shutdown=10,
+                http=slow_client_guard(cfg.serve.read_timeout_s))
     return 0

@@ -1,14 +1,15 @@
 """``contad banks list --json``: the bank store's versions as one JSON document on stdout (for scripts).
 
-Read-only: it holds the store's lock only to read a consistent state and changes nothing. Schema::
+Read-only: it holds the store's lock only to read a consistent state (no lock on a read-only store)
+and changes nothing; ``current`` is what readers use (``resolve_current_for_reader``). Schema::
 
     {"store": "/abs/path/banks", "current": "<hash>" | null, "interrupted_promotion": false,
      "versions": [{"version": "<hash>", "short": "<12 chars>", "step": 0, "tasks": ["a"],
                    "created": "...", "parent": "<hash>" | null, "current": true}, ...]}
 
 ``versions`` are oldest first. ``interrupted_promotion`` is true when a crash left a promotion
-pending (``JOURNAL.json``); the next ``contad banks list`` / ``banks doctor`` puts ``CURRENT``
-and the champion back where they last agreed, so ``current`` may then change.
+pending (``JOURNAL.json``); ``current`` is then already the version the next ``contad banks list`` /
+``banks doctor`` restores (``CURRENT`` and the champion back where they last agreed).
 """
 
 from __future__ import annotations
@@ -19,15 +20,18 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from components.memory.store import BankError, BankStore
+from components.memory.store import BankError, BankStore, resolve_current_for_reader
 
 
 def banks_list_document(store: BankStore) -> dict[str, Any]:
     """The JSON document of ``banks list --json`` for ``store`` (see the module docstring)."""
-    journal = store.read_journal()
+    try:
+        journal = store.read_journal()
+    except BankError:
+        journal = None  # broken: readers use CURRENT; `contad banks doctor` rebuilds it
     return {
         "store": str(store.root.resolve()),
-        "current": store.current(),
+        "current": resolve_current_for_reader(store),
         "interrupted_promotion": bool(journal and journal.get("state") == "pending"),
         "versions": [{**asdict(entry), "short": entry.short} for entry in store.list()],
     }
@@ -38,7 +42,7 @@ def banks_list_json(store_dir: Path, lock_timeout_s: float) -> int:
     store = BankStore(store_dir)
     if not store.root.is_dir():
         raise BankError(f"no bank store at {store.root} (set banks.store_dir or --store)")
-    with store.lock(lock_timeout_s):
+    with store.lock_if_writable(lock_timeout_s):
         document = banks_list_document(store)
     if document["interrupted_promotion"]:
         print(f"contad: warning: an interrupted promotion is pending in {store.root}; `contad banks doctor --store {store.root}` "

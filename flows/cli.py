@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import traceback
@@ -38,13 +39,14 @@ exit codes:
   1    promotion gate rejected the (final) step: stored, but not current and not champion;
        banks doctor: a problem remains
   2    invalid input, configuration or usage (the message names the file or key);
-       data validate: the dataset failed validation; predict: no input image could be decided
+       data validate: the dataset failed validation; predict: no input image could be decided;
+       stream: none of its new images could be read
   3    output not writable (read-only file system or permission denied)
   4    disk full (no space left on device)
   5    tracking database unreadable or corrupt (tracking.uri)
   6    data folder unreadable (permission denied, symlink loop)
   70   unexpected internal error (rerun with --verbose for the traceback)
-  75   bank store locked by another command for longer than banks.lock_timeout_s
+  75   bank store (or stream --out) locked by another command for longer than banks.lock_timeout_s
   86   injected fault (CONTAD_FAULT, tests only)
   130  interrupted
 Errors are one line on stderr; --verbose adds debug logs and the full traceback.
@@ -126,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     banks = sub.add_parser("banks", help="versioned memory banks").add_subparsers(dest="banks_command", required=True, metavar="SUBCOMMAND")
     for name, helptext in (("list", "list versions (current marked)"), ("show", "show one version's manifest"),
                            ("rollback", "make a version current and its model champion, together (never deletes)"),
-                           ("doctor", "repair an interrupted promotion, verify every version's hashes, check CURRENT == champion")):
+                           ("doctor", "repair an interrupted promotion, a broken JOURNAL/CURRENT, dead writers' temporaries; "
+                                      "verify every version's hashes and the champion's files; check CURRENT == champion")):
         b = banks.add_parser(name, help=helptext)
         if name not in ("list", "doctor"):
             b.add_argument("version", help="version hash (a unique prefix is enough)")
@@ -153,11 +156,42 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="register a Prefect deployment that runs add-product on contad.product.added events and serve it")
     _add_params(serve)
 
+    feedback = sub.add_parser("feedback", help="operator verdicts: PATH... --as good|defect records them; `feedback apply` learns false rejects "
+                              "into a gated bank version; `feedback list` prints the audit trail")
+    feedback.add_argument("paths", nargs="*", metavar="PATH", help="image files or prediction ids (with --predictions); or `apply` / `list`")
+    feedback.add_argument("--as", dest="verdict", choices=["good", "defect"], default=None, help="the operator's verdict on the images")
+    feedback.add_argument("--product", default=None, help="the product the images are of (default: the product the detector routed them to)")
+    feedback.add_argument("--by", default=None, help="who gives the verdict (default: $USER)")
+    feedback.add_argument("--predictions", default=None, help="predictions.jsonl of contad predict, to name images by prediction_id")
+    feedback.add_argument("--apply", action="store_true", help="same as `contad feedback apply`")
+    feedback.add_argument("--force", action="store_true", help="apply even below feedback.min_images false rejects")
+    feedback.add_argument("--json", action="store_true", help="list: print the verdicts as JSON")
+    feedback.add_argument("--out", default=None, help="apply: folder for the candidate state and feedback_apply.json (default: runs/feedback)")
+    _add_params(feedback)
+
     predict = sub.add_parser("predict", help="OK/NG decisions, scores and heat-map overlays for images, folders or globs (exit 0 even when parts are NG)")
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or glob patterns")
     _add_model_source(predict, required=True)
     predict.add_argument("--out", required=True, help="output directory: predictions.csv, predictions.jsonl, overlays/")
     _add_params(predict)
+
+    export = sub.add_parser("export", help="write a deployed detector as ONNX graphs + data files + a reference runner (onnxruntime + numpy)")
+    source = export.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", default=None, help="registered model, e.g. models:/contad-detector@champion (registry: tracking.uri)")
+    source.add_argument("--bank", default=None, help="bank store DIR or DIR@VERSION")
+    source.add_argument("--method-dir", default=None, help="a saved method directory (e.g. RUN/steps/N/method; also the per-product oracle)")
+    export.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default: onnx)")
+    export.add_argument("--out", required=True, help="output folder: detector.onnx.json, *.onnx, *.npy, run_onnx.py")
+    _add_params(export)
+
+    bench = sub.add_parser("bench", help="every method on a named sequence over N seeds (real pipeline, resumable) -> benchmarks/LEADERBOARD.md")
+    bench.add_argument("--sequence", default="real-ad", help="real-ad | real-3d | synth (default: real-ad)")
+    bench.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per method (default: 3)")
+    bench.add_argument("--methods", default=None, help="comma list (default: every registered method of the sequence)")
+    bench.add_argument("--data", default=None, help="data folder of the sequence (default: ../shared/data/<sequence>)")
+    bench.add_argument("--out", default="runs/bench", help="where the runs go (default: runs/bench)")
+    bench.add_argument("--leaderboard", default="benchmarks/LEADERBOARD.md", help="leaderboard file to regenerate")
+    _add_params(bench)
 
     config = sub.add_parser("config", help="inspect the configuration").add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     _add_params(config.add_parser("show", help="print the effective, validated config (params file + overrides) as YAML"))
@@ -274,10 +308,27 @@ def _dispatch(args: argparse.Namespace) -> int:
         from flows.serve import serve_command
 
         return serve_command(load_config(args.params, overrides))
+    if args.command == "feedback":
+        from flows.feedback import feedback_command
+
+        return feedback_command(load_config(args.params, overrides), args.paths, args.verdict, product=args.product, by=args.by,
+                                predictions=Path(args.predictions) if args.predictions else None, apply=args.apply, force=args.force,
+                                as_json=args.json, out=Path(args.out) if args.out else None)
     if args.command == "predict":
         from flows.predict import predict_command
 
         return predict_command(load_config(args.params, overrides), args.paths, Path(args.out), model=args.model, bank=args.bank)
+    if args.command == "bench":
+        from flows.bench import bench_command
+
+        load_config(args.params, overrides)  # every run gets these overrides: validated once, up front
+        return bench_command(args.sequence, args.seeds, args.methods.split(",") if args.methods else None,
+                             Path(args.out), Path(args.leaderboard), args.data, overrides, args.params)
+    if args.command == "export":
+        from flows.export import export_command
+
+        return export_command(load_config(args.params, overrides), Path(args.out), model=args.model, bank=args.bank,
+                              method_dir=args.method_dir, fmt=args.format)
     if args.command == "serve-api":
         from flows.api import serve_api_command
 
@@ -349,14 +400,34 @@ def unwritable_output(exc: BaseException, outputs: list[tuple[str, Path]]) -> st
     return None
 
 
+def output_is_a_file(exc: BaseException, outputs: list[tuple[str, Path]]) -> str | None:
+    """The message when a command failed because an output folder it was given (flag, path) is an existing file."""
+    for cause in _causes(exc):
+        if not (isinstance(cause, OSError) and cause.errno in (errno.EEXIST, errno.ENOTDIR) and cause.filename):
+            continue
+        failed = Path(os.fsdecode(cause.filename)).absolute()
+        for flag, out in outputs:
+            out = out.absolute()
+            if out.is_file() and (failed == out or out in failed.parents):
+                return f"{flag} {out} is an existing file, not a folder: give a new or existing folder"
+    return None
+
+
 def _output_paths(args: argparse.Namespace) -> list[tuple[str, Path]]:
     """The output locations a command was given (``--out``, ``--report``, ``--store``) as (flag, path)."""
     return [(f"--{name}", Path(value)) for name in ("out", "report", "store") if isinstance(value := getattr(args, name, None), str)]
 
 
 def _is_database_error(exc: BaseException) -> bool:
-    """An SQLite/SQLAlchemy database error (the only databases contad opens itself are MLflow tracking stores)."""
-    return type(exc).__name__ in ("DatabaseError", "OperationalError") and type(exc).__module__.split(".")[0] in ("sqlite3", "sqlalchemy")
+    """An SQLite/SQLAlchemy database error (the only databases contad opens itself are MLflow tracking stores), or a
+    text-decoding error raised inside the driver (sqlite3 cannot decode the error message of a corrupt schema)."""
+    drivers = ("sqlite3", "sqlalchemy")
+    if type(exc).__name__ in ("DatabaseError", "OperationalError") and type(exc).__module__.split(".")[0] in drivers:
+        return True
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return isinstance(exc, UnicodeDecodeError) and tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).split(".")[0] in drivers
 
 
 def _tracking_uri(args: argparse.Namespace) -> str | None:
@@ -369,6 +440,19 @@ def _tracking_uri(args: argparse.Namespace) -> str | None:
         return None
 
 
+def disk_full_target(exc: BaseException) -> str | None:
+    """What could not be written when ``exc`` says the disk is full (ENOSPC/EDQUOT, also inside the list of a
+    ``shutil.Error`` from ``copytree``, which keeps only each failure's text); None for any other error."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return os.fsdecode(exc.filename) if exc.filename else "output"
+    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list):
+        full = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
+        for entry in exc.args[0]:
+            if isinstance(entry, tuple) and len(entry) == 3 and any(text in str(entry[2]) for text in full):
+                return str(entry[1])
+    return None
+
+
 def classify_error(exc: BaseException, outputs: list[tuple[str, Path]] | None = None, tracking_uri: str | None = None) -> tuple[int, str]:
     """(exit code, one-line message) for an exception that ended a command (see ``EXIT_CODES``);
     ``outputs``: the command's output locations, to tell an unwritable one from a missing input;
@@ -379,6 +463,9 @@ def classify_error(exc: BaseException, outputs: list[tuple[str, Path]] | None = 
     unwritable = unwritable_output(exc, outputs or [])
     if unwritable is not None:
         return EXIT_READ_ONLY, unwritable
+    not_a_folder = output_is_a_file(exc, outputs or [])
+    if not_a_folder is not None:
+        return EXIT_INPUT, not_a_folder
     for cause in _causes(exc):
         name = type(cause).__name__
         if name == "TrackingStoreError":
@@ -391,8 +478,9 @@ def classify_error(exc: BaseException, outputs: list[tuple[str, Path]] | None = 
             return EXIT_LOCKED, str(cause)
         if isinstance(cause, UnreadableDataError):
             return EXIT_DATA_UNREADABLE, str(cause)
-        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-            return EXIT_DISK_FULL, f"disk full: no space left writing {cause.filename or 'output'}; free space and rerun the same command (it resumes)"
+        full = disk_full_target(cause)
+        if full is not None:
+            return EXIT_DISK_FULL, f"disk full: no space left writing {full}; free space and rerun the same command (it resumes)"
         if isinstance(cause, OSError) and cause.errno == errno.ELOOP:
             return EXIT_DATA_UNREADABLE, f"{cause.filename or 'a path'}: symlink loop ({cause.strerror})"
         if isinstance(cause, OSError) and cause.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
@@ -432,6 +520,8 @@ THIRD_PARTY_QUIET_ENV = {
 THIRD_PARTY_HINTS = ("Add type hints to the `predict` method", "An input example was not provided when logging the model")
 # Prefect's routine INFO line after every task run (kept in the Prefect UI's run logs; not printed on the terminal).
 PREFECT_ROUTINE = ("Finished in state Completed",)
+# Library errors that are raised right after being logged with a traceback (the CLI reports them once, in one line).
+THIRD_PARTY_ECHOES = ("SQLAlchemy database error",)
 
 
 class _ThirdPartyBelowWarning(logging.Filter):
@@ -442,6 +532,8 @@ class _ThirdPartyBelowWarning(logging.Filter):
         if record.name == "py.warnings" and any(hint in record.getMessage() for hint in THIRD_PARTY_HINTS):
             return False
         if package == "prefect" and record.levelno < logging.WARNING and record.getMessage().startswith(PREFECT_ROUTINE):
+            return False
+        if package in THIRD_PARTY_LOGGERS and record.getMessage().startswith(THIRD_PARTY_ECHOES):
             return False
         return record.levelno >= logging.WARNING or package not in THIRD_PARTY_LOGGERS
 
@@ -476,9 +568,53 @@ def set_offline_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
+# Commands that start Prefect flows; their run history goes to PREFECT_HOME (``set_prefect_home``).
+PREFECT_COMMANDS = ("run", "demo", "add-product", "serve", "stream", "feedback")
+PREFECT_HOME_DIR = Path("runs") / ".prefect"
+
+
+def set_prefect_home(command: str) -> Path | None:
+    """Keep Prefect's run history with the project: ``PREFECT_HOME=./runs/.prefect`` (absolute) for a command that
+    starts Prefect, unless the user chose a home (``PREFECT_HOME``) or a server (``PREFECT_API_URL``). The user's
+    profiles (``~/.prefect/profiles.toml``) still apply. Returns the home set, or None (nothing changed)."""
+    if command not in PREFECT_COMMANDS or os.environ.get("PREFECT_HOME") or os.environ.get("PREFECT_API_URL"):
+        return None
+    home = Path.cwd() / PREFECT_HOME_DIR
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None  # an unwritable working directory: Prefect's own default stays
+    profiles = Path.home() / ".prefect" / "profiles.toml"
+    if profiles.is_file():
+        os.environ.setdefault("PREFECT_PROFILES_PATH", str(profiles))
+    os.environ["PREFECT_HOME"] = str(home)
+    return home
+
+
+# numpy picks SIMD kernels (AVX2, AVX-512) by CPU when it is imported; their float results differ in the last bits,
+# which flips a few pixels of the synthetic images between machines. `contad data synth` (DVC's prepare stage) runs
+# numpy on its x86-64 baseline kernels only, so its files are byte-identical on every x86-64 machine.
+PORTABLE_NUMPY_ENV = {"NPY_ENABLE_CPU_FEATURES": "X86_V2"}
+
+
+def set_portable_numpy(args: argparse.Namespace) -> bool:
+    """For ``data synth`` on x86-64: numpy without CPU-dispatched kernels (``PORTABLE_NUMPY_ENV``), unless numpy is
+    already imported or the user chose its features; True when set."""
+    import platform
+
+    if (args.command, getattr(args, "data_command", None)) != ("data", "synth") or "numpy" in sys.modules:
+        return False
+    if platform.machine().lower() not in ("x86_64", "amd64") or {"NPY_ENABLE_CPU_FEATURES", "NPY_DISABLE_CPU_FEATURES"} & set(os.environ):
+        return False
+    os.environ.update(PORTABLE_NUMPY_ENV)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     set_offline_defaults()
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    set_prefect_home(args.command)  # before Prefect is imported: it reads its settings once
+    set_portable_numpy(args)  # before numpy is imported
     from components.progress import configure_logging
 
     configure_logging(logging.DEBUG if args.verbose else logging.INFO)  # log lines print through the progress bars
@@ -489,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         _quiet_third_party()
     try:
-        if args.command in ("run", "demo", "add-product", "serve"):
+        if args.command in PREFECT_COMMANDS:  # every command that may start a temporary Prefect server
             from flows.server_guard import install
 
             install()  # the temporary Prefect server dies with this process

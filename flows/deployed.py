@@ -4,8 +4,11 @@
 ``DetectorSource.current()`` names the version the source points at right now (cheap: one
 registry or file lookup), ``load(version)`` builds the ``Detector`` of a version. The REST
 service polls ``current()`` to hot-reload when the ``champion`` alias or the bank store's
-current pointer moves. Registered models are loaded from their artifacts (method state,
-calibration, config) with the installed code, not through ``mlflow.pyfunc``. Either way the
+current pointer moves; a bank store's "current" is resolved as readers must
+(``resolve_current_for_reader``: the journal's ``before`` while a promotion is pending, no lock).
+Registered models are loaded from their artifacts (method state, calibration, config) with the
+installed code, not through ``mlflow.pyfunc``, after checking that those files still hash to the
+version's bank version (``verify_registered_state``). Either way the
 detector's configuration is the one it was trained with (``components.artifact``); the command
 line's configuration contributes deploy-time settings only.
 """
@@ -17,6 +20,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -24,7 +28,7 @@ from components.artifact import read_detector_config
 from components.config import Config
 from components.decision import Detector, read_config_json
 from components.errors import ContadError
-from components.memory.store import BankStore
+from components.memory.store import BankStore, resolve_current_for_reader, verify_registered_state
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -82,16 +86,23 @@ class RegistrySource(DetectorSource):
         return DeployedVersion(key=f"model:{found.version}", model_version=str(found.version), bank_version=found.tags.get(BANK_VERSION_TAG))
 
     def load(self, version: DeployedVersion) -> Detector:
-        import mlflow.artifacts
-
-        # Where the version's files are (its logged model's artifact location), not its ``models:/<id>`` source:
-        # MLflow resolves ``models:/`` URIs with the process-wide registry, not this source's.
-        source = self.client.get_model_version_download_uri(self.name, str(version.model_version))
         with tempfile.TemporaryDirectory(prefix="contad-deployed-") as tmp:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=self.tracking_uri))
-            artifacts = _pyfunc_artifacts(local)
+            artifacts = download_registered(self.client, self.tracking_uri, self.name, str(version.model_version), Path(tmp))
+            if version.bank_version:
+                verify_registered_state(artifacts["method"], version.bank_version, f"{self.description} (model version {version.model_version})")
             recorded = read_config_json(artifacts["config"])
             return Detector.from_method_dir(artifacts["method"], self.config, version.model_version, version.bank_version, fallback=recorded)
+
+
+def download_registered(client: Any, tracking_uri: str, name: str, version: str, dst: Path) -> dict[str, Path]:
+    """Download model version ``version`` of ``name`` into ``dst``; ``{artifact name: local path}`` of its files."""
+    import mlflow.artifacts
+
+    # Where the version's files are (its logged model's artifact location), not its ``models:/<id>`` source:
+    # MLflow resolves ``models:/`` URIs with the process-wide registry, not this source's.
+    source = client.get_model_version_download_uri(name, str(version))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=tracking_uri))
+    return _pyfunc_artifacts(local)
 
 
 def _pyfunc_artifacts(model_dir: Path) -> dict[str, Path]:
@@ -120,7 +131,7 @@ class BankSource(DetectorSource):
         self.description = f"bank store {directory}" + (f"@{self.fixed[:12]}" if self.fixed else " (current)")
 
     def current(self) -> DeployedVersion:
-        version = self.fixed or self.store.current()
+        version = self.fixed or resolve_current_for_reader(self.store)
         if version is None:
             raise ContadError(f"{self.description}: no current version")
         return DeployedVersion(key=f"bank:{version}", model_version=None, bank_version=version)

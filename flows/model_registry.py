@@ -132,13 +132,44 @@ def set_champion_alias(client: Any, model_name: str, version: str | None) -> Non
         pass  # no such model or alias: there is no champion already
 
 
-def model_version_tag(client: Any, model_name: str, version: str, tag: str) -> str | None:
-    """Tag ``tag`` of model version ``version`` (None when missing)."""
-    return client.get_model_version(model_name, str(version)).tags.get(tag)
+# ------------------------------------------------------------------ store identity (one store, one model)
+STORE_ID_TAG = "store_id"  # on a model version: the bank store that registered it
+OWNER_TAG = "contad.store_id"  # on a registered model: the bank store whose champion it holds
 
 
-def latest_version_with_tag(client: Any, model_name: str, tag: str, value: str) -> str | None:
-    """Highest model version of ``model_name`` whose tag ``tag`` equals ``value``; None when none."""
-    versions = client.search_model_versions(f"name = '{model_name}'")
-    matching = [int(v.version) for v in versions if v.tags.get(tag) == value]
-    return str(max(matching)) if matching else None
+def registered_model_owner(client: Any, model_name: str) -> tuple[bool, str | None]:
+    """(whether ``model_name`` is registered, the store id it belongs to or None when unclaimed)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(model_name)
+    except MlflowException:
+        return False, None
+    return True, (model.tags or {}).get(OWNER_TAG)
+
+
+def claim_registered_model(client: Any, model_name: str, store_id: str) -> str | None:
+    """Create ``model_name`` owned by ``store_id`` (atomic: a concurrent creator wins); returns its owner afterwards."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(model_name, tags={OWNER_TAG: store_id},
+                                       description="contad continual anomaly detector (pyfunc: images -> scores + maps)")
+    except MlflowException:
+        pass  # created meanwhile: whoever created it owns it
+    return registered_model_owner(client, model_name)[1]
+
+
+def set_owner(client: Any, model_name: str, store_id: str) -> None:
+    """Tag an existing (unclaimed) registered model as belonging to ``store_id``."""
+    client.set_registered_model_tag(model_name, OWNER_TAG, store_id)
+
+
+def model_version_tags(client: Any, model_name: str, version: str) -> dict[str, str]:
+    """All tags of model version ``version``."""
+    return dict(client.get_model_version(model_name, str(version)).tags or {})
+
+
+def version_banks(client: Any, model_name: str) -> list[tuple[str, dict[str, str]]]:
+    """``(version, tags)`` of every version of ``model_name``."""
+    return [(str(v.version), dict(v.tags or {})) for v in client.search_model_versions(f"name = '{model_name}'")]

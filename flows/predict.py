@@ -6,7 +6,8 @@ into ``--out``:
 
 - ``predictions.csv`` and ``predictions.jsonl``: one row per readable image with ``path``,
   ``product``, ``score``, ``threshold``, ``decision``, ``overlay`` (relative path),
-  ``model_version``, ``bank_version``;
+  ``model_version``, ``bank_version`` (``predictions.jsonl`` also ``prediction_id``: the SHA-256 of the image
+  bytes, which ``contad feedback`` accepts);
 - ``overlays/NNNNN_<name>.png``: the image with its heat map and the defect contour;
 - ``skipped.csv`` (``path``, ``reason``, ``error``) when files could not be decided: ``reason`` is
   ``unreadable`` (not an image, truncated, corrupt) or ``too large`` (more pixels than
@@ -44,6 +45,7 @@ from components.atomic import atomic_write_bytes, atomic_write_text
 from components.config import Config
 from components.decision import Detector, ImageTooLarge, Verdict, decode_image
 from components.errors import ContadError, DataError
+from components.memory.feedback import image_id
 from components.eval.figures import heatmap_overlay_png
 from components.progress import progress_bar
 
@@ -67,6 +69,9 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
     found: list[Path] = []
     for pattern in patterns:
         path = Path(pattern)
+        if path.exists() and not path.is_file() and not path.is_dir():  # a FIFO, socket or device would block or never end
+            log.warning("%s is not a regular file (FIFO, socket or device): skipped", pattern)
+            continue
         if path.is_file():
             matches = [path]
         elif path.is_dir():
@@ -94,22 +99,45 @@ def _read(path: Path, max_pixels: int) -> Any:
         raise DataError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
 
 
-def skip_reason(exc: DataError) -> str:
-    """``too large`` for an image above the pixel limit (ours or PIL's decompression-bomb guard), else ``unreadable``."""
+# PIL's guard against a compressed chunk (e.g. a PNG zTXt/iCCP) that expands beyond its limit: a decompression bomb too.
+PIL_CHUNK_BOMB = "Decompressed data too large"
+_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def no_reprs(text: str) -> str:
+    """``text`` without Python object reprs (``<_io.BytesIO object at 0x...>``) that libraries put in messages."""
+    return _REPR.sub("", text)
+
+
+def _bomb_kind(exc: DataError) -> str | None:
+    """Which PIL decompression-bomb guard ``exc`` comes from: ``pixels`` (image size), ``chunk`` (a compressed chunk
+    above PIL's limit), or None."""
     from PIL import Image
 
-    too_large = isinstance(exc, ImageTooLarge) or any(isinstance(c, Image.DecompressionBombError) for c in (exc.__cause__, exc.__context__))
-    return TOO_LARGE if too_large else UNREADABLE
+    for cause in (exc.__cause__, exc.__context__):
+        if isinstance(cause, Image.DecompressionBombError):
+            return "pixels"
+        if isinstance(cause, ValueError) and str(cause).startswith(PIL_CHUNK_BOMB):
+            return "chunk"
+    return None
+
+
+def skip_reason(exc: DataError) -> str:
+    """``too large`` for an image above the pixel limit (ours or PIL's decompression-bomb guards), else ``unreadable``."""
+    return TOO_LARGE if isinstance(exc, ImageTooLarge) or _bomb_kind(exc) is not None else UNREADABLE
 
 
 def skip_message(exc: DataError, path: Path | str, max_pixels: int) -> str:
     """The one-line reason ``path`` (a file, or e.g. "request body") was not decided, in contad's terms: PIL's
-    decompression-bomb error becomes the pixel limit (``serve.max_pixels``)."""
-    if skip_reason(exc) == TOO_LARGE and not isinstance(exc, ImageTooLarge):
+    decompression-bomb errors become the pixel limit (``serve.max_pixels``) or "decompression bomb"."""
+    bomb = None if isinstance(exc, ImageTooLarge) else _bomb_kind(exc)
+    if bomb == "pixels":
         pixels = re.search(r"Image size \((\d+) pixels\)", str(exc))
         size = f"{int(pixels[1])} pixels" if pixels else "the image"
         return f"{path}: {size} exceeds the limit of {max_pixels} (serve.max_pixels)"
-    return str(exc)
+    if bomb == "chunk":
+        return f"{path}: decompression bomb: a compressed chunk expands beyond the decoder's limit"
+    return no_reprs(str(exc))
 
 
 def skipped_summary(skipped: list[dict[str, str]]) -> str:
@@ -173,13 +201,14 @@ def predict_files(detector: Detector, paths: list[Path], out: Path) -> tuple[lis
 
 def _row(path: Path, verdict: Verdict, overlay: str, detector: Detector) -> dict[str, Any]:
     return {"path": str(path), **verdict.to_dict(), "overlay": overlay,
-            "model_version": detector.model_version, "bank_version": detector.bank_version}
+            "model_version": detector.model_version, "bank_version": detector.bank_version,
+            "prediction_id": image_id(path.read_bytes())}  # jsonl only: what `contad feedback --predictions` names an image by
 
 
 def write_predictions(out: Path, rows: list[dict[str, Any]], skipped: list[dict[str, str]]) -> None:
     """``predictions.csv`` + ``predictions.jsonl`` (+ ``skipped.csv``), written atomically."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=PREDICTION_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=PREDICTION_COLUMNS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
     atomic_write_text(out / PREDICTIONS_CSV, buffer.getvalue())
@@ -196,6 +225,8 @@ def predict_command(cfg: Config, inputs: list[str], out: Path, model: str | None
     """``contad predict``: decisions, tables and overlays for every input image; 0 even when parts are NG."""
     from flows.deployed import make_source
 
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ContadError(f"predict --out {out}: an existing file, not a folder; give a new or existing folder")
     paths = expand_inputs(inputs)
     source = make_source(cfg, model, bank)
     version = source.current()

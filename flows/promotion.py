@@ -15,12 +15,21 @@ moves ``CURRENT``, moves the registry's ``champion`` alias, and marks the journa
 ``recover`` (run first by every command that uses the store, and by ``contad banks doctor``)
 finds a pending journal left by a crash and puts both back to the state before, the last
 state where both agreed.
+
+One store, one champion: a store has an identity (``STORE_ID``) and acts only on its own
+registered model in the *configured* registry (``tracking.uri``): the model named
+``tracking.registered_model`` when this store owns it (registered-model tag ``contad.store_id``),
+else ``<name>-<first 8 characters of the store id>`` (``store_model_name``). Every model version
+carries the id of the store that registered it (tag ``store_id``); a champion of another store
+is never moved, and a pending journal naming another registry is refused, not repaired there.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,7 +40,7 @@ from components.config import Config, PromotionConfig
 from components.eval.continual import RESERVED_FRR
 from components.errors import ContadError
 from components.faults import fault_point
-from components.memory.store import SHORT_HASH, BankError, BankStore
+from components.memory.store import MANIFEST_FILE, SHORT_HASH, BankError, BankStore, mismatched_files, verify_registered_state
 
 log = logging.getLogger(__name__)
 
@@ -148,12 +157,21 @@ class ChampionMismatch(ContadError):
     """The bank store's ``CURRENT`` and the registry's champion disagree outside any transaction."""
 
 
+class ForeignChampion(BankError):
+    """The champion (or the version to make champion) was registered by another bank store."""
+
+
 @dataclass(frozen=True)
 class Registry:
-    """Where the ``champion`` alias lives: an MLflow registry URI and a registered model name."""
+    """Where the ``champion`` alias lives: an MLflow registry URI and a registered model name.
+
+    ``store_id``: the bank store this view acts for; model versions another store registered are
+    never made champion, and their champion is never moved (None: a store without an identity).
+    """
 
     uri: str
     model: str
+    store_id: str | None = None
 
     def client(self) -> Any:
         from flows.tracking import make_client_for_uri
@@ -178,44 +196,142 @@ class Registry:
             return champion_alias_version(self.client(), self.model)
 
     def champion_bank(self) -> str | None:
-        """Bank version tag of the champion (None: no champion or untagged)."""
-        from flows.model_registry import model_version_tag
-        from flows.tracking import tracking_errors
-
+        """Bank version tag of the champion (None: no champion or untagged); ``ForeignChampion`` when
+        another bank store registered it."""
         version = self.champion()
         if version is None:
             return None
+        tags = self._tags(version)
+        self._check_own(version, tags)
+        return tags.get(BANK_VERSION_TAG)
+
+    def _tags(self, version: str) -> dict[str, str]:
+        from flows.model_registry import model_version_tags
+        from flows.tracking import tracking_errors
+
         with tracking_errors(self.uri):
-            return model_version_tag(self.client(), self.model, version, BANK_VERSION_TAG)
+            return model_version_tags(self.client(), self.model, version)
+
+    def _check_own(self, version: str, tags: dict[str, str]) -> None:
+        from flows.model_registry import STORE_ID_TAG
+
+        owner = tags.get(STORE_ID_TAG)
+        if self.store_id and owner and owner != self.store_id:
+            raise ForeignChampion(f"model version {version} of {self.model} ({self.uri}) belongs to bank store {owner[:8]}, not to this store "
+                                  f"({self.store_id[:8]}); contad never moves another store's champion")
 
     def set_champion(self, version: str | None) -> None:
+        """Point the champion alias at ``version`` (None: remove it); refuses a version of another store."""
         from flows.model_registry import set_champion_alias
         from flows.tracking import tracking_errors
 
+        if version is not None and self.store_id:
+            self._check_own(version, self._tags(version))
         with tracking_errors(self.uri):
             set_champion_alias(self.client(), self.model, version)
 
     def version_for_bank(self, bank: str) -> str | None:
-        """Newest registered model version tagged with bank version ``bank``."""
-        from flows.model_registry import latest_version_with_tag
+        """Newest model version of this store tagged with bank version ``bank``."""
+        from flows.model_registry import STORE_ID_TAG, version_banks
         from flows.tracking import tracking_errors
 
         if self._missing():
             return None
         with tracking_errors(self.uri):
-            return latest_version_with_tag(self.client(), self.model, BANK_VERSION_TAG, bank)
+            versions = version_banks(self.client(), self.model)
+        matching = [int(v) for v, tags in versions
+                    if tags.get(BANK_VERSION_TAG) == bank and (not self.store_id or tags.get(STORE_ID_TAG) in (None, self.store_id))]
+        return str(max(matching)) if matching else None
+
+    def champion_files_problem(self, store: BankStore) -> str | None:
+        """Why the champion's registered files (calibration.json, detector.json, state) no longer match its
+        bank version (None: they match, or there is no champion)."""
+        from flows.deployed import download_registered
+        from flows.tracking import tracking_errors
+
+        version = self.champion()
+        bank = self.champion_bank() if version is not None else None
+        if version is None or bank is None:
+            return None
+        with tempfile.TemporaryDirectory(prefix="contad-doctor-") as tmp, tracking_errors(self.uri):
+            try:
+                method_dir = download_registered(self.client(), self.uri, self.model, version, Path(tmp))["method"]
+            except ContadError as exc:  # not a contad detector (hand-registered): nothing doctor can check
+                return f"champion model version {version} of {self.model}: {exc}"
+            try:
+                verify_registered_state(method_dir, bank, f"model version {version} of {self.model} ({self.uri})")
+            except BankError as exc:
+                if not (store.versions_dir / bank / MANIFEST_FILE).is_file():
+                    return str(exc)
+                changed = mismatched_files(method_dir, store.show(bank).get("files") or {})
+                return f"{exc} (changed: {', '.join(changed[:5]) or '-'})"
+        return None
 
     def to_dict(self) -> dict[str, str]:
         return {"uri": self.uri, "model": self.model}
 
 
-def registry_for(cfg: Config) -> Registry | None:
-    """The registry of ``cfg.tracking`` (None when tracking is disabled)."""
+def registry_for(cfg: Config, store: BankStore | None = None, claim: bool = False) -> Registry | None:
+    """The registry view of the bank store ``store`` (default ``banks.store_dir``) in ``cfg.tracking``
+    (None when tracking is disabled): its own registered model (``store_model_name``) and identity.
+
+    ``claim=True`` (writers, lock held): create the store's identity and claim its registered model.
+    """
     from flows.tracking import normalized_uri
 
     if not cfg.tracking.enabled:
         return None
-    return Registry(normalized_uri(cfg.tracking.uri), cfg.tracking.registered_model)
+    store = store or BankStore(Path(cfg.banks.store_dir))
+    store_id = store.ensure_store_id() if claim else (store.store_id() if store.root.is_dir() else None)
+    base = Registry(normalized_uri(cfg.tracking.uri), cfg.tracking.registered_model, store_id)
+    if store_id is None:
+        return base
+    return Registry(base.uri, store_model_name(base, store, claim), store_id)
+
+
+def store_model_name(base: Registry, store: BankStore, claim: bool) -> str:
+    """The registered model of ``store`` in ``base.uri``: ``base.model`` when this store owns it (or may claim it:
+    unregistered, or unclaimed and holding this store's champion), else ``<base.model>-<store id[:8]>``."""
+    from flows.model_registry import claim_registered_model, registered_model_owner, set_owner
+    from flows.tracking import tracking_errors
+
+    me = str(base.store_id)
+    own = f"{base.model}-{me[:8]}"
+    if base.model.endswith(f"-{me[:8]}") or base._missing():
+        return base.model  # no registry yet: the first registration creates the model, the next writer claims it
+    with tracking_errors(base.uri):
+        client = base.client()
+        exists, owner = registered_model_owner(client, base.model)
+        if owner == me:
+            return base.model
+        if registered_model_owner(client, own)[0]:
+            return own
+        if not exists and (not claim or claim_registered_model(client, base.model, me) == me):
+            return base.model
+        if exists and owner is None and _holds_champion_of(client, base.model, store):
+            if claim:
+                set_owner(client, base.model, me)
+            return base.model
+        if claim:
+            claim_registered_model(client, own, me)
+            log.warning("registered model %s in %s belongs to another bank store; bank store %s (%s) registers its detectors as %s",
+                        base.model, base.uri, store.root, me[:8], own)
+    return own
+
+
+def _holds_champion_of(client: Any, model: str, store: BankStore) -> bool:
+    """Whether an unclaimed registered model is ``store``'s: it has no versions, or its champion (else any
+    version) was registered by this store (tag ``store_id``; untagged: its bank version is stored here)."""
+    from flows.model_registry import STORE_ID_TAG, champion_alias_version, version_banks
+
+    versions = dict(version_banks(client, model))
+    if not versions:
+        return True
+    champion = champion_alias_version(client, model)
+    chosen = [versions[champion]] if champion in versions else list(versions.values())
+    me = store.store_id()
+    return any(tags[STORE_ID_TAG] == me if tags.get(STORE_ID_TAG) else (store.versions_dir / str(tags.get(BANK_VERSION_TAG)) / MANIFEST_FILE).is_file()
+               for tags in chosen)
 
 
 def _journal_registry(journal: dict[str, Any] | None) -> Registry | None:
@@ -223,16 +339,29 @@ def _journal_registry(journal: dict[str, Any] | None) -> Registry | None:
     return Registry(str(doc["uri"]), str(doc["model"])) if isinstance(doc, dict) else None
 
 
+def _recovery_registry(store: BankStore, journal: dict[str, Any], registry: Registry | None) -> Registry | None:
+    """The configured ``registry``, when it is the one the pending journal moved the champion in; else ``BankError``:
+    the champion of a registry other than the configured one is never moved."""
+    journaled = _journal_registry(journal)
+    if journaled is None:
+        return registry
+    if registry is None or (registry.uri, registry.model) != (journaled.uri, journaled.model):
+        configured = "tracking is disabled" if registry is None else f"the configured registry is {registry.model} in {registry.uri}"
+        raise BankError(f"{store.root / 'JOURNAL.json'}: an interrupted promotion moved the champion of {journaled.model} in {journaled.uri}, but "
+                        f"{configured}; rerun with tracking.uri={journaled.uri} to repair it (contad moves champions in the configured registry only)")
+    return registry
+
+
 def recover(store: BankStore, registry: Registry | None = None) -> str | None:
     """Repair a transaction a crash left pending: restore ``CURRENT`` and the champion it started from.
 
     Call with the store's lock held. Returns what was repaired (None when nothing was pending).
-    The journal's own registry wins over ``registry`` (it is where the alias was being moved).
+    Refuses (``BankError``) when the journal names a registry other than ``registry`` (the configured one).
     """
     journal = store.read_journal()
     if journal is None or journal["state"] != "pending":
         return None
-    registry = _journal_registry(journal) or registry
+    registry = _recovery_registry(store, journal, registry)
     before, after = journal["before"], journal["after"]
     store.set_current(before.get("bank"))
     if registry is not None:
@@ -254,6 +383,8 @@ def promote(store: BankStore, registry: Registry | None, bank: str, model_versio
     with store.lock():
         recover(store, registry)
         full = store.verify(bank)
+        if registry is not None:
+            registry.champion_bank()  # ForeignChampion: another store's champion is never moved
         before = {"bank": store.current(), "model_version": registry.champion() if registry else None}
         after = {"bank": full, "model_version": model_version}
         journal: dict[str, Any] = {"state": "pending", "before": before, "after": after, "registry": registry.to_dict() if registry else None}
@@ -285,7 +416,6 @@ def rollback(store: BankStore, registry: Registry | None, version: str) -> tuple
     """Make an older bank version current *and* champion (the newest model version tagged with it)."""
     with store.lock():
         recover(store, registry)
-        registry = _journal_registry(store.read_journal()) or registry
         full = store.verify(version)
         model_version = registry.version_for_bank(full) if registry is not None else None
         if registry is not None and model_version is None:
@@ -312,10 +442,13 @@ def check_agreement(store: BankStore, registry: Registry | None) -> None:
 
 @contextmanager
 def store_transaction(cfg: Config, store: BankStore | None = None) -> Iterator[tuple[BankStore, Registry | None]]:
-    """Lock the bank store of ``cfg`` and repair any interrupted promotion; yields (store, registry)."""
+    """Lock the bank store of ``cfg``, bind ``cfg.tracking.registered_model`` to the store's own model (``registry_for``)
+    and repair any interrupted promotion; yields (store, registry)."""
     store = store or BankStore(Path(cfg.banks.store_dir))
-    registry = registry_for(cfg)
     with store.lock(cfg.banks.lock_timeout_s):
+        registry = registry_for(cfg, store, claim=True)
+        if registry is not None:
+            cfg.tracking.registered_model = registry.model  # every registration of this command goes to the store's own model
         recover(store, registry)
         yield store, registry
 
@@ -330,14 +463,18 @@ class DoctorReport:
 
 
 def doctor(store: BankStore, registry: Registry | None) -> DoctorReport:
-    """Repair interrupted promotions, verify every version's hashes, check CURRENT against the champion."""
+    """Repair what crashes and hand edits leave (stale temporaries, an interrupted promotion, a broken JOURNAL
+    or CURRENT, CURRENT and champion disagreeing), verify every version's hashes and the champion's registered files."""
     report = DoctorReport()
     with store.lock():
-        repaired = recover(store, registry)
-        if repaired:
-            report.repaired.append(repaired)
-        journal = store.read_journal()
-        registry = _journal_registry(journal) or registry
+        removed = store.remove_stale_temporaries()
+        if removed:
+            report.repaired.append(f"removed {len(removed)} temporary file(s) of writers that died: {', '.join(p.name for p in removed[:3])}")
+        journal = _usable_journal(store, registry, report)
+        if journal is not None and journal["state"] == "pending":
+            report.repaired.append(str(recover(store, registry)))
+            journal = store.read_journal()
+        _repair_current(store, registry, journal, report)
         for entry in store.list():
             report.checked += 1
             try:
@@ -346,6 +483,12 @@ def doctor(store: BankStore, registry: Registry | None) -> DoctorReport:
                 report.problems.append(str(exc))
         try:
             check_agreement(store, registry)
+            if isinstance(registry, Registry):
+                problem = registry.champion_files_problem(store)
+                if problem:
+                    report.problems.append(problem)
+        except ForeignChampion as exc:
+            report.problems.append(str(exc))
         except ChampionMismatch as exc:
             if journal is not None and journal["state"] == "committed":
                 agreed = journal["after"]
@@ -356,6 +499,61 @@ def doctor(store: BankStore, registry: Registry | None) -> DoctorReport:
             else:
                 report.problems.append(str(exc))
     return report
+
+
+def _usable_journal(store: BankStore, registry: Registry | None, report: DoctorReport) -> dict[str, Any] | None:
+    """The journal; a broken one (truncated, ``{}``) is rebuilt as committed from the champion's bank tag, else CURRENT."""
+    try:
+        return store.read_journal()
+    except BankError as exc:
+        agreed, source = _agreed_state(store, registry, None)
+        store.set_current(agreed["bank"])
+        journal = {"state": "committed", "before": agreed, "after": agreed, "registry": registry.to_dict() if registry else None, "rebuilt_from": source}
+        store.write_journal(journal)
+        report.repaired.append(f"{str(exc).split(';')[0]}; rebuilt it from {source}: bank {_short(agreed['bank'])}, champion {agreed['model_version'] or '-'}")
+        if agreed["bank"] is None and store.list():
+            report.problems.append(f"neither the champion nor CURRENT names a stored version, so none is current; choose one: contad banks rollback VERSION --store {store.root}")
+        return journal
+
+
+def _repair_current(store: BankStore, registry: Registry | None, journal: dict[str, Any] | None, report: DoctorReport) -> None:
+    """Rewrite a garbage, empty or dangling CURRENT (or a missing one the committed journal names) from the last agreed state."""
+    recorded = ((journal or {}).get("after") or {}).get("bank") if (journal or {}).get("state") == "committed" else None
+    try:
+        if store.current() is not None or recorded is None:
+            return
+        broken = f"{store.root / 'CURRENT'} is missing"
+    except BankError as exc:
+        broken = str(exc).split(";")[0]
+    agreed, source = _agreed_state(store, registry, journal)
+    store.set_current(agreed["bank"])
+    if agreed["bank"] is None:
+        report.problems.append(f"{broken}, and neither the champion nor the journal names a stored version; choose one: contad banks rollback VERSION --store {store.root}")
+    else:
+        report.repaired.append(f"{broken}; restored CURRENT from {source}: bank {_short(agreed['bank'])}")
+
+
+def _agreed_state(store: BankStore, registry: Registry | None, journal: dict[str, Any] | None) -> tuple[dict[str, str | None], str]:
+    """The last state CURRENT and champion agreed on, from (in this order) the champion's bank tag, the committed
+    journal, CURRENT; ``({"bank": None, ...}, ...)`` when none names a stored version."""
+    stored = lambda bank: bool(bank) and (store.versions_dir / str(bank) / MANIFEST_FILE).is_file()  # noqa: E731
+    champion = registry.champion() if registry is not None else None
+    try:
+        champion_bank = registry.champion_bank() if registry is not None and champion is not None else None
+    except ForeignChampion:
+        champion, champion_bank = None, None
+    if stored(champion_bank):
+        return {"bank": champion_bank, "model_version": champion}, "the champion's bank_version tag"
+    after = (journal or {}).get("after") or {}
+    if (journal or {}).get("state") == "committed" and stored(after.get("bank")):
+        return {"bank": after["bank"], "model_version": after.get("model_version")}, "the committed journal"
+    try:
+        current = store.current()
+    except BankError:
+        current = None
+    if current is not None:
+        return {"bank": current, "model_version": champion}, "CURRENT"
+    return {"bank": None, "model_version": champion}, "nothing usable"
 
 
 def _short(version: str | None) -> str:
@@ -377,8 +575,13 @@ def _banks_locked(cfg: Config, sub: str, version: str | None, store: BankStore) 
 
     if not store.root.is_dir():
         raise BankError(f"no bank store at {store.root} (set banks.store_dir or --store)")
-    registry = registry_for(cfg)
+    if sub in ("list", "show") and not store.writable():
+        print(f"contad: bank store {store.root} is read-only: showing it as readers see it (an interrupted promotion is not repaired)", file=sys.stderr)
+        return inspect_command(cfg, sub, version, store.root)
     with store.lock(cfg.banks.lock_timeout_s):
+        registry = registry_for(cfg, store, claim=sub in ("rollback", "doctor"))
+        if sub == "doctor":
+            return _print_doctor(store, doctor(store, registry))
         repaired = recover(store, registry)
         if repaired:
             print(f"contad: repaired: {repaired}")
@@ -389,13 +592,18 @@ def _banks_locked(cfg: Config, sub: str, version: str | None, store: BankStore) 
             full, model_version = rollback(store, registry, version)
             print(f"current bank version: {full[:SHORT_HASH]} (was {_short(previous)}); champion: model version {model_version or '-'}; no version was deleted")
             return 0
-        if sub == "doctor":
-            report = doctor(store, registry)
-            for line in report.repaired:
-                print(f"repaired: {line}")
-            for line in report.problems:
-                print(f"problem: {line}")
-            print(f"bank store {store.root}: {report.checked} version(s) checked, current {_short(store.current())}, "
-                  f"{len(report.repaired)} repair(s), {len(report.problems)} problem(s)")
-            return 1 if report.problems else 0
         return inspect_command(cfg, sub, version, store.root)
+
+
+def _print_doctor(store: BankStore, report: DoctorReport) -> int:
+    """Print what ``doctor`` repaired and found; 1 when a problem remains."""
+    for line in report.repaired:
+        print(f"repaired: {line}")
+    for line in report.problems:
+        print(f"problem: {line}")
+    try:
+        current = _short(store.current())
+    except BankError:
+        current = "unusable"
+    print(f"bank store {store.root}: {report.checked} version(s) checked, current {current}, {len(report.repaired)} repair(s), {len(report.problems)} problem(s)")
+    return 1 if report.problems else 0

@@ -229,13 +229,28 @@ def publish_summary(metrics_json: dict[str, Any], tracker: Any) -> str | None:
     return publish_markdown(key, run_summary_markdown(metrics_json, tracker), "final accuracy table and MLflow run of a contad run")
 
 
+def add_product_key(name: str, store: Any) -> str:
+    """Artifact key of an add-product run: ``contad-add-product-<name>-<store's folder>-<6 hex of its absolute path>``.
+
+    One key per (product, bank store), so the Prefect UI's "latest" of a key is this store's table, never the
+    table of the same product name added to another store (another demo, another line).
+    """
+    import hashlib
+    from pathlib import Path
+
+    path = Path(str(store)).absolute()
+    folder = path.parent.name if path.name == "banks" and path.parent.name else path.name
+    return artifact_key(f"contad-add-product-{name}-{folder}-{hashlib.sha256(str(path).encode()).hexdigest()[:6]}")
+
+
 def publish_add_product(name: str, step: int, metrics: dict[str, dict[str, float]], gate: dict[str, Any], bank_version: str,
-                        model_version: str | None, tracker: Any) -> str | None:
-    """The add-product run's markdown artifact: metrics of every product after the step, the gate, the MLflow run."""
+                        model_version: str | None, tracker: Any, store: Any) -> str | None:
+    """The add-product run's markdown artifact (key ``add_product_key``: per product and bank store): metrics of
+    every product after the step, the gate, the MLflow run."""
     decision = "passed: promoted" if gate.get("passed") else "rejected: " + "; ".join(str(r) for r in gate.get("reasons") or [])
     markdown = (
         f"# add-product {name} (step {step})\n\nEvery learned product after the step, in %:\n\n{metrics_table(metrics)}\n\n"
         f"Promotion gate {decision}.\n\nBank version `{bank_version[:12]}`, model version {model_version or '-'}.\n\n"
         f"{mlflow_section(tracker)}\n"
     )
-    return publish_markdown(f"contad-add-product-{name}", markdown, f"metrics and promotion gate of adding {name}")
+    return publish_markdown(add_product_key(name, store), markdown, f"metrics and promotion gate of adding {name} to {store}")

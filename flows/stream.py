@@ -14,7 +14,11 @@ A line camera's images arrive one at a time. Each image is, in this order (prequ
 4. learned (``learn_one``) when decided OK or warm-up; an NG image is never learned with the default
    ``stream.update=ok`` (``all``: every image): it is appended to ``DIR/quarantine.jsonl``;
 5. appended to ``DIR/stream.jsonl`` (path, product, routed, score, threshold, decision, learned,
-   model_step = images the task had learned before this one) and flushed.
+   model_step = images the task had learned before this one) and flushed;
+6. when decided OK, fed to the drift watch (``flows/monitoring.py``, ``drift.*``): each full window of
+   OK scores compared with the calibration normals (or the stream's first OK scores) goes to
+   ``DIR/drift.jsonl``; an alarm logs a warning and emits ``contad.product.drift`` when
+   ``PREFECT_API_URL`` names a server.
 
 Every ``stream.checkpoint_every`` images and at exit the model and the stream position are
 written atomically to ``DIR/checkpoint`` (with the configuration and a calibration holding the
@@ -23,8 +27,12 @@ stream's sample, so ``contad predict --bank`` decides like the stream) and commi
 (even ``kill -9``) resumes from the last checkpoint: ``stream.jsonl`` is cut back to the
 checkpoint's length (``quarantine.jsonl`` too) and images already learned are skipped, so the final state equals that of an
 uninterrupted stream. SOURCE is a folder watched for new images, a text file of image paths, or
-``-`` for paths on stdin. Fault hook for tests: env ``CONTAD_STREAM_KILL_AFTER=N`` SIGKILLs the
-process right after the N-th image of this run.
+``-`` for paths on stdin. A path that is not a regular file (a FIFO, socket or device, which would
+block or never end) is recorded with its error and skipped like an unreadable image; when no new image
+could be read at all the command exits 2. One stream at a time per ``DIR``: a stream holds the lock
+of its directory (the bank store's kind of lock, ``DIR/.lock``) while it runs; a second one waits up to
+``banks.lock_timeout_s``, then exits 75. Fault hook for tests: env ``CONTAD_STREAM_KILL_AFTER=N``
+SIGKILLs the process right after the N-th image of this run.
 """
 
 from __future__ import annotations
@@ -33,9 +41,11 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,17 +57,19 @@ from components.artifact import deployed_config, read_detector_config, write_det
 from components.atomic import atomic_directory
 from components.config import BanksConfig, Config
 from components.data.loading import load_images
-from components.errors import ContadError
+from components.errors import ContadError, DataError
 from components.eval.thresholds import NG, OK, Calibration, TaskSample, quantile_threshold, read_calibration, write_calibration
-from components.memory.store import BankStore
+from components.memory.store import BankLockTimeout, BankStore
 from components.methods.base import ContinualMethod
 from components.methods.loading import load_method
 from components.progress import progress_bar
+from flows.monitoring import DriftReporter, StreamDrift
 
 log = logging.getLogger(__name__)
 
 STREAM_LOG = "stream.jsonl"
 QUARANTINE_LOG = "quarantine.jsonl"
+DRIFT_LOG = "drift.jsonl"  # one line per completed drift window of OK scores (flows/monitoring.py)
 WARMUP = "warmup"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_METHOD = "method"
@@ -218,10 +230,33 @@ def restore(out: Path, method: ContinualMethod, product: str) -> StreamState:
 
 
 # ---------------------------------------------------------------------------------- the loop
+@contextmanager
+def stream_lock(out: Path, timeout_s: float) -> Iterator[None]:
+    """Hold the lock of a stream directory while a stream writes it (the bank store's lock, on ``OUT/.lock``;
+    re-entrant in one process); ``BankLockTimeout`` naming ``--out`` when another stream keeps it."""
+    with ExitStack() as held:
+        try:
+            held.enter_context(BankStore(out).lock(timeout_s))
+        except BankLockTimeout as exc:
+            raise BankLockTimeout(f"stream --out {out} is in use by another stream: {exc}") from None
+        yield
+
+
+def check_regular_file(path: str) -> None:
+    """``DataError`` unless ``path`` is a regular file (a FIFO would block the stream on open, a device never end)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{path}: not a regular file (FIFO, socket, device or folder): skipped")
+
+
 def _handle(method: ContinualMethod, cfg: Config, state: StreamState, path: str) -> dict[str, Any]:
     """Score one image with the current model, decide it, then learn it unless NG; the stream.jsonl record."""
     record: dict[str, Any] = {"index": state.step, "path": path, "product": state.product}
     try:
+        check_regular_file(path)
         image = load_images([path], cfg.data.image_size)
     except ContadError as exc:
         log.error("stream: skipping unreadable image %s: %s", path, exc)
@@ -239,13 +274,17 @@ def _handle(method: ContinualMethod, cfg: Config, state: StreamState, path: str)
 
 
 def run_stream(cfg: Config, method: ContinualMethod, source: Iterator[str], product: str, out: Path, init: Path | None = None) -> dict[str, Any]:
-    """Prequential online loop over ``source`` (see module docstring); returns a summary.
+    """Prequential online loop over ``source`` (see module docstring), holding the lock of ``out``; returns a summary.
 
     ``init``: the method directory ``method`` was loaded from (its calibration starts the sample).
     """
     if not method.learns_online:
         raise ContadError(f"method {method.name!r} does not support streaming (methods declaring learns_online do, e.g. method=lemo)")
-    out = Path(out)
+    with stream_lock(Path(out), cfg.banks.lock_timeout_s):
+        return _run_stream(cfg, method, source, product, Path(out), init)
+
+
+def _run_stream(cfg: Config, method: ContinualMethod, source: Iterator[str], product: str, out: Path, init: Path | None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     store_dir = Path(cfg.banks.store_dir) if cfg.banks.store_dir != BanksConfig().store_dir else out / "banks"
     state = restore(out, method, product)
@@ -255,10 +294,13 @@ def run_stream(cfg: Config, method: ContinualMethod, source: Iterator[str], prod
         state.calibrated = stream_calibration(start, product)
     done = set(state.processed)
     kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
-    new_images, started, counts = 0, time.perf_counter(), {OK: 0, NG: 0, WARMUP: 0}
+    new_images, unreadable, started, counts = 0, 0, time.perf_counter(), {OK: 0, NG: 0, WARMUP: 0}
+    reporter = DriftReporter(cfg) if cfg.drift.enabled else None
+    calibrated_threshold = quantile_threshold(np.asarray(state.calibrated), cfg.decision.target_fpr) if state.calibrated else None
+    drift = StreamDrift(cfg, product, state.calibrated, calibrated_threshold, reporter)
     version = None
     bar = progress_bar(desc=f"stream {product}", unit="img")
-    with (out / STREAM_LOG).open("ab") as log_file, (out / QUARANTINE_LOG).open("ab") as quarantine:
+    with (out / STREAM_LOG).open("ab") as log_file, (out / QUARANTINE_LOG).open("ab") as quarantine, (out / DRIFT_LOG).open("ab") as drift_log:
         for path in source:
             if path in done:
                 log.debug("stream: %s already learned before the checkpoint; skipped", path)
@@ -272,6 +314,10 @@ def run_stream(cfg: Config, method: ContinualMethod, source: Iterator[str], prod
                 state.quarantine_bytes += len(held)
             log_file.write(line)
             log_file.flush()
+            reading = drift.observe(record["score"], {"stream": str(out)}) if record.get("decision") == OK else None
+            if reading is not None:
+                drift_log.write((json.dumps({"index": state.step, **reading.to_dict()}) + "\n").encode("utf-8"))
+                drift_log.flush()
             state.step += 1
             state.processed.append(path)
             state.log_bytes += len(line)
@@ -279,6 +325,7 @@ def run_stream(cfg: Config, method: ContinualMethod, source: Iterator[str], prod
             new_images += 1
             if record.get("decision") in counts:
                 counts[record["decision"]] += 1
+            unreadable += "error" in record
             bar.update(1)
             bar.set_postfix(img_s=f"{new_images / max(time.perf_counter() - started, 1e-9):.1f}", OK=counts[OK], NG=counts[NG])
             if state.step % cfg.stream.checkpoint_every == 0:
@@ -288,6 +335,8 @@ def run_stream(cfg: Config, method: ContinualMethod, source: Iterator[str], prod
             if cfg.stream.max_images is not None and new_images >= cfg.stream.max_images:
                 break
     bar.close()
+    if reporter is not None:
+        reporter.close()
     if new_images or version is None:
         version = write_checkpoint(out, method, state, store_dir, start)
     seconds = time.perf_counter() - started
@@ -296,11 +345,13 @@ def run_stream(cfg: Config, method: ContinualMethod, source: Iterator[str], prod
         "new_images": new_images,
         "total_images": state.step,
         "decisions": {"OK": counts[OK], "NG": counts[NG], "warmup": counts[WARMUP]},
+        "unreadable": unreadable,
         "images_per_s": new_images / seconds if seconds > 0 else 0.0,
         "bank_version": version,
         "bank_store": str(store_dir),
         "stream_log": str(out / STREAM_LOG),
         "quarantine": str(out / QUARANTINE_LOG),
+        "drift": {"windows": drift.windows, "alarms": drift.alarms, "log": str(out / DRIFT_LOG)},
     }
     log.info("stream: %d new images (%d in total; %d OK, %d NG quarantined, %d warm-up) at %.1f img/s; bank version %s",
              new_images, state.step, counts[OK], counts[NG], counts[WARMUP], summary["images_per_s"], version[:12])
@@ -321,6 +372,9 @@ def stream_command(cfg: Config, source: str, product: str, out: Path, init: Path
     """``contad stream SOURCE --product NAME --out DIR [--init METHOD_DIR]``."""
     if not product.strip():
         raise ContadError("stream: --product must name the product the stream learns")
-    summary = stream_flow(cfg, source, product, Path(out), init)
+    with stream_lock(Path(out), cfg.banks.lock_timeout_s):  # taken before the Prefect server starts: a second stream fails fast
+        summary = stream_flow(cfg, source, product, Path(out), init)
     print(json.dumps(summary, indent=2))
+    if summary["new_images"] and summary["unreadable"] == summary["new_images"]:  # nothing decided is an input error, as in predict
+        raise ContadError(f"stream: none of the {summary['new_images']} new image(s) could be read; see {summary['stream_log']} (each line names its error)")
     return 0

@@ -500,6 +500,7 @@ class Tracker:
             "n_products": str(len(products)),
             "method": config.method,
             "protocol": self.protocol,
+            **({"store_id": str(manifest["store_id"])} if (manifest or {}).get("store_id") else {}),  # the bank store that registered it
         }
         model = self.client.create_logged_model(
             self.experiment_id or self.client.get_run(run_id).info.experiment_id,

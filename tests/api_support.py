@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 import uvicorn
@@ -17,10 +18,11 @@ START_TIMEOUT_S = 60.0
 
 
 @contextmanager
-def running_server(app: FastAPI, ready_path: str = "/readyz", ready_timeout_s: float = 180.0) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free loopback port until ``ready_path`` answers 200; yields the base URL."""
+def running_server(app: FastAPI, ready_path: str = "/readyz", ready_timeout_s: float = 180.0, **options: Any) -> Iterator[str]:
+    """Serve ``app`` with uvicorn (more ``uvicorn.Config`` ``options``, e.g. ``http``) on a free loopback port until
+    ``ready_path`` answers 200; yields the base URL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", **options))
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

@@ -80,7 +80,7 @@ def test_gate_failure_keeps_bank_and_champion(base: TrainedBase, tmp_path: Path,
     assert "Promotion gate: **rejected**" in version.description and version.tags["bank_version"] == rejected[0].version
 
 
-def test_invalid_product_data_changes_nothing(base: TrainedBase, tmp_path: Path) -> None:
+def test_invalid_product_data_changes_nothing(base: TrainedBase, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cfg, store, client = _copy(base, tmp_path)
     before = _state(store, client)
     broken = tmp_path / "broken"
@@ -92,6 +92,7 @@ def test_invalid_product_data_changes_nothing(base: TrainedBase, tmp_path: Path)
 
     assert "champion unchanged" in str(info.value)
     assert f"product folder {broken} " in str(info.value) and "contad-add-" not in str(info.value)  # the user's folder, not a temp copy
+    assert str(broken) in caplog.text and "contad-add-" not in caplog.text  # log lines too
     assert _state(store, client) == before
 
 

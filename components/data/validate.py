@@ -414,7 +414,8 @@ def validate_dataset(root: Path, min_valid_fraction: float = DEFAULT_MIN_VALID_F
     report.manifest = manifest
     report.products = _counts(manifest)
     report.not_evaluable = untested_products(manifest)
-    log.info("validating %d images of %d product(s) in %s", len(manifest), len(report.products), root)
+    # products, not the folder: add-product validates a temporary one-product view of the user's folder
+    log.info("validating %d images of %d product(s): %s", len(manifest), len(report.products), ", ".join(map(str, report.products)))
     gx_failures, report.expectations = run_manifest_suite(manifest)
     failures = gx_failures + check_images(manifest, min_valid_fraction) + check_products(manifest)
     if report.layout == "mvtec":

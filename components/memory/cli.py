@@ -1,8 +1,9 @@
 """``contad banks list|show|rollback``: inspect the memory-bank store and move its current pointer.
 
 The ``contad`` CLI reaches these through ``flows.promotion.banks_command``, which holds the store's
-lock, repairs an interrupted promotion first, and does ``rollback`` (pointer *and* champion) and
-``doctor`` itself; ``rollback`` here moves only the pointer (stores without a registry).
+lock (not on a read-only store: list/show then read it as readers do), repairs an interrupted
+promotion first, and does ``rollback`` (pointer *and* champion) and ``doctor`` itself;
+``rollback`` here moves only the pointer (stores without a registry).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from rich.table import Table
 
 from components.config import Config
 from components.errors import ContadError
-from components.memory.store import SHORT_HASH, BankStore
+from components.memory.store import SHORT_HASH, BankStore, resolve_current_for_reader
 
 SUBCOMMANDS = ("list", "show", "rollback")
 
@@ -43,7 +44,7 @@ def _print_list(store: BankStore, console: Console) -> None:
 
 def _print_show(store: BankStore, version: str, console: Console) -> None:
     manifest = store.show(version)
-    manifest["current"] = manifest["version"] == store.current()
+    manifest["current"] = manifest["version"] == resolve_current_for_reader(store)
     manifest["state_dir"] = str(store.state_dir(manifest["version"]))
     console.print_json(json.dumps(manifest))
 

@@ -7,6 +7,7 @@ Layout of a store directory::
       versions/<sha256>/manifest.json  meta: step, tasks, products, metrics, parent, created, files
       CURRENT                          the version hash the pipeline continues from
       JOURNAL.json                     the last "make V current (and champion)" transaction
+      STORE_ID                         this store's identity (created with it; tagged on its model versions)
       .lock                            advisory lock held around every read-modify-write
 
 A version's hash is the SHA-256 of its state files (relative path + content hash of every file),
@@ -17,10 +18,13 @@ leaves the previous version current. Nothing is ever deleted: rollback only move
 ``lock()`` serialises writers (a second process waits, saying who holds the lock);
 ``JOURNAL.json`` lets ``flows.promotion`` move ``CURRENT`` and the registry's champion alias
 together and repair a crash between the two (see docs/ARCHITECTURE.md, "Transactions").
+Readers never take the lock: ``resolve_current_for_reader`` applies the same recovery rule
+(the journal's ``before`` while a promotion is pending) without writing anything.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -32,14 +36,15 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
-from components.atomic import atomic_directory, atomic_write_json, atomic_write_text
+from components.atomic import atomic_directory, atomic_write_json, atomic_write_text, is_stale_temporary, temp_prefix
 from components.errors import ContadError
 
 log = logging.getLogger(__name__)
@@ -49,11 +54,14 @@ STATE_DIR = "state"
 MANIFEST_FILE = "manifest.json"
 CURRENT_FILE = "CURRENT"
 JOURNAL_FILE = "JOURNAL.json"
+STORE_ID_FILE = "STORE_ID"
 LOCK_FILE = ".lock"
 DEFAULT_LOCK_TIMEOUT_S = 3600.0
 _LOCK_POLL_S = 0.2
 SHORT_HASH = 12
 _CHUNK = 1 << 20
+_READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
+_HEX = frozenset("0123456789abcdef")
 
 
 class BankError(ContadError):
@@ -187,6 +195,71 @@ class BankStore:
         os.pwrite(fd, holder_line.encode("utf-8", "replace"), 0)
         return fd
 
+    def writable(self) -> bool:
+        """Whether this process can take the store's lock (False on a read-only mount or directory)."""
+        try:
+            fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            if exc.errno not in _READ_ONLY_ERRNOS:
+                raise
+            return False
+        os.close(fd)
+        return True
+
+    def lock_if_writable(self, timeout_s: float = DEFAULT_LOCK_TIMEOUT_S, waiting: Any = None) -> Any:
+        """``lock()`` for a reader that wants a consistent view; no lock on a read-only store (readers need none)."""
+        if self.writable():
+            return self.lock(timeout_s, waiting)
+        log.info("bank store %s is read-only; reading it without the lock", self.root)
+        return nullcontext()
+
+    # ------------------------------------------------------------------ identity
+    def store_id(self) -> str | None:
+        """This store's identity (``STORE_ID``), or None for a store created before stores had one."""
+        path = self.root / STORE_ID_FILE
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise BankError(f"{path}: unreadable store identity ({exc})") from exc
+        if len(text) != 32 or not set(text) <= _HEX:
+            raise BankError(f"{path}: not a contad store identity (32 hex characters expected); restore it from a backup of the store")
+        return text
+
+    def ensure_store_id(self) -> str:
+        """This store's identity, created (once, atomically) when the store has none yet."""
+        with self.lock():
+            existing = self.store_id()
+            if existing is not None:
+                return existing
+            created = uuid.uuid4().hex
+            atomic_write_text(self.root / STORE_ID_FILE, created + "\n")
+            log.info("bank store %s: identity %s", self.root, created)
+            return created
+
+    def stale_temporaries(self) -> list[Path]:
+        """Temporaries of writers that died (``components.atomic.is_stale_temporary``) in the store and, for a
+        run's own store (``OUT/banks``), in the run's ``OUT/steps`` folder (``.NN-task.<pid>.*.tmp``)."""
+        folders = [self.root, self.versions_dir, self.root.parent / "steps"] if self.root.name == "banks" else [self.root, self.versions_dir]
+        found = []
+        for folder in folders:
+            if folder.is_dir():
+                candidates = sorted(folder.glob(".*.tmp")) + sorted(folder.glob(".staging-*"))  # .staging-*: writers before pids were named
+                found += [p for p in candidates if is_stale_temporary(p)]
+        return found
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Remove ``stale_temporaries()``; returns what was removed. Call with the lock held."""
+        removed = self.stale_temporaries()
+        for path in removed:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        return removed
+
+    # ------------------------------------------------------------------ journal
     def read_journal(self) -> dict[str, Any] | None:
         """The transaction journal (``JOURNAL.json``), or None when there is none."""
         path = self.root / JOURNAL_FILE
@@ -195,9 +268,9 @@ class BankStore:
         try:
             doc = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise BankError(f"{path}: unreadable transaction journal ({exc}); run `contad banks doctor --store {self.root}` after checking it") from exc
-        if not isinstance(doc, dict) or doc.get("state") not in ("pending", "committed"):
-            raise BankError(f"{path}: not a contad transaction journal (state must be pending or committed)")
+            raise BankError(f"{path}: unreadable transaction journal ({exc}); `contad banks doctor --store {self.root}` rebuilds it") from exc
+        if not isinstance(doc, dict) or doc.get("state") not in ("pending", "committed") or not all(isinstance(doc.get(k), dict) for k in ("before", "after")):
+            raise BankError(f"{path}: not a contad transaction journal (state pending or committed, before and after states); `contad banks doctor --store {self.root}` rebuilds it")
         return doc
 
     def write_journal(self, doc: dict[str, Any]) -> None:
@@ -227,8 +300,9 @@ class BankStore:
 
     def _commit(self, method_dir_or_state: str | Path | SavableState, meta: dict[str, Any], make_current: bool) -> str:
         self.versions_dir.mkdir(parents=True, exist_ok=True)
+        store_id = self.ensure_store_id()
         parent = meta["parent"] if "parent" in meta else self.current()
-        staging = Path(tempfile.mkdtemp(dir=self.versions_dir, prefix=".staging-"))
+        staging = Path(tempfile.mkdtemp(dir=self.versions_dir, prefix=temp_prefix("staging"), suffix=".tmp"))
         try:
             state_dir = staging / STATE_DIR
             self._stage_state(method_dir_or_state, state_dir)
@@ -240,7 +314,7 @@ class BankStore:
             if target.exists():
                 log.info("bank version %s already stored; making it current", version[:SHORT_HASH])
             else:
-                manifest = {**_json_safe(meta), "version": version, "parent": parent, "created": _now(), "files": files}
+                manifest = {**_json_safe(meta), "version": version, "parent": parent, "created": _now(), "files": files, "store_id": store_id}
                 with atomic_directory(target) as tmp:
                     os.replace(state_dir, tmp / STATE_DIR)
                     _write_manifest(tmp / MANIFEST_FILE, manifest)
@@ -281,14 +355,22 @@ class BankStore:
         pointer = self.root / CURRENT_FILE
         if not pointer.exists():
             return None
-        version = pointer.read_text().strip()
-        if not (self.versions_dir / version / MANIFEST_FILE).is_file():
+        try:
+            version = pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BankError(f"{pointer}: unreadable ({exc}); run `contad banks doctor --store {self.root}`") from exc
+        if not version or not (self.versions_dir / version / MANIFEST_FILE).is_file():
             raise BankError(f"{pointer}: points to version {version!r}, which is not in {self.versions_dir}")
         return version
 
     def list(self) -> list[BankVersion]:
-        """All stored versions, oldest first."""
-        current = self.current()
+        """All stored versions, oldest first; ``current`` as a reader sees it (``resolve_current_for_reader``;
+        none marked when CURRENT and the journal are both unusable: ``contad banks doctor`` repairs that)."""
+        try:
+            current = resolve_current_for_reader(self)
+        except BankError as exc:
+            log.warning("%s", exc)
+            current = None
         entries = []
         for version in self._version_hashes():
             manifest = self.show(version)
@@ -358,6 +440,53 @@ class BankStore:
 
     def _set_current(self, version: str) -> None:
         atomic_write_text(self.root / CURRENT_FILE, version + "\n")
+
+
+def resolve_current_for_reader(store: BankStore) -> str | None:
+    """The version a reader (``--bank``, serve-api, predict) must use: the writers' recovery rule, lock-free.
+
+    While a promotion is pending (``JOURNAL.json``), its ``before`` bank: what recovery restores.
+    Otherwise ``CURRENT``; when ``CURRENT`` is missing, garbage or dangling but a committed journal
+    records the last agreed bank, that one (``contad banks doctor`` rewrites ``CURRENT`` to it).
+    A broken journal is ignored in favour of a valid ``CURRENT``. Writes nothing, takes no lock.
+    """
+    try:
+        journal = store.read_journal()
+    except BankError as exc:
+        log.warning("%s; readers use CURRENT", exc)
+        journal = None
+    if journal is not None and journal["state"] == "pending":
+        return _recorded_bank(store, journal, "before")
+    try:
+        current = store.current()
+    except BankError as exc:
+        recorded = _recorded_bank(store, journal, "after") if journal is not None else None
+        if recorded is None:
+            raise BankError(f"{exc}; run `contad banks doctor --store {store.root}`") from exc
+        return recorded
+    if current is None and journal is not None:
+        return _recorded_bank(store, journal, "after")
+    return current
+
+
+def _recorded_bank(store: BankStore, journal: dict[str, Any], side: str) -> str | None:
+    """The bank the journal records on ``side`` (before/after), checked to be a stored version."""
+    bank = (journal.get(side) or {}).get("bank") if isinstance(journal.get(side), dict) else None
+    if bank is None:
+        return None
+    if not (store.versions_dir / str(bank) / MANIFEST_FILE).is_file():
+        raise BankError(f"{store.root / JOURNAL_FILE}: records bank {str(bank)[:SHORT_HASH]!r}, which is not in {store.versions_dir}; run `contad banks doctor --store {store.root}`")
+    return str(bank)
+
+
+def verify_registered_state(method_dir: Path, bank_version: str, what: str) -> None:
+    """``BankError`` unless the registered method files in ``method_dir`` still hash to ``bank_version``
+    (a registered detector's state, calibration.json and detector.json included, is the bank version's)."""
+    if len(bank_version) != 64 or not set(bank_version) <= _HEX:
+        return  # not a content hash (hand-registered model): nothing recorded to check against
+    if content_hash(state_files(Path(method_dir))) != bank_version:
+        raise BankError(f"{what}: its registered method files (calibration.json, detector.json, model state) no longer hash to its bank version "
+                        f"{bank_version[:SHORT_HASH]}; they were changed after registration, so it is refused")
 
 
 def mismatched_files(directory: Path, recorded: dict[str, str]) -> list[str]:

@@ -109,6 +109,13 @@ class ContinualMethod(ABC):
         """Divisor of task ``task_index``'s raw scores in ``predict`` (1.0: raw scores are reported)."""
         return 1.0
 
+    # ------------------------------------------------------------------ operator feedback
+    def extend_task(self, task: str, images: torch.Tensor, share: float = 1.0) -> dict[str, Any]:
+        """Grow the memory of the learned ``task`` with (B, 3, H, W) normal ``images`` (operator feedback: false
+        rejects marked good), incrementally: nothing is retrained and no other task's state changes. ``share``:
+        the fraction of the images' memory rows to add (a coreset). Returns a log (rows added, new sizes)."""
+        raise ContadError(f"method {self.name!r} cannot learn feedback incrementally (ucad can); retrain the product instead")
+
     # ------------------------------------------------------------------ streaming protocol (``learns_online``)
     def stream_task(self, task: str) -> None:
         """Make sure ``task`` exists so single images can be learned into it (a new task starts empty)."""

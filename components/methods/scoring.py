@@ -54,17 +54,31 @@ def reweighted_image_scores(features: torch.Tensor, patch_scores: torch.Tensor, 
     return weight * patch_scores[rows, best_patch]
 
 
+def top_k_mean(patch_scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """(B,) image scores: the mean of each image's ``top_k`` highest patch scores (1 = the maximum, bit-identical)."""
+    if top_k < 1:
+        raise ValueError(f"image score top_k must be >= 1, got {top_k}")
+    if top_k == 1:
+        return patch_scores.max(dim=1).values
+    return patch_scores.topk(min(top_k, patch_scores.shape[1]), dim=1).values.mean(dim=1)
+
+
 def score_patches(
     features: torch.Tensor,
     memory: NearestNeighbours,
     memory_rows: torch.Tensor,
     reweight: bool,
     num_neighbors: int = 1,
+    top_k: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(patch_scores (B, N), image_scores (B,), nearest memory row (B, N)) of patch features (B, N, C).
 
     A patch score is the mean distance to the ``num_neighbors`` nearest memory rows (1 = nearest only).
+    The image score is the mean of the ``top_k`` highest patch scores (1 = the maximum, the default),
+    or with ``reweight`` PatchCore's re-weighted maximum (``top_k`` must then be 1).
     """
+    if reweight and top_k != 1:
+        raise ValueError(f"image score: PatchCore re-weighting (reweight=true) scores the maximum patch only; set the image top_k to 1, got {top_k}")
     b, n, c = features.shape
     dists, index = memory.search(features.reshape(b * n, c), max(1, num_neighbors))
     patch_scores = dists.mean(dim=1).reshape(b, n)
@@ -72,7 +86,7 @@ def score_patches(
     if reweight:
         image_scores = reweighted_image_scores(features.float(), patch_scores, nn_index, memory, memory_rows)
     else:
-        image_scores = patch_scores.max(dim=1).values
+        image_scores = top_k_mean(patch_scores, top_k)
     return patch_scores, image_scores, nn_index
 
 
@@ -104,14 +118,14 @@ LEAVE_OUT_CANDIDATES = 32
 
 
 def leave_one_out_image_scores(features: torch.Tensor, memory: NearestNeighbours, memory_rows: torch.Tensor,
-                               row_image: torch.Tensor, num_neighbors: int = 1) -> torch.Tensor:
+                               row_image: torch.Tensor, num_neighbors: int = 1, top_k: int = 1) -> torch.Tensor:
     """(B,) image scores of the memory's own training images, each scored without its own patches.
 
     ``features`` (B, N, C) are the patch features of the images the memory was built from, image
     ``i`` in row ``i``; ``row_image`` (M,) names the image each memory row came from. A patch score
     is the mean distance to its ``num_neighbors`` nearest rows of OTHER images (what a normal image
-    that was never trained on meets); the image score is the patch maximum, as in ``score_patches``
-    without re-weighting. Patches whose ``LEAVE_OUT_CANDIDATES`` nearest rows all come from their
+    that was never trained on meets); the image score is the mean of the ``top_k`` highest patch scores
+    (1 = the maximum), as in ``score_patches`` without re-weighting. Patches whose ``LEAVE_OUT_CANDIDATES`` nearest rows all come from their
     own image are searched exhaustively.
     """
     b, n, c = features.shape
@@ -128,4 +142,4 @@ def leave_one_out_image_scores(features: torch.Tensor, memory: NearestNeighbours
         all_d[row_image[None, :].expand(len(rows), -1) == own[rows, None]] = float("inf")
         ranked[rows] = all_d.topk(k, dim=1, largest=False).values
     patch_scores = ranked.mean(dim=1).reshape(b, n)
-    return patch_scores.max(dim=1).values
+    return top_k_mean(patch_scores, top_k)

@@ -130,8 +130,41 @@ class UCAD(ContinualMethod):
         knowledge = flat[index].contiguous()
         if cfg.reweight or feats.shape[0] < 2:
             return knowledge, None
-        leave_out = leave_one_out_image_scores(feats, NearestNeighbours(knowledge), knowledge, index // feats.shape[1])
+        leave_out = leave_one_out_image_scores(feats, NearestNeighbours(knowledge), knowledge, index // feats.shape[1], top_k=cfg.image_top_k)
         return knowledge, leave_out
+
+    def extend_task(self, task: str, images: torch.Tensor, share: float = 1.0) -> dict[str, Any]:
+        """Operator feedback: append the prompted patch features of normal ``images`` to ``task``'s knowledge: all of
+        them (``share`` 1), else the ``share`` of them farthest from the knowledge (the patches that made the images
+        score high; each image's score then drops to at most its (1 - share) patch-distance quantile, roughly). Images
+        that routing sends to another task also add
+        their key features (a coreset of ``ucad.key_size`` rows at most) to ``task``'s key. The prompt, the score
+        scale (held-out statistics) and every other task's key, prompt and knowledge stay as they were."""
+        self._require_tasks()
+        if task not in self.tasks:
+            raise ContadError(f"task {task!r} is not learned (tasks: {self.tasks})")
+        if len(images) == 0:
+            raise ContadError(f"task {task!r}: no feedback images to learn")
+        t, cfg, memory = self.tasks.index(task), self.config.ucad, self.config.memory
+        feats = batched(lambda x: self.backbone.features(x, self.prompts[t]), images, cfg.batch_size, self.device, desc=f"{task}: feedback")
+        flat = feats.reshape(-1, feats.shape[-1]).float()
+        if share < 1.0:
+            novel = self._memory(t).nearest_distance(flat).argsort(descending=True)[: max(1, round(share * len(flat)))]
+            flat = flat[novel.sort().values]
+        rows = flat
+        misrouted = (self.route(images) != t).nonzero().flatten()
+        keys_added = 0
+        if len(misrouted):
+            key_feats = batched(self.backbone.key_features, images[misrouted], cfg.batch_size, self.device, desc=f"{task}: feedback keys")
+            key_flat = key_feats.reshape(-1, key_feats.shape[-1])
+            new_keys = coreset(key_flat, min(cfg.key_size, len(key_flat)), memory.projection_dim, self.config.seed, memory.preselect_factor)
+            self.keys[t] = torch.cat([self.keys[t], new_keys.to(self.keys[t])]).contiguous()
+            keys_added = int(new_keys.shape[0])
+        self.knowledge[t] = torch.cat([self.knowledge[t], rows.to(self.knowledge[t])]).contiguous()
+        self._memories.pop(t, None)
+        self._router = None
+        return {"task": task, "images": int(len(images)), "knowledge_added": int(rows.shape[0]), "knowledge_size": int(self.knowledge[t].shape[0]),
+                "keys_added": keys_added, "misrouted": int(len(misrouted)), "memory_bytes": self.task_bytes(t)}
 
     def task_bytes(self, task_index: int) -> int:
         """Bytes of task ``task_index``'s stored state (key + prompt + knowledge)."""
@@ -261,7 +294,8 @@ class UCAD(ContinualMethod):
 
     def score_features(self, feats: torch.Tensor, task_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(patch_scores (B, N), image_scores (B,)) of prompted features against task ``task_index``'s knowledge (raw)."""
-        patch_scores, image_scores, _ = score_patches(feats, self._memory(task_index), self.knowledge[task_index], self.config.ucad.reweight)
+        cfg = self.config.ucad
+        patch_scores, image_scores, _ = score_patches(feats, self._memory(task_index), self.knowledge[task_index], cfg.reweight, top_k=cfg.image_top_k)
         return patch_scores, image_scores
 
     def _score_task(self, images: torch.Tensor, task_index: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,151 @@
+"""The leaderboard: finished runs of every method over several seeds -> mean ± sd tables and a Pareto figure.
+
+A run is a ``contad run`` output directory (``metrics.json`` + ``steps/*/train_log.json``), plus the
+``bench.json`` that ``contad bench`` writes beside it (wall time, machine load, inference speed).
+``summarise_run`` reads one run into flat numbers; ``aggregate`` gives per method the mean, sample
+standard deviation and count over seeds of each; ``leaderboard_markdown`` and ``pareto_figure`` render
+them. Undefined values (a forgetting measure after one task, a metric a method cannot compute) are NaN
+and shown as "–", never 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# (column, key in the run summary, scale for display, higher is better)
+COLUMNS: tuple[tuple[str, str, float, bool], ...] = (
+    ("image AUROC", "image_auroc", 100.0, True),
+    ("pixel AUROC", "pixel_auroc", 100.0, True),
+    ("AUPRO", "aupro", 100.0, True),
+    ("FM", "forgetting", 100.0, False),
+    ("BWT", "bwt", 100.0, True),
+    ("routing", "routing_accuracy", 100.0, True),
+    ("escape @ thr", "escape_rate", 100.0, False),
+    ("false reject @ thr", "false_reject_rate", 100.0, False),
+    ("train s / product", "train_seconds_per_product", 1.0, False),
+    ("img/s", "images_per_s", 1.0, True),
+    ("MB / task", "mb_per_task", 1.0, False),
+)
+
+
+def _num(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and value is not None and math.isfinite(float(value)) else math.nan
+
+
+def summarise_run(run: Path) -> dict[str, Any]:
+    """Flat numbers of one finished run: averages, forgetting, routing, rates, costs; per-product image AUROC."""
+    doc = json.loads((run / "metrics.json").read_text())
+    logs = [json.loads(p.read_text()) for p in sorted((run / "steps").glob("*/train_log.json"))]
+    extra = json.loads((run / "bench.json").read_text()) if (run / "bench.json").is_file() else {}
+    memory = [_num(log["log"].get("memory_bytes")) for log in logs]
+    one_task = len(doc["tasks"]) < 2
+    summary = {
+        "method": doc["method"],
+        "seed": extra.get("seed"),
+        "products": list(doc["tasks"]),
+        "image_auroc": _num(doc["average"]["image_auroc"]),
+        "pixel_auroc": _num(doc["average"].get("pixel_auroc")),
+        "aupro": _num(doc["average"].get("aupro")),
+        "forgetting": math.nan if one_task else _num(doc["forgetting"]["image_auroc"]),
+        "bwt": math.nan if one_task else _num(doc["bwt"]["image_auroc"]),
+        "routing_accuracy": _num(doc.get("routing_accuracy")),
+        "escape_rate": _num(doc["average"].get("escape_rate")),
+        "false_reject_rate": _num(doc["average"].get("false_reject_rate")),
+        "train_seconds_per_product": float(np.mean([log["seconds"] for log in logs])) if logs else math.nan,
+        "mb_per_task": float(np.nanmean(memory)) / 2**20 if memory and not all(math.isnan(m) for m in memory) else math.nan,
+        "images_per_s": _num(extra.get("images_per_s")),
+        "load": extra.get("load"),
+        "per_product": {p: _num(v) for p, v in doc["final"]["image_auroc"].items()},
+    }
+    return summary
+
+
+@dataclass
+class MethodRow:
+    """One method's numbers over seeds: ``stats[key] = (mean, sd, n)``; per product likewise."""
+
+    method: str
+    seeds: list[int | None]
+    stats: dict[str, tuple[float, float, int]] = field(default_factory=dict)
+    per_product: dict[str, tuple[float, float, int]] = field(default_factory=dict)
+
+
+def _stat(values: list[float]) -> tuple[float, float, int]:
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return math.nan, math.nan, 0
+    sd = float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
+    return float(np.mean(finite)), sd, len(finite)
+
+
+def aggregate(summaries: list[dict[str, Any]]) -> list[MethodRow]:
+    """Per method (in first-seen order): mean, sample sd and count over its runs of every column."""
+    rows: dict[str, MethodRow] = {}
+    for s in summaries:
+        rows.setdefault(s["method"], MethodRow(s["method"], []))
+        rows[s["method"]].seeds.append(s["seed"])
+    for method, row in rows.items():
+        runs = [s for s in summaries if s["method"] == method]
+        row.stats = {key: _stat([_num(s[key]) for s in runs]) for _, key, _, _ in COLUMNS}
+        products = sorted({p for s in runs for p in s["per_product"]})
+        row.per_product = {p: _stat([s["per_product"].get(p, math.nan) for s in runs]) for p in products}
+    return sorted(rows.values(), key=lambda r: -r.stats["image_auroc"][0] if not math.isnan(r.stats["image_auroc"][0]) else math.inf)
+
+
+def cell(stat: tuple[float, float, int], scale: float, digits: int = 1) -> str:
+    """``mean ± sd`` (sd only with 2+ values), "–" when undefined."""
+    mean, sd, n = stat
+    if n == 0:
+        return "–"
+    text = f"{scale * mean:.{digits}f}"
+    return f"{text} ± {scale * sd:.{digits}f}" if n > 1 and not math.isnan(sd) else text
+
+
+def leaderboard_markdown(rows: list[MethodRow], title: str, notes: list[str]) -> str:
+    """The leaderboard table (one row per method), its per-product image AUROC table and the notes."""
+    head = "| method | seeds | " + " | ".join(c for c, _, _, _ in COLUMNS) + " |"
+    lines = [f"## {title}", "", head, "|" + "---|" * (len(COLUMNS) + 2)]
+    for r in rows:
+        cells = [cell(r.stats[key], scale, 1 if scale == 100.0 else 2) for _, key, scale, _ in COLUMNS]
+        lines.append(f"| {r.method} | {len(r.seeds)} | " + " | ".join(cells) + " |")
+    products = sorted({p for r in rows for p in r.per_product})
+    if products:
+        lines += ["", "Final image AUROC per product (mean ± sd over seeds):", "",
+                  "| method | " + " | ".join(products) + " |", "|" + "---|" * (len(products) + 1)]
+        for r in rows:
+            lines.append(f"| {r.method} | " + " | ".join(cell(r.per_product.get(p, (math.nan, math.nan, 0)), 100.0) for p in products) + " |")
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes] + [""])
+
+
+def pareto_figure(rows: list[MethodRow], path: Path, title: str) -> Path:
+    """Image AUROC against training seconds per product and against MB per task, one point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (key, label) in zip(axes, (("train_seconds_per_product", "training seconds per product"), ("mb_per_task", "stored MB per task"))):
+        for r in rows:
+            x, y = r.stats[key][0], 100 * r.stats["image_auroc"][0]
+            if math.isnan(x) or math.isnan(y):
+                continue
+            yerr = 100 * r.stats["image_auroc"][1] if r.stats["image_auroc"][2] > 1 else 0.0
+            ax.errorbar(x, y, yerr=yerr, fmt="o", capsize=3)
+            ax.annotate(r.method, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel(label + " (log)")
+        ax.set_ylabel("final image AUROC (%)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,164 @@
+"""``contad bench``: every registered method on a named sequence over N seeds, through the real pipeline,
+aggregated into ``benchmarks/LEADERBOARD.md`` (+ ``leaderboard.json`` and a Pareto figure).
+
+Sequences: ``real-ad`` (``../shared/data/real-ad``: grid, hazelnut_toy, magnetic_tile, pcb; RGB methods),
+``real-3d`` (``../shared/data/real-3d``: cable_gland; methods that read depth), ``synth`` (small
+procedural products generated under OUT; RGB methods). Each (method, seed) is one ``contad run`` in a
+subprocess at the defaults of ``params.yaml`` (plus the command line's overrides, applied to every
+run), tracking off, under ``OUT/<sequence>/<method>/seed<k>``; afterwards the run's inference speed
+is timed on its final state (one test image at a time) and written with the wall time and the machine
+load to ``bench.json`` beside ``metrics.json``. A run with both files is reused (resumable: rerun the
+same command after an interruption; delete a run folder to redo it). The leaderboard is regenerated
+from every finished run under OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from components.config import Config
+from components.errors import ContadError
+from components.eval.leaderboard import aggregate, leaderboard_markdown, pareto_figure, summarise_run
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+SEQUENCES: dict[str, dict[str, object]] = {
+    "real-ad": {"root": SHARED / "real-ad", "products": ["grid", "hazelnut_toy", "magnetic_tile", "pcb"], "depth": False},
+    "real-3d": {"root": SHARED / "real-3d", "products": ["cable_gland"], "depth": True},
+    "synth": {"root": None, "products": None, "depth": False},
+}
+TIMED_IMAGES = 8
+
+
+def sequence_methods(depth: bool) -> list[str]:
+    """Registered methods that run on a sequence with (``depth``) or without point clouds."""
+    from components.methods.registry import METHODS
+
+    return [name for name, cls in METHODS.items() if cls.uses_depth == depth]
+
+
+SYNTH_DEFAULTS = ["data.synth.products=3", "data.synth.train_per_product=16", "data.synth.test_good_per_product=6", "data.synth.test_defect_per_type=2"]
+
+
+def _data(sequence: str, out: Path, data: str | None, overrides: list[str]) -> tuple[Path, list[str]]:
+    """(data root, product order) of ``sequence``; the synthetic one is generated once (``data.synth.*`` overrides apply)."""
+    spec = SEQUENCES[sequence]
+    if sequence == "synth":
+        root = out / "synth" / "data"
+        if not root.is_dir():
+            _contad(["data", "synth", "--out", str(root), *SYNTH_DEFAULTS, *[o for o in overrides if o.startswith("data.synth.")]])
+        return root, sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
+    root = Path(data) if data else Path(spec["root"])  # type: ignore[arg-type]
+    if not root.is_dir():
+        raise ContadError(f"--sequence {sequence}: data folder {root} not found (pass --data DIR)")
+    return root, list(spec["products"])  # type: ignore[arg-type]
+
+
+def _contad(args: list[str]) -> None:
+    done = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO)
+    if done.returncode != 0:
+        raise ContadError(f"contad {' '.join(args[:3])} ... failed with exit code {done.returncode}")
+
+
+def images_per_s(run: Path, root: Path) -> float:
+    """Test images per second of the run's final state (its stored configuration) on the test images of its
+    last product under ``root``, one image at a time (warm)."""
+    import torch
+
+    from components.data.loading import test_batch
+    from components.data.manifest import read_dataset
+    from components.methods.loading import load_method, stored_config
+
+    steps = sorted((run / "steps").glob("*/method"))
+    requested = Config()
+    requested.data.root = str(root)  # a deploy-time key: where the images are
+    stored = stored_config(requested, steps[-1])
+    method = load_method(stored, steps[-1])
+    manifest = read_dataset(Path(stored.data.root))
+    product = method.tasks[-1]
+    batch = test_batch(manifest, product, stored.data.image_size)
+    n = min(TIMED_IMAGES, len(batch.images))
+    depth = batch.depth if method.uses_depth else None
+    true = [product] if method.uses_task_labels else None
+    with torch.no_grad():
+        method.predict(batch.images[:1], true_tasks=true, depth=None if depth is None else depth[:1])
+        started = time.perf_counter()
+        for i in range(n):
+            method.predict(batch.images[i : i + 1], true_tasks=true, depth=None if depth is None else depth[i : i + 1])
+    return n / (time.perf_counter() - started)
+
+
+def run_one(sequence: str, method: str, seed: int, root: Path, products: list[str], out: Path, overrides: list[str], params: str | None = None) -> Path:
+    """One finished (method, seed) run of ``sequence`` under ``out`` (reused when already finished)."""
+    run = out / sequence / method / f"seed{seed}"
+    if (run / "metrics.json").is_file() and (run / "bench.json").is_file():
+        log.info("bench: %s seed %d on %s already done (%s)", method, seed, sequence, run)
+        return run
+    before, started = os.getloadavg(), time.perf_counter()
+    _contad(["run", "--out", str(run), "--allow-rejected", *(["--params", params] if params else []), f"method={method}", f"seed={seed}", f"data.root={root}",
+             f"data.products={','.join(products)}", "tracking.enabled=false", "eval.overlays_per_task=0",
+             f"masks.cache_dir={out / 'mask_cache'}", f"banks.store_dir={run / 'banks'}", *overrides])
+    wall, after = time.perf_counter() - started, os.getloadavg()
+    speed = images_per_s(run, root)
+    doc = {"sequence": sequence, "method": method, "seed": seed, "wall_s": wall, "images_per_s": speed,
+           "load": {"before": list(before), "after": list(after)}, "overrides": overrides}
+    (run / "bench.json").write_text(json.dumps(doc, indent=1))
+    return run
+
+
+def write_leaderboard(out: Path, leaderboard: Path) -> dict[str, object]:
+    """Regenerate ``leaderboard`` (+ ``.json``, Pareto figure) from every finished run under ``out``."""
+    sections, machine = [], {}
+    for sequence in SEQUENCES:
+        runs = sorted(p.parent for p in (out / sequence).glob("*/seed*/bench.json") if (p.parent / "metrics.json").is_file())
+        if not runs:
+            continue
+        summaries = [summarise_run(r) for r in runs]
+        rows = aggregate(summaries)
+        loads = [s["load"]["before"][0] for s in summaries if s.get("load")]
+        figure = pareto_figure(rows, leaderboard.with_name(f"leaderboard_{sequence}.png"), f"{sequence}: accuracy vs cost")
+        notes = [f"{len(runs)} runs ({', '.join(sorted({s['method'] for s in summaries}))}); seeds per method in the table.",
+                 f"Machine load (1-min average) when the runs started: {min(loads):.1f}–{max(loads):.1f} on "
+                 f"{os.cpu_count()} CPUs; timings are under that load." if loads else "Machine load not recorded.",
+                 "FM = mean forgetting of image AUROC (Chaudhry et al.), BWT = backward transfer; – = undefined (one task).",
+                 "escape / false reject @ thr: test-split rates at the deployed (calibrated) thresholds, averaged over products.",
+                 f"Figure: ![{sequence}]({figure.name})"]
+        sections.append(leaderboard_markdown(rows, f"Sequence `{sequence}`", notes))
+        machine[sequence] = {"runs": summaries, "methods": [{"method": r.method, "seeds": r.seeds, "stats": r.stats,
+                                                            "per_product": r.per_product} for r in rows]}
+    text = ("# Leaderboard\n\nGenerated by `contad bench` (flows/bench.py) from the runs under "
+            f"`{out}`; regenerate with the same command. Defaults of `params.yaml`; mean ± sd over seeds.\n\n" + "\n".join(sections))
+    leaderboard.parent.mkdir(parents=True, exist_ok=True)
+    leaderboard.write_text(text)
+    leaderboard.with_suffix(".json").write_text(json.dumps(machine, indent=1, default=str))
+    return machine
+
+
+def bench_command(sequence: str, seeds: int, methods: list[str] | None, out: Path, leaderboard: Path,
+                  data: str | None, overrides: list[str], params: str | None = None) -> int:
+    """Run the missing (method, seed) runs of ``sequence``, then regenerate the leaderboard."""
+    if sequence not in SEQUENCES:
+        raise ContadError(f"--sequence {sequence!r}: choose one of {', '.join(SEQUENCES)}")
+    if seeds < 1:
+        raise ContadError(f"--seeds {seeds}: at least 1")
+    available = sequence_methods(bool(SEQUENCES[sequence]["depth"]))
+    chosen = methods or available
+    unknown = sorted(set(chosen) - set(available))
+    if unknown:
+        raise ContadError(f"--methods {','.join(unknown)}: not methods of sequence {sequence!r} (choose from {', '.join(available)})")
+    root, products = _data(sequence, out, data, overrides)
+    for method in chosen:
+        for seed in range(seeds):
+            log.info("bench: %s seed %d on %s", method, seed, sequence)
+            run_one(sequence, method, seed, root, products, out, overrides, params)
+    write_leaderboard(out, leaderboard)
+    print(f"leaderboard written to {leaderboard} ({leaderboard.with_suffix('.json').name}, leaderboard_{sequence}.png)")
+    return 0
