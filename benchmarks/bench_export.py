@@ -44,7 +44,7 @@ def main() -> None:
     manifest = read_dataset(Path(args.data))
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:
-        method_dir = source.store.checkout(str(version.bank_version), Path(tmp) / "method")
+        method_dir, _ = source.checkout(version, Path(tmp))
         export_method_dir(method_dir, cfg, Path(tmp) / "onnx")
         onnx = runner.OnnxDetector(Path(tmp) / "onnx")
         for product in detector.method.tasks:

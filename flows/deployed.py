@@ -57,6 +57,11 @@ class DetectorSource:
     def load(self, version: DeployedVersion) -> Detector:
         raise NotImplementedError
 
+    def checkout(self, version: DeployedVersion, folder: Path) -> tuple[Path, Config | None]:
+        """(method directory of ``version``, written under ``folder``; the training configuration recorded
+        beside it, or None): the files ``load`` builds the detector from, checked like ``load`` checks them."""
+        raise NotImplementedError
+
 
 class RegistrySource(DetectorSource):
     """A registered MLflow model, by alias (followed as it moves) or fixed version number."""
@@ -85,13 +90,16 @@ class RegistrySource(DetectorSource):
             raise ContadError(f"{self.description}: no such registered model version ({exc.message.splitlines()[0]})") from exc
         return DeployedVersion(key=f"model:{found.version}", model_version=str(found.version), bank_version=found.tags.get(BANK_VERSION_TAG))
 
+    def checkout(self, version: DeployedVersion, folder: Path) -> tuple[Path, Config | None]:
+        artifacts = download_registered(self.client, self.tracking_uri, self.name, str(version.model_version), folder)
+        if version.bank_version:
+            verify_registered_state(artifacts["method"], version.bank_version, f"{self.description} (model version {version.model_version})")
+        return artifacts["method"], read_config_json(artifacts["config"])
+
     def load(self, version: DeployedVersion) -> Detector:
         with tempfile.TemporaryDirectory(prefix="contad-deployed-") as tmp:
-            artifacts = download_registered(self.client, self.tracking_uri, self.name, str(version.model_version), Path(tmp))
-            if version.bank_version:
-                verify_registered_state(artifacts["method"], version.bank_version, f"{self.description} (model version {version.model_version})")
-            recorded = read_config_json(artifacts["config"])
-            return Detector.from_method_dir(artifacts["method"], self.config, version.model_version, version.bank_version, fallback=recorded)
+            method_dir, recorded = self.checkout(version, Path(tmp))
+            return Detector.from_method_dir(method_dir, self.config, version.model_version, version.bank_version, fallback=recorded)
 
 
 def download_registered(client: Any, tracking_uri: str, name: str, version: str, dst: Path) -> dict[str, Path]:
@@ -136,14 +144,18 @@ class BankSource(DetectorSource):
             raise ContadError(f"{self.description}: no current version")
         return DeployedVersion(key=f"bank:{version}", model_version=None, bank_version=version)
 
+    def checkout(self, version: DeployedVersion, folder: Path) -> tuple[Path, Config | None]:
+        method_dir = self.store.checkout(str(version.bank_version), Path(folder) / "method")
+        if read_detector_config(method_dir) is None:  # a version stored before its configuration was
+            manifest = self.store.show(str(version.bank_version))
+            if manifest.get("method") not in (None, self.config.method):
+                raise ContadError(f"bank version {str(version.bank_version)[:12]} holds a {manifest['method']!r} model but method={self.config.method!r}; "
+                                  "pass the configuration of the run that produced it (--params / method=...)")
+        return method_dir, None
+
     def load(self, version: DeployedVersion) -> Detector:
         with tempfile.TemporaryDirectory(prefix="contad-bank-") as tmp:
-            method_dir = self.store.checkout(str(version.bank_version), Path(tmp) / "method")
-            if read_detector_config(method_dir) is None:  # a version stored before its configuration was
-                manifest = self.store.show(str(version.bank_version))
-                if manifest.get("method") not in (None, self.config.method):
-                    raise ContadError(f"bank version {str(version.bank_version)[:12]} holds a {manifest['method']!r} model but method={self.config.method!r}; "
-                                      "pass the configuration of the run that produced it (--params / method=...)")
+            method_dir, _ = self.checkout(version, Path(tmp))
             return Detector.from_method_dir(method_dir, self.config, None, version.bank_version)
 
 

@@ -14,8 +14,7 @@ from pathlib import Path
 from components.config import Config
 from components.errors import ContadError
 from components.export.onnx_export import MANIFEST, export_method_dir
-from components.memory.store import verify_registered_state
-from flows.deployed import BankSource, RegistrySource, download_registered, make_source
+from flows.deployed import make_source
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +31,7 @@ def _method_dir(config: Config, model: str | None, bank: str | None, method_dir:
     source = make_source(config, model, bank)
     version = source.current()
     provenance = {"source": source.description, "model_version": version.model_version, "bank_version": version.bank_version}
-    if isinstance(source, RegistrySource):
-        artifacts = download_registered(source.client, source.tracking_uri, source.name, str(version.model_version), tmp)
-        if version.bank_version:  # the registered files must still be the bank version's (as serve-api checks)
-            verify_registered_state(artifacts["method"], version.bank_version, f"{source.description} (model version {version.model_version})")
-        return artifacts["method"], provenance
-    assert isinstance(source, BankSource)
-    return source.store.checkout(str(version.bank_version), tmp / "method"), provenance
+    return source.checkout(version, tmp)[0], provenance  # the files predict / serve-api load, checked as they check them
 
 
 def export_command(config: Config, out: Path, model: str | None = None, bank: str | None = None, method_dir: str | None = None,

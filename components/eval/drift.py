@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from components.eval.thresholds import Calibration
+
 
 def ks_distance(sample: np.ndarray, reference: np.ndarray) -> float:
     """Two-sample Kolmogorov-Smirnov distance: the largest gap between the two empirical CDFs."""
@@ -93,8 +95,7 @@ class DriftWatch:
         return reading
 
 
-def drift_watch_for(calibration: object, window: int, alpha: float) -> DriftWatch:
-    """A ``DriftWatch`` over every task of a ``components.eval.thresholds.Calibration`` at its current target."""
-    samples = calibration.samples  # type: ignore[attr-defined]
-    tasks = calibration.tasks  # type: ignore[attr-defined]
-    return DriftWatch({t: s.normal for t, s in samples.items()}, {t: tasks[t].image for t in samples}, window, alpha)
+def drift_watch_for(calibration: Calibration, window: int, alpha: float) -> DriftWatch:
+    """A ``DriftWatch`` over every task of ``calibration`` at its current target."""
+    return DriftWatch({t: s.normal for t, s in calibration.samples.items()}, {t: calibration.for_task(t).image for t in calibration.samples},
+                      window, alpha)
