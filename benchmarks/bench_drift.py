@@ -9,6 +9,9 @@ they are and under the drifts of benchmarks/bench_stream.py (brightness +0.1 and
 in path order, to the drift watch of ``components.eval.drift`` (windows of ``--window`` OK scores
 against the calibration normals); the table gives windows, alarms and the share of images rejected
 per condition. Good test images are only scored; nothing is chosen from them.
+
+Reads the test split's labels (its good images): scored for reporting only; not used to choose defaults
+(issue 33: defaults come from the validation protocol, ``benchmarks/validation_levers.py``).
 """
 
 from __future__ import annotations

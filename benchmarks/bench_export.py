@@ -9,6 +9,10 @@ images of every product (good and defective, sorted by path) twice in one proces
 whether routed products and OK/NG decisions agree, and images/s of both (one image at a time, the
 runner's way; the ratio is what compares, absolute figures depend on the machine's load). Reads test
 images only to score them; nothing is chosen from them.
+
+Reads the test split's images (no label or mask enters a number): parity and speed only; not used to
+choose defaults (issue 33: defaults come from the validation protocol,
+``benchmarks/validation_levers.py``).
 """
 
 from __future__ import annotations

@@ -24,6 +24,10 @@ product's normal training images), --patience N (8; 0 = fixed epochs), --heldout
 --image-size S (128), --threads N (1),
 --rows name,... (see ROWS); network sizes: CPU_SIZES. The training defaults (48 / 0.2 / batch 8 /
 patience 8) were chosen on the held-out training loss, not on test data.
+
+Reads the test split's labels and masks (``synth`` / ``real`` rows; ``knn`` too): reported metrics only;
+not used to choose defaults (issue 33: defaults come from the validation protocol,
+``benchmarks/validation_levers.py``).
 """
 
 from __future__ import annotations

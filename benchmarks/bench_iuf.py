@@ -17,6 +17,10 @@ row, which is legitimate because the backbone is frozen. Per-step wall and CPU s
 the rest, and every product is "tested" on its validation normals plus ``VALIDATION_VARIANTS``
 synthetic-defect copies of each (``benchmarks/synthetic_defects``; ``--defects rectangles`` (default):
 cut-paste / offset patches, ``lines``: thin dark / bright strokes). No test image is read.
+
+Reads the test split's labels and masks (except with ``--validation``): reported metrics only; not used
+to choose defaults (issue 33: defaults come from the validation protocol,
+``benchmarks/validation_levers.py``).
 """
 
 from __future__ import annotations

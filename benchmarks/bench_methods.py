@@ -16,6 +16,10 @@ method. Tasks beyond those are *augmented copies* of the real products' training
 WITHOUT label maps, i.e. with the training-free prompt, so their keys and knowledge are real
 backbone features of realistic images while their training is cheap. Keys/knowledge have the
 configured sizes, so routing and memory costs are those of genuinely trained tasks.
+
+Reads the test split's images with their labels and masks (loaded by ``test_batch``; only the product
+enters the routing accuracy): reporting only; not used to choose defaults (issue 33: defaults come from
+the validation protocol, ``benchmarks/validation_levers.py``).
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ runs in OUT are resumed, not retrained. Printed: the ablation table (average ima
 AUPRO over the final row, image-AUROC FM, routing, masks provider used) and per-product tables.
 ``--summarise`` only prints the tables of what OUT holds; a run that has not finished is summarised
 from its completed step records (the "steps" column says how many; FM over those steps only).
+
+Reads the test split's labels and masks (the pipeline's evaluation): reported metrics only; not used to
+choose defaults (issue 33: defaults come from the validation protocol,
+``benchmarks/validation_levers.py``).
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ In-process is measured half before and half after the REST phase (load drifts on
 machine). Prints a markdown table and writes ``--out`` (JSON) with the 1-minute load average of
 each phase. Run with ``OMP_NUM_THREADS=1`` on a busy machine: with more OpenMP threads than free
 cores, torch/faiss barriers spin and a 0.3 s inference takes 2-6 s.
+
+Reads the test split's images (no label or mask enters a number): throughput only; not used to choose
+defaults (issue 33: defaults come from the validation protocol, ``benchmarks/validation_levers.py``).
 """
 
 from __future__ import annotations
@@ -171,7 +174,7 @@ def main() -> None:
               "loadavg": load, "cpus": os.cpu_count()}
     out = Path(args.out) if args.out else work / "bench_serve.json"
     out.write_text(json.dumps(result, indent=2))
-    print(f"| path | clients | duration s | throughput img/s | p50 ms | p95 ms | p99 ms | errors |\n|---|---|---|---|---|---|---|---|")
+    print("| path | clients | duration s | throughput img/s | p50 ms | p95 ms | p99 ms | errors |\n|---|---|---|---|---|---|---|---|")
     print(f"| in-process decode+decide | 1 | {local['seconds']:.1f} | {local['per_s']:.2f} | {local['p50_ms']:.0f} | – | – | 0 |")
     print(f"| REST POST /v1/predict | {args.clients} | {rest['seconds']:.1f} | {rest['per_s']:.2f} | {rest['p50_ms']:.0f} | {rest['p95_ms']:.0f} | {rest['p99_ms']:.0f} | {rest['errors']} |")
     print(f"\nREST / in-process throughput: {result['ratio']:.2f}; load average {load[0]:.1f} on {os.cpu_count()} CPUs; results: {out}")

@@ -13,6 +13,9 @@ Run: ``nice -n 10 .venv/bin/python -m benchmarks.bench_stream [--data DIR] [--ou
    [0, 1] pixel units). "frozen" scores the drifted test split with the clean model; "online"
    first streams the drifted second half (updates on) and then scores it; "clean online" streams
    the clean second half and scores the clean test split (the reference for the same amount of data).
+
+Reads the test split's labels (the I-AUROC curve and the drift rows): reporting only; not used to choose
+defaults (issue 33: defaults come from the validation protocol, ``benchmarks/validation_levers.py``).
 """
 
 from __future__ import annotations

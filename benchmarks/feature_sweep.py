@@ -8,6 +8,10 @@ For every product and variant: training features of the non-held-out train/good 
 nearest-neighbour patch scores of the test images, image score = max patch score. Prints image
 AUROC, pixel AUROC, the share of images whose top patch lies on the one-patch border ring, and
 the seconds spent on features and on the coreset.
+
+Reads the test split's labels and masks: a diagnosis; ``data.tile: auto`` was once chosen with it and has
+since been re-decided on the validation protocol; not used to choose defaults (issue 33: defaults come
+from the validation protocol, ``benchmarks/validation_levers.py``).
 """
 
 from __future__ import annotations

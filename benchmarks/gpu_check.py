@@ -6,6 +6,10 @@ and the seconds of every stage, CUDA-synchronised. For a GPU node or the worker 
 need it. Exits 2 when no GPU is visible (``--allow-cpu`` runs anyway, for comparison).
 
     .venv/bin/python -m benchmarks.gpu_check [--out runs/gpu_check] [--allow-cpu] [key=value ...]
+
+Reads the test split's labels (the synthetic demo sequence's final image AUROC): a smoke figure only; not
+used to choose defaults (issue 33: defaults come from the validation protocol,
+``benchmarks/validation_levers.py``).
 """
 
 from __future__ import annotations

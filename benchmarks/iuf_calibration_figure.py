@@ -6,6 +6,10 @@ order, not picked), each with the raw error map and the calibrated one. Each map
 image score (max of the ``score_pool`` average-pooled map) and a cross marks the grid cell holding the
 map's maximum: on the raw maps of normal images it tends to sit on the border ring, which is what the
 calibration removes. The raw maps of one product share one colour range, its calibrated maps another.
+
+Reads the test split's labels and masks (to pick the first good / defective image and draw its defect): a
+figure only; not used to choose defaults (issue 33: defaults come from the validation protocol,
+``benchmarks/validation_levers.py``).
 """
 
 from __future__ import annotations

@@ -38,6 +38,10 @@ run under the same machine load):
   nearest neighbours + maps of every test image), in-process ``perf_counter`` seconds; ratio =
   anomalib (train + test) / contad (train + test). Model construction and weight loading are not
   timed on either side. ``os.getloadavg`` is recorded before every product.
+
+Reads the test split's labels and masks: a like-for-like comparison with anomalib only; not used to
+choose defaults (issue 33: defaults come from the validation protocol,
+``benchmarks/validation_levers.py``).
 """
 
 from __future__ import annotations

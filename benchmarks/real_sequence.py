@@ -10,6 +10,10 @@ seconds and stored memory (MB) per product, and the machine load (``os.getloadav
 after the run: the benchmark machine is shared, so timings are under that load.
 Existing finished runs in OUT are reused (the pipeline resumes), so reruns are cheap
 (their wall time is then not a training time: delete OUT/METHOD to time it).
+
+Reads the test split's labels and masks (the pipeline's evaluation): reported metrics only; not used to
+choose defaults (issue 33: defaults come from the validation protocol,
+``benchmarks/validation_levers.py``).
 """
 
 from __future__ import annotations

@@ -1,21 +1,26 @@
-"""UCAD detection levers on the validation protocol (components/eval/validation.py): no test image is read.
+"""Detection levers and re-derived defaults on the validation protocol (components/eval/validation.py): no test image is read.
 
-Run: ``.venv/bin/python -m benchmarks.validation_levers [--data DIR] [--out runs/validation-levers]
-[--seeds 0,1,2] [--levers default,tile_off,lite1,lite2,epochs1] [key=value ...]``
+Run: ``.venv/bin/python -m benchmarks.validation_levers [--data DIR] [--data-3d DIR] [--out runs/validation-levers]
+[--seeds 0,1,2] [--levers default,tile_off,lite1,lite2,epochs1,iuf,iuf_standardise,ibiumad,ibiumad_sum] [key=value ...]``
 
-Each lever changes ONE default of ``params.yaml`` (the row ``default``) and runs the protocol on the
-real-ad sequence (grid, hazelnut_toy, magnetic_tile, pcb, in that order): train UCAD on 80 % of each
+Each lever changes ONE default of ``params.yaml`` against its reference row and runs the protocol on the
+real-ad sequence (grid, hazelnut_toy, magnetic_tile, pcb, in that order): train the method on 80 % of each
 product's training normals, score the held-out 20 % plus synthetic defects pasted on them. The defects
-are pasted at the default run's resolved input size (448 px with ``data.tile=auto`` here) for every row,
-and brought down to a row's input size inside their masks, so ``tile_off`` meets the same physical defects.
+are pasted at the default UCAD run's resolved input size (448 px with ``data.tile=auto`` here) for every
+row, and brought down to a row's input size inside their masks, so ``tile_off`` (and IUF at 224 px) meet
+the same physical defects. ``key=value`` overrides apply to every row (e.g. a reduced training budget).
 
-Rows: ``default``; ``tile_off`` (``data.tile=null``: one 224 px pass); ``lite1`` / ``lite2``
-(``backbone.name=efficientnet_lite1/2``); ``epochs1`` (``ucad.epochs=1``: trained prompts on
-felzenszwalb structure maps). Image-score rows (``top3``, ``top10``, ``top30``: ``ucad.image_top_k``;
-``reweight``: ``ucad.reweight=true``) re-score the trained ``default`` model on the same cached
-features instead of retraining: the image score does not enter training, and the per-task score scale
-it changes is monotone per routed task, so each product's AUROCs equal a retrained run's wherever
-routing is exact (the routing column shows it).
+Rows (UCAD unless stated; reference ``default``): ``tile_off`` (``data.tile=null``: one 224 px pass);
+``lite1`` / ``lite2`` (``backbone.name=efficientnet_lite1/2``); ``epochs1`` (``ucad.epochs=1``: trained
+prompts on felzenszwalb structure maps). ``iuf`` (``method=iuf``, default ``iuf.standardise: false``) vs
+``iuf_standardise`` (``iuf.standardise=true``). ``ibiumad`` (``method=ib_iumad``, rgb+depth, default
+``ib_iumad.combine: max``) runs on the RGB-D sequence of ``--data-3d`` (cable_gland of real-3d; its
+synthetic defects change the point cloud too, painted at the run's input size) and ``ibiumad_sum``
+re-scores it with ``ib_iumad.combine=sum`` (a score-time setting). Image-score rows (``top3``, ``top10``,
+``top30``: ``ucad.image_top_k``; ``reweight``: ``ucad.reweight=true``) re-score the trained ``default``
+model on the same cached features instead of retraining: the image score does not enter training, and
+the per-task score scale it changes is monotone per routed task, so each product's AUROCs equal a
+retrained run's wherever routing is exact (the routing column shows it).
 
 Results: ``OUT/seed<S>/<row>.json`` (per-product metrics, training seconds and stored bytes per
 task, machine load); existing files are reused (resumable). A markdown summary is printed.
@@ -45,22 +50,31 @@ TRAINED_ROWS: dict[str, list[str]] = {
     "lite1": ["backbone.name=efficientnet_lite1"],
     "lite2": ["backbone.name=efficientnet_lite2"],
     "epochs1": ["ucad.epochs=1"],
+    "iuf": ["method=iuf"],
+    "iuf_standardise": ["method=iuf", "iuf.standardise=true"],
+    "ibiumad": ["method=ib_iumad"],
 }
-RESCORED_ROWS: dict[str, dict[str, Any]] = {
-    "top3": {"image_top_k": 3},
-    "top10": {"image_top_k": 10},
-    "top30": {"image_top_k": 30},
-    "reweight": {"reweight": True},
+RESCORED_ROWS: dict[str, dict[str, Any]] = {  # row -> {"section.key": value}, re-scored from RESCORED_FROM[row]
+    "top3": {"ucad.image_top_k": 3},
+    "top10": {"ucad.image_top_k": 10},
+    "top30": {"ucad.image_top_k": 30},
+    "reweight": {"ucad.reweight": True},
+    "ibiumad_sum": {"ib_iumad.combine": "sum"},
 }
+RESCORED_FROM = {"top3": "default", "top10": "default", "top30": "default", "reweight": "default", "ibiumad_sum": "ibiumad"}
+PRODUCTS_3D = ["cable_gland"]
+DEFAULT_DATA_3D = DEFAULT_DATA.parent / "real-3d"
+ROWS_3D = {"ibiumad", "ibiumad_sum"}  # RGB-D rows: the real-3d sequence (xyz defects pasted with the RGB ones)
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "routing_accuracy")
 
 
 def rescored(method: Any, vset: ValidationSet, changes: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Validation metrics of the trained ``method`` with its ``ucad`` image-score settings replaced by ``changes``."""
+    """Validation metrics of the trained ``method`` with its score-time settings replaced by ``changes`` ("section.key": value)."""
     original = method.config
     cfg = original.model_copy(deep=True)
     for key, value in changes.items():
-        setattr(cfg.ucad, key, value)
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
     method.config = cfg
     try:
         return evaluate_validation(method, vset, cfg)
@@ -68,66 +82,74 @@ def rescored(method: Any, vset: ValidationSet, changes: dict[str, Any]) -> dict[
         method.config = original
 
 
-def run_seed(base: list[str], seed: int, rows: list[str], data: str, out: Path) -> None:
+def sequence_of(row: str, data: str, data_3d: str) -> tuple[str, list[str]]:
+    """(data root, products in sequence order) a row runs on: real-3d for the RGB-D rows, else real-ad."""
+    return (data_3d, PRODUCTS_3D) if row in ROWS_3D else (data, PRODUCTS)
+
+
+def run_seed(base: list[str], seed: int, rows: list[str], data: str, out: Path, data_3d: str = str(DEFAULT_DATA_3D)) -> None:
     """Every requested row for one seed (a row whose JSON exists is skipped)."""
-    vsets: dict[str, ValidationSet] = {}
-    paint: int | None = None  # every row is scored on defects pasted at the default run's resolved input size
+    vsets: dict[tuple[str, str, str], ValidationSet] = {}
+    paints: dict[str, int | None] = {}  # per sequence: every row is scored on defects pasted at the default run's resolved input size
     for row in [r for r in rows if r in TRAINED_ROWS]:
-        wanted = [r for r in ([row] + (list(RESCORED_ROWS) if row == "default" else [])) if r in rows or r == row]
+        wanted = [row] + [r for r, source in RESCORED_FROM.items() if source == row and r in rows]
         if all((out / f"seed{seed}" / f"{r}.json").exists() for r in wanted):
             continue
-        cfg: Config = load_config("params.yaml", [*base, f"data.root={data}", f"data.products={','.join(PRODUCTS)}",
-                                                   "tracking.enabled=false", f"seed={seed}", *TRAINED_ROWS[row]])
-        if paint is None:
-            base_cfg = load_config("params.yaml", [*base, f"data.root={data}", f"data.products={','.join(PRODUCTS)}", f"seed={seed}"])
-            paint = resolve_tiling(base_cfg, training_manifest(Path(data), PRODUCTS), PRODUCTS).data.image_size
-        key = f"{cfg.data.tile}"
-        if key not in vsets:  # validation images depend on the input size only
-            vsets[key] = build_validation(cfg, Path(data), PRODUCTS, paint_size=paint)
+        root, products = sequence_of(row, data, data_3d)
+        common = [*base, f"data.root={root}", f"data.products={','.join(products)}", f"seed={seed}"]
+        cfg: Config = load_config("params.yaml", [*common, "tracking.enabled=false", *TRAINED_ROWS[row]])
+        if root not in paints:  # RGB-D: defects are painted at the run's own size (xyz is not resampled inside masks)
+            paints[root] = None if row in ROWS_3D else resolve_tiling(load_config("params.yaml", common), training_manifest(Path(root), products), products).data.image_size
+        key = (root, cfg.method, f"{cfg.data.tile}")
+        if key not in vsets:  # validation images depend on the data and the resolved input size only
+            vsets[key] = build_validation(cfg, Path(root), products, paint_size=paints[root])
         vset = vsets[key]
-        run_cfg = vset.cfg.model_copy(deep=True)
-        run_cfg.backbone, run_cfg.ucad = cfg.backbone, cfg.ucad
+        run_cfg = cfg.model_copy(deep=True)
+        run_cfg.data = vset.cfg.data.model_copy(deep=True)  # data.tile resolved on the training images
         backbone = load_backbone(run_cfg)
         load_before, started = os.getloadavg(), time.perf_counter()
         method, seconds, sizes = train_sequence(vset, backbone, run_cfg)
         result = ValidationResult(per_product=evaluate_validation(method, vset, run_cfg), train_seconds=seconds, task_bytes=sizes)
-        record = {"row": row, "seed": seed, "overrides": TRAINED_ROWS[row], "counts": vset.counts(),
+        record = {"row": row, "seed": seed, "overrides": TRAINED_ROWS[row], "products": products, "counts": vset.counts(),
                   "image_size": run_cfg.data.image_size, "tile": run_cfg.data.tile, "wall_s": time.perf_counter() - started,
                   "load_before": load_before, "load_after": os.getloadavg(), **result.as_dict()}
         atomic_write_json(out / f"seed{seed}" / f"{row}.json", record)
         print(f"[seed {seed}] {row}: image AUROC mean {result.mean('image_auroc'):.4f} "
               f"{ {p: round(m['image_auroc'], 4) for p, m in result.per_product.items()} }", flush=True)
-        if row != "default":
-            continue
-        for name, changes in RESCORED_ROWS.items():
-            if name not in rows:
-                continue
+        for name in wanted[1:]:
+            changes = RESCORED_ROWS[name]
             scored = ValidationResult(per_product=rescored(method, vset, changes))
-            atomic_write_json(out / f"seed{seed}" / f"{name}.json", {"row": name, "seed": seed, "rescored_from": "default",
+            atomic_write_json(out / f"seed{seed}" / f"{name}.json", {"row": name, "seed": seed, "rescored_from": row, "products": products,
                                                                      "changes": changes, **scored.as_dict()})
             print(f"[seed {seed}] {name}: image AUROC mean {scored.mean('image_auroc'):.4f} "
                   f"{ {p: round(m['image_auroc'], 4) for p, m in scored.per_product.items()} }", flush=True)
 
 
 def summary(out: Path, rows: list[str]) -> str:
-    """Markdown: per row, image AUROC per product and mean, pixel AUROC mean, routing, seeds (mean over seeds)."""
-    lines = [f"| row | seeds | {' | '.join(PRODUCTS)} | mean image | mean pixel | mean AUPRO | routing |", "|" + "---|" * (len(PRODUCTS) + 6)]
-    for row in rows:
-        docs = [json.loads(p.read_text()) for p in sorted(out.glob(f"seed*/{row}.json"))]
-        if not docs:
-            continue
-        def avg(values: list[float]) -> float:
-            return sum(values) / len(values)
-        cells = [avg([d["per_product"][p]["image_auroc"] for d in docs]) for p in PRODUCTS]
-        means = [avg([d["mean"][m] for d in docs]) for m in METRICS]
-        seeds = ",".join(str(d["seed"]) for d in docs)
-        lines.append(f"| {row} | {seeds} | {' | '.join(f'{c:.4f}' for c in cells)} | {' | '.join(f'{m:.4f}' for m in means)} |")
-    return "\n".join(lines)
+    """Markdown: per row, image AUROC per product and mean, pixel AUROC mean, routing, seeds (mean over seeds);
+    one table per sequence (real-ad rows, then the RGB-D rows)."""
+    tables = []
+    for products, names in ((PRODUCTS, [r for r in rows if r not in ROWS_3D]), (PRODUCTS_3D, [r for r in rows if r in ROWS_3D])):
+        lines = [f"| row | seeds | {' | '.join(products)} | mean image | mean pixel | mean AUPRO | routing |", "|" + "---|" * (len(products) + 6)]
+        for row in names:
+            docs = [json.loads(p.read_text()) for p in sorted(out.glob(f"seed*/{row}.json"))]
+            if not docs:
+                continue
+            def avg(values: list[float]) -> float:
+                return sum(values) / len(values)
+            cells = [avg([d["per_product"][p]["image_auroc"] for d in docs]) for p in products]
+            means = [avg([d["mean"][m] for d in docs]) for m in METRICS]
+            seeds = ",".join(str(d["seed"]) for d in docs)
+            lines.append(f"| {row} | {seeds} | {' | '.join(f'{c:.4f}' for c in cells)} | {' | '.join(f'{m:.4f}' for m in means)} |")
+        if len(lines) > 2:
+            tables.append("\n".join(lines))
+    return "\n\n".join(tables)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=os.environ.get("CONTAD_REAL_AD", str(DEFAULT_DATA)))
+    parser.add_argument("--data-3d", default=os.environ.get("CONTAD_REAL_3D", str(DEFAULT_DATA_3D)))
     parser.add_argument("--out", default="runs/validation-levers")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--levers", default=",".join([*TRAINED_ROWS, *RESCORED_ROWS]))
@@ -138,11 +160,11 @@ def main() -> int:
     unknown = sorted(set(rows) - set(TRAINED_ROWS) - set(RESCORED_ROWS))
     if unknown:
         parser.error(f"unknown levers {unknown}")
-    if any(r in RESCORED_ROWS for r in rows) and "default" not in rows:
-        rows.insert(0, "default")
+    for source in sorted({RESCORED_FROM[r] for r in rows if r in RESCORED_ROWS} - set(rows)):
+        rows.insert(0, source)  # a re-scored row needs its trained row
     out = Path(args.out)
     for seed in (int(s) for s in args.seeds.split(",")):
-        run_seed(args.overrides, seed, rows, args.data, out)
+        run_seed(args.overrides, seed, rows, args.data, out, args.data_3d)
     print(summary(out, rows))
     return 0
 

@@ -25,7 +25,7 @@ from components.errors import ContadError
 
 DETECTOR_FILE = "detector.json"
 # Sections / dotted keys a deployment may set for itself: they never change a score.
-DEPLOY_TIME: tuple[str, ...] = ("decision.target_fpr", "serve", "tracking", "banks", "stream", "drift", "compute", "promotion", "demo",
+DEPLOY_TIME: tuple[str, ...] = ("decision.target_fpr", "serve", "tracking", "banks", "stream", "drift", "compute", "promotion", "demo", "feedback",
                                 "eval.batch_size", "eval.overlays_per_task", "data.root", "data.products", "data.num_workers",
                                 "data.synth", "masks.cache_dir", "masks.workers", "masks.device", "backbone.device", "text.prompts")
 VERSIONED_PACKAGES = ("contad", "torch", "torchvision", "timm", "faiss-cpu", "numpy")
@@ -61,9 +61,44 @@ def read_detector_config(method_dir: Path) -> Config | None:
     if not path.is_file():
         return None
     try:
-        return Config.model_validate(json.loads(path.read_text())["config"])
+        doc = json.loads(path.read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ContadError(f"{path}: unreadable detector configuration ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise ContadError(f"{path}: unreadable detector configuration (config is not a mapping)")
+    unknown = _unknown_keys(doc, Config)
+    scoring = [key for key in unknown if not _deploy_time(key) and not _deploy_time(key.split(".")[0])]
+    if scoring:
+        raise ContadError(f"{path}: configuration key(s) {', '.join(scoring)} of this detector are unknown to the installed contad "
+                          f"{code_versions().get('contad')}; they may change its scores, so it is not loaded (use the contad version that saved it)")
+    for key in unknown:  # a deploy-time key renamed or removed since: it never changed a score, so it is dropped
+        _drop(doc, key)
+    try:
+        return Config.model_validate(doc)
+    except ValueError as exc:
+        raise ContadError(f"{path}: unreadable detector configuration ({' '.join(str(exc).split())})") from exc
+
+
+def _unknown_keys(doc: dict[str, Any], model: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of ``doc`` that the pydantic ``model`` (a config section) does not have, nested sections included."""
+    unknown: list[str] = []
+    for key, value in doc.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            unknown.append(prefix + key)
+            continue
+        sub = field.annotation
+        if isinstance(value, dict) and isinstance(sub, type) and hasattr(sub, "model_fields"):
+            unknown += _unknown_keys(value, sub, f"{prefix}{key}.")
+    return unknown
+
+
+def _drop(doc: dict[str, Any], dotted: str) -> None:
+    *parents, last = dotted.split(".")
+    node = doc
+    for part in parents:
+        node = node[part]
+    node.pop(last, None)
 
 
 def version_drift(method_dir: Path) -> list[str]:

@@ -181,6 +181,8 @@ class PromotionConfig(Section):
 
     min_new_image_auroc: NonNegativeFloat = 0.8
     max_forgetting: NonNegativeFloat = 0.02  # max drop of image AUROC on every old product
+    # feedback apply: max rise of a product's escape rate (defective test images decided OK) at its deployed threshold
+    max_escape_rise: float = Field(0.02, ge=0.0, le=1.0)
     # Products with normal images only (no test set) are gated on their false-reject rate instead of AUROC:
     # the share of their reserved normals (never trained on, never used for thresholds) decided NG.
     max_false_reject_rate: float = Field(0.2, ge=0.0, le=1.0)
@@ -245,7 +247,7 @@ class FeedbackConfig(Section):
     """Operator feedback (``contad feedback``): verdicts on images the line has seen, learned into a new bank version."""
 
     min_images: int = Field(5, ge=1)  # false rejects marked good needed before ``feedback apply`` builds a version (unless --force)
-    patch_share: float = Field(0.1, gt=0.0, le=1.0)  # share of the feedback images' patch features added to the memory (farthest first)
+    patch_share: float = Field(0.1, gt=0.0, le=1.0)  # most of a false reject's patches added (farthest first, only until it is decided OK)
 
 
 class DecisionConfig(Section):
@@ -270,6 +272,8 @@ class ServeConfig(Section):
     max_concurrent: int = Field(2, ge=1)  # inferences running at once; more wait (bounded by the timeout)
     reload_poll_s: float = Field(10.0, ge=0)  # how often the champion alias is polled; 0 = never reload
     heatmap_size: int = Field(256, ge=16, le=2048)  # side of returned heat-map overlays
+    feedback_cache: int = Field(256, ge=0)  # serve-api keeps the last N predictions (image bytes + decision) for POST /v1/feedback?prediction_id=; 0 = off
+    feedback_cache_mb: float = Field(256.0, gt=0.0)  # ... and drops the oldest while their images hold more than this many MB
 
 
 class ComputeConfig(Section):

@@ -18,7 +18,6 @@ whole read-modify-write holds the bank store's lock.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import re
@@ -381,26 +380,17 @@ def add_product_flow(path: str, name: str, config: dict[str, Any] | None = None,
 
 def emit_product_added(path: Path, name: str, api_url: str | None = None) -> None:
     """Send ``contad.product.added`` (payload: path, name) to the Prefect server at ``PREFECT_API_URL``."""
-    from prefect.events import Event
-    from prefect.events.clients import PrefectEventsClient
     from prefect.settings import PREFECT_API_URL
+
+    from flows.events import emit_event
 
     url = api_url or PREFECT_API_URL.value()
     if not url:
         raise ContadError("--via-server needs a Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api) to the server where `contad serve` runs")
     check_prefect_server(url)
-    event = Event(
-        event=PRODUCT_ADDED_EVENT,
-        resource={"prefect.resource.id": f"contad.product.{name}", "prefect.resource.name": name},
-        payload={"path": str(Path(path).resolve()), "name": name},
-    )
-
-    async def _send() -> None:
-        async with PrefectEventsClient(api_url=url, reconnection_attempts=2) as client:
-            await client.emit(event)
-
     try:
-        asyncio.run(_send())
+        emit_event(url, PRODUCT_ADDED_EVENT, f"contad.product.{name}", {"path": str(Path(path).resolve()), "name": name},
+                   {"prefect.resource.name": name})
     except Exception as exc:
         raise ContadError(f"could not send {PRODUCT_ADDED_EVENT} to the Prefect server at {url}: {exc}") from exc
     log.info("emitted %s for %s (%s) to %s", PRODUCT_ADDED_EVENT, name, path, url)

@@ -5,11 +5,15 @@ works offline: ``flows/offline_docs.py``):
 
 - ``POST /v1/predict``: one image as the raw request body (``application/octet-stream`` or
   ``image/*``) or as the ``image`` file of a ``multipart/form-data`` form. Returns JSON
-  ``{product, score, threshold, decision, model_version, bank_version, latency_ms}``; with
+  ``{product, score, threshold, decision, model_version, bank_version, prediction_id, latency_ms}``
+  (``prediction_id``: the hex SHA-256 of the image bytes, as ``contad predict`` writes it); with
   ``?heatmap=png`` the heat-map overlay PNG instead (decision fields in ``X-Contad-*`` headers).
 - ``POST /v1/feedback?verdict=good|defect[&product=P&by=WHO]``: an operator verdict on one image (body as for
   predict), recorded in the served bank store (``--bank DIR``, else ``banks.store_dir``) with what the served
   model decides on it; returns the record (``flows/feedback.py``). 400: a verdict twice, an unknown product.
+  With ``&prediction_id=ID`` (or a unique prefix of 8+ characters) and no body: the verdict is on an image this
+  service predicted recently (the last ``serve.feedback_cache``, kept in memory: ``flows/prediction_cache.py``),
+  with what was decided then; 404 when the id is unknown or dropped, 400 when the prefix is ambiguous.
 - ``GET /v1/model``: what is deployed (versions, tasks, thresholds, source, reloads).
 - ``GET /healthz`` (process alive) and ``GET /readyz`` (a model is loaded).
 - ``GET /metrics``: Prometheus text (``flows/monitoring.py``): requests and latencies by endpoint,
@@ -56,9 +60,11 @@ from components.config import Config
 from components.decision import Detector, decode_image, decode_xyz
 from components.errors import ContadError, DataError
 from components.eval.figures import heatmap_overlay_png
+from components.memory.feedback import image_id
 from flows.deployed import DeployedVersion, DetectorSource
 from flows.monitoring import PROMETHEUS_CONTENT_TYPE, DriftReporter, LineMonitor
 from flows.offline_docs import add_offline_docs
+from flows.prediction_cache import CachedPrediction, PredictionCache, UnknownPrediction
 from flows.predict import TOO_LARGE, no_reprs, skip_message, skip_reason
 
 log = logging.getLogger(__name__)
@@ -78,6 +84,7 @@ class PredictResponse(BaseModel):
     decision: Literal["OK", "NG"]
     model_version: str | None
     bank_version: str | None
+    prediction_id: str  # hex SHA-256 of the image bytes: names this image in POST /v1/feedback
     latency_ms: float
 
 
@@ -306,6 +313,7 @@ def create_app(cfg: Config, source: DetectorSource, token: str | None = None, st
     reloader = Reloader(source, slot, cfg.serve.reload_poll_s)
     limiter = Limiter(cfg.serve.max_concurrent, cfg.serve.request_timeout_s)
     monitor = LineMonitor(cfg, DriftReporter(cfg) if cfg.drift.enabled else None)
+    recent = PredictionCache(cfg.serve.feedback_cache, int(cfg.serve.feedback_cache_mb * 2**20))
 
     async def lifespan(app: FastAPI):  # noqa: ANN202
         if start_reloader:
@@ -320,7 +328,7 @@ def create_app(cfg: Config, source: DetectorSource, token: str | None = None, st
                   swagger_ui_oauth2_redirect_url=None,
                   description="OK/NG decisions and heat maps from the deployed continual anomaly detector.")
     add_offline_docs(app)  # /docs from local files: no CDN
-    app.state.slot, app.state.reloader, app.state.monitor = slot, reloader, monitor
+    app.state.slot, app.state.reloader, app.state.monitor, app.state.recent = slot, reloader, monitor, recent
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Any) -> Response:
@@ -335,6 +343,7 @@ def create_app(cfg: Config, source: DetectorSource, token: str | None = None, st
             monitor.observe_request(getattr(route, "path", "unmatched"), status, time.perf_counter() - started)
 
     errors = {code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 415, 422, 503)}
+    feedback_errors = {**errors, 404: {"model": ErrorResponse}}
 
     def authorised(request: Request) -> bool:
         """No token configured, or the request carries it."""
@@ -404,8 +413,10 @@ def create_app(cfg: Config, source: DetectorSource, token: str | None = None, st
             raise HTTPException(413 if skip_reason(exc) == TOO_LARGE else 400, skip_message(exc, "request body", cfg.serve.max_pixels)) from None
         monitor.observe_verdict(deployed.detector, deployed.version.key, verdict,
                                 {"model_version": deployed.version.model_version, "bank_version": deployed.version.bank_version})
+        ident = image_id(data)
+        recent.put(ident, CachedPrediction(data, verdict.to_dict(), deployed.version.model_version, deployed.version.bank_version))
         result = PredictResponse(**verdict.to_dict(), model_version=deployed.version.model_version, bank_version=deployed.version.bank_version,
-                                 latency_ms=round(1000 * (time.perf_counter() - started), 3))
+                                 prediction_id=ident, latency_ms=round(1000 * (time.perf_counter() - started), 3))
         if heatmap == "png":
             png = await asyncio.to_thread(heatmap_overlay_png, rgb, verdict.anomaly_map, verdict.pixel_threshold, None, cfg.serve.heatmap_size,
                                           (verdict.decision, verdict.score, verdict.threshold, verdict.product))
@@ -413,13 +424,27 @@ def create_app(cfg: Config, source: DetectorSource, token: str | None = None, st
             return Response(png, media_type="image/png", headers=headers)
         return result
 
-    @app.post("/v1/feedback", openapi_extra={"requestBody": request_body}, responses=errors)
+    @app.post("/v1/feedback", openapi_extra={"requestBody": {**request_body, "required": False}}, responses=feedback_errors)
     async def feedback(request: Request, verdict: Literal["good", "defect"] = Query(..., description="the operator's verdict on the image"),
                        product: str | None = Query(None, description="the image's product (default: where it is routed)"),
-                       by: str | None = Query(None, description="who gives the verdict (default: api)")) -> dict[str, Any]:
-        """Record an operator verdict on one image (body as for /v1/predict) with what the served model decides on it
-        (``contad feedback``: false rejects marked good are learned by ``contad feedback apply``; escapes gate every candidate)."""
+                       by: str | None = Query(None, description="who gives the verdict (default: api)"),
+                       prediction_id: str | None = Query(None, min_length=8, max_length=64, pattern="^[0-9a-fA-F]+$",
+                                                         description="a recent /v1/predict of this service (its id or a unique prefix); no body then")) -> dict[str, Any]:
+        """Record an operator verdict on one image (body as for /v1/predict) with what the served model decides on it, or on
+        a recent prediction named by ``prediction_id`` with what was decided then (``contad feedback``: false rejects marked
+        good are learned by ``contad feedback apply``; escapes gate every candidate)."""
         authorise(request)
+        from flows.feedback import feedback_config, record_served  # the recording side (Prefect, the store lock) only when used
+
+        if prediction_id is not None:
+            if int(request.headers.get("content-length") or 0) > 0 or "transfer-encoding" in request.headers:
+                raise HTTPException(400, "give either prediction_id or the image as the request body, not both")
+            try:
+                ident, seen = recent.find(prediction_id)
+            except UnknownPrediction as exc:
+                raise HTTPException(404, str(exc)) from None
+            return await asyncio.to_thread(record_served, feedback_config(cfg, source), seen.data, seen.decided, seen.model_version,
+                                           seen.bank_version, verdict, product, by, f"prediction {ident[:12]} (serve-api)")
         deployed = serving()
         data, depth = await image_bytes(request, cfg.serve.max_bytes, cfg.serve.read_timeout_s)
         if not data:
@@ -428,8 +453,6 @@ def create_app(cfg: Config, source: DetectorSource, token: str | None = None, st
             _, decided = await limiter.run(decode_and_decide, deployed.detector, data, cfg.serve.max_pixels, depth)
         except DataError as exc:
             raise HTTPException(413 if skip_reason(exc) == TOO_LARGE else 400, skip_message(exc, "request body", cfg.serve.max_pixels)) from None
-        from flows.feedback import feedback_config, record_served  # the recording side (Prefect, the store lock) only when used
-
         return await asyncio.to_thread(record_served, feedback_config(cfg, source), data, decided, deployed.version.model_version,
                                        deployed.version.bank_version, verdict, product, by)
 

@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+", help="run directories containing metrics.json")
     report.add_argument("--out", default=None, help="output directory (default: first run dir)")
     report.add_argument("--dvc-dir", default=None, help="also write the DVC metrics and plot files of the first run here (summary.json, average/curves/forgetting.csv; see dvc.yaml)")
+    report.add_argument("--store", default=None, help="bank store DIR whose operator feedback (STORE/feedback) is reported too: verdicts by kind, "
+                        "learned false rejects, the recorded escapes scored by the current bank version (also OUT/feedback.json)")
+    report.add_argument("--params", default="params.yaml", help="YAML config for scoring the escapes (deploy-time settings, e.g. decision.target_fpr; default: params.yaml)")
     template = sub.add_parser("plots-template", help="write the offline HTML template of `dvc plots show` (Vega JS inlined from vl-convert-python, no CDN)")
     template.add_argument("--out", default=".dvc/plots/offline.html", help="template file (default: .dvc/plots/offline.html, named in .dvc/config)")
 
@@ -153,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--init", default=None, help="saved method directory to start from (default: a fresh model)")
     _add_params(stream)
 
-    serve = sub.add_parser("serve", help="register a Prefect deployment that runs add-product on contad.product.added events and serve it")
+    serve = sub.add_parser("serve", help="register Prefect deployments that run add-product on contad.product.added and feedback apply on contad.feedback.recorded events, and serve them")
     _add_params(serve)
 
     feedback = sub.add_parser("feedback", help="operator verdicts: PATH... --as good|defect records them; `feedback apply` learns false rejects "
@@ -277,8 +280,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "report":
         from components.eval.report import report_command
 
+        feedback = None
+        if args.store:
+            from flows.feedback_report import feedback_summary
+
+            feedback = feedback_summary(load_config(args.params, overrides), Path(args.store))
+            if feedback is None:
+                print(f"no operator feedback recorded in {args.store}: the report has no feedback section")
         return report_command([Path(r) for r in args.runs], out=Path(args.out) if args.out else None,
-                              dvc_dir=Path(args.dvc_dir) if args.dvc_dir else None)
+                              dvc_dir=Path(args.dvc_dir) if args.dvc_dir else None, feedback=feedback)
     if args.command == "plots-template":
         from components.eval.dvc_export import write_html_template
 

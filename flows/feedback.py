@@ -8,10 +8,12 @@ recorded there is the one kept).
 
 ``contad feedback apply [--force]`` (also the ``contad-feedback-apply`` Prefect flow) learns the false
 rejects marked good, incrementally: the champion's state is loaded, each product's memory grows by the
-new images (``ContinualMethod.extend_task``: nothing is retrained, no other product's state changes),
-the calibration stays the champion's, and the candidate is versioned, registered and gated like an
-add-product step: ``promotion_gate`` (no new product; forgetting on every product's test set) plus
-the escape check: the recorded escapes (images marked defect that a deployed detector passed) are
+fewest of each image's farthest patches that make the champion's thresholds decide it OK
+(``components.memory.feedback_learning.learn_until_ok`` over ``ContinualMethod.extend_task``: nothing
+is retrained, no other product's state changes), the calibration stays the champion's, and the
+candidate is versioned, registered and gated like an add-product step: ``promotion_gate`` against the
+champion evaluated now at the same thresholds (no new product; forgetting and escape-rate rise at the
+deployed thresholds on every product's test set) plus the escape check: the recorded escapes (images marked defect that a deployed detector passed) are
 scored by the champion and the candidate, and the candidate may not pass more of them, per product.
 Below ``feedback.min_images`` unlearned false rejects it does nothing unless ``--force``.
 
@@ -42,16 +44,19 @@ from prefect import flow
 from components.artifact import deployed_config, read_detector_config
 from components.atomic import atomic_write_json
 from components.config import Config, config_to_dict
-from components.decision import Detector, decode_image, normalise, sniff_format
+from components.decision import Detector, decode_image, sniff_format
 from components.errors import ContadError, DataError
+from components.eval.thresholds import read_calibration
 from components.memory.feedback import (ESCAPE, FALSE_REJECT, VERDICTS, FeedbackLog, VerdictRecord, image_id, image_name, now_utc,
                                         verdict_kind)
+from components.memory.feedback_learning import learn_until_ok
 from components.memory.store import CURRENT_FILE, SHORT_HASH, BankStore
 from flows.promotion import GateDecision, Registry, check_agreement, promote, promotion_gate, store_transaction
 
 log = logging.getLogger(__name__)
 
 FEEDBACK_RESULT = "feedback_apply.json"
+FEEDBACK_EVENT = "contad.feedback.recorded"  # sent after verdicts are recorded; `contad serve` runs the apply flow on it
 
 
 def default_out() -> Path:
@@ -157,7 +162,37 @@ def record_images(cfg: Config, images: list[FeedbackImage], verdict: str, produc
     if not (store.root / CURRENT_FILE).is_file():
         raise ContadError(f"no current memory-bank version in {store.root}: feedback is about a deployed detector (banks.store_dir)")
     with store_transaction(cfg, store) as (store, registry), tempfile.TemporaryDirectory(prefix="contad-feedback-") as scratch:
-        return _record_locked(cfg, store, registry, images, verdict, product, _operator(by), Path(scratch))
+        records = _record_locked(cfg, store, registry, images, verdict, product, _operator(by), Path(scratch))
+    announce_feedback(store.root, records, cfg.feedback.min_images)
+    return records
+
+
+def announce_feedback(store_root: Path, records: list[VerdictRecord], min_images: int) -> int:
+    """Emit ``contad.feedback.recorded`` per product of ``records`` to the Prefect server at ``PREFECT_API_URL`` (the
+    ``contad serve`` deployment of the apply flow runs on it); nothing without a server. A failing send logs one
+    warning: the verdicts are recorded either way. Returns the number of events sent."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.events import emit_event
+
+    url = PREFECT_API_URL.value()
+    if not url or not records:
+        return 0
+    pending = FeedbackLog(store_root).pending_false_rejects()
+    sent = 0
+    for product in sorted({r.product for r in records}):
+        mine = [r for r in records if r.product == product]
+        payload = {"product": product, "verdict": mine[0].verdict, "count": len(mine), "store": str(Path(store_root).resolve()),
+                   "kinds": {kind: sum(r.kind == kind for r in mine) for kind in sorted({r.kind for r in mine})},
+                   "pending_false_rejects": sum(r.product == product for r in pending), "pending_false_rejects_total": len(pending),
+                   "min_images": min_images, "ids": [r.id for r in mine]}
+        try:
+            emit_event(url, FEEDBACK_EVENT, f"contad.product.{product}", payload, {"prefect.resource.name": product})
+            sent += 1
+        except Exception as exc:  # noqa: BLE001 - the verdict is recorded; the trigger is a convenience
+            log.warning("feedback on %s recorded, but %s could not be sent to %s: %s", product, FEEDBACK_EVENT, url,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    return sent
 
 
 def _record_locked(cfg: Config, store: BankStore, registry: Registry | None, images: list[FeedbackImage], verdict: str, product: str | None,
@@ -217,10 +252,11 @@ def feedback_config(cfg: Config, source: Any) -> Config:
 
 
 def record_served(cfg: Config, data: bytes, decided: Any, model_version: str | None, bank_version: str | None, verdict: str,
-                  product: str | None = None, by: str | None = None) -> dict[str, Any]:
-    """Record ``verdict`` on one image a service decided (``decided``: its ``Verdict``, by the given versions); the record."""
-    seen = {**decided.to_dict(), "model_version": model_version, "bank_version": bank_version}
-    return record_images(cfg, [FeedbackImage("POST /v1/feedback", data, seen)], verdict, product, by or "api")[0].to_dict()
+                  product: str | None = None, by: str | None = None, source: str = "POST /v1/feedback") -> dict[str, Any]:
+    """Record ``verdict`` on one image a service decided (``decided``: its ``Verdict`` or ``Verdict.to_dict()``, by the given
+    versions; ``source``: where the image came from, kept as the record's path); the record."""
+    seen = {**(decided if isinstance(decided, dict) else decided.to_dict()), "model_version": model_version, "bank_version": bank_version}
+    return record_images(cfg, [FeedbackImage(source, data, seen)], verdict, product, by or "api")[0].to_dict()
 
 
 def _model_version(decided: dict[str, Any], registry: Registry | None) -> str | None:
@@ -283,7 +319,7 @@ def apply_feedback(cfg: Config, out: Path | None = None, force: bool = False) ->
 
 
 def _apply_locked(cfg: Config, store: BankStore, registry: Registry | None, out: Path, force: bool) -> dict[str, Any]:
-    from flows.add_product import _json_metrics, _old_manifest, _stored_metrics, _task_names
+    from flows.add_product import _json_metrics, _old_manifest, _task_names
 
     current = store.current()
     if current is None:
@@ -298,13 +334,13 @@ def _apply_locked(cfg: Config, store: BankStore, registry: Registry | None, out:
         return {"applied": False, "pending": len(pending), "min_images": cfg.feedback.min_images, "previous_version": current}
     base_dir = store.checkout(current, out / "base_method")
     cfg = _base_config(cfg, base_dir, current)
-    method_dir = _extended_state(cfg, base_dir, feedback, pending, task_of_product, out / "method")
+    method_dir, how = _extended_state(cfg, base_dir, feedback, pending, task_of_product, out / "method")
     products = {str(k): str(v) for k, v in (base.get("products") or {}).items()}
     metrics = _evaluate(cfg, method_dir, _old_manifest(products), task_of_product)
-    before = _stored_metrics(base, list(products))
-    if before is None:
-        before = _evaluate(cfg, base_dir, _old_manifest(products), task_of_product)
-    gate = promotion_gate(cfg.promotion, [], metrics, before)
+    # the champion evaluated now, with this command's thresholds: its stored metrics may come from another
+    # decision.target_fpr, and the gate compares decisions (escapes) at the same deployed thresholds
+    before = _evaluate(cfg, base_dir, _old_manifest(products), task_of_product)
+    gate = promotion_gate(cfg.promotion, [], metrics, before, check_escapes=True)
     escapes = gate_escapes(cfg, store, gate, method_dir, base_dir, current)
     fixed = _now_ok(Detector.from_method_dir(method_dir, cfg, bank_version="candidate"), feedback, pending, cfg.serve.max_pixels)
     step = int(base.get("step", len(_task_names(base)) - 1)) + 1
@@ -315,7 +351,7 @@ def _apply_locked(cfg: Config, store: BankStore, registry: Registry | None, out:
         "gate": gate.to_dict(),
         "trigger": "feedback",
         "parent": current,
-        "feedback": {"learned": [r.id for r in pending], "products": sorted({r.product for r in pending}), "now_ok": fixed, "escapes": escapes},
+        "feedback": {"learned": [r.id for r in pending], "products": sorted({r.product for r in pending}), "now_ok": fixed, "escapes": escapes, "how": how},
     }
     bank_version = _version(cfg, method_dir, meta)
     model_version = _register(cfg, step, metrics, method_dir, bank_version, store, gate, feedback)
@@ -346,24 +382,30 @@ def _base_config(cfg: Config, base_dir: Path, version: str) -> Config:
 
 
 def _extended_state(cfg: Config, base_dir: Path, feedback: FeedbackLog, pending: list[VerdictRecord], task_of_product: dict[str, str],
-                    method_dir: Path) -> Path:
+                    method_dir: Path) -> tuple[Path, dict[str, dict[str, Any]]]:
     """A copy of the champion's state (calibration and detector config included) whose products' memories grew by
-    their false rejects (``extend_task``); saved into ``method_dir``."""
+    their false rejects, each by the fewest of its patches that make it OK (``learn_until_ok``); saved into
+    ``method_dir``. Returns it and, per learned image id, how it was learned."""
     from components.methods.loading import load_method
 
     method = load_method(cfg, base_dir)
-    by_task: dict[str, list[VerdictRecord]] = {}
-    for record in pending:
-        by_task.setdefault(task_of_product[record.product], []).append(record)
-    for task, records in sorted(by_task.items()):
-        rgbs = [decode_image(feedback.image_bytes(r), cfg.serve.max_pixels, source=str(feedback.image_file(r))) for r in records]
-        grown = method.extend_task(task, normalise(rgbs, cfg.data.image_size), cfg.feedback.patch_share)
-        log.info("feedback: task %s learned %d image(s): %s", task, len(records), grown)
+    calibration = read_calibration(base_dir)
+    if calibration is None:
+        raise ContadError(f"{base_dir}: the champion has no calibration.json, so a false reject cannot be checked against its threshold")
+    detector = Detector(method, calibration.at_target(cfg.decision.target_fpr), cfg)
+    learned: dict[str, dict[str, Any]] = {}
+    for record in sorted(pending, key=lambda r: (r.product, r.at, r.id)):
+        rgb = decode_image(feedback.image_bytes(record), cfg.serve.max_pixels, source=str(feedback.image_file(record)))
+        result = learn_until_ok(detector, task_of_product[record.product], rgb, cfg.feedback.patch_share)
+        learned[record.id] = result.to_dict()
+        log.info("feedback: %s (%s) learned %.1f%% of its patches (%d rows): score %.4f -> %.4f, threshold %.4f%s", record.id[:SHORT_HASH],
+                 record.product, 100 * result.share, result.rows_added, result.score_before, result.score_after, result.threshold,
+                 "" if result.now_ok else f" (still not OK at feedback.patch_share {cfg.feedback.patch_share})")
     method.save(method_dir)  # the state files only: the rest (calibration.json, detector.json) is the champion's
     for path in sorted(base_dir.iterdir()):
         if path.is_file() and not (method_dir / path.name).exists():
             shutil.copy2(path, method_dir / path.name)
-    return method_dir
+    return method_dir, learned
 
 
 def _now_ok(candidate: Detector, feedback: FeedbackLog, pending: list[VerdictRecord], max_pixels: int) -> int:

@@ -95,13 +95,10 @@ class DriftReporter:
 
 async def send_drift_event(url: str, reading: DriftReading, versions: dict[str, Any]) -> None:
     """Emit ``contad.product.drift`` for ``reading`` to the Prefect server at ``url``."""
-    from prefect.events import Event
-    from prefect.events.clients import PrefectEventsClient
+    from flows.events import send_event
 
-    event = Event(event=DRIFT_EVENT, resource={"prefect.resource.id": f"contad.product.{reading.product}", "prefect.resource.name": reading.product},
-                  payload={**reading.to_dict(), **versions})
-    async with PrefectEventsClient(api_url=url, reconnection_attempts=2) as client:
-        await client.emit(event)
+    await send_event(url, DRIFT_EVENT, f"contad.product.{reading.product}", {**reading.to_dict(), **versions},
+                     {"prefect.resource.name": reading.product})
 
 
 class LineMonitor:

@@ -4,7 +4,11 @@ Gate: passes when every product the champion does not contain yet (whichever ste
 product rejected at one step is new again at the next) reaches ``promotion.min_new_image_auroc``
 image AUROC and keeps its false-reject rate at the deployed threshold (good test images decided NG)
 at or below ``promotion.max_false_reject_rate``, and no product the champion contains loses more
-than ``promotion.max_forgetting`` image AUROC compared with the champion's own evaluation of it. A product with normal images only (no test
+than ``promotion.max_forgetting`` image AUROC compared with the champion's own evaluation of it, and, for a
+bank whose memories grew under unchanged thresholds (operator feedback: it can keep its AUROC and
+still pass defects it used to reject), none lets more than ``promotion.max_escape_rise`` more of its
+defective test images through at the deployed threshold (compared only when both evaluations used
+the same threshold promise, ``promised_fpr``). A product with normal images only (no test
 set, so no AUROC) instead must keep its false-reject rate on its reserved normals (never trained
 on, never used for a threshold: ``components.data.loading.reserve_normals``) at or below
 ``promotion.max_false_reject_rate``, when it is new and at every later step.
@@ -46,6 +50,8 @@ log = logging.getLogger(__name__)
 
 GATE_METRIC = "image_auroc"
 DECISION_FRR = "false_reject_rate"  # good test images decided NG at the deployed thresholds
+DECISION_ESCAPE = "escape_rate"  # defective test images decided OK at the deployed thresholds
+PROMISE = "promised_fpr"  # the false-reject rate the product's threshold promises (same promise = same threshold rule)
 
 
 def gate_scope(after: dict[str, dict[str, float]], champion: dict[str, Any] | None) -> tuple[list[str], dict[str, dict[str, float]] | None]:
@@ -69,6 +75,7 @@ class GateDecision:
     reasons: list[str] = field(default_factory=list)
     drops: dict[str, float] = field(default_factory=dict)
     false_reject_rates: dict[str, float] = field(default_factory=dict)  # products with normal images only
+    escape_rises: dict[str, float] = field(default_factory=dict)  # old products: escape-rate change at the deployed threshold
     checked: list[str] = field(default_factory=list)  # every check made, passed or not (one line each)
 
     def message(self) -> str:
@@ -78,7 +85,7 @@ class GateDecision:
 
     def to_dict(self) -> dict[str, object]:
         return {"passed": self.passed, "reasons": list(self.reasons), "drops": dict(self.drops), "false_reject_rates": dict(self.false_reject_rates),
-                "checked": list(self.checked)}
+                "escape_rises": dict(self.escape_rises), "checked": list(self.checked)}
 
 
 def _value(metrics: dict[str, dict[str, float]], product: str, metric: str = GATE_METRIC) -> float | None:
@@ -105,13 +112,35 @@ def _false_reject_check(cfg: PromotionConfig, product: str, after: dict[str, dic
         decision.reasons.append(f"{role} product {product!r} (normal images only) {RESERVED_FRR} {rate:.4f} > promotion.max_false_reject_rate {cfg.max_false_reject_rate}")
 
 
+def _escape_check(cfg: PromotionConfig, product: str, before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],
+                  decision: GateDecision) -> None:
+    """Append a reason to ``decision`` when ``product`` passes more than ``promotion.max_escape_rise`` more of its
+    defective test images at the deployed threshold than the champion did (skipped, and said so, when the two
+    evaluations' thresholds keep different promises or there is no defective image)."""
+    old, new = _value(before, product, DECISION_ESCAPE), _value(after, product, DECISION_ESCAPE)
+    if old is None or new is None:
+        return
+    promise_old, promise_new = _value(before, product, PROMISE), _value(after, product, PROMISE)
+    if promise_old is None or promise_new is None or not math.isclose(promise_old, promise_new, rel_tol=1e-9, abs_tol=1e-12):
+        decision.checked.append(f"old product {product!r}: {DECISION_ESCAPE} not compared (the champion was evaluated at another threshold promise)")
+        return
+    decision.escape_rises[product] = new - old
+    decision.checked.append(f"old product {product!r}: {DECISION_ESCAPE} rise {new - old:.4f} <= {cfg.max_escape_rise}")
+    if new - old > cfg.max_escape_rise + 1e-12:
+        decision.reasons.append(f"old product {product!r} {DECISION_ESCAPE} at the deployed threshold rose {new - old:.4f} ({old:.4f} -> {new:.4f}) "
+                                f"> promotion.max_escape_rise {cfg.max_escape_rise}")
+
+
 def promotion_gate(
     cfg: PromotionConfig,
     new_products: list[str],
     after: dict[str, dict[str, float]],
     before: dict[str, dict[str, float]] | None = None,
+    check_escapes: bool = False,
 ) -> GateDecision:
-    """Check ``after`` (metrics by product after the step) against ``before`` (the champion's)."""
+    """Check ``after`` (metrics by product after the step) against ``before`` (the champion's); ``check_escapes``:
+    also the escape-rate rise of every old product at the deployed thresholds (feedback apply, whose memories grow
+    under unchanged thresholds; add-product leaves old products' memories and thresholds as they are)."""
     decision = GateDecision(passed=False)
     reasons, drops = decision.reasons, decision.drops
     for product in new_products:
@@ -145,6 +174,8 @@ def promotion_gate(
         decision.checked.append(f"old product {product!r}: {GATE_METRIC} drop {old - new:.4f} <= {cfg.max_forgetting}")
         if old - new > cfg.max_forgetting:
             reasons.append(f"old product {product!r} {GATE_METRIC} dropped {old - new:.4f} ({old:.4f} -> {new:.4f}) > promotion.max_forgetting {cfg.max_forgetting}")
+        if check_escapes:
+            _escape_check(cfg, product, before or {}, after, decision)
     decision.passed = not reasons
     return decision
 

@@ -444,6 +444,50 @@ def test_gate_uses_reserved_false_reject_rate_for_products_without_test_images()
     assert not later.passed and len(later.reasons) == 1 and "old product 'n'" in later.reasons[0]
 
 
+def test_gate_refuses_an_old_product_that_passes_more_defects_at_the_same_threshold() -> None:
+    """AUROC can hold while a grown memory lets defects through under unchanged thresholds: the gate compares
+    escape rates at the deployed thresholds, and only when both evaluations kept the same threshold promise."""
+    from components.config import PromotionConfig
+    from flows.promotion import promotion_gate
+
+    cfg = PromotionConfig(max_forgetting=0.02, max_escape_rise=0.02)
+    before = {"a": {"image_auroc": 0.90, "escape_rate": 0.50, "promised_fpr": 0.2}}
+    same = promotion_gate(cfg, [], {"a": {"image_auroc": 0.91, "escape_rate": 0.52, "promised_fpr": 0.2}}, before, check_escapes=True)
+    assert same.passed and same.escape_rises == {"a": pytest.approx(0.02)}
+    lenient = promotion_gate(cfg, [], {"a": {"image_auroc": 0.91, "escape_rate": 0.70, "promised_fpr": 0.2}}, before, check_escapes=True)
+    assert not lenient.passed and len(lenient.reasons) == 1
+    assert "'a' escape_rate at the deployed threshold rose 0.2000 (0.5000 -> 0.7000) > promotion.max_escape_rise 0.02" in lenient.reasons[0]
+    other_promise = promotion_gate(cfg, [], {"a": {"image_auroc": 0.91, "escape_rate": 0.70, "promised_fpr": 0.01}}, before, check_escapes=True)
+    assert other_promise.passed and other_promise.escape_rises == {}
+    assert any("escape_rate not compared" in line for line in other_promise.checked)
+    no_defects = promotion_gate(cfg, [], {"a": {"image_auroc": 0.91, "escape_rate": float("nan"), "promised_fpr": 0.2}}, before, check_escapes=True)
+    assert no_defects.passed
+    add_product = promotion_gate(cfg, [], {"a": {"image_auroc": 0.91, "escape_rate": 0.70, "promised_fpr": 0.2}}, before)
+    assert add_product.passed and add_product.escape_rises == {}  # only feedback apply grows memories under fixed thresholds
+    with pytest.raises(ConfigError, match="promotion.max_escape_rise"):
+        load_config(REPO / "params.yaml", ["promotion.max_escape_rise=1.5"])
+
+
+def test_detector_config_drops_renamed_deploy_time_keys_and_refuses_unknown_scoring_keys(tmp_path: Path) -> None:
+    """A bank saved before a deploy-time key was renamed still loads; an unknown key that could change a score
+    is a one-line error naming it."""
+    from components.artifact import read_detector_config, write_detector_config
+    from components.config import Config
+
+    write_detector_config(tmp_path, Config())
+    path = tmp_path / "detector.json"
+    doc = json.loads(path.read_text())
+    doc["config"]["feedback"]["coreset_ratio"] = 0.5
+    doc["config"]["serve"]["old_knob"] = 1
+    path.write_text(json.dumps(doc))
+    assert read_detector_config(tmp_path) == Config()
+    doc["config"]["ucad"]["mystery"] = 3
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ContadError, match=r"ucad\.mystery .*unknown to the installed contad") as info:
+        read_detector_config(tmp_path)
+    assert "\n" not in str(info.value) and "serve.old_knob" not in str(info.value)
+
+
 def test_false_reject_limit_and_reserve_fraction_ranges_are_validated() -> None:
     for override in ("promotion.max_false_reject_rate=1.5", "promotion.max_false_reject_rate=-0.1",
                      "promotion.reserved_normals_fraction=0", "promotion.reserved_normals_fraction=1"):

@@ -97,6 +97,9 @@ def test_false_rejects_marked_good_are_learned_and_nothing_else_changes(base: Si
     assert new_version == result["bank_version"] != before_version
     manifest = store.show(new_version)
     assert manifest["trigger"] == "feedback" and manifest["parent"] == before_version and manifest["tasks"] == store.show(before_version)["tasks"]
+    how = manifest["feedback"]["how"]  # each image learned only the share of its patches it needed (at most the cap)
+    assert sorted(how) == sorted(r.id for r in records) and all(h["now_ok"] and 0 < h["share"] <= cfg.feedback.patch_share for h in how.values())
+    assert any(check.startswith(f"old product {base.b.name!r}: escape_rate") for check in manifest["gate"]["checked"])
     after = _champion(cfg)
     assert [v.decision for v in _decide(after, rejected)] == ["OK"] * len(rejected)
     assert [v.score for v in _decide(after, a_test)] == a_before  # the other product: bit-identical scores
@@ -218,6 +221,92 @@ def test_rest_feedback_records_what_the_service_decided(base: SimpleNamespace, t
     assert [r.id for r in FeedbackLog(cfg.banks.store_dir).read()] == [record["id"]]
 
 
+def test_rest_feedback_by_prediction_id_of_a_recent_prediction(base: SimpleNamespace, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from flows.api import create_app
+    from flows.deployed import BankSource
+
+    cfg = _copy(base, tmp_path / "work")
+    cfg.serve.feedback_cache = 2
+    first, second, third = (p.read_bytes() for p in sorted((base.b / "test" / "good").glob("*.png"))[:3])
+    auth = {"Content-Type": "application/octet-stream"}
+    with TestClient(create_app(cfg, BankSource(cfg.banks.store_dir, cfg))) as client:
+        deadline = time.monotonic() + 120
+        while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        predicted = [client.post("/v1/predict", content=data, headers=auth).json() for data in (first, second, third)]
+        assert [p["prediction_id"] for p in predicted] == [hashlib.sha256(d).hexdigest() for d in (first, second, third)]
+        dropped = client.post("/v1/feedback", params={"verdict": "good", "prediction_id": predicted[0]["prediction_id"]})
+        assert dropped.status_code == 404 and "not among the last 2 predictions" in dropped.json()["detail"]  # the cache keeps 2
+        assert client.post("/v1/feedback", params={"verdict": "good", "prediction_id": "abc"}).status_code == 422  # < 8 characters
+        both = client.post("/v1/feedback", params={"verdict": "good", "prediction_id": predicted[2]["prediction_id"]}, content=third, headers=auth)
+        assert both.status_code == 400 and "not both" in both.json()["detail"]
+        answer = client.post("/v1/feedback", params={"verdict": "defect", "prediction_id": predicted[2]["prediction_id"][:10], "by": "line-1"})
+        assert answer.status_code == 200, answer.text
+        record = answer.json()
+        assert record["id"] == predicted[2]["prediction_id"] and record["by"] == "line-1" and record["verdict"] == "defect"
+        assert (record["score"], record["decision"], record["bank_version"]) == (predicted[2]["score"], predicted[2]["decision"], predicted[2]["bank_version"])
+        assert client.post("/v1/feedback", params={"verdict": "good", "prediction_id": predicted[2]["prediction_id"]}).status_code == 400  # twice
+    log = FeedbackLog(cfg.banks.store_dir)
+    [stored] = log.read()
+    assert log.image_bytes(stored) == third  # the cached image bytes were stored
+
+    cache_entries = [("ab" * 4 + "0" * 56, b"x"), ("ab" * 4 + "1" * 56, b"y")]
+    from flows.prediction_cache import AmbiguousPrediction, CachedPrediction, PredictionCache
+
+    cache = PredictionCache(4)
+    for ident, data in cache_entries:
+        cache.put(ident, CachedPrediction(data, {}, None, None))
+    with pytest.raises(AmbiguousPrediction, match="ambiguous"):
+        cache.find("abababab")
+    assert cache.find("abababab1")[1].data == b"y"
+    off = PredictionCache(0)
+    off.put(cache_entries[0][0], CachedPrediction(b"x", {}, None, None))
+    assert len(off) == 0
+    bounded = PredictionCache(10, max_bytes=5)  # the oldest images go once they hold more than 5 bytes together
+    for ident, data in (("a" * 64, b"123"), ("b" * 64, b"45"), ("c" * 64, b"6")):
+        bounded.put(ident, CachedPrediction(data, {}, None, None))
+    assert len(bounded) == 2 and bounded.find("cccccccc")[1].data == b"6" and bounded.find("bbbbbbbb")[1].data == b"45"
+    bounded.put("d" * 64, CachedPrediction(b"0123456789", {}, None, None))  # one image over the bound is still kept alone
+    assert len(bounded) == 1 and bounded.find("dddddddd")
+
+
+def test_report_shows_the_operator_feedback_of_the_store(base: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from flows.feedback_report import feedback_summary
+
+    cfg = _copy(base, tmp_path / "work")
+    escapes = sorted((base.a / "train" / "good").glob("*.png"))[:2]  # learned images: decided OK; the operator says defect
+    record_feedback(cfg, list(map(str, escapes)), "defect", product=base.a.name)
+    strict = cfg.model_copy(deep=True)
+    strict.decision.target_fpr = 0.9  # a strict threshold at the line: good parts rejected
+    goods = record_feedback(strict, [str(p) for p in sorted((base.b / "test" / "good").glob("*.png"))[:3]], "good", product=base.b.name)
+    log = FeedbackLog(cfg.banks.store_dir)
+    assert [r.kind for r in log.read()[:2]] == [ESCAPE, ESCAPE]
+    false_rejects = [r.id for r in goods if r.kind == FALSE_REJECT]
+    assert false_rejects
+    log.mark_learned(false_rejects[:1], "fb" * 32)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    capsys.readouterr()
+
+    assert main(["report", str(base.work), "--store", cfg.banks.store_dir, "--params", str(params), "--out", str(tmp_path / "report")]) == 0
+    summary = json.loads((tmp_path / "report" / "feedback.json").read_text())
+    a, b = summary["products"][base.a.name], summary["products"][base.b.name]
+    assert summary["verdicts"] == 5 and summary["bank_version"] == BankStore(cfg.banks.store_dir).current()
+    assert (a["escape"], a["false_reject"], a["escapes_passed_now"]) == (2, 0, 2)  # the current version still passes both
+    assert b["false_reject"] == len(false_rejects) and b["confirmed_ok"] == 3 - len(false_rejects) and b["escape"] == 0
+    assert b["false_rejects_learned"] == 1 and b["learned_in"] == {"fb" * 32: 1} and b["escapes_passed_now"] == 0
+    text = (tmp_path / "report" / "comparison.md").read_text()
+    assert "## Operator feedback" in text and f"| {base.a.name} | 0 | 2 | 0 | 0 | 0 (-) | 2 of 2 |" in text
+    assert f"1 in {'fb' * 6}" in text
+
+    never = SimpleNamespace(config=cfg, decide=lambda rgbs: [SimpleNamespace(decision="NG") for _ in rgbs])
+    assert feedback_summary(cfg, Path(cfg.banks.store_dir), never)["products"][base.a.name]["escapes_passed_now"] == 0  # scored, not copied
+
+
 def test_methods_without_incremental_feedback_say_so() -> None:
     import torch
 
@@ -225,3 +314,16 @@ def test_methods_without_incremental_feedback_say_so() -> None:
 
     with pytest.raises(ContadError, match="method 'patchcore_finetune' cannot learn feedback incrementally"):
         ContinualMethod.extend_task(SimpleNamespace(name="patchcore_finetune"), "task", torch.zeros(1, 3, 8, 8))  # type: ignore[arg-type]
+
+
+def test_a_failing_event_sink_never_fails_the_verdict(base: SimpleNamespace, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tests.tracking_support import free_port
+
+    cfg = _copy(base, tmp_path / "work")
+    image = sorted((base.b / "test" / "good").glob("*.png"))[0]
+    with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api"}), caplog.at_level("WARNING", "flows.feedback"):
+        assert len(record_feedback(cfg, [str(image)], "good")) == 1
+    assert [r.getMessage() for r in caplog.records if "contad.feedback.recorded could not be sent" in r.getMessage()] != []
+    assert len(FeedbackLog(cfg.banks.store_dir).read()) == 1

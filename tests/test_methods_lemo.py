@@ -99,6 +99,23 @@ def test_kmeans_init_uses_the_first_image() -> None:
     torch.testing.assert_close(method.prototypes[t].detach(), expected)
 
 
+def test_fit_log_reports_and_warns_about_a_collapsed_memory(caplog: pytest.LogCaptureFixture) -> None:
+    method = LeMO(lemo_config(), ToyBackbone())
+    data = toy_task("red", n_train=6)
+    stats = method.fit_task(data)["heldout_score_stats"]
+    assert 0.0 < stats["prototype_top_share"] <= 1.0 and 1 <= stats["prototypes_in_use"] <= 10
+    feats = method.frozen_features(data.heldout.images)
+    with torch.no_grad():  # every prototype but one on the far side of the embeddings: one takes every patch
+        centre = method.adapter_of(0)(feats, (4, 4)).mean(dim=(0, 1))
+        method.prototypes[0].copy_(-centre.expand(10, -1))
+        method.prototypes[0][3] = centre
+    shares = method.prototype_usage(feats, 0)
+    assert shares[0].item() == 1.0 and shares[1:].sum().item() == 0.0
+    caplog.clear()
+    assert method._heldout_stats(data, 0)["prototypes_in_use"] == 1
+    assert "memory collapse" in caplog.text
+
+
 def test_routing_and_no_forgetting_with_per_task_adapters() -> None:
     method = LeMO(lemo_config(), ToyBackbone())
     method.fit_task(toy_task("red", n_train=8))

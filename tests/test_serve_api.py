@@ -7,6 +7,7 @@ without a failed request; schemathesis fuzzing from the OpenAPI schema finds no 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import threading
 import time
@@ -65,7 +66,8 @@ def test_valid_images_raw_multipart_and_heatmap(served: tuple[str, Config], base
     raw = httpx.post(f"{url}/v1/predict", content=_png(defect), headers={**AUTH, "Content-Type": "application/octet-stream"})
     assert raw.status_code == 200, raw.text
     body = raw.json()
-    assert set(body) == {"product", "score", "threshold", "decision", "model_version", "bank_version", "latency_ms"}
+    assert set(body) == {"product", "score", "threshold", "decision", "model_version", "bank_version", "prediction_id", "latency_ms"}
+    assert body["prediction_id"] == hashlib.sha256(_png(defect)).hexdigest()  # the id contad predict writes
     assert body["model_version"] == str(champion.version) and body["bank_version"] == champion.tags["bank_version"]
     assert body["product"] in {p.name for p in base.old} and body["decision"] == ("NG" if body["score"] > body["threshold"] else "OK")
     form = httpx.post(f"{url}/v1/predict", files={"image": ("part.png", _png(defect), "image/png")}, headers=AUTH)
@@ -73,6 +75,7 @@ def test_valid_images_raw_multipart_and_heatmap(served: tuple[str, Config], base
     heat = httpx.post(f"{url}/v1/predict?heatmap=png", content=_png(defect), headers={**AUTH, "Content-Type": "image/png"})
     assert heat.status_code == 200 and heat.headers["content-type"] == "image/png"
     assert heat.headers["x-contad-decision"] == body["decision"]
+    assert heat.headers["x-contad-prediction-id"] == body["prediction_id"]
     with Image.open(io.BytesIO(heat.content)) as overlay:
         assert overlay.size == (cfg.serve.heatmap_size, cfg.serve.heatmap_size)
     info = httpx.get(f"{url}/v1/model", headers=AUTH).json()

@@ -2,7 +2,9 @@
 
 The server (sqlite and PREFECT_HOME in tmp) and the serve process run in their own process
 groups and are always torn down. The event ``contad.product.added`` must start the served
-add-product deployment, whose flow run adds the product on top of the trained champion.
+add-product deployment, whose flow run adds the product on top of the trained champion; then a
+recorded verdict (``contad.feedback.recorded``) must start the served feedback-apply deployment
+(one verdict is below ``feedback.min_images``: the run completes without learning).
 """
 
 from __future__ import annotations
@@ -11,15 +13,18 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
 from components.config import Config, config_to_dict
 from components.errors import ContadError
+from components.memory.feedback import FeedbackLog
 from components.memory.store import BankStore
 from flows.add_product import PRODUCT_ADDED_EVENT, add_product_command, emit_product_added
-from flows.serve import DEPLOYMENT_NAME, product_added_trigger, serve_command
+from flows.feedback import FEEDBACK_EVENT, record_feedback
+from flows.serve import DEPLOYMENT_NAME, FEEDBACK_DEPLOYMENT_NAME, product_added_trigger, serve_command
 from flows.tracking import champion_version
 from tests.tracking_support import background, copy_base, free_port, trained_base, wait_for_flow_run, wait_http_ok
 
@@ -29,6 +34,15 @@ def test_trigger_maps_event_payload_to_parameters() -> None:
     trigger = product_added_trigger()
     assert trigger.expect == {PRODUCT_ADDED_EVENT}
     assert trigger.parameters == {"path": "{{ event.payload.path }}", "name": "{{ event.payload.name }}"}
+
+
+def test_feedback_apply_is_served_beside_add_product_on_the_feedback_event() -> None:
+    from flows.serve import deployments
+
+    served = {d.name: d for d in deployments(Config())}
+    apply = served[FEEDBACK_DEPLOYMENT_NAME]
+    assert [t.expect for t in apply.triggers] == [{FEEDBACK_EVENT}] and apply.entrypoint == "flows.feedback.feedback_apply_flow"
+    assert apply.parameters == {"config": served[DEPLOYMENT_NAME].parameters["config"], "out": None, "force": False}  # the same config
 
 
 def test_via_server_needs_a_running_server(tmp_path: Path) -> None:
@@ -56,14 +70,15 @@ def _prefect_env(tmp_path: Path, api_url: str) -> dict[str, str]:
     }
 
 
-def _wait_for_deployment(client: object, serve: object, log_path: Path, timeout_s: float = 240.0) -> object:
+def _wait_for_deployment(client: object, serve: object, log_path: Path, name: str = f"contad-add-product/{DEPLOYMENT_NAME}",
+                         automation: str = "contad-product-added", timeout_s: float = 240.0) -> object:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if serve.poll() is not None:  # type: ignore[attr-defined]
             raise RuntimeError(f"contad serve exited with {serve.returncode}:\n{log_path.read_text()[-3000:]}")  # type: ignore[attr-defined]
         try:
-            deployment = client.read_deployment_by_name(f"contad-add-product/{DEPLOYMENT_NAME}")  # type: ignore[attr-defined]
-            if client.read_automations_by_name("contad-product-added"):  # type: ignore[attr-defined]
+            deployment = client.read_deployment_by_name(name)  # type: ignore[attr-defined]
+            if client.read_automations_by_name(automation):  # type: ignore[attr-defined]
                 return deployment
         except Exception:  # noqa: BLE001 - not registered yet
             pass
@@ -94,10 +109,25 @@ def test_event_triggers_served_add_product(tmp_path: Path, tmp_path_factory: pyt
         with background([sys.executable, "-m", "flows.cli", "serve", "--params", str(params)], serve_log, env, cwd=tmp_path) as serve:
             with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
                 deployment = _wait_for_deployment(client, serve, serve_log)
+                feedback_apply = _wait_for_deployment(client, serve, serve_log, f"contad-feedback-apply/{FEEDBACK_DEPLOYMENT_NAME}",
+                                                      "contad-feedback-recorded")  # served beside it
+                [trigger] = client.read_automations_by_name("contad-feedback-recorded")
+                assert trigger.trigger.expect == {FEEDBACK_EVENT} and feedback_apply.parameters["config"] == deployment.parameters["config"]  # type: ignore[attr-defined]
                 assert add_product_command(cfg, base.new, name="served", out=None, via_server=True) == 0
                 run = wait_for_flow_run(client, deployment.id, serve_log)  # type: ignore[attr-defined]
+                promoted = store.current()
+                [verdict] = record_feedback(cfg, [str(sorted(base.new.rglob("*.png"))[0])], "good", by="line")  # emits contad.feedback.recorded
+                applied = wait_for_flow_run(client, feedback_apply.id, serve_log)  # type: ignore[attr-defined]
+                events = httpx.post(f"{api_url}/events/filter", json={"filter": {"event": {"name": [FEEDBACK_EVENT]}}, "limit": 10}, timeout=30).json()["events"]
 
     assert run.state.type.value == "COMPLETED", serve_log.read_text()[-4000:]  # type: ignore[attr-defined]
+    assert applied.state.type.value == "COMPLETED", serve_log.read_text()[-4000:]  # type: ignore[attr-defined]
+    assert store.current() == promoted and FeedbackLog(store.root).find(verdict.id) is not None  # one verdict < feedback.min_images: nothing learned
+    [event] = events
+    assert event["resource"]["prefect.resource.id"] == f"contad.product.{verdict.product}"
+    assert event["payload"]["product"] == verdict.product and event["payload"]["verdict"] == "good" and event["payload"]["count"] == 1
+    assert event["payload"]["kinds"] == {verdict.kind: 1} and event["payload"]["ids"] == [verdict.id]
+    assert event["payload"]["pending_false_rejects"] == (verdict.kind == "false_reject") and event["payload"]["min_images"] == cfg.feedback.min_images
     assert run.parameters["name"] == "served" and run.parameters["path"] == str(base.new.resolve())  # type: ignore[attr-defined]
     bank = store.current()
     assert bank != before_bank and "served" in store.show(bank)["products"]

@@ -128,3 +128,58 @@ def test_defects_painted_at_a_higher_resolution_keep_normals_and_unmasked_pixels
         outside = ~masks[:, None].expand_as(defects)
         assert torch.equal(defects[outside], b.images[source][outside])
         assert masks.flatten(1).any(dim=1).all() and (defects[~outside] != b.images[source][~outside]).any()
+
+
+def _write_rgbd_dataset(root: Path) -> None:
+    """MVTec 3D-AD layout: train/good and validation/good with rgb/ + xyz/ (a raised disc, some invalid points),
+    and a test/ folder that must not be read."""
+    import tifffile
+
+    images = product_images("red", 10, seed=3, size=SIZE)
+    rgb = (images * IMAGENET_STD[0] + IMAGENET_MEAN[0]).clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).numpy()
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    disc = np.hypot(yy - SIZE / 2, xx - SIZE / 2) < SIZE / 3
+    for i, pixels in enumerate(rgb):
+        folder = root / "part" / ("train" if i < 8 else "validation") / "good"
+        xyz = np.stack([xx * 1e-3, yy * 1e-3, 0.65 - 0.01 * disc], axis=-1).astype(np.float32)
+        xyz[:, : SIZE // 8] = 0.0  # invalid (dropout) points, all three coordinates 0
+        for sub in ("rgb", "xyz"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.ascontiguousarray(pixels)).save(folder / "rgb" / f"{i:03d}.png")
+        tifffile.imwrite(folder / "xyz" / f"{i:03d}.tiff", xyz)
+    for sub in ("rgb", "xyz", "gt"):
+        (root / "part" / "test" / "crack" / sub).mkdir(parents=True)
+        Image.fromarray(np.ascontiguousarray(rgb[0])).save(root / "part" / "test" / "crack" / sub / "000.png")
+
+
+def test_rgbd_defects_change_depth_inside_their_masks_only(tmp_path: Path, touched: list[str]) -> None:
+    from components.data.loading import load_depth
+    from components.errors import DataError
+
+    root = tmp_path / "rgbd"
+    _write_rgbd_dataset(root)
+    touched.clear()  # the dataset's own writes
+    vset = build_validation(_config(), root, ["part"])
+    under = [p[len(str(root)):] for p in touched if p.startswith(str(root))]
+    assert any("/xyz/" in p for p in under) and not [p for p in under if "/test" in p]
+    assert sorted({Path(p).parts[-4] for p in vset.fit["image_path"]}) == ["train", "validation"]  # both normal folders
+    batch = vset.batches["part"]
+    normals = int((batch.labels == 0).sum())
+    assert vset.counts()["part"] == {"fit": 8, "normals": 2, "defects": 6}
+    assert batch.depth is not None and batch.depth.shape == (len(batch), 3, SIZE, SIZE)
+    held = vset.batches["part"].paths[:normals]
+    depth_paths = [str(Path(p).parent.parent / "xyz" / f"{Path(p).stem}.tiff") for p in held]
+    assert torch.equal(batch.depth[:normals], load_depth(depth_paths, SIZE))  # normals' clouds as loaded
+    source = torch.cat([torch.arange(normals).repeat_interleave(2), torch.arange(normals)])
+    before, after, masks = batch.depth[:normals][source], batch.depth[normals:], batch.masks[normals:].bool()
+    assert torch.equal(after[:, :2], before[:, :2])  # x, y untouched
+    changed = after[:, 2] != before[:, 2]
+    assert not (changed & ~masks).any()  # depth changes inside the defect masks only
+    invalid = before.abs().sum(dim=1) == 0
+    assert torch.equal(after[invalid.unsqueeze(1).expand_as(after)], before[invalid.unsqueeze(1).expand_as(before)])  # dropouts stay 0
+    visible = (masks & ~invalid).flatten(1).any(dim=1)
+    assert visible.any() and changed.flatten(1).any(dim=1)[visible].all()  # every defect over valid points moves z
+    height = 0.01  # the disc; a dent / bump is 0.15-0.5 of the cloud's height range
+    assert ((after[:, 2] - before[:, 2]).abs()[changed] <= 0.5 * height + 1e-6).all()
+    with pytest.raises(DataError, match="RGB-D"):
+        build_validation(_config(), root, ["part"], paint_size=2 * SIZE)

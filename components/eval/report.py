@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 COMPARISON_FILE = "comparison.md"
+FEEDBACK_FILE = "feedback.json"
+FEEDBACK_KINDS = ("false_reject", "escape", "confirmed_ok", "confirmed_ng")
 FIGURES_DIR = "figures"
 
 
@@ -235,8 +237,31 @@ def _run_labels(runs: Sequence[Path], docs: Sequence[dict[str, Any]]) -> list[st
     return [m if methods.count(m) == 1 else f"{m} ({Path(r).name})" for m, r in zip(methods, runs)]
 
 
-def comparison_markdown(labels: list[str], runs: Sequence[Path], docs: Sequence[dict[str, Any]], figures: list[str]) -> str:
-    """The ``comparison.md`` text: one table per metric family (rows = metric x method), then the figures."""
+def feedback_markdown(summary: dict[str, Any]) -> list[str]:
+    """The "Operator feedback" section of a bank store's verdicts (``summary``: see ``report_command``)."""
+    current = (summary.get("bank_version") or "-")[:12]
+    rows = []
+    for product, counts in summary["products"].items():
+        learned = ", ".join(f"{n} in {version[:12]}" for version, n in sorted(counts["learned_in"].items())) or "-"
+        passed = "-" if counts["escapes_passed_now"] is None else f"{counts['escapes_passed_now']} of {counts['escape']}"
+        rows.append([product, *(str(counts[kind]) for kind in FEEDBACK_KINDS), f"{counts['false_rejects_learned']} ({learned})", passed])
+    return [
+        "## Operator feedback",
+        "",
+        f"Verdicts recorded in `{summary['store']}` (`contad feedback`, `POST /v1/feedback`): {summary['verdicts']}. "
+        "A false reject is a part marked good that was decided NG (learned by `contad feedback apply` into the bank version "
+        f"named); an escape is a part marked defect that was decided OK. The current bank version ({current}) scored every "
+        "recorded escape again: \"escapes passed now\" counts those it still decides OK (lower is better).",
+        "",
+        markdown_table(["product", "false rejects", "escapes", "confirmed OK", "confirmed NG", "false rejects learned (in)",
+                        f"escapes passed now ({current})"], rows),
+    ]
+
+
+def comparison_markdown(labels: list[str], runs: Sequence[Path], docs: Sequence[dict[str, Any]], figures: list[str],
+                        feedback: dict[str, Any] | None = None) -> str:
+    """The ``comparison.md`` text: one table per metric family (rows = metric x method), the operator feedback of a bank
+    store (``feedback``, when given), then the figures."""
     products: list[str] = []
     for d in docs:
         products += [p for p in d["tasks"] if p not in products]
@@ -261,13 +286,19 @@ def comparison_markdown(labels: list[str], runs: Sequence[Path], docs: Sequence[
     for family, keys in metric_families(metrics).items():
         rows = [[metric_title(m)] + method_row(l, d, m, products) for m in keys for l, d in zip(labels, docs) if m in d["matrix"]]
         parts += ["", f"## {family}", "", markdown_table(["metric", "method"] + products + ["Average", "FM"], rows)]
+    if feedback is not None:
+        parts += ["", *feedback_markdown(feedback)]
     parts += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})\n" for f in figures]
     return "\n".join(parts).rstrip() + "\n"
 
 
-def report_command(runs: list[Path], out: Path | None = None, dvc_dir: Path | None = None) -> int:
+def report_command(runs: list[Path], out: Path | None = None, dvc_dir: Path | None = None, feedback: dict[str, Any] | None = None) -> int:
     """``contad report RUN_DIR...``: comparison tables and figure of several runs into ``out``;
-    with ``dvc_dir`` also the DVC metrics and plot files of the first run (``components.eval.dvc_export``)."""
+    with ``dvc_dir`` also the DVC metrics and plot files of the first run (``components.eval.dvc_export``).
+
+    ``feedback``: the operator verdicts of a bank store (``flows.feedback_report.feedback_summary``): ``{store, bank_version,
+    verdicts, products: {product: {false_reject, escape, confirmed_ok, confirmed_ng, false_rejects_learned, learned_in:
+    {bank version: n}, escapes_passed_now}}}``, shown as the "Operator feedback" section and written to ``feedback.json``."""
     if not runs:
         raise ContadError("contad report needs at least one run directory")
     docs = [load_metrics(Path(r)) for r in runs]
@@ -284,6 +315,8 @@ def report_command(runs: list[Path], out: Path | None = None, dvc_dir: Path | No
     figures = [f"{FIGURES_DIR}/comparison_image_auroc.png", f"{FIGURES_DIR}/comparison_forgetting_image_auroc.png"]
     atomic_write_bytes(out / figures[0], comparison_figure(list(zip(labels, docs)), products, "image_auroc"))
     atomic_write_bytes(out / figures[1], comparison_matrices(list(zip(labels, docs)), "image_auroc"))
-    path = atomic_write_text(out / COMPARISON_FILE, comparison_markdown(labels, runs, docs, figures))
-    print(f"comparison of {len(docs)} run(s) written to {path}")
+    if feedback is not None:
+        atomic_write_json(out / FEEDBACK_FILE, feedback)
+    path = atomic_write_text(out / COMPARISON_FILE, comparison_markdown(labels, runs, docs, figures, feedback))
+    print(f"comparison of {len(docs)} run(s) written to {path}" + (f" (with the operator feedback of {feedback['store']})" if feedback else ""))
     return 0

@@ -19,7 +19,7 @@ from components.data.loading import depth_of, load_images, reserve_normals, test
 from components.data.manifest import untested_products
 from components.eval.continual import RESERVED_FRR
 from components.eval.evaluate import evaluate_tasks, predict_batch
-from components.eval.thresholds import decision_metrics, read_calibration
+from components.eval.thresholds import Calibration, decision_metrics, read_calibration
 from components.methods.base import ContinualMethod
 from components.methods.loading import load_method, stored_config
 from components.types import ImageBatch, Prediction
@@ -51,7 +51,7 @@ def evaluate_reserved(cfg: Config, method_dir: Path, manifest: pd.DataFrame, pro
         return {}
     cfg = stored_config(cfg, Path(method_dir))
     _, reserved = reserve_normals(manifest[manifest["product"].isin(products)], cfg.promotion.reserved_normals_fraction, cfg.seed)
-    calibration = read_calibration(Path(method_dir))
+    calibration = deployed_calibration(cfg, Path(method_dir))
     method = load_method(cfg, Path(method_dir)) if calibration is not None and not reserved.empty else None
     metrics: dict[str, dict[str, float]] = {}
     for product in products:
@@ -68,12 +68,19 @@ def evaluate_reserved(cfg: Config, method_dir: Path, manifest: pd.DataFrame, pro
     return metrics
 
 
+def deployed_calibration(cfg: Config, method_dir: Path) -> Calibration | None:
+    """The state's calibration with thresholds at ``decision.target_fpr`` of ``cfg``: the thresholds a detector
+    loaded with this configuration decides with (``Detector``), so evaluation and deployment agree."""
+    calibration = read_calibration(method_dir)
+    return calibration.at_target(cfg.decision.target_fpr) if calibration is not None else None
+
+
 def evaluate_batches(cfg: Config, method_dir: Path, batches: dict[str, ImageBatch], task_of_product: dict[str, str]) -> dict[str, dict[str, float]]:
     """Threshold-free metrics of each product's test batch, plus OK/NG metrics at the deployed per-task thresholds."""
     cfg = stored_config(cfg, Path(method_dir))
     method = load_method(cfg, method_dir)
     metrics, predictions = evaluate_tasks(method, batches, task_of_product, cfg)
-    calibration = read_calibration(method_dir)
+    calibration = deployed_calibration(cfg, Path(method_dir))
     if calibration is not None:
         for product, prediction in predictions.items():
             metrics[product].update(decision_metrics(prediction, batches[product], calibration))

@@ -8,7 +8,11 @@ For a sequence of products under ``root`` (MVTec layout: ``<product>/train/good`
    from ``data.heldout_fraction``'s split) into a FIT part and VALIDATION normals, and pastes synthetic
    defects on the validation normals (``components.data.synthetic.pasted``: ``variants`` cut-paste /
    intensity rectangles per normal from donors of the fit part, plus one copy with thin strokes), masks
-   included. ``data.tile = auto`` is resolved on the training images, as the pipeline does. To compare
+   included. RGB-D products (MVTec 3D-AD layout: ``train/good/{rgb,xyz}`` and ``validation/good``, the
+   normals the pipeline trains on) carry their point clouds; every synthetic defect also changes the
+   depth inside its mask (``depth_defects``: a rounded dent or bump, as ``components.data.synthetic.geometry``
+   paints them), so the mask marks a change in both modalities. ``data.tile = auto`` is resolved on the
+   training images, as the pipeline does. To compare
    input sizes on the same physical defects, ``paint_size`` pastes them at a higher resolution and brings
    them down to the run's size inside their masks only (normals stay exactly as the run loads them).
 3. ``train_sequence`` trains the method on the fit part in the sequence's product order (``protocol``),
@@ -30,14 +34,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from components.backbones.base import PromptedBackbone
 from components.config import Config
 from components.data.image_files import ImageRecord, list_images
-from components.data.loading import load_images, task_data, task_image_paths, train_split
+from components.data.loading import load_depth, load_images, task_data, task_image_paths, train_split
 from components.data.manifest import records_to_manifest
 from components.data.protocol import task_name, task_of_product, task_sequence
 from components.data.synthetic.pasted import line_defects, synthetic_defects
@@ -54,6 +60,8 @@ VALIDATION_FRACTION = 0.2  # share of each product's training normals held out a
 VALIDATION_SALT = 0x7A11  # seeds the validation split apart from data.heldout_fraction's split
 RECTANGLE_VARIANTS = 2  # pasted / shifted rectangles per validation normal (plus one stroke copy)
 DONORS = 32  # fit images per product that rectangles are cut from
+DEPTH_SEVERITY = (0.15, 0.5)  # dent / bump depth as a fraction of the part's height (geometry.dent: 0.15 + 0.35 * severity)
+DEPTH_RAMP_PX = 3.0  # the profile rounds off over this many pixels from the mask's outline (geometry.dent)
 
 
 @dataclass
@@ -93,16 +101,51 @@ class ValidationResult:
                 "train_seconds": self.train_seconds, "task_bytes": self.task_bytes}
 
 
+def _rgbd_records(root: Path, product: str) -> list[ImageRecord]:
+    """Normals of an MVTec 3D-AD product (``train/good`` and ``validation/good``: ``rgb/*`` with ``xyz/<stem>.tiff``)."""
+    records = []
+    for folder in ("train", "validation"):
+        for image in list_images(Path(root) / product / folder / "good" / "rgb"):
+            depth = image.parent.parent / "xyz" / f"{image.stem}.tiff"
+            if not depth.is_file():
+                raise DataError(f"{depth}: missing point cloud of {image} (RGB-D validation needs every xyz)")
+            records.append(ImageRecord(product=product, split="train", label=0, defect_type="good", image_path=image, depth_path=depth))
+    return records
+
+
 def training_manifest(root: Path, products: list[str]) -> pd.DataFrame:
-    """Manifest of the ``<product>/train/good`` images of ``products`` under ``root`` (no other folder is read)."""
+    """Manifest of the ``<product>/train/good`` images of ``products`` under ``root`` (no other folder is read;
+    an RGB-D product in the MVTec 3D-AD layout: ``train/good`` and ``validation/good``, with ``depth_path``)."""
     records = []
     for product in products:
         good = Path(root) / product / "train" / "good"
+        if (good / "rgb").is_dir():
+            records += _rgbd_records(Path(root), product)
+            continue
         images = list_images(good)
         if not images:
             raise DataError(f"{good}: no training images (the validation protocol needs <product>/train/good)")
         records += [ImageRecord(product=product, split="train", label=0, defect_type="good", image_path=path) for path in images]
     return records_to_manifest(records)
+
+
+def depth_defects(xyz: torch.Tensor, masks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(N, 3, S, S) point clouds with the z of every valid point inside ``masks`` (N, S, S) moved by a rounded
+    dent or bump (``components.data.synthetic.geometry.dent``'s profile): depth ``DEPTH_SEVERITY`` x the part's
+    height (the 2nd-98th percentile range of the cloud's valid z), sign drawn per defect. Invalid points stay 0."""
+    out = xyz.clone()
+    for i in range(len(xyz)):
+        z, mask = out[i, 2], masks[i].bool()
+        valid = xyz[i].abs().sum(dim=0) > 0
+        if not valid.any() or not (mask & valid).any():
+            continue
+        height = float(z[valid].quantile(0.98) - z[valid].quantile(0.02))
+        fraction = DEPTH_SEVERITY[0] + float(torch.rand(1, generator=generator)) * (DEPTH_SEVERITY[1] - DEPTH_SEVERITY[0])
+        sign = 1.0 if float(torch.rand(1, generator=generator)) < 0.5 else -1.0  # +z: pushed away from the camera (dent)
+        inside = ndimage.distance_transform_edt(mask.numpy())  # distance to the outline, as geometry's plateau
+        profile = torch.from_numpy(np.clip(inside / DEPTH_RAMP_PX, 0.0, 1.0)).float()
+        out[i, 2] = torch.where(mask & valid, z + sign * fraction * max(height, 1e-6) * profile, z)
+    return out
 
 
 def _painted_defects(normals: torch.Tensor, donors: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -124,13 +167,18 @@ def _to_size(defects: torch.Tensor, masks: torch.Tensor, normals: torch.Tensor, 
 
 
 def validation_batch(normal_paths: list[str], donor_paths: list[str], product: str, image_size: int,
-                     generator: torch.Generator, paint_size: int | None = None) -> ImageBatch:
+                     generator: torch.Generator, paint_size: int | None = None, depth_paths: list[str] | None = None) -> ImageBatch:
     """Validation normals of one product followed by their synthetic defects (labels 1, masks of what changed).
+
+    ``depth_paths`` (RGB-D, aligned with ``normal_paths``): the normals' point clouds, and each defect's cloud
+    is its normal's with ``depth_defects`` inside the defect's mask (painted at ``image_size`` only).
 
     ``paint_size`` > ``image_size``: defects are pasted at ``paint_size`` and brought down to ``image_size``
     (``_to_size``), so runs at different input sizes are scored on the same physical defects.
     """
     paint = max(paint_size or image_size, image_size)
+    if depth_paths is not None and paint != image_size:
+        raise DataError(f"product {product!r}: RGB-D validation defects are painted at the input size only (paint_size={paint_size})")
     normals = load_images(normal_paths, image_size)
     painted = normals if paint == image_size else load_images(normal_paths, paint)
     donors = load_images(donor_paths, paint) if donor_paths else painted
@@ -140,9 +188,13 @@ def validation_batch(normal_paths: list[str], donor_paths: list[str], product: s
     n, m = len(normals), len(defects)
     paths = normal_paths + [f"{normal_paths[i // RECTANGLE_VARIANTS]}#rect{i % RECTANGLE_VARIANTS}" for i in range(n * RECTANGLE_VARIANTS)]
     paths += [f"{p}#lines" for p in normal_paths]
+    depth = None
+    if depth_paths is not None:
+        xyz = load_depth(depth_paths, image_size)
+        depth = torch.cat([xyz, depth_defects(xyz[source], masks, generator)])
     return ImageBatch(images=torch.cat([normals, defects]), products=[product] * (n + m), paths=paths,
                       labels=torch.tensor([0] * n + [1] * m),
-                      masks=torch.cat([torch.zeros(n, image_size, image_size, dtype=torch.uint8), masks]))
+                      masks=torch.cat([torch.zeros(n, image_size, image_size, dtype=torch.uint8), masks]), depth=depth)
 
 
 def build_validation(cfg: Config, root: Path, products: list[str], fraction: float = VALIDATION_FRACTION,
@@ -155,12 +207,14 @@ def build_validation(cfg: Config, root: Path, products: list[str], fraction: flo
     size = resolved.data.image_size
     batches = {}
     for index, product in enumerate(products):
-        normals = held.loc[held["product"] == product, "image_path"].tolist()
+        rows = held.loc[held["product"] == product]
+        normals = rows["image_path"].tolist()
+        depth_paths = rows["depth_path"].tolist() if rows["depth_path"].astype(bool).all() and len(rows) else None
         if not normals:
             raise DataError(f"product {product!r}: too few training normals to hold out validation normals (need >= 2)")
         donors = fit.loc[fit["product"] == product, "image_path"].tolist()[:DONORS]
         generator = torch.Generator().manual_seed(cfg.seed * 1009 + index)
-        batches[product] = validation_batch(normals, donors, product, size, generator, paint_size)
+        batches[product] = validation_batch(normals, donors, product, size, generator, paint_size, depth_paths)
     return ValidationSet(products=list(products), fit=fit, batches=batches, cfg=resolved)
 
 

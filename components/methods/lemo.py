@@ -18,7 +18,10 @@ L2-normalised (the scale of the unit-norm prototypes); D = feature dim; tau = 0.
 3 negatives (CFA).
 Scores: patch score = softmin weight of the nearest prototype x distance to it; the anomaly map is
 the patch grid upsampled bilinearly and Gaussian smoothed (``eval.smoothing_sigma``); the image
-score is the maximum of the map.
+score is the maximum of the map. The fit log reports how the held-out patches spread over the
+prototypes and warns when one takes more than ``COLLAPSE_SHARE`` of them: on a texture the adapter
+collapses the memory onto one or two prototypes and the scores separate little (grid inverts:
+benchmarks/RESULTS.md, "LeMO: why grid inverted (issue 32)").
 
 Continual use (our design; the paper trains one model per class):
 - Default: every task gets its own adapter, prototypes and Adam state, and a *key*: a k-center
@@ -51,7 +54,7 @@ from components.errors import ContadError
 from components.methods.base import ContinualMethod, StreamScore
 from components.methods.coreset import coreset
 from components.methods.extract import batched, module_device
-from components.methods.lemo_net import LeMOAdapter, anonce_loss, enhance_prototypes, kmeans_prototypes, prototype_scores, qr_prototypes
+from components.methods.lemo_net import LeMOAdapter, anonce_loss, enhance_prototypes, kmeans_prototypes, prototype_scores, prototype_shares, qr_prototypes
 from components.methods.routing import KeyRouter
 from components.methods.scoring import anomaly_maps
 from components.progress import progress_bar
@@ -60,6 +63,7 @@ from components.types import Prediction, TaskData
 log = logging.getLogger(__name__)
 
 ADAM_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+COLLAPSE_SHARE = 0.5  # one prototype taking more than this share of the held-out patches: warn (memory collapse)
 
 
 class LeMO(ContinualMethod):
@@ -247,7 +251,18 @@ class LeMO(ContinualMethod):
             return {"count": 0}
         feats = batched(self.frozen_features, data.heldout.images, self.config.lemo.batch_size, self.device)
         scores = self.score_features(feats, task_index)[0]
-        return {"count": len(scores), "mean": float(scores.mean()), "std": float(scores.std()) if len(scores) > 1 else 0.0, "max": float(scores.max())}
+        shares = self.prototype_usage(feats, task_index)
+        if float(shares[0]) > COLLAPSE_SHARE:
+            log.warning("lemo: task %r: one of %d prototypes takes %.0f%% of the held-out patches (memory collapse): "
+                        "its scores separate little and may invert (benchmarks/RESULTS.md, issue 32)", self.tasks[task_index], len(shares), 100 * float(shares[0]))
+        return {"count": len(scores), "mean": float(scores.mean()), "std": float(scores.std()) if len(scores) > 1 else 0.0, "max": float(scores.max()),
+                "prototype_top_share": float(shares[0]), "prototypes_in_use": int((shares > 0).sum())}
+
+    @torch.no_grad()
+    def prototype_usage(self, feats: torch.Tensor, task_index: int) -> torch.Tensor:
+        """(K,) share of the patches of features (B, N, C) nearest to each prototype of task ``task_index``, most used first."""
+        z = self.adapter_of(task_index)(feats.to(self.device), self._grid(feats.shape[1]))
+        return prototype_shares(z, self.prototypes[task_index].detach()).cpu()
 
     def predict(self, images: torch.Tensor, true_tasks: list[str] | None = None, depth: torch.Tensor | None = None) -> Prediction:
         """Route every image by itself (``true_tasks`` is ignored) and score it with its task."""

@@ -9,6 +9,7 @@
 - ``anonce_loss``: the AnoNCE loss of Eq. 2 with margin r and temperature tau.
 - ``prototype_scores``: S(i,j) = min_k |z_ij - p_k| weighted by the softmin weight of the nearest
   prototype (the paper's score A).
+- ``prototype_shares``: the share of patches whose nearest prototype is each prototype (collapse check).
 - ``enhance_prototypes``: the feature-enhanced memory update (ODC-style re-clustering with
   balancing), used by ``lemo.memory_update=feature_enhanced``.
 """
@@ -116,6 +117,18 @@ def prototype_scores(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     nearest, index = d.min(dim=1)
     weight = torch.softmax(-d, dim=1).gather(1, index[:, None])[:, 0]
     return (weight * nearest).reshape(b, n)
+
+
+@torch.no_grad()
+def prototype_shares(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """(K,) share of the patches of z (B, N, D) whose nearest prototype is each of P (K, D), most used first.
+
+    A collapsed memory (one prototype takes almost every patch) leaves the score nothing but the distance
+    to that prototype: on a texture this separated nothing and inverted grid (benchmarks/RESULTS.md, issue 32).
+    """
+    nearest = torch.cdist(z.reshape(-1, z.shape[-1]), prototypes).argmin(dim=1)
+    counts = torch.bincount(nearest, minlength=prototypes.shape[0]).float()
+    return (counts / counts.sum()).sort(descending=True).values
 
 
 @torch.no_grad()

@@ -1,0 +1,50 @@
+"""benchmarks/validation_levers.py wiring, and the issue-33 rule that benchmark scripts reading test data say so."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from benchmarks import validation_levers as levers
+from components.config import Config
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+# How a benchmark reaches the test split: the pipeline's test batches, the manifest's test rows, or `contad run`/evaluation.
+READS_TEST = re.compile(r"test_batch\(|\[\"split\"\] == \"test\"|\"run\", \"--out\"|evaluate_all_tasks")
+
+
+def test_every_rescored_row_has_a_trained_source_on_the_same_sequence() -> None:
+    for row, source in levers.RESCORED_FROM.items():
+        assert row in levers.RESCORED_ROWS and source in levers.TRAINED_ROWS
+        assert (row in levers.ROWS_3D) == (source in levers.ROWS_3D)
+    assert set(levers.RESCORED_ROWS) == set(levers.RESCORED_FROM)
+    assert levers.sequence_of("ibiumad", "ad", "3d") == ("3d", levers.PRODUCTS_3D)
+    assert levers.sequence_of("iuf_standardise", "ad", "3d") == ("ad", levers.PRODUCTS)
+
+
+@pytest.mark.parametrize("row, section, key, value", [("ibiumad_sum", "ib_iumad", "combine", "sum"), ("top10", "ucad", "image_top_k", 10)])
+def test_rescored_scores_with_the_changed_setting_and_restores_the_method_config(monkeypatch: pytest.MonkeyPatch, row: str, section: str,
+                                                                                  key: str, value: object) -> None:
+    seen = []
+    monkeypatch.setattr(levers, "evaluate_validation", lambda method, vset, cfg: seen.append(getattr(getattr(method.config, section), key)) or {})
+    original = Config()
+    method = SimpleNamespace(config=original)
+    levers.rescored(method, None, levers.RESCORED_ROWS[row])
+    assert seen == [value] and method.config is original and getattr(getattr(original, section), key) != value
+
+
+def test_benchmarks_that_read_the_test_split_say_so_and_choose_no_default() -> None:
+    readers = []
+    for path in sorted(BENCHMARKS.glob("*.py")):
+        source = path.read_text()
+        if not READS_TEST.search(source):
+            continue
+        readers.append(path.name)
+        doc = " ".join((ast.get_docstring(ast.parse(source)) or "").split())
+        assert "Reads the test split" in doc and "not used to choose defaults" in doc, path.name
+    assert {"real_sequence.py", "feature_sweep.py", "bench_iuf.py", "bench_ib_iumad.py"} <= set(readers)
+    assert "validation_levers.py" not in readers
