@@ -67,7 +67,7 @@ def read_detector_config(method_dir: Path) -> Config | None:
     if not isinstance(doc, dict):
         raise ContadError(f"{path}: unreadable detector configuration (config is not a mapping)")
     unknown = _unknown_keys(doc, Config)
-    scoring = [key for key in unknown if not _deploy_time(key) and not _deploy_time(key.split(".")[0])]
+    scoring = [key for key in unknown if not _deploy_time(key)]
     if scoring:
         raise ContadError(f"{path}: configuration key(s) {', '.join(scoring)} of this detector are unknown to the installed contad "
                           f"{code_versions().get('contad')}; they may change its scores, so it is not loaded (use the contad version that saved it)")

@@ -453,7 +453,7 @@ def create_app(cfg: Config, source: DetectorSource, token: str | None = None, st
             _, decided = await limiter.run(decode_and_decide, deployed.detector, data, cfg.serve.max_pixels, depth)
         except DataError as exc:
             raise HTTPException(413 if skip_reason(exc) == TOO_LARGE else 400, skip_message(exc, "request body", cfg.serve.max_pixels)) from None
-        return await asyncio.to_thread(record_served, feedback_config(cfg, source), data, decided, deployed.version.model_version,
+        return await asyncio.to_thread(record_served, feedback_config(cfg, source), data, decided.to_dict(), deployed.version.model_version,
                                        deployed.version.bank_version, verdict, product, by)
 
     @app.exception_handler(ContadError)

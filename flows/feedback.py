@@ -46,7 +46,6 @@ from components.atomic import atomic_write_json
 from components.config import Config, config_to_dict
 from components.decision import Detector, decode_image, sniff_format
 from components.errors import ContadError, DataError
-from components.eval.thresholds import read_calibration
 from components.memory.feedback import (ESCAPE, FALSE_REJECT, VERDICTS, FeedbackLog, VerdictRecord, image_id, image_name, now_utc,
                                         verdict_kind)
 from components.memory.feedback_learning import learn_until_ok
@@ -222,7 +221,7 @@ def _record_locked(cfg: Config, store: BankStore, registry: Registry | None, ima
     decided = {i: image.decided for i, image in enumerate(images) if image.decided is not None}
     if unscored:
         detector = _champion_detector(cfg, store, registry, current, scratch / "champion")
-        for i, v in zip(unscored, _decide(detector, [rgbs[i] for i in unscored]), strict=True):
+        for i, v in zip(unscored, decide_batched(detector, [rgbs[i] for i in unscored]), strict=True):
             decided[i] = {**v.to_dict(), "model_version": detector.model_version, "bank_version": detector.bank_version}
     records = []
     for i, (image, ident) in enumerate(zip(images, idents, strict=True)):
@@ -251,11 +250,11 @@ def feedback_config(cfg: Config, source: Any) -> Config:
     return out
 
 
-def record_served(cfg: Config, data: bytes, decided: Any, model_version: str | None, bank_version: str | None, verdict: str,
+def record_served(cfg: Config, data: bytes, decided: dict[str, Any], model_version: str | None, bank_version: str | None, verdict: str,
                   product: str | None = None, by: str | None = None, source: str = "POST /v1/feedback") -> dict[str, Any]:
-    """Record ``verdict`` on one image a service decided (``decided``: its ``Verdict`` or ``Verdict.to_dict()``, by the given
-    versions; ``source``: where the image came from, kept as the record's path); the record."""
-    seen = {**(decided if isinstance(decided, dict) else decided.to_dict()), "model_version": model_version, "bank_version": bank_version}
+    """Record ``verdict`` on one image a service decided (``decided``: its ``Verdict.to_dict()``, by the given versions;
+    ``source``: where the image came from, kept as the record's path); the record."""
+    seen = {**decided, "model_version": model_version, "bank_version": bank_version}
     return record_images(cfg, [FeedbackImage(source, data, seen)], verdict, product, by or "api")[0].to_dict()
 
 
@@ -267,8 +266,14 @@ def _model_version(decided: dict[str, Any], registry: Registry | None) -> str | 
     return registry.version_for_bank(str(decided["bank_version"]))
 
 
-def _decide(detector: Detector, rgbs: list[Any]) -> list[Any]:
-    size = detector.config.eval.batch_size
+def recorded_images(feedback: FeedbackLog, records: list[VerdictRecord], max_pixels: int) -> list[Any]:
+    """The stored copies of ``records``' images, decoded (HxWx3 uint8; a broken copy is an error naming its file)."""
+    return [decode_image(feedback.image_bytes(r), max_pixels, source=str(feedback.image_file(r))) for r in records]
+
+
+def decide_batched(detector: Detector, rgbs: list[Any]) -> list[Any]:
+    """``detector``'s verdicts on ``rgbs``, in batches of ``eval.batch_size``."""
+    size = max(1, detector.config.eval.batch_size)
     return [v for start in range(0, len(rgbs), size) for v in detector.decide(rgbs[start : start + size])]
 
 
@@ -279,8 +284,8 @@ def escape_check(decision: GateDecision, feedback: FeedbackLog, candidate: Detec
     escapes = feedback.escapes()
     if not escapes:
         return {}
-    rgbs = [decode_image(feedback.image_bytes(r), max_pixels, source=str(feedback.image_file(r))) for r in escapes]
-    before, after = _decide(champion, rgbs), _decide(candidate, rgbs)
+    rgbs = recorded_images(feedback, escapes, max_pixels)
+    before, after = decide_batched(champion, rgbs), decide_batched(candidate, rgbs)
     counts: dict[str, dict[str, int]] = {}
     for record, old, new in zip(escapes, before, after, strict=True):
         entry = counts.setdefault(record.product, {"escapes": 0, "passed_before": 0, "passed_after": 0})
@@ -386,13 +391,7 @@ def _extended_state(cfg: Config, base_dir: Path, feedback: FeedbackLog, pending:
     """A copy of the champion's state (calibration and detector config included) whose products' memories grew by
     their false rejects, each by the fewest of its patches that make it OK (``learn_until_ok``); saved into
     ``method_dir``. Returns it and, per learned image id, how it was learned."""
-    from components.methods.loading import load_method
-
-    method = load_method(cfg, base_dir)
-    calibration = read_calibration(base_dir)
-    if calibration is None:
-        raise ContadError(f"{base_dir}: the champion has no calibration.json, so a false reject cannot be checked against its threshold")
-    detector = Detector(method, calibration.at_target(cfg.decision.target_fpr), cfg)
+    detector = Detector.from_method_dir(base_dir, cfg)  # the champion as deployed: its state and thresholds at cfg's target
     learned: dict[str, dict[str, Any]] = {}
     for record in sorted(pending, key=lambda r: (r.product, r.at, r.id)):
         rgb = decode_image(feedback.image_bytes(record), cfg.serve.max_pixels, source=str(feedback.image_file(record)))
@@ -401,7 +400,7 @@ def _extended_state(cfg: Config, base_dir: Path, feedback: FeedbackLog, pending:
         log.info("feedback: %s (%s) learned %.1f%% of its patches (%d rows): score %.4f -> %.4f, threshold %.4f%s", record.id[:SHORT_HASH],
                  record.product, 100 * result.share, result.rows_added, result.score_before, result.score_after, result.threshold,
                  "" if result.now_ok else f" (still not OK at feedback.patch_share {cfg.feedback.patch_share})")
-    method.save(method_dir)  # the state files only: the rest (calibration.json, detector.json) is the champion's
+    detector.method.save(method_dir)  # the state files only: the rest (calibration.json, detector.json) is the champion's
     for path in sorted(base_dir.iterdir()):
         if path.is_file() and not (method_dir / path.name).exists():
             shutil.copy2(path, method_dir / path.name)
@@ -410,8 +409,7 @@ def _extended_state(cfg: Config, base_dir: Path, feedback: FeedbackLog, pending:
 
 def _now_ok(candidate: Detector, feedback: FeedbackLog, pending: list[VerdictRecord], max_pixels: int) -> int:
     """How many of the learned false rejects the candidate decides OK."""
-    rgbs = [decode_image(feedback.image_bytes(r), max_pixels) for r in pending]
-    return sum(v.decision == "OK" for v in _decide(candidate, rgbs))
+    return sum(v.decision == "OK" for v in decide_batched(candidate, recorded_images(feedback, pending, max_pixels)))
 
 
 def _evaluate(cfg: Config, method_dir: Path, manifest: Any, task_of_product: dict[str, str]) -> dict[str, dict[str, float]]:

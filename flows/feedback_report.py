@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from components.config import Config
-from components.decision import Detector, decode_image
+from components.decision import Detector
 from components.errors import ContadError
 from components.eval.report import FEEDBACK_KINDS
 from components.memory.feedback import ESCAPE, FALSE_REJECT, FeedbackLog, VerdictRecord
 from components.memory.store import BankStore, resolve_current_for_reader
+from flows.feedback import decide_batched, recorded_images
 
 
 def feedback_summary(cfg: Config, store_dir: Path, detector: Any = None) -> dict[str, Any] | None:
@@ -37,8 +38,8 @@ def feedback_summary(cfg: Config, store_dir: Path, detector: Any = None) -> dict
     scored = bool(escapes) and (current is not None or detector is not None)
     if scored:
         detector = detector or Detector.from_method_dir(store.state_dir(current), cfg, bank_version=current)
-        for record, decision in zip(escapes, _decisions(detector, log, escapes, cfg.serve.max_pixels), strict=True):
-            passed[record.product] += decision == "OK"
+        for record, verdict in zip(escapes, decide_batched(detector, recorded_images(log, escapes, cfg.serve.max_pixels)), strict=True):
+            passed[record.product] += verdict.decision == "OK"
     products = {}
     for product in sorted({r.product for r in records}):
         mine = [r for r in records if r.product == product]
@@ -51,13 +52,3 @@ def _counts(records: list[VerdictRecord]) -> dict[str, Any]:
     learned = Counter(r.learned_in for r in records if r.kind == FALSE_REJECT and r.learned_in)
     return {**{kind: kinds[kind] for kind in FEEDBACK_KINDS}, "false_rejects_learned": sum(learned.values()), "learned_in": dict(learned)}
 
-
-def _decisions(detector: Any, log: FeedbackLog, records: list[VerdictRecord], max_pixels: int) -> list[str]:
-    """OK/NG of ``detector`` on the stored copies of ``records`` (in batches of ``eval.batch_size``)."""
-    size = max(1, detector.config.eval.batch_size)
-    decisions: list[str] = []
-    for start in range(0, len(records), size):
-        batch = records[start : start + size]
-        rgbs = [decode_image(log.image_bytes(r), max_pixels, source=str(log.image_file(r))) for r in batch]
-        decisions += [str(v.decision) for v in detector.decide(rgbs)]
-    return decisions

@@ -43,6 +43,7 @@ from scipy import ndimage
 from components.backbones.base import PromptedBackbone
 from components.config import Config
 from components.data.image_files import ImageRecord, list_images
+from components.data.layouts.mvtec3d import TRAINING_SPLITS, read_mvtec3d_product
 from components.data.loading import load_depth, load_images, task_data, task_image_paths, train_split
 from components.data.manifest import records_to_manifest
 from components.data.protocol import task_name, task_of_product, task_sequence
@@ -102,14 +103,12 @@ class ValidationResult:
 
 
 def _rgbd_records(root: Path, product: str) -> list[ImageRecord]:
-    """Normals of an MVTec 3D-AD product (``train/good`` and ``validation/good``: ``rgb/*`` with ``xyz/<stem>.tiff``)."""
-    records = []
-    for folder in ("train", "validation"):
-        for image in list_images(Path(root) / product / folder / "good" / "rgb"):
-            depth = image.parent.parent / "xyz" / f"{image.stem}.tiff"
-            if not depth.is_file():
-                raise DataError(f"{depth}: missing point cloud of {image} (RGB-D validation needs every xyz)")
-            records.append(ImageRecord(product=product, split="train", label=0, defect_type="good", image_path=image, depth_path=depth))
+    """Normals of an MVTec 3D-AD product (``train/good`` and ``validation/good``, read by its layout; never ``test/``),
+    each with its point cloud."""
+    records = [r for r in read_mvtec3d_product(Path(root) / product, product, TRAINING_SPLITS) if r.label == 0]
+    missing = next((r for r in records if r.depth_path is None), None)
+    if missing is not None:
+        raise DataError(f"{missing.image_path}: no point cloud beside it in ../xyz (RGB-D validation needs every xyz)")
     return records
 
 

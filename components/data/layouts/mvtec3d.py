@@ -16,6 +16,7 @@ from components.data.image_files import ImageRecord, is_image_file, list_images,
 
 GOOD = "good"
 SPLITS = (("train", "train"), ("validation", "train"), ("test", "test"))
+TRAINING_SPLITS = SPLITS[:2]  # the normals the pipeline trains on (test/ is not listed)
 
 
 def _is_product(directory: Path) -> bool:
@@ -34,9 +35,10 @@ def _sibling(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Path | None:
     return None
 
 
-def read_mvtec3d_product(product_dir: Path, name: str) -> list[ImageRecord]:
+def read_mvtec3d_product(product_dir: Path, name: str, splits: tuple[tuple[str, str], ...] = SPLITS) -> list[ImageRecord]:
+    """Records of one product's ``splits`` folders (folder, split it is read as)."""
     records: list[ImageRecord] = []
-    for folder, split in SPLITS:
+    for folder, split in splits:
         for type_dir in visible_subdirs(product_dir / folder):
             defect = type_dir.name
             label = int(defect != GOOD)
