@@ -83,7 +83,7 @@ class BackboneConfig(Section):
     key_layer: int | None = None  # None = backbone default mid layer for task keys
     device: str = "auto"  # auto | cpu | cuda
     prompt: PromptConfig = Field(default_factory=PromptConfig)
-    # CNN patch features (PatchCore's locally aware aggregation), chosen on real-ad (benchmarks/RESULTS.md):
+    # CNN patch features (PatchCore's locally aware aggregation); zero padding keeps border cells from scoring highest on a uniform texture:
     pool_size: int = Field(default=3, ge=1, le=9)  # odd neighbourhood side of the local average (1 = none)
     pool_padding: Literal["zeros", "reflect", "valid"] = "zeros"  # border cells: zero-padded / mirrored / valid-only mean
     feature_dim: int | None = Field(default=None, ge=2)  # channel reduction: each stage pooled to feature_dim/2 channels; None = raw concat
@@ -94,7 +94,7 @@ class UCADConfig(Section):
 
     key_size: PositiveInt = 196  # k-center-greedy sample of un-prompted patch features per task
     knowledge_size: PositiveInt | None = None  # coreset rows of prompted patch features per task; None = memory.coreset_ratio within memory.budget_mb
-    epochs: NonNegativeInt = 0  # prompt epochs; 0 = training-free prompts (real-ad: 3 epochs +1.4 image, -2.0 pixel AUROC points, 2x time; RESULTS.md)
+    epochs: NonNegativeInt = 0  # prompt epochs; 0 = training-free prompts (kept on the validation protocol: benchmarks/RESULTS.md section 3)
     lr: PositiveFloat = 1e-2
     batch_size: PositiveInt = 8
     temperature: PositiveFloat = 0.1

@@ -1,5 +1,5 @@
 """``contad bench``: every registered method on a named sequence over N seeds, through the real pipeline,
-aggregated into ``benchmarks/LEADERBOARD.md`` (+ ``leaderboard.json`` and a Pareto figure).
+aggregated into ``benchmarks/LEADERBOARD.md`` (+ ``LEADERBOARD.json`` and a Pareto figure per sequence).
 
 Sequences: ``real-ad`` (``../shared/data/real-ad``: grid, hazelnut_toy, magnetic_tile, pcb; RGB methods),
 ``real-3d`` (``../shared/data/real-3d``: cable_gland; methods that read depth), ``synth`` (small
@@ -22,9 +22,12 @@ import sys
 import time
 from pathlib import Path
 
+from components.atomic import atomic_write_text
 from components.config import Config
 from components.errors import ContadError
+from components.eval.headline import headline_markdown, splice_headline
 from components.eval.leaderboard import aggregate, leaderboard_markdown, pareto_figure, summarise_run
+from components.eval.paper_claims import load_paper_claims, paper_vs_reproduced
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,8 @@ SEQUENCES: dict[str, dict[str, object]] = {
     "synth": {"root": None, "products": None, "depth": False},
 }
 TIMED_IMAGES = 8
+LEADERBOARD_JSON = REPO / "benchmarks" / "LEADERBOARD.json"  # the default --leaderboard's JSON; runs and reports read it
+PAPER_CLAIMS = REPO / "benchmarks" / "paper_claims.yaml"  # each paper's own figures, beside ours
 
 
 def sequence_methods(depth: bool) -> list[str]:
@@ -110,12 +115,13 @@ def run_one(sequence: str, method: str, seed: int, root: Path, products: list[st
     speed = images_per_s(run, root)
     doc = {"sequence": sequence, "method": method, "seed": seed, "wall_s": wall, "images_per_s": speed,
            "load": {"before": list(before), "after": list(after)}, "overrides": overrides}
-    (run / "bench.json").write_text(json.dumps(doc, indent=1))
+    atomic_write_text(run / "bench.json", json.dumps(doc, indent=1))  # last: its presence marks the run finished
     return run
 
 
-def write_leaderboard(out: Path, leaderboard: Path) -> dict[str, object]:
-    """Regenerate ``leaderboard`` (+ ``.json``, Pareto figure) from every finished run under ``out``."""
+def write_leaderboard(out: Path, leaderboard: Path, headlines: list[Path] | None = None) -> dict[str, object]:
+    """Regenerate ``leaderboard`` (+ ``.json``, Pareto figure) from every finished run under ``out``, and the
+    headline table of every document in ``headlines`` that carries the sequence's markers."""
     sections, machine = [], {}
     for sequence in SEQUENCES:
         runs = sorted(p.parent for p in (out / sequence).glob("*/seed*/bench.json") if (p.parent / "metrics.json").is_file())
@@ -124,41 +130,57 @@ def write_leaderboard(out: Path, leaderboard: Path) -> dict[str, object]:
         summaries = [summarise_run(r) for r in runs]
         rows = aggregate(summaries)
         loads = [s["load"]["before"][0] for s in summaries if s.get("load")]
+        overrides = sorted({" ".join(json.loads((r / "bench.json").read_text()).get("overrides", [])) for r in runs})
         figure = pareto_figure(rows, leaderboard.with_name(f"leaderboard_{sequence}.png"), f"{sequence}: accuracy vs cost")
-        notes = [f"{len(runs)} runs ({', '.join(sorted({s['method'] for s in summaries}))}); seeds per method in the table.",
+        missing = [m for m in sequence_methods(bool(SEQUENCES[sequence]["depth"])) if m not in {s["method"] for s in summaries}]
+        notes = [f"Runs: {len(runs)} ({', '.join(sorted({s['method'] for s in summaries}))}); seeds per method in the table."
+                 + (f" No finished run yet: {', '.join(missing)}." if missing else ""),
                  f"Machine load (1-min average) when the runs started: {min(loads):.1f}–{max(loads):.1f} on "
                  f"{os.cpu_count()} CPUs; timings are under that load." if loads else "Machine load not recorded.",
+                 "Overrides on top of params.yaml: " + ("; ".join(f"`{o}`" for o in overrides if o) or "none (the defaults)") + ".",
                  "FM = mean forgetting of image AUROC (Chaudhry et al.), BWT = backward transfer; – = undefined (one task).",
                  "escape / false reject @ thr: test-split rates at the deployed (calibrated) thresholds, averaged over products.",
+                 "MB / task: the final saved state (what a deployment stores: memories, keys, prompts, networks, replay "
+                 "buffers) divided by the number of products; train s / product: `fit_task` seconds, mean over products.",
                  f"Figure: ![{sequence}]({figure.name})"]
         sections.append(leaderboard_markdown(rows, f"Sequence `{sequence}`", notes))
+        sections.append(paper_vs_reproduced(PAPER_CLAIMS, rows,  # "" without the file
+                                            sequence_methods(bool(SEQUENCES[sequence]["depth"])), f"`{sequence}`"))
+        for document in headlines or []:
+            link = os.path.relpath(leaderboard, document.resolve().parent)
+            if splice_headline(document, sequence, headline_markdown(rows, link)):
+                log.info("bench: headline table of %s updated in %s", sequence, document)
         machine[sequence] = {"runs": summaries, "methods": [{"method": r.method, "seeds": r.seeds, "stats": r.stats,
                                                             "per_product": r.per_product} for r in rows]}
     text = ("# Leaderboard\n\nGenerated by `contad bench` (flows/bench.py) from the runs under "
             f"`{out}`; regenerate with the same command. Defaults of `params.yaml`; mean ± sd over seeds.\n\n" + "\n".join(sections))
     leaderboard.parent.mkdir(parents=True, exist_ok=True)
-    leaderboard.write_text(text)
-    leaderboard.with_suffix(".json").write_text(json.dumps(machine, indent=1, default=str))
+    atomic_write_text(leaderboard, text)
+    atomic_write_text(leaderboard.with_suffix(".json"), json.dumps(machine, indent=1, default=str))
     return machine
 
 
 def bench_command(sequence: str, seeds: int, methods: list[str] | None, out: Path, leaderboard: Path,
-                  data: str | None, overrides: list[str], params: str | None = None) -> int:
+                  data: str | None, overrides: list[str], params: str | None = None, headlines: list[Path] | None = None) -> int:
     """Run the missing (method, seed) runs of ``sequence``, then regenerate the leaderboard."""
     if sequence not in SEQUENCES:
         raise ContadError(f"--sequence {sequence!r}: choose one of {', '.join(SEQUENCES)}")
     if seeds < 1:
         raise ContadError(f"--seeds {seeds}: at least 1")
+    missing = [str(d) for d in headlines or [] if not d.is_file()]
+    if missing:
+        raise ContadError(f"--headline {', '.join(missing)}: no such file")
+    load_paper_claims(PAPER_CLAIMS)  # a malformed claims file fails now, not after hours of runs
     available = sequence_methods(bool(SEQUENCES[sequence]["depth"]))
     chosen = methods or available
     unknown = sorted(set(chosen) - set(available))
     if unknown:
         raise ContadError(f"--methods {','.join(unknown)}: not methods of sequence {sequence!r} (choose from {', '.join(available)})")
     root, products = _data(sequence, out, data, overrides)
-    for method in chosen:
-        for seed in range(seeds):
-            log.info("bench: %s seed %d on %s", method, seed, sequence)
-            run_one(sequence, method, seed, root, products, out, overrides, params)
-    write_leaderboard(out, leaderboard)
+    plan = [(method, seed) for seed in range(seeds) for method in chosen]  # seed-major: an interrupted bench has every method's first seeds
+    for done, (method, seed) in enumerate(plan):
+        log.info("bench: [%d/%d] %s seed %d on %s", done + 1, len(plan), method, seed, sequence)
+        run_one(sequence, method, seed, root, products, out, overrides, params)
+    write_leaderboard(out, leaderboard.resolve(), headlines)
     print(f"leaderboard written to {leaderboard} ({leaderboard.with_suffix('.json').name}, leaderboard_{sequence}.png)")
     return 0

@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--data", default=None, help="data folder of the sequence (default: ../shared/data/<sequence>)")
     bench.add_argument("--out", default="runs/bench", help="where the runs go (default: runs/bench)")
     bench.add_argument("--leaderboard", default="benchmarks/LEADERBOARD.md", help="leaderboard file to regenerate")
+    bench.add_argument("--headline", action="append", default=[], metavar="FILE",
+                       help="also regenerate the headline table between FILE's '<!-- leaderboard:SEQUENCE -->' markers (repeatable)")
     _add_params(bench)
 
     config = sub.add_parser("config", help="inspect the configuration").add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
@@ -333,7 +335,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         load_config(args.params, overrides)  # every run gets these overrides: validated once, up front
         return bench_command(args.sequence, args.seeds, args.methods.split(",") if args.methods else None,
-                             Path(args.out), Path(args.leaderboard), args.data, overrides, args.params)
+                             Path(args.out), Path(args.leaderboard), args.data, overrides, args.params,
+                             [Path(h) for h in args.headline])
     if args.command == "export":
         from flows.export import export_command
 

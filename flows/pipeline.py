@@ -79,6 +79,7 @@ from flows.run_links import continual_run_name, link_runs, named, run_tags
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
+STANDING_WARN_GAP = 0.05  # image AUROC below UCAD on the leaderboard that turns the run's standing line into a warning
 
 
 def product_dirs(manifest: pd.DataFrame, products: list[str]) -> dict[str, str]:
@@ -193,8 +194,18 @@ def continual_run(cfg: Config, out: Path) -> dict[str, Any]:
         return _continual_run(cfg, Path(out))
 
 
+def _log_standing(cfg: Config) -> None:
+    """Say where the run's method stands against UCAD on the leaderboard (a warning when > 5 points below)."""
+    from components.eval.standing import method_standing, standing_sentence
+    from flows.bench import LEADERBOARD_JSON
+
+    for standing in method_standing(LEADERBOARD_JSON, cfg.method):
+        (run_logger().warning if standing.gap < -STANDING_WARN_GAP else run_logger().info)("%s (benchmarks/LEADERBOARD.md)", standing_sentence(standing))
+
+
 def _continual_run(cfg: Config, out: Path) -> dict[str, Any]:
     logger = run_logger()
+    _log_standing(cfg)
     manifest, tasks = _prepare(cfg)
     cfg = resolve_tiling(cfg, manifest, [p for t in tasks for p in t])  # data.tile=auto -> this data's tiling
     run_record = check_run_record(cfg, out)

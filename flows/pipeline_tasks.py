@@ -224,8 +224,13 @@ def promote_if_gate_passes(cfg: Config, tracker: Any, bank_version: str, model_v
 
 @graph_task(name="report", task_run_name="report")
 def report_task(out: Path, metrics_json: dict[str, Any], overlays: dict[str, tuple[ImageBatch, Prediction]] | None) -> Path:
-    """``write_report`` as a task of the flow graph."""
-    return write_report(out, metrics_json, overlays)
+    """``write_report`` as a task of the flow graph, with where the run's method stands on the leaderboard."""
+    from components.eval.standing import method_standing, standing_markdown
+    from flows.bench import LEADERBOARD_JSON
+
+    method = metrics_json["method"]
+    standing = standing_markdown(method_standing(LEADERBOARD_JSON, method), method, "benchmarks/LEADERBOARD.json")
+    return write_report(out, metrics_json, overlays, standing)
 
 
 @graph_task(name="publish_run", task_run_name="publish to MLflow and Prefect")

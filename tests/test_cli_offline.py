@@ -46,3 +46,17 @@ def test_main_sets_offline_defaults_and_keeps_explicit_values(monkeypatch: pytes
     assert main(["config", "show"]) == 0
     capsys.readouterr()
     assert {k: os.environ[k] for k in OFFLINE_ENV} == {**OFFLINE_ENV, "HF_HUB_OFFLINE": "0"}
+
+
+def test_leaderboard_real3d_overrides_are_the_ib_iumad_benchmark_sizes() -> None:
+    """`make leaderboard` runs real-3d at bench_ib_iumad's CPU sizes and training; the two must not drift apart."""
+    from benchmarks.bench_ib_iumad import CPU_SIZES, config
+
+    text = (REPO / "Makefile").read_text().replace("\\\n", " ")
+    line = next(l for l in text.splitlines() if l.startswith("IB_IUMAD_CPU ="))
+    overrides = dict(item.split("=", 1) for item in line.split("=", 1)[1].split())
+    cfg = config("rgb+depth", "cross_attention", int(overrides["data.image_size"]), int(overrides["ib_iumad.epochs"]))
+    expected = {**{k: str(v) for k, v in CPU_SIZES.items()}, "data.image_size": "128",
+                "data.heldout_fraction": str(cfg.data.heldout_fraction), "ib_iumad.epochs": "48",
+                "ib_iumad.early_stopping_patience": str(cfg.ib_iumad.early_stopping_patience), "ib_iumad.lr": str(cfg.ib_iumad.lr)}
+    assert overrides == expected

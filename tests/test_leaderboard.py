@@ -65,3 +65,99 @@ def test_contad_bench_runs_resumes_and_writes_the_leaderboard(tmp_path: Path) ->
     shutil.rmtree(run)  # redo the run: the same image-level numbers (reproducible)
     assert bench_command("synth", 1, ["patchcore_finetune"], out, board, None, tiny) == 0
     assert json.loads((run / "metrics.json").read_text())["final"]["image_auroc"] == first["final"]["image_auroc"]
+
+
+# Paper vs reproduced (benchmarks/paper_claims.yaml)
+
+REPO = Path(__file__).resolve().parents[1]
+PAPERS = REPO.parent / "shared" / "papers"
+
+
+def _claims_doc() -> dict:
+    protocol = {"tasks": "15 products", "order": "alphabetical", "task_id_at_test": "no", "epochs": "25", "evaluation": "after the last task"}
+    claim = {"metric": "image AUROC", "printed": "0.930", "scale": "fraction", "dataset": "MVTec AD", "setting": "mean of 15", "source": "ucad.txt, Table 3"}
+    other = {**claim, "printed": "87.4", "scale": "percent", "dataset": "VisA", "source": "ucad.txt, Table 4"}
+    ucad = {"paper": "Liu et al.", "venue": "AAAI 2024", "claims": [claim, other], "protocol": protocol,
+            "backbone": "ViT-B/16", "resolution": "224 px", "why_ours_differs": "Lite0 | 4 products"}
+    return {"version": 1, "methods": {"ucad": ucad}}
+
+
+def _write(path: Path, doc: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_paper_claims_beside_the_reproduced_mean_and_missing_methods_are_dashes(tmp_path: Path) -> None:
+    from components.eval.paper_claims import paper_vs_reproduced
+
+    runs = [_fake_run(tmp_path, "ucad", 0, {"a": 0.9, "b": 0.8}), _fake_run(tmp_path, "ucad", 1, {"a": 0.7, "b": 0.8})]
+    rows = aggregate([summarise_run(r) for r in runs])
+    claims = _write(tmp_path / "claims.yaml", _claims_doc())
+    text = paper_vs_reproduced(claims, rows, ["ucad", "lemo"], "`real-ad`")
+    ucad = next(line for line in text.splitlines() if line.startswith("| ucad |"))
+    cells = [c.strip() for c in ucad.split(" | ")]
+    assert "image AUROC **93.0** on MVTec AD" in cells[1] and "[ucad.txt, Table 3]" in cells[1]  # fraction shown in %
+    assert "task id at test: no" in cells[1] and "87.4" not in cells[1]  # the headline in the table, other figures below it
+    assert "- ucad: image AUROC **87.4** on VisA" in text
+    assert cells[2] == "80.0 ± 7.1 (n = 2)" and cells[3] == "-13.0"  # ours beside the paper; gap to the headline
+    assert "Lite0 \\| 4 products" in ucad  # a "|" in the text cannot split the table
+    assert "| lemo | – | – | – | – |" in text  # registered for the sequence, no claim and no run
+    assert paper_vs_reproduced(tmp_path / "absent.yaml", rows, ["ucad"], "x") == ""  # no file: no section
+
+
+@pytest.mark.parametrize(("change", "key"), [
+    (lambda d: d["methods"]["ucad"]["claims"][0].update(printed=0.93), "methods.ucad.claims[0].printed"),
+    (lambda d: d["methods"]["ucad"]["claims"][1].update(printed=None), "methods.ucad.claims[1].missing"),
+    (lambda d: d["methods"]["ucad"]["protocol"].pop("epochs"), "methods.ucad.protocol.epochs: missing"),
+    (lambda d: d["methods"]["ucad"].update(venu="x"), "methods.ucad.venu: unknown key"),
+    (lambda d: d["methods"].update(ucda=d["methods"]["ucad"]), "methods.ucda: not a registered method"),
+])
+def test_malformed_claims_name_the_file_and_the_key(tmp_path: Path, change, key: str) -> None:
+    from components.errors import ContadError
+    from components.eval.paper_claims import load_paper_claims
+
+    doc = _claims_doc()
+    change(doc)
+    path = _write(tmp_path / "claims.yaml", doc)
+    with pytest.raises(ContadError) as err:
+        load_paper_claims(path)
+    assert str(path) in str(err.value) and key in str(err.value) and "\n" not in str(err.value)
+
+
+def test_shipped_claims_cover_every_method_and_quote_the_papers() -> None:
+    from components.eval.paper_claims import load_paper_claims
+    from components.methods.registry import METHOD_CLASSES
+
+    claims = load_paper_claims(REPO / "benchmarks" / "paper_claims.yaml")
+    assert claims is not None and set(claims) == set(METHOD_CLASSES)
+    quoted = [(c.source.split(",")[0], c.printed) for entry in claims.values() for c in entry.claims if c.printed is not None]
+    assert all(c.value is None or 0 < c.value <= 100 for entry in claims.values() for c in entry.claims)
+    if not PAPERS.is_dir():
+        pytest.skip(f"{PAPERS} not present: the quotes cannot be checked")
+    unquoted = [(source, printed) for source, printed in quoted if printed not in (PAPERS / source).read_text()]
+    assert not unquoted, f"figures not found in their source text: {unquoted}"
+
+
+def test_write_leaderboard_puts_the_paper_section_under_each_sequence(tmp_path: Path) -> None:
+    from flows.bench import write_leaderboard
+
+    _fake_run(tmp_path / "out" / "real-ad", "ucad", 0, {"grid": 0.9, "pcb": 0.8})
+    board = tmp_path / "LEADERBOARD.md"
+    write_leaderboard(tmp_path / "out", board)
+    text = board.read_text()
+    section = text[text.index("### Paper vs reproduced: `real-ad`"):]
+    assert text.index("## Sequence `real-ad`") < text.index("### Paper vs reproduced: `real-ad`")
+    assert "| ucad | Liu et al." in section and "| 85.0 (n = 1) | -8.0 |" in section  # shipped claims: UCAD's 93.0
+    assert "| patchcore_joint |" in section and "| ib_iumad |" not in section  # the sequence's methods only
+
+
+def test_mb_per_task_is_the_final_saved_state_over_the_products(tmp_path: Path) -> None:
+    run = _fake_run(tmp_path, "iuf", 0, {"a": 0.9, "b": 0.8})
+    state = run / "steps" / "01-b" / "method"
+    state.mkdir(parents=True)
+    (state / "model.safetensors").write_bytes(b"x" * 2**21)  # 2 MiB for 2 products
+    (run / "steps" / "00-a" / "method").mkdir()
+    (run / "steps" / "00-a" / "method" / "model.safetensors").write_bytes(b"x" * 2**23)  # an earlier step: not counted
+    assert summarise_run(run)["mb_per_task"] == pytest.approx(1.0)

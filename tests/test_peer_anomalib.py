@@ -9,7 +9,25 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 
-from benchmarks.peer_anomalib import ProductResult, SystemResult, parse_args, peer_layers, raw_metrics, results_from_json, results_table
+import torch
+
+from benchmarks.peer_anomalib import (
+    MATCHED,
+    ProductResult,
+    SystemResult,
+    backbone_tiling,
+    cut_tiles,
+    matched_ratio,
+    parse_args,
+    peer_layers,
+    raw_metrics,
+    results_from_json,
+    results_table,
+    stitch_tiles,
+    tile_boxes,
+)
+from components.backbones.tiled import TiledBackbone
+from tests.methods_support import ToyBackbone
 
 
 def _result(product: str, contad_s: tuple[float, float], peer_s: tuple[float, float], pixel: float = 0.9) -> ProductResult:
@@ -24,10 +42,11 @@ def test_parse_args_defaults_products_and_overrides() -> None:
     args = parse_args(["--products", "grid,pcb", "data.image_size=256"])
     assert args.products == ["grid", "pcb"]
     assert args.overrides == ["data.image_size=256"]
-    assert (args.peer_ratio, args.peer_neighbors, args.peer_normalise) == (0.1, 9, "weights")  # anomalib's defaults
+    assert (args.peer_ratio, args.peer_neighbors, args.peer_normalise) == (MATCHED, 9, "weights")  # same memory as contad, anomalib's k
+    assert parse_args(["--peer-ratio", "0.01"]).peer_ratio == 0.01
 
 
-@pytest.mark.parametrize("argv", [["--peer-ratio", "0"], ["--peer-ratio", "1.5"], ["--peer-neighbors", "0"], ["--products", ","], ["notakeyvalue"]])
+@pytest.mark.parametrize("argv", [["--peer-ratio", "0"], ["--peer-ratio", "1.5"], ["--peer-ratio", "most"], ["--peer-neighbors", "0"], ["--products", ","], ["notakeyvalue"]])
 def test_parse_args_rejects_bad_values(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         parse_args(argv)
@@ -64,3 +83,57 @@ def test_raw_metrics_use_raw_scores_and_skip_pixel_without_masks() -> None:
 def test_peer_layers_are_contads_two_feature_levels() -> None:
     assert peer_layers(None) == ["blocks.2", "blocks.4"]  # default feature_layer 3: stride 8 + 16
     assert peer_layers(2) == ["blocks.1", "blocks.2"]
+
+
+class _RecordingBackbone(ToyBackbone):
+    """The toy backbone, keeping every input contad's tiled wrapper hands it."""
+
+    def __init__(self) -> None:
+        super().__init__(image_size=16)
+        self.seen: list[torch.Tensor] = []
+
+    def features(self, images, prompt=None):  # noqa: ANN001, ANN201 - ToyBackbone's signature
+        self.seen.append(images.clone())
+        return super().features(images, prompt)
+
+
+def test_anomalib_gets_the_very_tiles_contads_tiled_backbone_encodes() -> None:
+    inner = _RecordingBackbone()
+    tiled = TiledBackbone(inner, tile=16, overlap=8)  # stride 8: tiles at 0, 8, 16 per side of a 32 px image
+    images = torch.randn(2, 3, 32, 32)
+    tile, overlap, stride = backbone_tiling(tiled, 32)
+    boxes = tile_boxes(32, 32, tile, overlap, stride)
+    assert (tile, overlap, stride) == (16, 8, 8) and len(boxes) == 9 and boxes[1] == (0, 8)
+    with torch.no_grad():
+        tiled.features(images)
+    tiles = cut_tiles(images, boxes, tile).reshape(2, len(boxes), 3, 16, 16)  # image-major
+    assert len(inner.seen) == len(boxes)
+    for t, seen in enumerate(inner.seen):
+        assert torch.equal(tiles[:, t], seen)
+    assert backbone_tiling(inner, 32) == (32, 0, 1) and tile_boxes(32, 32, 32, 0, 1) == [(0, 0)]  # one pass: one tile
+    assert backbone_tiling(tiled, 16) == (16, 0, 1)  # an image no larger than a tile is one pass in contad too
+
+
+def test_stitched_tiles_give_back_the_image_map_and_the_max_tile_score() -> None:
+    maps = torch.rand(2, 32, 32)
+    boxes = tile_boxes(32, 32, 16, 8, 8)
+    tile_maps = cut_tiles(maps[:, None], boxes, 16)[:, 0]  # (2 * 9, 16, 16): overlapping cells carry equal values
+    tile_scores = torch.arange(18, dtype=torch.float32).flip(0)  # image 0's best tile is its first, image 1's its first too
+    stitched, scores = stitch_tiles(tile_maps, tile_scores, boxes, (32, 32))
+    assert torch.allclose(stitched, maps) and scores.tolist() == [17.0, 8.0]
+    # overlaps are averaged: a tile raised by 9 raises its own cells by 9 / (tiles covering them)
+    tile_maps[0] += 9.0
+    raised = stitch_tiles(tile_maps, tile_scores, boxes, (32, 32))[0] - maps
+    assert raised[0, 0, 0] == pytest.approx(9.0) and raised[0, 10, 10] == pytest.approx(9.0 / 4) and raised[1].abs().max() < 1e-6
+    with pytest.raises(ValueError, match="not a multiple of 9 tiles"):
+        stitch_tiles(tile_maps[:-1], tile_scores[:-1], boxes, (32, 32))
+    with pytest.raises(ValueError, match="do not cover"):
+        stitch_tiles(tile_maps[:2], tile_scores[:2], boxes[:1], (32, 32))
+
+
+@pytest.mark.parametrize(("rows", "patches"), [(1804, 18032), (3449, 564480), (3449, 3449), (1, 784), (7, 9)])
+def test_matched_ratio_keeps_exactly_contads_rows(rows: int, patches: int) -> None:
+    ratio = matched_ratio(rows, patches)
+    assert 0.0 < ratio <= 1.0 and int(patches * ratio) == rows  # anomalib's KCenterGreedy: int(n * sampling_ratio)
+    with pytest.raises(ValueError, match="rows out of"):
+        matched_ratio(patches + 1, patches)

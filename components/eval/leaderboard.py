@@ -5,7 +5,7 @@ A run is a ``contad run`` output directory (``metrics.json`` + ``steps/*/train_l
 ``summarise_run`` reads one run into flat numbers; ``aggregate`` gives per method the mean, sample
 standard deviation and count over seeds of each; ``leaderboard_markdown`` and ``pareto_figure`` render
 them. Undefined values (a forgetting measure after one task, a metric a method cannot compute) are NaN
-and shown as "–", never 0.
+and shown as "–", never 0. The papers' own figures beside ours: ``components.eval.paper_claims``.
 """
 
 from __future__ import annotations
@@ -38,11 +38,21 @@ def _num(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and value is not None and math.isfinite(float(value)) else math.nan
 
 
+def stored_bytes_per_task(run: Path, tasks: int) -> float:
+    """Bytes of the run's final saved state (``steps/<last>/method``: what a deployment stores, keys, prompts,
+    networks, buffers included) per learned product; NaN when the run kept no state."""
+    steps = sorted(p for p in (run / "steps").glob("*/method") if p.is_dir())
+    if not steps or tasks < 1:
+        return math.nan
+    return sum(f.stat().st_size for f in steps[-1].rglob("*") if f.is_file()) / tasks
+
+
 def summarise_run(run: Path) -> dict[str, Any]:
     """Flat numbers of one finished run: averages, forgetting, routing, rates, costs; per-product image AUROC."""
     doc = json.loads((run / "metrics.json").read_text())
     logs = [json.loads(p.read_text()) for p in sorted((run / "steps").glob("*/train_log.json"))]
     extra = json.loads((run / "bench.json").read_text()) if (run / "bench.json").is_file() else {}
+    stored = stored_bytes_per_task(run, len(doc["tasks"]))
     memory = [_num(log["log"].get("memory_bytes")) for log in logs]
     one_task = len(doc["tasks"]) < 2
     summary = {
@@ -58,7 +68,8 @@ def summarise_run(run: Path) -> dict[str, Any]:
         "escape_rate": _num(doc["average"].get("escape_rate")),
         "false_reject_rate": _num(doc["average"].get("false_reject_rate")),
         "train_seconds_per_product": float(np.mean([log["seconds"] for log in logs])) if logs else math.nan,
-        "mb_per_task": float(np.nanmean(memory)) / 2**20 if memory and not all(math.isnan(m) for m in memory) else math.nan,
+        "mb_per_task": stored / 2**20 if not math.isnan(stored) else (
+            float(np.nanmean(memory)) / 2**20 if memory and not all(math.isnan(m) for m in memory) else math.nan),
         "images_per_s": _num(extra.get("images_per_s")),
         "load": extra.get("load"),
         "per_product": {p: _num(v) for p, v in doc["final"]["image_auroc"].items()},
@@ -129,17 +140,19 @@ def pareto_figure(rows: list[MethodRow], path: Path, title: str) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, (key, label) in zip(axes, (("train_seconds_per_product", "training seconds per product"), ("mb_per_task", "stored MB per task"))):
-        for r in rows:
+        for i, r in enumerate(rows):  # one colour per method, the same in both panels
             x, y = r.stats[key][0], 100 * r.stats["image_auroc"][0]
             if math.isnan(x) or math.isnan(y):
                 continue
             yerr = 100 * r.stats["image_auroc"][1] if r.stats["image_auroc"][2] > 1 else 0.0
-            ax.errorbar(x, y, yerr=yerr, fmt="o", capsize=3)
+            ax.errorbar(x, y, yerr=yerr, fmt="o", capsize=3, color=f"C{i % 10}")
             ax.annotate(r.method, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # log minor labels overlap
         ax.set_xlabel(label + " (log)")
         ax.set_ylabel("final image AUROC (%)")
         ax.grid(alpha=0.3)

@@ -157,8 +157,9 @@ def family_table(doc: dict[str, Any], metrics: list[str]) -> str:
     )
 
 
-def run_markdown(doc: dict[str, Any], figures: dict[str, str]) -> str:
-    """The ``report.md`` text of one run; ``figures`` maps a figure key to its relative path.
+def run_markdown(doc: dict[str, Any], figures: dict[str, str], standing: list[str] | None = None) -> str:
+    """The ``report.md`` text of one run; ``figures`` maps a figure key to its relative path; ``standing``:
+    the "Where this method stands" section (``components.eval.standing``), placed after the run's facts.
 
     One section per metric family (``metric_families``): a table of the final values, Average,
     FM and BWT, and one figure with the accuracy matrix of every metric of the family after every
@@ -185,6 +186,8 @@ def run_markdown(doc: dict[str, Any], figures: dict[str, str]) -> str:
         "Forgetting of a product after a step = its best earlier value minus its value now (red = forgotten, "
         "blue = improved); the last row averaged is FM. All steps as CSV: `matrices/`.",
     ]
+    if standing:
+        parts += ["", *standing]
     for family, metrics in metric_families(list(doc["matrix"])).items():
         parts += ["", f"## {family}", "", family_table(doc, metrics)]
         key = f"family_{safe_name(family)}"
@@ -202,9 +205,11 @@ def run_markdown(doc: dict[str, Any], figures: dict[str, str]) -> str:
 
 
 def write_report(
-    run_dir: Path, metrics: dict[str, Any], overlays: dict[str, tuple[ImageBatch, Prediction]] | None = None
+    run_dir: Path, metrics: dict[str, Any], overlays: dict[str, tuple[ImageBatch, Prediction]] | None = None,
+    standing: list[str] | None = None,
 ) -> Path:
-    """Write ``metrics.json``, ``figures/*.png`` and ``report.md`` into ``run_dir``; returns report path.
+    """Write ``metrics.json``, ``figures/*.png`` and ``report.md`` (with the ``standing`` section, when given)
+    into ``run_dir``; returns report path.
 
     ``metrics`` is a ``metrics.json`` document (``AccuracyMatrix.to_metrics_json``); an optional
     ``"thresholds"`` entry (``Calibration.to_dict()``) adds decisions and contours to the overlays.
@@ -226,7 +231,7 @@ def write_report(
         if len(batch) == 0:
             continue
         save(f"overlay_{product}", f"overlay_{safe_name(product)}.png", overlay_figure(product, batch, prediction, calibration))
-    path = atomic_write_text(run_dir / REPORT_FILE, run_markdown(metrics, figures))
+    path = atomic_write_text(run_dir / REPORT_FILE, run_markdown(metrics, figures, standing))
     log.info("report written to %s (%d figures)", path, len(figures))
     return path
 

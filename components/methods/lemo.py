@@ -21,7 +21,7 @@ the patch grid upsampled bilinearly and Gaussian smoothed (``eval.smoothing_sigm
 score is the maximum of the map. The fit log reports how the held-out patches spread over the
 prototypes and warns when one takes more than ``COLLAPSE_SHARE`` of them: on a texture the adapter
 collapses the memory onto one or two prototypes and the scores separate little (grid inverts:
-benchmarks/RESULTS.md, "LeMO: why grid inverted (issue 32)").
+benchmarks/RESULTS.md, the LeMO card).
 
 Continual use (our design; the paper trains one model per class):
 - Default: every task gets its own adapter, prototypes and Adam state, and a *key*: a k-center

@@ -66,7 +66,7 @@ class TextImageFusion(nn.Module):
     def __init__(self, image_dim: int, text_dim: int, text_length: int, dim: int, heads: int) -> None:
         super().__init__()
         # low-rank W_in = W_up W_down (rank ``dim``): a full (D_t x C) projection per task would take
-        # ~0.25 MB of a 2 MB task budget at C = 160 (benchmarks/RESULTS.md, issue 11)
+        # ~0.25 MB of a 2 MB task budget at C = 160
         self.text_in = nn.Sequential(nn.Linear(text_dim, dim, bias=False), nn.Linear(dim, image_dim))
         self.text_to_image = CrossAttention(image_dim, image_dim, dim, heads)
         self.image_to_text = CrossAttention(image_dim, image_dim, dim, heads)
