@@ -130,10 +130,11 @@ def write_leaderboard(out: Path, leaderboard: Path, headlines: list[Path] | None
         summaries = [summarise_run(r) for r in runs]
         rows = aggregate(summaries)
         loads = [s["load"]["before"][0] for s in summaries if s.get("load")]
-        overrides = sorted({" ".join(json.loads((r / "bench.json").read_text()).get("overrides", [])) for r in runs})
+        overrides = sorted({" ".join(s["overrides"]) for s in summaries})
         figure = pareto_figure(rows, leaderboard.with_name(f"leaderboard_{sequence}.png"), f"{sequence}: accuracy vs cost")
-        missing = [m for m in sequence_methods(bool(SEQUENCES[sequence]["depth"])) if m not in {s["method"] for s in summaries}]
-        notes = [f"Runs: {len(runs)} ({', '.join(sorted({s['method'] for s in summaries}))}); seeds per method in the table."
+        registered, ran = sequence_methods(bool(SEQUENCES[sequence]["depth"])), {s["method"] for s in summaries}
+        missing = [m for m in registered if m not in ran]
+        notes = [f"Runs: {len(runs)} ({', '.join(sorted(ran))}); seeds per method in the table."
                  + (f" No finished run yet: {', '.join(missing)}." if missing else ""),
                  f"Machine load (1-min average) when the runs started: {min(loads):.1f}–{max(loads):.1f} on "
                  f"{os.cpu_count()} CPUs; timings are under that load." if loads else "Machine load not recorded.",
@@ -144,8 +145,7 @@ def write_leaderboard(out: Path, leaderboard: Path, headlines: list[Path] | None
                  "buffers) divided by the number of products; train s / product: `fit_task` seconds, mean over products.",
                  f"Figure: ![{sequence}]({figure.name})"]
         sections.append(leaderboard_markdown(rows, f"Sequence `{sequence}`", notes))
-        sections.append(paper_vs_reproduced(PAPER_CLAIMS, rows,  # "" without the file
-                                            sequence_methods(bool(SEQUENCES[sequence]["depth"])), f"`{sequence}`"))
+        sections.append(paper_vs_reproduced(PAPER_CLAIMS, rows, registered, f"`{sequence}`"))  # "" without the file
         for document in headlines or []:
             link = os.path.relpath(leaderboard, document.resolve().parent)
             if splice_headline(document, sequence, headline_markdown(rows, link)):

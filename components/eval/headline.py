@@ -13,7 +13,6 @@ sees in the README cannot contradict the leaderboard. Text outside the markers i
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 from components.atomic import atomic_write_text
@@ -60,6 +59,5 @@ def splice_headline(document: Path, sequence: str, table: str) -> bool:
         return False
     if text.count(start) != 1 or text.count(end) != 1 or text.index(end) < text.index(start):
         raise ContadError(f"{document}: needs exactly one '{start}' followed by one '{end}'")
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
-    atomic_write_text(document, pattern.sub(lambda _: f"{start}\n{table}\n{end}", text, count=1))
+    atomic_write_text(document, f"{text[:text.index(start)]}{start}\n{table}\n{text[text.index(end):]}")
     return True

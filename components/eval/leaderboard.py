@@ -72,6 +72,7 @@ def summarise_run(run: Path) -> dict[str, Any]:
             float(np.nanmean(memory)) / 2**20 if memory and not all(math.isnan(m) for m in memory) else math.nan),
         "images_per_s": _num(extra.get("images_per_s")),
         "load": extra.get("load"),
+        "overrides": list(extra.get("overrides", [])),
         "per_product": {p: _num(v) for p, v in doc["final"]["image_auroc"].items()},
     }
     return summary
