@@ -1,6 +1,6 @@
 """Peer benchmark: contad ``patchcore_oracle`` against anomalib's PatchCore, same weights, same tiles.
 
-Run: ``python -m benchmarks.peer_anomalib [--data DIR] [--products a,b] [--out runs/bench-peer] [key=value ...]``
+Run: ``python -m benchmarks.peer_anomalib [--data DIR] [--products a,b] [--out runs/bench-peer] [--resume] [key=value ...]``
 (or ``make bench-peer``). Never part of ``make test``.
 
 Environment. anomalib lives in its own virtual environment (``--peer-venv``, default ``.venv-peer``,
@@ -72,8 +72,10 @@ import subprocess
 import sys
 import sysconfig
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
+
+from components.eval.peer import ProductResult, SystemResult, read_peer_results, results_table
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "real-ad"
@@ -82,38 +84,6 @@ ANOMALIB_VERSION = "2.7.0"
 PEER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 PTH_NAME = "zz-contad-venv.pth"
 MATCHED = "matched"  # --peer-ratio: anomalib's coreset keeps as many rows as contad's bank
-
-
-@dataclass
-class SystemResult:
-    """One system on one product: raw-score metrics, seconds, memory-bank rows."""
-
-    image_auroc: float
-    pixel_auroc: float
-    train_s: float
-    test_s: float
-    bank_rows: int
-
-    @property
-    def total_s(self) -> float:
-        return self.train_s + self.test_s
-
-
-@dataclass
-class ProductResult:
-    """contad and anomalib on one product, with the machine load (1/5/15 min) before the pair ran."""
-
-    product: str
-    train_images: int
-    test_images: int
-    load: tuple[float, float, float]
-    contad: SystemResult
-    peer: SystemResult
-
-    @property
-    def ratio(self) -> float:
-        """anomalib (train + test) seconds / contad (train + test) seconds."""
-        return self.peer.total_s / self.contad.total_s if self.contad.total_s > 0 else math.nan
 
 
 def _peer_ratio(text: str) -> str | float:
@@ -141,6 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peer-normalise", choices=("weights", "imagenet"), default="weights",
                         help="anomalib input normalisation: the weights' own (as contad) or ImageNet (anomalib's pre-processor)")
     parser.add_argument("--batch-size", type=int, default=8, help="anomalib batch size (contad uses its own, 8)")
+    parser.add_argument("--resume", action="store_true", help="keep the products already in OUT/results.json (same options assumed)")
     parser.add_argument("--peer-worker", default=None, help=argparse.SUPPRESS)  # internal: run one product inside the peer venv
     parser.add_argument("overrides", nargs="*", help="contad config overrides key=value (method is forced to patchcore_oracle)")
     args = parser.parse_args(argv)
@@ -156,50 +127,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------- table
-
-
-def _fmt(value: float, digits: int = 3) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
-def _mean(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else math.nan
-
-
-def results_table(results: list[ProductResult]) -> str:
-    """Markdown side-by-side table: AUROCs of both systems, seconds, anomalib/contad time ratio, load."""
-    lines = [
-        "| product | train / test images | image AUROC contad | image AUROC anomalib | pixel AUROC contad | pixel AUROC anomalib "
-        "| contad train + test s | anomalib train + test s | time ratio anomalib / contad | bank rows contad / anomalib | load 1 min |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        lines.append(
-            f"| {r.product} | {r.train_images} / {r.test_images} | {_fmt(r.contad.image_auroc)} | {_fmt(r.peer.image_auroc)} "
-            f"| {_fmt(r.contad.pixel_auroc)} | {_fmt(r.peer.pixel_auroc)} "
-            f"| {r.contad.train_s:.1f} + {r.contad.test_s:.1f} | {r.peer.train_s:.1f} + {r.peer.test_s:.1f} "
-            f"| {_fmt(r.ratio, 1)}x | {r.contad.bank_rows} / {r.peer.bank_rows} | {r.load[0]:.1f} |"
-        )
-    if results:
-        contad_total = sum(r.contad.total_s for r in results)
-        peer_total = sum(r.peer.total_s for r in results)
-        lines.append(
-            f"| **average / total** | | {_fmt(_mean([r.contad.image_auroc for r in results]))} "
-            f"| {_fmt(_mean([r.peer.image_auroc for r in results]))} | {_fmt(_mean([r.contad.pixel_auroc for r in results]))} "
-            f"| {_fmt(_mean([r.peer.pixel_auroc for r in results]))} | {contad_total:.1f} | {peer_total:.1f} "
-            f"| {_fmt(peer_total / contad_total if contad_total > 0 else math.nan, 1)}x | | |"
-        )
-    return "\n".join(lines)
-
-
-def results_from_json(doc: list[dict]) -> list[ProductResult]:
-    """Inverse of ``asdict`` over a list of ``ProductResult`` (results.json)."""
-    return [
-        ProductResult(product=d["product"], train_images=d["train_images"], test_images=d["test_images"], load=tuple(d["load"]),
-                      contad=SystemResult(**d["contad"]), peer=SystemResult(**d["peer"]))
-        for d in doc
-    ]
 
 
 # ---------------------------------------------------------------- tiles (contad's, fed to anomalib)
@@ -455,7 +382,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{ANOMALIB_VERSION}: the same {tiling[0]} px tiles, layers={peer_layers(cfg.backbone.feature_layer)} "
           f"ratio={args.peer_ratio} k={args.peer_neighbors} normalise={args.peer_normalise}", flush=True)
     results: list[ProductResult] = []
+    if args.resume and (out / "results.json").is_file():
+        results = [r for r in read_peer_results(out / "results.json") if r.product in args.products]
+        print(f"kept from {out / 'results.json'}: {', '.join(r.product for r in results) or 'nothing'}", flush=True)
     for product in args.products:
+        if any(r.product == product for r in results):
+            continue
         load = os.getloadavg()
         data = task_data(sequence, product, [product], cfg, None)
         test = test_batch(sequence, product, cfg.data.image_size)

@@ -151,6 +151,17 @@ def test_write_leaderboard_puts_the_paper_section_under_each_sequence(tmp_path: 
     assert text.index("## Sequence `real-ad`") < text.index("### Paper vs reproduced: `real-ad`")
     assert "| ucad | Liu et al." in section and "| 85.0 (n = 1) | -8.0 |" in section  # shipped claims: UCAD's 93.0
     assert "| patchcore_joint |" in section and "| ib_iumad |" not in section  # the sequence's methods only
+    assert "anomalib" not in text  # no peer run: no peer section
+    peer = {"product": "grid", "train_images": 20, "test_images": 10, "load": [1.0, 1.0, 1.0],
+            "contad": {"image_auroc": 0.9, "pixel_auroc": 0.95, "train_s": 2.0, "test_s": 1.0, "bank_rows": 10},
+            "peer": {"image_auroc": 0.93, "pixel_auroc": 0.94, "train_s": 30.0, "test_s": 3.0, "bank_rows": 10}}
+    (tmp_path / "out" / "real-ad" / "peer").mkdir()
+    (tmp_path / "out" / "real-ad" / "peer" / "results.json").write_text(json.dumps([peer]))
+    machine = write_leaderboard(tmp_path / "out", board)
+    text = board.read_text()
+    assert text.index("## Sequence `real-ad`") < text.index("### Peer: anomalib 2.7 PatchCore")
+    assert "| grid | 20 / 10 | 0.900 | 0.930 | 0.950 | 0.940 | 2.0 + 1.0 | 30.0 + 3.0 | 11.0x |" in text and "Not run yet: pcb." in text
+    assert machine["real-ad"]["peer"][0]["peer"]["image_auroc"] == 0.93
 
 
 def test_mb_per_task_is_the_final_saved_state_over_the_products(tmp_path: Path) -> None:

@@ -68,6 +68,20 @@ def test_blockwise_preselection_keeps_the_cover_and_the_rare_clusters(monkeypatc
         k_center_greedy(points, 60, preselect_factor=0)
 
 
+def test_coreset_candidates_are_the_first_stage_of_the_two_stage_greedy(monkeypatch: pytest.MonkeyPatch) -> None:
+    from components.methods.coreset import coreset_candidates
+
+    generator = torch.Generator().manual_seed(1)
+    points = torch.randn(3000, 48, generator=generator)
+    monkeypatch.setattr(coreset_module, "PRESELECT_BLOCK_ROWS", 256)
+    candidates = coreset_candidates(points, 40, projection_dim=16, seed=3, preselect_factor=4)
+    assert 150 <= len(candidates) <= 200 and torch.equal(candidates, candidates.sort().values) and int(candidates[0]) == 0
+    two_stage = k_center_greedy(points, 40, projection_dim=16, seed=3, preselect_factor=4)
+    assert torch.equal(candidates[k_center_greedy(points[candidates], 40, projection_dim=16, seed=3)], two_stage)
+    assert torch.equal(coreset_candidates(points, 40, preselect_factor=None), torch.arange(3000))  # no first stage
+    assert torch.equal(coreset_candidates(points[:500], 40, preselect_factor=4), torch.arange(500))  # it would not save work
+
+
 def _budget_config(method: str, budget_mb: float):  # noqa: ANN202 - test helper
     cfg = toy_config(method, knowledge_size=None, epochs=1)
     cfg.patchcore.coreset_size = None
@@ -152,16 +166,23 @@ def test_test_features_are_computed_once_per_image_and_prompt() -> None:
     assert torch.allclose(fresh.predict(images).image_scores, after.image_scores)
 
 
-def test_patchcore_joint_keeps_every_training_patch_and_forgets_nothing(tmp_path: Path) -> None:
-    from components.methods.patchcore import PatchCoreJoint
+def test_patchcore_joint_reselects_one_bounded_bank_over_every_task_and_forgets_nothing(tmp_path: Path) -> None:
+    from components.methods.patchcore import PatchCoreFinetune, PatchCoreJoint
     from components.methods.registry import build_method
 
     joint = build_method(toy_config("patchcore_joint"), ToyBackbone())
     assert isinstance(joint, PatchCoreJoint)
-    logs = [joint.fit_task(toy_task(product, n_train=6)) for product in ("red", "green")]
-    patches = 6 * 4 * 4  # 6 images x (32 / 8)^2 patches
-    assert [log["bank_size"] for log in logs] == [patches, 2 * patches]
-    assert logs[1]["memory_bytes"] == 2 * patches * (ToyBackbone.feature_dim * 4 + 8)  # grows with every task
+    red, green = toy_task("red", n_train=6), toy_task("green", n_train=6)
+    first = joint.fit_task(red)
+    finetune = PatchCoreFinetune(toy_config("patchcore_finetune"), ToyBackbone())
+    finetune.fit_task(red)
+    assert torch.equal(joint.bank.features, finetune.bank.features)  # one task: exactly PatchCore's coreset
+    second = joint.fit_task(green)
+    patches = 6 * 4 * 4  # 6 images x (32 / 8)^2 patches, all candidates (preselection would not save work here)
+    assert [first["bank_size"], second["bank_size"]] == [48, 96]  # patchcore.coreset_size per task, not every patch
+    assert second["candidate_rows"] == [patches, patches]
+    assert second["memory_bytes"] == second["bank_bytes"] + 2 * patches * ToyBackbone.feature_dim * 4
+    assert set(joint.bank.origin.tolist()) == {0, 1}
     good, bad = product_images("red", 6, seed=21), product_images("red", 6, seed=22, defect="blue")
     scores = joint.predict(torch.cat([good, bad])).image_scores
     assert roc_auc_score([0] * 6 + [1] * 6, scores.numpy()) == 1.0  # red still known after green
@@ -170,3 +191,7 @@ def test_patchcore_joint_keeps_every_training_patch_and_forgets_nothing(tmp_path
     loaded = build_method(toy_config("patchcore_joint"), ToyBackbone())
     loaded.load(tmp_path / "j")
     assert torch.equal(loaded.predict(good).image_scores, joint.predict(good).image_scores)
+    blue = toy_task("blue", n_train=6)
+    loaded.fit_task(blue)  # re-selection after a reload sees every task's candidates
+    joint.fit_task(blue)
+    assert torch.equal(loaded.bank.features, joint.bank.features) and loaded.bank.features.shape[0] == 144

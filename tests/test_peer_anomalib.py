@@ -13,19 +13,16 @@ import torch
 
 from benchmarks.peer_anomalib import (
     MATCHED,
-    ProductResult,
-    SystemResult,
     backbone_tiling,
     cut_tiles,
     matched_ratio,
     parse_args,
     peer_layers,
     raw_metrics,
-    results_from_json,
-    results_table,
     stitch_tiles,
     tile_boxes,
 )
+from components.eval.peer import ProductResult, SystemResult, peer_markdown, read_peer_results, results_from_json, results_table
 from components.backbones.tiled import TiledBackbone
 from tests.methods_support import ToyBackbone
 
@@ -67,6 +64,19 @@ def test_results_json_round_trip() -> None:
     results = [_result("grid", (1.0, 1.0), (5.0, 1.0))]
     back = results_from_json(json.loads(json.dumps([asdict(r) for r in results])))
     assert results_table(back) == results_table(results)
+
+
+def test_peer_section_names_what_has_not_run_and_bad_files_are_named(tmp_path) -> None:  # noqa: ANN001
+    results = [_result("grid", (1.0, 1.0), (5.0, 1.0))]
+    section = peer_markdown(results, ["grid", "pcb"])
+    assert "| grid | 20 / 10 | 0.800 | 0.600 |" in section and "Not run yet: pcb." in section
+    assert "Not run yet" not in peer_markdown(results, ["grid"])
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps([asdict(r) for r in results]))
+    assert read_peer_results(path) == results
+    path.write_text('[{"product": "grid"}]')
+    with pytest.raises(ValueError, match="results.json: not a peer results file"):
+        read_peer_results(path)
 
 
 def test_raw_metrics_use_raw_scores_and_skip_pixel_without_masks() -> None:

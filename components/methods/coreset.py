@@ -49,33 +49,72 @@ def k_center_greedy(
     of B rows, farthest-point sampling picks each block's share of f * k candidates (every block keeps
     its own outliers, unlike a random subset), and the final greedy runs over those candidates only
     (a composable coreset: N * k distance work becomes f * k * (B + k)). Used only where that is less,
-    N > f * (k + B); ``None``: always one greedy over every row.
+    N > f * (k + B); ``None``: always one greedy over every row. ``coreset_candidates`` is that first stage.
     """
+    n, k = _check_selection(features, k, start_index, preselect_factor)
+    if k == 0:
+        return torch.empty(0, dtype=torch.long)
+    columns = _projected_columns(features, projection_dim, seed)
+    with single_thread():
+        if not _preselects(n, k, preselect_factor):
+            return _farthest_points(columns, k, start_index)  # preselection would not save work
+        assert preselect_factor is not None
+        candidates = _preselect(columns, preselect_factor * k, start_index)
+        start = int((candidates == start_index).nonzero()[0])
+        return candidates[_farthest_points(columns[:, candidates].contiguous(), k, start)]
+
+
+def coreset_candidates(
+    features: torch.Tensor, k: int, projection_dim: int | None = None, seed: int = 0, preselect_factor: int | None = None
+) -> torch.Tensor:
+    """Sorted indices of the rows that ``k_center_greedy(features, k, 0, ...)``'s final greedy chooses from.
+
+    The blockwise farthest points of its first stage, or every row where preselection would not save
+    work. Composable: a greedy over the union of several sets' candidates stands for one over their
+    union (what a jointly re-selected memory keeps instead of every patch).
+    """
+    n, k = _check_selection(features, k, 0, preselect_factor)
+    if k == 0:
+        return torch.empty(0, dtype=torch.long)
+    if not _preselects(n, k, preselect_factor):
+        return torch.arange(n)
+    assert preselect_factor is not None
+    columns = _projected_columns(features, projection_dim, seed)
+    with single_thread():
+        return _preselect(columns, preselect_factor * k, 0)
+
+
+def _check_selection(features: torch.Tensor, k: int, start_index: int, preselect_factor: int | None) -> tuple[int, int]:
+    """(N, k capped at N; 0 when nothing is to be picked) after validating the selection's arguments."""
     if features.ndim != 2:
         raise ValueError(f"features must be (N, C), got shape {tuple(features.shape)}")
     n = features.shape[0]
     if n == 0 or k <= 0:
-        return torch.empty(0, dtype=torch.long)
+        return n, 0
     if not 0 <= start_index < n:
         raise ValueError(f"start_index {start_index} out of range for {n} rows")
     if preselect_factor is not None and preselect_factor < 1:
         raise ValueError(f"preselect_factor must be >= 1 or None, got {preselect_factor}")
-    k = min(k, n)
+    return n, min(k, n)
+
+
+def _preselects(n: int, k: int, preselect_factor: int | None) -> bool:
+    """Whether the blockwise first stage saves work on ``n`` rows for ``k`` picks."""
+    return preselect_factor is not None and n > preselect_factor * (k + PRESELECT_BLOCK_ROWS)
+
+
+def _projected_columns(features: torch.Tensor, projection_dim: int | None, seed: int) -> torch.Tensor:
+    """``features`` (N, C) as contiguous (C', N) float32 columns, after the seeded random projection if any.
+
+    Columns: each pick multiplies one row vector into a contiguous (C, N) block, which streams memory
+    once (faster than torch.mv over (N, C) rows on this memory-bound loop, same picks).
+    """
     points = features.detach().float()
     if projection_dim is not None and projection_dim < points.shape[1]:
         generator = torch.Generator().manual_seed(seed)
         matrix = torch.randn(points.shape[1], projection_dim, generator=generator) / projection_dim**0.5
         points = points @ matrix
-    # Columns (C, N): each pick multiplies one row vector into a contiguous (C, N) block, which streams
-    # memory once (faster than torch.mv over (N, C) rows on this memory-bound loop, same picks).
-    columns = points.t().contiguous()
-    del points
-    with single_thread():
-        if preselect_factor is None or n <= preselect_factor * (k + PRESELECT_BLOCK_ROWS):
-            return _farthest_points(columns, k, start_index)  # preselection would not save work
-        candidates = _preselect(columns, preselect_factor * k, start_index)
-        start = int((candidates == start_index).nonzero()[0])
-        return candidates[_farthest_points(columns[:, candidates].contiguous(), k, start)]
+    return points.t().contiguous()
 
 
 def _farthest_points(columns: torch.Tensor, k: int, start_index: int) -> torch.Tensor:

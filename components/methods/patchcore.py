@@ -22,7 +22,7 @@ from components.backbones.base import PromptedBackbone
 from components.config import Config, MemoryConfig
 from components.errors import ContadError
 from components.methods.base import ContinualMethod
-from components.methods.coreset import memory_coreset, nbytes
+from components.methods.coreset import coreset_candidates, k_center_greedy, memory_coreset, memory_rows, nbytes
 from components.methods.extract import batched, module_device
 from components.methods.feature_cache import feature_cache
 from components.methods.knn import NearestNeighbours
@@ -260,14 +260,24 @@ class PatchCoreOracle(_PatchCoreBase):
 
 
 class PatchCoreJoint(PatchCoreFinetune):
-    """One bank over ALL training patches of every task seen so far (no coreset, nothing forgotten).
+    """One bank re-selected at every step from the training patches of EVERY task seen so far (no task label).
 
-    The upper bound a single memory can reach, at the cost of storing every training patch: its
-    memory grows with every task (``memory_bytes`` in the training log; not bounded by
-    ``memory.budget_mb``). Images are scored against the joint bank without any task label.
+    Joint training at the oracle's memory: after task t the bank is one k-center coreset, of the sum of
+    the tasks' coreset sizes (each ``memory.coreset_ratio`` / ``patchcore.coreset_size`` within
+    ``memory.budget_mb``, so t x the per-product budget), over the union of all tasks' patches. Shared
+    structure is stored once and the budget goes where the union is most diverse, which a per-task
+    bank (the oracle's) cannot do. To re-select without keeping every patch (1.3 M rows on the real
+    sequence), each task keeps the candidates of the coreset's composable first stage
+    (``coreset_candidates``: ``memory.preselect_factor`` x its coreset size); the final greedy runs over
+    their union. They are part of the saved state: what re-training jointly costs.
     """
 
     name: ClassVar[str] = "patchcore_joint"
+
+    def __init__(self, config: Config, backbone: PromptedBackbone) -> None:
+        super().__init__(config, backbone)
+        self.candidates: list[torch.Tensor] = []  # per task, its coreset candidates (rows, C)
+        self.task_rows: list[int] = []  # per task, its coreset size
 
     def fit_task(self, data: TaskData) -> dict[str, Any]:
         self._check_new(data)
@@ -275,10 +285,33 @@ class PatchCoreJoint(PatchCoreFinetune):
         feats = self._features(data.train.images, desc=f"{data.name}: features")
         b, n, c = feats.shape
         rows = feats.reshape(b * n, c)
-        origin = torch.full((b * n,), len(self.tasks), dtype=torch.long)
-        if self.bank is not None:
-            rows, origin = torch.cat([self.bank.features, rows]), torch.cat([self.bank.origin, origin])
-        self.bank = MemoryBank(rows, origin)
+        memory = self.config.memory
+        k = memory_rows(rows.shape[0], c, memory, size=self.config.patchcore.coreset_size)
+        picked = coreset_candidates(rows, k, memory.projection_dim, self.config.seed, memory.preselect_factor)
+        self.candidates.append(rows[picked].float().contiguous())
+        self.task_rows.append(k)
         self.tasks.append(data.name)
-        return {"task": data.name, "bank_size": int(self.bank.features.shape[0]), "memory_bytes": self.bank.nbytes,
+        self.bank = self._joint_bank()
+        return {"task": data.name, "bank_size": int(self.bank.features.shape[0]), "bank_bytes": self.bank.nbytes,
+                "memory_bytes": self.bank.nbytes + nbytes(self.candidates), "candidate_rows": [len(rows) for rows in self.candidates],
                 "train_images": len(data.train), "seconds": time.perf_counter() - started}
+
+    def _joint_bank(self) -> MemoryBank:
+        """The coreset of ``sum(task_rows)`` rows over every task's candidates (the first task's first row first)."""
+        union = torch.cat(self.candidates)
+        origin = torch.cat([torch.full((len(rows),), t, dtype=torch.long) for t, rows in enumerate(self.candidates)])
+        memory = self.config.memory
+        index = k_center_greedy(union, sum(self.task_rows), projection_dim=memory.projection_dim, seed=self.config.seed,
+                                preselect_factor=memory.preselect_factor)
+        return MemoryBank(union[index], origin[index])
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {**super().state_tensors(), **{f"candidates/{t}": rows for t, rows in enumerate(self.candidates)}}
+
+    def state_meta(self) -> dict[str, Any]:
+        return {**super().state_meta(), "task_rows": list(self.task_rows)}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        super().load_state(tensors, meta)
+        self.candidates = [tensors[f"candidates/{t}"] for t in range(len(self.tasks))]
+        self.task_rows = [int(k) for k in meta["task_rows"]]
