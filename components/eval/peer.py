@@ -99,7 +99,7 @@ def peer_markdown(results: list[ProductResult], products: list[str]) -> str:
     done = [r.product for r in results]
     missing = [p for p in products if p not in done]
     lines = ["### Peer: anomalib 2.7 PatchCore", "",
-             "`python -m benchmarks.peer_anomalib --resume --out <this folder>/<sequence>/peer` (`make leaderboard` runs it): "
+             "`python -m benchmarks.peer_anomalib --resume --out OUT/<sequence>/peer` (OUT: the bench folder; `make leaderboard` runs it): "
              "contad's `patchcore_oracle` (seed 0, the defaults) and anomalib's PatchCore on the same tiles, the same "
              "ImageNet Lite0 weights and feature levels, the same number of bank rows; raw-score AUROC with contad's "
              "metric code; product by product, both systems under the same load, so the time ratio is measured inside "
