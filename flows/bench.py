@@ -150,7 +150,8 @@ def write_leaderboard(out: Path, leaderboard: Path, headlines: list[Path] | None
                  f"Figure: ![{sequence}]({figure.name})"]
         sections.append(leaderboard_markdown(rows, f"Sequence `{sequence}`", notes))
         sections.append(paper_vs_reproduced(PAPER_CLAIMS, rows, registered, f"`{sequence}`"))  # "" without the file
-        peer = read_peer_results(out / sequence / PEER_DIR / "results.json") if (out / sequence / PEER_DIR / "results.json").is_file() else []
+        peer_results = out / sequence / PEER_DIR / "results.json"
+        peer = read_peer_results(peer_results) if peer_results.is_file() else []
         if peer:
             sections.append(peer_markdown(peer, list(summaries[0]["products"])))
         for document in headlines or []:

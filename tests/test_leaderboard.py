@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from components.eval.leaderboard import aggregate, cell, leaderboard_markdown, pareto_figure, summarise_run
+from components.eval.leaderboard import aggregate, cell, label_heights, leaderboard_markdown, pareto_figure, summarise_run
 
 
 def _fake_run(root: Path, method: str, seed: int, aurocs: dict[str, float], one_task: bool = False) -> Path:
@@ -172,3 +172,15 @@ def test_mb_per_task_is_the_final_saved_state_over_the_products(tmp_path: Path) 
     (run / "steps" / "00-a" / "method").mkdir()
     (run / "steps" / "00-a" / "method" / "model.safetensors").write_bytes(b"x" * 2**23)  # an earlier step: not counted
     assert summarise_run(run)["mb_per_task"] == pytest.approx(1.0)
+
+
+def test_pareto_labels_of_a_cluster_are_stacked_apart() -> None:
+    # three methods at ~2 MB and ~90 % (the real-ad cluster), one far away on x at the same height
+    points = [(math.log10(2.01), 89.7), (math.log10(2.01), 89.8), (math.log10(2.0), 89.6), (math.log10(40.0), 88.8), (math.log10(0.4), 66.5)]
+    heights = label_heights(points)
+    gap = 0.05 * (89.8 - 66.5)
+    cluster = sorted(heights[:3], reverse=True)
+    assert heights[1] == 89.8  # the highest label stays at its point
+    assert all(a - b >= gap - 1e-9 for a, b in zip(cluster, cluster[1:]))  # no two cluster labels closer than the gap
+    assert heights[3] == 88.8 and heights[4] == 66.5  # labels with nothing near them do not move
+    assert label_heights([]) == []

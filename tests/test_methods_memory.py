@@ -195,3 +195,34 @@ def test_patchcore_joint_reselects_one_bounded_bank_over_every_task_and_forgets_
     loaded.fit_task(blue)  # re-selection after a reload sees every task's candidates
     joint.fit_task(blue)
     assert torch.equal(loaded.bank.features, joint.bank.features) and loaded.bank.features.shape[0] == 144
+
+
+def test_patchcore_joint_loads_a_store_everything_state_and_trains_on(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A state of the earlier joint (every training patch, no candidates) still scores with its bank, and a
+    further task re-selects exactly what the current joint (trained on the same tasks) selects."""
+    from components.methods.patchcore import PatchCoreJoint
+
+    monkeypatch.setattr(coreset_module, "PRESELECT_BLOCK_ROWS", 4)  # toy sizes: let the first stage preselect
+    cfg = toy_config("patchcore_joint")
+    cfg.memory.preselect_factor = 1
+    red, green, blue = (toy_task(name, n_train=6) for name in ("red", "green", "blue"))
+    current = PatchCoreJoint(cfg, ToyBackbone())
+    current.fit_task(red)
+    current.fit_task(green)
+    assert [len(rows) for rows in current.candidates] == [48, 48]  # preselected: fewer than the 96 patches
+    old = PatchCoreJoint(cfg, ToyBackbone())  # what the store-everything joint saved: every patch, in order
+    feats = [old._features(task.train.images).flatten(0, 1) for task in (red, green)]
+    old_tensors = {"bank/features": torch.cat(feats), "bank/origin": torch.cat([torch.full((len(f),), t) for t, f in enumerate(feats)])}
+    old_meta = {"tasks": ["red", "green"]}
+    loaded = PatchCoreJoint(cfg, ToyBackbone())
+    loaded.load_state(old_tensors, old_meta)
+    assert loaded.bank is not None and torch.equal(loaded.bank.features, old_tensors["bank/features"])  # scores as before
+    assert loaded.task_rows == current.task_rows
+    assert all(torch.equal(a, b) for a, b in zip(loaded.candidates, current.candidates, strict=True))
+    loaded.fit_task(blue)
+    current.fit_task(blue)
+    assert torch.equal(loaded.bank.features, current.bank.features) and torch.equal(loaded.bank.origin, current.bank.origin)
+    loaded.save(tmp_path / "j")  # and it saves in the current format
+    again = PatchCoreJoint(cfg, ToyBackbone())
+    again.load(tmp_path / "j")
+    assert again.task_rows == current.task_rows and len(again.candidates) == 3

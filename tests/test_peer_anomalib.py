@@ -22,6 +22,7 @@ from benchmarks.peer_anomalib import (
     stitch_tiles,
     tile_boxes,
 )
+from components.errors import ContadError
 from components.eval.peer import ProductResult, SystemResult, peer_markdown, read_peer_results, results_from_json, results_table
 from components.backbones.tiled import TiledBackbone
 from tests.methods_support import ToyBackbone
@@ -75,7 +76,7 @@ def test_peer_section_names_what_has_not_run_and_bad_files_are_named(tmp_path) -
     path.write_text(json.dumps([asdict(r) for r in results]))
     assert read_peer_results(path) == results
     path.write_text('[{"product": "grid"}]')
-    with pytest.raises(ValueError, match="results.json: not a peer results file"):
+    with pytest.raises(ContadError, match="results.json: not a peer results file"):
         read_peer_results(path)
 
 

@@ -135,6 +135,25 @@ def leaderboard_markdown(rows: list[MethodRow], title: str, notes: list[str]) ->
     return "\n".join(lines + [""] + [f"- {n}" for n in notes] + [""])
 
 
+def label_heights(points: list[tuple[float, float]], decade: float = 0.6, share: float = 0.05) -> list[float]:
+    """Label heights (data units) for points (log10 x, y): a label is moved down until it is ``share`` of the y
+    span below every higher label within ``decade`` of it on the log x axis, so labels of a cluster never overlap."""
+    if not points:
+        return []
+    ys = [y for _, y in points]
+    gap = share * max(max(ys) - min(ys), 10.0)
+    heights = [0.0] * len(points)
+    placed: list[int] = []
+    for i in sorted(range(len(points)), key=lambda j: (-points[j][1], points[j][0])):
+        height = points[i][1]
+        for j in sorted(placed, key=lambda j: -heights[j]):
+            if abs(points[j][0] - points[i][0]) < decade and height > heights[j] - gap:
+                height = heights[j] - gap
+        heights[i] = height
+        placed.append(i)
+    return heights
+
+
 def pareto_figure(rows: list[MethodRow], path: Path, title: str) -> Path:
     """Image AUROC against training seconds per product and against MB per task, one point per method."""
     import matplotlib
@@ -145,13 +164,18 @@ def pareto_figure(rows: list[MethodRow], path: Path, title: str) -> Path:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, (key, label) in zip(axes, (("train_seconds_per_product", "training seconds per product"), ("mb_per_task", "stored MB per task"))):
+        points = []
         for i, r in enumerate(rows):  # one colour per method, the same in both panels
             x, y = r.stats[key][0], 100 * r.stats["image_auroc"][0]
-            if math.isnan(x) or math.isnan(y):
+            if math.isnan(x) or math.isnan(y) or x <= 0:
                 continue
             yerr = 100 * r.stats["image_auroc"][1] if r.stats["image_auroc"][2] > 1 else 0.0
             ax.errorbar(x, y, yerr=yerr, fmt="o", capsize=3, color=f"C{i % 10}")
-            ax.annotate(r.method, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            points.append((r.method, x, y))
+        for (method, x, y), height in zip(points, label_heights([(math.log10(x), y) for _, x, y in points])):
+            moved = abs(height - y) > 1e-9
+            ax.annotate(method, (x, y), xytext=(x * 10 ** 0.04, height + 0.4), textcoords="data", fontsize=8,
+                        arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6} if moved else None)
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())  # log minor labels overlap
         ax.set_xlabel(label + " (log)")

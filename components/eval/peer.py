@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from components.errors import ContadError
+
 
 @dataclass
 class SystemResult:
@@ -90,7 +92,7 @@ def read_peer_results(path: Path) -> list[ProductResult]:
     try:
         return results_from_json(json.loads(path.read_text()))
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: not a peer results file ({exc})") from None
+        raise ContadError(f"{path}: not a peer results file ({exc})") from None
 
 
 def peer_markdown(results: list[ProductResult], products: list[str]) -> str:

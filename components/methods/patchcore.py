@@ -313,5 +313,24 @@ class PatchCoreJoint(PatchCoreFinetune):
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         super().load_state(tensors, meta)
+        if "task_rows" not in meta and self.bank is not None:
+            self._from_store_everything()
+            return
         self.candidates = [tensors[f"candidates/{t}"] for t in range(len(self.tasks))]
         self.task_rows = [int(k) for k in meta["task_rows"]]
+
+    def _from_store_everything(self) -> None:
+        """A state of the earlier joint (a bank of EVERY training patch, no candidates): it keeps scoring with
+        that bank, and each task's candidates are derived from its stored patches exactly as ``fit_task`` keeps
+        them (same rows, same order), so a further task re-selects as if it had been trained by this code."""
+        assert self.bank is not None
+        log.warning("patchcore_joint: a state of the earlier store-everything joint (%d rows); it scores with that bank, "
+                    "and a further task re-selects one bounded bank", self.bank.features.shape[0])
+        memory = self.config.memory
+        self.candidates, self.task_rows = [], []
+        for t in range(len(self.tasks)):
+            rows = self.bank.features[self.bank.origin == t]
+            k = memory_rows(rows.shape[0], rows.shape[1], memory, size=self.config.patchcore.coreset_size)
+            picked = coreset_candidates(rows, k, memory.projection_dim, self.config.seed, memory.preselect_factor)
+            self.candidates.append(rows[picked].float().contiguous())
+            self.task_rows.append(k)
