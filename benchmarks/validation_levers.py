@@ -12,7 +12,10 @@ the same physical defects. ``key=value`` overrides apply to every row (e.g. a re
 
 Rows (UCAD unless stated; reference ``default``): ``tile_off`` (``data.tile=null``: one 224 px pass);
 ``lite1`` / ``lite2`` (``backbone.name=efficientnet_lite1/2``); ``epochs1`` (``ucad.epochs=1``: trained
-prompts on felzenszwalb structure maps). ``iuf`` (``method=iuf``, default ``iuf.standardise: false``) vs
+prompts on felzenszwalb structure maps); ``budget8`` / ``budget32`` (``memory.budget_mb=8/32``: 4x / 16x the
+memory rows per product); ``layer2`` (``backbone.feature_layer=2``: levels 1 and 2, stride-4 patches); ``span3``
+(``backbone.feature_span=3``: levels 1, 2 and 3 on the stride-4 grid); ``span3_d96`` (the same, each level pooled
+to 32 channels: equal weight per level). ``iuf`` (``method=iuf``, default ``iuf.standardise: false``) vs
 ``iuf_standardise`` (``iuf.standardise=true``). ``ibiumad`` (``method=ib_iumad``, rgb+depth, default
 ``ib_iumad.combine: max``) runs on the RGB-D sequence of ``--data-3d`` (cable_gland of real-3d; its
 synthetic defects change the point cloud too, painted at the run's input size) and ``ibiumad_sum``
@@ -50,6 +53,11 @@ TRAINED_ROWS: dict[str, list[str]] = {
     "lite1": ["backbone.name=efficientnet_lite1"],
     "lite2": ["backbone.name=efficientnet_lite2"],
     "epochs1": ["ucad.epochs=1"],
+    "budget8": ["memory.budget_mb=8"],
+    "budget32": ["memory.budget_mb=32"],
+    "layer2": ["backbone.feature_layer=2"],
+    "span3": ["backbone.feature_span=3"],
+    "span3_d96": ["backbone.feature_span=3", "backbone.feature_dim=96"],
     "iuf": ["method=iuf"],
     "iuf_standardise": ["method=iuf", "iuf.standardise=true"],
     "ibiumad": ["method=ib_iumad"],

@@ -80,6 +80,7 @@ class BackboneConfig(Section):
     checkpoint: str | None = None  # local checkpoint path (ViT); None = timm/HF cache
     pretrained: bool = True  # False: random init (tests only)
     feature_layer: int | None = None  # None = backbone default (ViT: block 5; CNN: stage 3)
+    feature_span: int = Field(default=2, ge=1)  # CNN: pyramid levels feature_layer-span+1 .. feature_layer, on the finest one's grid (3: stride 4)
     key_layer: int | None = None  # None = backbone default mid layer for task keys
     device: str = "auto"  # auto | cpu | cuda
     prompt: PromptConfig = Field(default_factory=PromptConfig)

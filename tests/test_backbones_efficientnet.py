@@ -97,6 +97,27 @@ def test_feature_layer_knob_changes_level_and_grid() -> None:
     assert keys.shape == (1, 16 * 16, 24 + 40) and backbone.key_grid_size(128) == (16, 16)
 
 
+def test_feature_span_adds_the_finer_levels_on_their_grid() -> None:
+    images = torch.randn(2, 3, 128, 128)
+    two = build_backbone(BackboneConfig(name="efficientnet_lite0", device="cpu", pretrained=False), 128)
+    three = build_backbone(BackboneConfig(name="efficientnet_lite0", device="cpu", pretrained=False, feature_span=3), 128)
+    three.load_state_dict(two.state_dict())
+    with torch.inference_mode():
+        feats2, feats3 = two.features(images), three.features(images)
+        assert torch.equal(two.key_features(images), three.key_features(images))  # keys (routing) do not change
+    assert three.grid_size(128) == (32, 32) and feats3.shape == (2, 32 * 32, 24 + 40 + 112) and three.feature_dim == 176
+    # level 2 of the span-3 features is the span-2 model's level 2 (stride 8) upsampled onto the stride-4 grid
+    level2 = feats2[..., :40].transpose(1, 2).reshape(2, 40, 16, 16)
+    upsampled = torch.nn.functional.interpolate(level2, size=(32, 32), mode="bilinear", align_corners=False)
+    assert torch.allclose(feats3[..., 24:64], upsampled.flatten(2).transpose(1, 2), atol=1e-5)
+    one = build_backbone(BackboneConfig(name="efficientnet_lite0", device="cpu", pretrained=False, feature_span=1, feature_dim=56), 128)
+    assert one.grid_size(128) == (8, 8) and one.features(images).shape == (2, 64, 56)  # level 3 alone, reduced to 56 channels
+    with pytest.raises(ConfigError, match="backbone.feature_span=5"):
+        build_backbone(BackboneConfig(name="efficientnet_lite0", device="cpu", pretrained=False, feature_span=5), 128)
+    with pytest.raises(ConfigError, match="backbone.feature_dim"):
+        build_backbone(BackboneConfig(name="efficientnet_lite0", device="cpu", pretrained=False, feature_span=3, feature_dim=64), 128)
+
+
 def test_out_of_range_feature_layer_names_the_key() -> None:
     with pytest.raises(ConfigError, match="backbone.feature_layer"):
         build_backbone(BackboneConfig(name="efficientnet_lite0", device="cpu", feature_layer=5, pretrained=False), 64)

@@ -152,3 +152,5 @@ def test_out_of_range_layers_are_config_errors() -> None:
         build_backbone(_config(feature_layer=12), SIZE)
     with pytest.raises(ConfigError, match="backbone.prompt.layers"):
         build_backbone(_config(prompt={"layers": [0, 14]}), SIZE)
+    with pytest.raises(ConfigError, match="backbone.feature_span=3"):  # a CNN pyramid setting
+        build_backbone(_config(feature_span=3), SIZE)

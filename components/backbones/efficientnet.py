@@ -10,13 +10,15 @@ channels as Lite0: 40 + 112), Lite2 deeper and wider (48 + 120 = 168 channels). 
 240 / 260 px; here they see the run's input size (224 px tiles by default) like Lite0.
 
 Features (PatchCore style): the feature pyramid of timm's ``feature_info`` has levels
-0..4 at strides 2, 4, 8, 16, 32. ``feature_layer = L`` (default 3) takes levels L-1 and L, averages
-each over a ``pool_size`` x ``pool_size`` neighbourhood (PatchCore's locally aware aggregation,
-default 3x3), upsamples level L bilinearly onto the level L-1 grid and concatenates the channels.
-The default gives 40 + 112 = 152 channels on the stride-8 grid (28 x 28 patches at 224 px).
-``feature_dim = D`` (channel reduction) resamples each level's channels to D/2 by adaptive
-average pooling before the concatenation (PatchCore's per-layer embedding), so both levels weigh
-the same in the distance whatever their channel counts.
+0..4 at strides 2, 4, 8, 16, 32. ``feature_layer = L`` (default 3) and ``feature_span = S`` (default 2)
+take the S levels L-S+1 .. L, average each over a ``pool_size`` x ``pool_size`` neighbourhood
+(PatchCore's locally aware aggregation, default 3x3), upsample the coarser ones bilinearly onto the
+finest one's grid and concatenate the channels. The default gives 40 + 112 = 152 channels on the
+stride-8 grid (28 x 28 patches at 224 px); ``feature_span=3`` adds level 1 (24 channels) and puts
+the same features on the stride-4 grid (56 x 56 patches, 4x the rows). ``feature_dim = D`` (channel
+reduction) resamples each level's channels to D/S by adaptive average pooling before the
+concatenation (PatchCore's per-layer embedding), so every level weighs the same in the distance
+whatever its channel count.
 
 Borders (``pool_padding``): the neighbourhood of a border cell is zero-padded ("zeros", default;
 the cell's mean counts the padding), mirrored ("reflect") or averaged over valid cells only
@@ -159,6 +161,7 @@ class EfficientNetLiteBackbone(PromptedBackbone):
         pool_padding: str = "zeros",
         feature_dim: int | None = None,
         name: str = "efficientnet_lite0",
+        feature_span: int = 2,
     ) -> None:
         super().__init__()
         self.name = name
@@ -172,6 +175,9 @@ class EfficientNetLiteBackbone(PromptedBackbone):
                     f"{key}={level} is out of range for {name} (pyramid levels 1..{len(self._level_blocks) - 1}; "
                     "level L uses strides of levels L-1 and L)"
                 )
+        if not 1 <= feature_span <= feature_level + 1:
+            raise ConfigError(f"backbone.feature_span={feature_span} must be 1..{feature_level + 1} at backbone.feature_layer={feature_level} "
+                              "(the levels feature_layer - feature_span + 1 .. feature_layer, level 0 the finest)")
         # channels_last: the depthwise convolutions run ~2x faster on CPU (oneDNN) in NHWC; values agree
         # with NCHW to float rounding (benchmarks/RESULTS.md, 'channels_last').
         self.net = freeze(net).to(device, memory_format=torch.channels_last)
@@ -183,14 +189,15 @@ class EfficientNetLiteBackbone(PromptedBackbone):
             raise ConfigError(f"backbone.pool_size must be an odd number >= 1, got {pool_size}")
         if pool_padding not in POOL_PADDINGS:
             raise ConfigError(f"backbone.pool_padding={pool_padding!r} is not one of {POOL_PADDINGS}")
-        if feature_dim is not None and (feature_dim < 2 or feature_dim % 2):
-            raise ConfigError(f"backbone.feature_dim must be an even number >= 2 (half per level), got {feature_dim}")
+        if feature_dim is not None and (feature_dim < feature_span or feature_dim % feature_span):
+            raise ConfigError(f"backbone.feature_dim must be a multiple of backbone.feature_span={feature_span} (an equal share per level), got {feature_dim}")
         self.pool_size = pool_size
         self.pool_padding = pool_padding
-        self.level_dim = None if feature_dim is None else feature_dim // 2
+        self.feature_levels = list(range(feature_level - feature_span + 1, feature_level + 1))
+        self.level_dim = None if feature_dim is None else feature_dim // feature_span
         self.mean = tuple(net.pretrained_cfg["mean"])
         self.std = tuple(net.pretrained_cfg["std"])
-        self.feature_dim = feature_dim or self._level_channels[feature_level - 1] + self._level_channels[feature_level]
+        self.feature_dim = feature_dim or sum(self._level_channels[level] for level in self.feature_levels)
         self.key_dim = self._level_channels[key_level - 1] + self._level_channels[key_level]
         self._prompt_stages = self._stage_shapes(image_size)
 
@@ -205,7 +212,7 @@ class EfficientNetLiteBackbone(PromptedBackbone):
         return self
 
     def grid_size(self, image_size: int) -> tuple[int, int]:
-        side = math.ceil(image_size / self._level_strides[self.feature_level - 1])
+        side = math.ceil(image_size / self._level_strides[self.feature_levels[0]])
         return side, side
 
     def key_grid_size(self, image_size: int) -> tuple[int, int]:
@@ -219,12 +226,12 @@ class EfficientNetLiteBackbone(PromptedBackbone):
     def features(self, images: torch.Tensor, prompt: TaskPrompt | None = None) -> torch.Tensor:
         if prompt is not None and not isinstance(prompt, EfficientNetPrompt):
             raise TypeError(f"EfficientNet-Lite needs an EfficientNetPrompt, got {type(prompt).__name__}")
-        maps = self._pyramid(images, self.feature_level, prompt)
-        return self._patch_features(maps, self.feature_level, self.level_dim).flatten(2).transpose(1, 2)
+        maps = self._pyramid(images, self.feature_levels, prompt)
+        return self._patch_features(maps, self.feature_levels, self.level_dim).flatten(2).transpose(1, 2)
 
     def key_features(self, images: torch.Tensor) -> torch.Tensor:
-        maps = self._pyramid(images, self.key_level, None)
-        patches = self._patch_features(maps, self.key_level, None)
+        maps = self._pyramid(images, [self.key_level - 1, self.key_level], None)
+        patches = self._patch_features(maps, [self.key_level - 1, self.key_level], None)
         grid = maps[self.key_level].shape[-2:]
         if patches.shape[-2] % grid[0] == 0 and patches.shape[-1] % grid[1] == 0:  # the same windows, as a fixed pool (exportable to ONNX)
             pooled = F.avg_pool2d(patches, (int(patches.shape[-2]) // int(grid[0]), int(patches.shape[-1]) // int(grid[1])))
@@ -233,15 +240,15 @@ class EfficientNetLiteBackbone(PromptedBackbone):
         return pooled.flatten(2).transpose(1, 2)
 
     def _pyramid(
-        self, images: torch.Tensor, level: int, prompt: EfficientNetPrompt | None
+        self, images: torch.Tensor, levels: list[int], prompt: EfficientNetPrompt | None
     ) -> dict[int, torch.Tensor]:
-        """Feature maps of pyramid levels ``level - 1`` and ``level`` (blocks beyond are not run)."""
+        """Feature maps of the pyramid ``levels`` (ascending; blocks beyond the last are not run)."""
         check_images(images)
         x = renormalise(images.to(self.device), self.mean, self.std).contiguous(memory_format=torch.channels_last)
         x = self.net.bn1(self.net.conv_stem(x))
-        wanted = {self._level_blocks[level - 1]: level - 1, self._level_blocks[level]: level}
+        wanted = {self._level_blocks[level]: level for level in levels}
         maps: dict[int, torch.Tensor] = {}
-        for stage_index in range(self._level_blocks[level] + 1):
+        for stage_index in range(self._level_blocks[levels[-1]] + 1):
             x = self.net.blocks[stage_index](x)
             if prompt is not None:
                 x = prompt.modulate(stage_index, x)
@@ -249,17 +256,17 @@ class EfficientNetLiteBackbone(PromptedBackbone):
                 maps[wanted[stage_index]] = x
         return maps
 
-    def _patch_features(self, maps: dict[int, torch.Tensor], level: int, level_dim: int | None) -> torch.Tensor:
-        """(B, C, h, w): local averages of levels ``level - 1`` and ``level`` on the finer grid.
+    def _patch_features(self, maps: dict[int, torch.Tensor], levels: list[int], level_dim: int | None) -> torch.Tensor:
+        """(B, C, h, w): local averages of the pyramid ``levels`` (ascending) on the finest one's grid.
 
         ``level_dim`` set: each level's channels are first reduced to ``level_dim`` (equal weight per level).
         """
-        fine = local_average(maps[level - 1], self.pool_size, self.pool_padding)
-        coarse = local_average(maps[level], self.pool_size, self.pool_padding)
-        coarse = F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear", align_corners=False)
+        parts = [local_average(maps[level], self.pool_size, self.pool_padding) for level in levels]
+        grid = parts[0].shape[-2:]
+        parts = [parts[0]] + [F.interpolate(part, size=grid, mode="bilinear", align_corners=False) for part in parts[1:]]
         if level_dim is not None:
-            fine, coarse = reduce_channels(fine, level_dim), reduce_channels(coarse, level_dim)
-        return torch.cat([fine, coarse], dim=1)
+            parts = [reduce_channels(part, level_dim) for part in parts]
+        return torch.cat(parts, dim=1)
 
     @torch.no_grad()
     def _stage_shapes(self, image_size: int) -> dict[int, tuple[int, tuple[int, int]]]:
@@ -316,6 +323,7 @@ def build_efficientnet_lite(cfg: BackboneConfig, image_size: int, device: torch.
         pool_padding=cfg.pool_padding,
         feature_dim=cfg.feature_dim,
         name=cfg.name,
+        feature_span=cfg.feature_span,
     )
 
 

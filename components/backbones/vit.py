@@ -248,6 +248,8 @@ def build_vit(cfg: BackboneConfig, image_size: int, device: torch.device) -> Vit
     feature_layer = cfg.feature_layer if cfg.feature_layer is not None else DEFAULT_FEATURE_LAYER
     key_layer = cfg.key_layer if cfg.key_layer is not None else DEFAULT_KEY_LAYER
     _check_layers(cfg.name, {"backbone.feature_layer": [feature_layer], "backbone.key_layer": [key_layer], "backbone.prompt.layers": cfg.prompt.layers})
+    if cfg.feature_span != 2:
+        raise ConfigError(f"backbone.feature_span={cfg.feature_span}: a pyramid setting of the EfficientNet-Lite backbones; {cfg.name} has one token grid (leave it at 2)")
     weights: Path | None = None
     if cfg.checkpoint is not None:
         weights = Path(cfg.checkpoint)
