@@ -194,11 +194,12 @@ class EfficientNetLiteBackbone(PromptedBackbone):
         self.pool_size = pool_size
         self.pool_padding = pool_padding
         self.feature_levels = list(range(feature_level - feature_span + 1, feature_level + 1))
+        self.key_levels = [key_level - 1, key_level]
         self.level_dim = None if feature_dim is None else feature_dim // feature_span
         self.mean = tuple(net.pretrained_cfg["mean"])
         self.std = tuple(net.pretrained_cfg["std"])
         self.feature_dim = feature_dim or sum(self._level_channels[level] for level in self.feature_levels)
-        self.key_dim = self._level_channels[key_level - 1] + self._level_channels[key_level]
+        self.key_dim = sum(self._level_channels[level] for level in self.key_levels)
         self._prompt_stages = self._stage_shapes(image_size)
 
     @property
@@ -230,8 +231,8 @@ class EfficientNetLiteBackbone(PromptedBackbone):
         return self._patch_features(maps, self.feature_levels, self.level_dim).flatten(2).transpose(1, 2)
 
     def key_features(self, images: torch.Tensor) -> torch.Tensor:
-        maps = self._pyramid(images, [self.key_level - 1, self.key_level], None)
-        patches = self._patch_features(maps, [self.key_level - 1, self.key_level], None)
+        maps = self._pyramid(images, self.key_levels, None)
+        patches = self._patch_features(maps, self.key_levels, None)
         grid = maps[self.key_level].shape[-2:]
         if patches.shape[-2] % grid[0] == 0 and patches.shape[-1] % grid[1] == 0:  # the same windows, as a fixed pool (exportable to ONNX)
             pooled = F.avg_pool2d(patches, (int(patches.shape[-2]) // int(grid[0]), int(patches.shape[-1]) // int(grid[1])))

@@ -283,18 +283,20 @@ class PatchCoreJoint(PatchCoreFinetune):
         self._check_new(data)
         started = time.perf_counter()
         feats = self._features(data.train.images, desc=f"{data.name}: features")
-        b, n, c = feats.shape
-        rows = feats.reshape(b * n, c)
-        memory = self.config.memory
-        k = memory_rows(rows.shape[0], c, memory, size=self.config.patchcore.coreset_size)
-        picked = coreset_candidates(rows, k, memory.projection_dim, self.config.seed, memory.preselect_factor)
-        self.candidates.append(rows[picked].float().contiguous())
-        self.task_rows.append(k)
+        self._keep_candidates(feats.flatten(0, 1))
         self.tasks.append(data.name)
         self.bank = self._joint_bank()
         return {"task": data.name, "bank_size": int(self.bank.features.shape[0]), "bank_bytes": self.bank.nbytes,
                 "memory_bytes": self.bank.nbytes + nbytes(self.candidates), "candidate_rows": [len(rows) for rows in self.candidates],
                 "train_images": len(data.train), "seconds": time.perf_counter() - started}
+
+    def _keep_candidates(self, rows: torch.Tensor) -> None:
+        """Append one task's coreset size and the candidates of its coreset's first stage, from its patches ``rows`` (N, C)."""
+        memory = self.config.memory
+        k = memory_rows(rows.shape[0], rows.shape[1], memory, size=self.config.patchcore.coreset_size)
+        picked = coreset_candidates(rows, k, memory.projection_dim, self.config.seed, memory.preselect_factor)
+        self.candidates.append(rows[picked].float().contiguous())
+        self.task_rows.append(k)
 
     def _joint_bank(self) -> MemoryBank:
         """The coreset of ``sum(task_rows)`` rows over every task's candidates (the first task's first row first)."""
@@ -326,11 +328,6 @@ class PatchCoreJoint(PatchCoreFinetune):
         assert self.bank is not None
         log.warning("patchcore_joint: a state of the earlier store-everything joint (%d rows); it scores with that bank, "
                     "and a further task re-selects one bounded bank", self.bank.features.shape[0])
-        memory = self.config.memory
         self.candidates, self.task_rows = [], []
         for t in range(len(self.tasks)):
-            rows = self.bank.features[self.bank.origin == t]
-            k = memory_rows(rows.shape[0], rows.shape[1], memory, size=self.config.patchcore.coreset_size)
-            picked = coreset_candidates(rows, k, memory.projection_dim, self.config.seed, memory.preselect_factor)
-            self.candidates.append(rows[picked].float().contiguous())
-            self.task_rows.append(k)
+            self._keep_candidates(self.bank.features[self.bank.origin == t])
