@@ -90,6 +90,18 @@ class BackboneConfig(Section):
     feature_dim: int | None = Field(default=None, ge=2)  # channel reduction: each stage pooled to feature_dim/2 channels; None = raw concat
 
 
+class FeatureChoice(Section):
+    """Patch-feature settings a task may take instead of the backbone's (an unset key keeps its ``backbone.*`` value)."""
+
+    feature_layer: int | None = Field(default=None, ge=1)
+    feature_span: int | None = Field(default=None, ge=1)
+    feature_dim: int | None = Field(default=None, ge=2)
+
+    def label(self) -> str:
+        """``"feature_layer=2"``-style text of the keys it sets."""
+        return " ".join(f"{key}={value}" for key, value in self.model_dump(exclude_none=True).items()) or "backbone"
+
+
 class UCADConfig(Section):
     """UCAD: task keys, prompts trained with structure-based contrastive loss, knowledge memory."""
 
@@ -104,6 +116,8 @@ class UCADConfig(Section):
     reweight: bool = False  # PatchCore-style re-weighting of the image score
     image_top_k: PositiveInt = 1  # image score = mean of the k highest patch scores (1 = max; reweight needs 1)
     normalise_scores: bool = True  # divide scores by the routed task's mean held-out normal score
+    feature_choices: list[FeatureChoice] = Field(default_factory=list)  # per task, also fit these feature settings; keep the best on held-out normals + synthetic defects
+    feature_choice_margin: NonNegativeFloat = 0.02  # image AUROC a choice must gain there over the backbone's features to replace them
 
 
 class PatchCoreConfig(Section):
@@ -525,6 +539,17 @@ def _parse_scalar(text: str) -> Any:
     return yaml.safe_load(text) if text.strip() else ""
 
 
+def _parse_flow_list(key: str, value: str) -> list[Any]:
+    """A list override written as a YAML flow sequence (``[2, 4]``, ``[{feature_layer: 2}]``)."""
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}={value!r}: not a YAML list ({' '.join(str(exc).split())})") from None
+    if not isinstance(parsed, list):
+        raise ConfigError(f"override {key}={value!r}: not a YAML list")
+    return parsed
+
+
 def _expected_is_list(model: type[BaseModel], dotted: str) -> bool:
     """Whether the field at ``dotted`` is declared as a list."""
     cls: Any = model
@@ -543,7 +568,7 @@ def _expected_is_list(model: type[BaseModel], dotted: str) -> bool:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key=value`` overrides (dotted keys; list fields take comma-separated values)."""
+    """Apply ``key=value`` overrides (dotted keys; list fields take comma-separated values or a YAML flow sequence)."""
     out = dict(raw)
     for item in overrides:
         if "=" not in item:
@@ -551,7 +576,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, value = item.split("=", 1)
         key = key.strip()
         if _expected_is_list(Config, key):
-            parsed: Any = [] if value.strip() in ("", "[]") else [_parse_scalar(v) for v in value.split(",")]
+            if value.strip().startswith("["):  # a YAML flow sequence: [a, b] or [{key: 1}, ...]
+                parsed: Any = _parse_flow_list(key, value)
+            else:
+                parsed = [] if value.strip() == "" else [_parse_scalar(v) for v in value.split(",")]
         else:
             parsed = _parse_scalar(value)
         node = out

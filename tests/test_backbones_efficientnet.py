@@ -118,6 +118,32 @@ def test_feature_span_adds_the_finer_levels_on_their_grid() -> None:
         build_backbone(BackboneConfig(name="efficientnet_lite0", device="cpu", pretrained=False, feature_span=3, feature_dim=64), 128)
 
 
+def test_a_view_with_other_feature_settings_is_that_backbone_on_the_same_network() -> None:
+    from components.backbones.tiled import TiledBackbone
+
+    images = torch.randn(2, 3, 64, 64)
+    cfg = BackboneConfig(name="efficientnet_lite0", device="cpu", pretrained=False, feature_dim=64)
+    default = build_backbone(cfg, 64)
+    layer2 = build_backbone(cfg.model_copy(update={"feature_layer": 2}), 64)
+    layer2.load_state_dict(default.state_dict())
+    view = default.with_features(layer=2)
+    assert view.net is default.net and default.with_features(3, 2, 64) is default  # shared weights; its own layer is itself
+    assert view.grid_size(64) == layer2.grid_size(64) == (16, 16) and view.feature_dim == layer2.feature_dim == 64
+    prompt = view.new_prompt()
+    assert set(prompt.state_dict()) == set(layer2.new_prompt().state_dict())  # prompts of the layer-2 stages only
+    with torch.inference_mode():
+        assert torch.equal(view.features(images), layer2.features(images))
+        assert torch.equal(view.key_features(images), default.key_features(images))  # routing keys unchanged
+    tiled = TiledBackbone(build_backbone(cfg, 32), 32, 0)
+    tiled_view = tiled.with_features(layer=2)
+    assert isinstance(tiled_view, TiledBackbone) and tiled_view.grid_size(64) == (16, 16) and tiled.grid_size(64) == (8, 8)
+    assert tiled.with_features() is tiled
+    span3 = default.with_features(span=3, dim=96)
+    assert span3.grid_size(64) == (16, 16) and span3.feature_dim == 96 and span3.level_dim == 32
+    with pytest.raises(ConfigError, match="backbone.feature_layer=5"):
+        default.with_features(layer=5)
+
+
 def test_out_of_range_feature_layer_names_the_key() -> None:
     with pytest.raises(ConfigError, match="backbone.feature_layer"):
         build_backbone(BackboneConfig(name="efficientnet_lite0", device="cpu", feature_layer=5, pretrained=False), 64)

@@ -35,6 +35,14 @@ def test_overrides_types_and_lists(tmp_path: Path) -> None:
     assert cfg.ucad.epochs == 7 and cfg.ucad.lr == 0.5
     assert cfg.backbone.checkpoint is None
     assert cfg.method == "patchcore_replay"
+    flow = load_config(REPO_ROOT / "params.yaml", ["ucad.feature_choices=[{feature_layer: 2}, {feature_span: 3, feature_dim: 96}]",
+                                                    "data.products=[grid, pcb]"])
+    assert [c.label() for c in flow.ucad.feature_choices] == ["feature_layer=2", "feature_span=3 feature_dim=96"]
+    assert flow.data.products == ["grid", "pcb"]
+    with pytest.raises(ConfigError, match=r"ucad.feature_choices=.*not a YAML list"):
+        load_config(REPO_ROOT / "params.yaml", ["ucad.feature_choices=[{feature_layer: 2}"])
+    with pytest.raises(ConfigError, match="ucad.feature_choices.0.feature_lyr"):
+        load_config(REPO_ROOT / "params.yaml", ["ucad.feature_choices=[{feature_lyr: 2}]"])
 
 
 @pytest.mark.parametrize("override, needle", [("ucad.nope=1", "ucad.nope: unknown key"), ("method=foo", "method"), ("ucad.epochs=abc", "ucad.epochs"), ("noequals", "key=value")])

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from components.config import Config, SynthConfig, load_config
 from components.data.loading import test_batch
@@ -89,6 +90,31 @@ def test_exported_detector_scores_like_torch(method: str, synth_root: Path, tmp_
     calibration = read_calibration(method_dir)
     looser = runner.OnnxDetector(tmp_path / "onnx", target_fpr=0.3).thresholds
     assert looser == pytest.approx({t: v.image for t, v in calibration.at_target(0.3).tasks.items()})
+
+
+def test_tasks_with_their_own_feature_settings_export_and_deploy_as_evaluated(synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ucad.feature_choices``: the first product takes feature layer 2 (stride-4 patches), the second keeps
+    the backbone's layer 3; the ONNX runner and the deployed ``Detector`` score exactly what evaluation scores."""
+    from components.decision import Detector, normalise
+    from components.methods import ucad
+
+    verdicts = iter([0.5, 0.9, 0.9, 0.5])  # held-out synthetic AUROC per (task, candidate): task 0 -> layer 2, task 1 -> configured
+    monkeypatch.setattr(ucad, "pair_auroc", lambda normal, defect: next(verdicts))
+    cfg, method_dir, manifest = _train("ucad", synth_root, tmp_path, extra=["ucad.feature_choices=[{feature_layer: 2}]", "data.heldout_fraction=0.5"])
+    method = load_method(cfg, method_dir)
+    assert [c and c.feature_layer for c in method.feature_settings] == [2, None]
+    assert [k.shape[1] for k in method.knowledge] == [method.task_backbone(0).feature_dim, method.backbone.feature_dim]
+    _check_parity(cfg, method_dir, manifest, tmp_path / "onnx")
+    doc = json.loads((tmp_path / "onnx" / MANIFEST).read_text())
+    assert doc["tasks"][0]["grid"] == [16, 16] and doc["grid"] == [8, 8] and "maps" not in doc["tasks"][1]
+
+    detector = Detector.from_method_dir(method_dir, cfg)
+    rows = manifest[manifest["split"] == "test"].sort_values("image_path")
+    rgbs = [np.asarray(Image.open(path).convert("RGB")) for path in rows["image_path"]]
+    evaluated = method.predict(normalise(rgbs, cfg.data.image_size))
+    deployed = detector.decide(rgbs)
+    assert [v.score for v in deployed] == pytest.approx(evaluated.image_scores.tolist(), rel=1e-6)
+    assert all(np.array_equal(v.anomaly_map, m) for v, m in zip(deployed, evaluated.anomaly_maps.numpy()))
 
 
 def test_runner_is_standalone_and_refuses_what_it_cannot_export(synth_root: Path, tmp_path: Path) -> None:

@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from components.backbones.base import PromptedBackbone, TaskPrompt
+from components.config import Config, ConfigError, FeatureChoice
 from components.errors import ContadError
 from components.methods.registry import build_method
 from components.methods.ucad import UCAD
@@ -176,3 +178,85 @@ def test_test_rows_never_touch_any_trained_parameter(tmp_path: Path) -> None:
     assert states[0].keys() == states[1].keys()
     for name in states[0]:
         assert torch.equal(states[0][name], states[1][name]), name
+
+
+class _FineToy(ToyBackbone):
+    """The toy network's stride-4 map as patch features (16 channels): what a finer feature layer sees."""
+
+    feature_dim = 16
+
+    def grid_size(self, image_size: int) -> tuple[int, int]:
+        return image_size // 4, image_size // 4
+
+    def features(self, images: torch.Tensor, prompt: TaskPrompt | None = None) -> torch.Tensor:
+        self.calls["features"] += 1
+        x = torch.relu(self.conv1(images))
+        return (prompt(x) if prompt is not None else x).flatten(2).transpose(1, 2)
+
+
+class _BlindAtDefaultToy(ToyBackbone):
+    """Its configured layer sees nothing (constant features: every score ties); layer 2 is ``_FineToy``."""
+
+    def features(self, images: torch.Tensor, prompt: TaskPrompt | None = None) -> torch.Tensor:
+        self.calls["features"] += 1
+        n = self.grid_size(images.shape[-1])
+        return images.new_zeros(images.shape[0], n[0] * n[1], self.feature_dim)
+
+    def with_features(self, layer: int | None = None, span: int | None = None, dim: int | None = None) -> PromptedBackbone:
+        if (layer, span, dim) == (None, None, None):
+            return self
+        if (layer, span, dim) != (2, None, None):
+            raise ConfigError(f"backbone.feature_layer={layer} is out of range")
+        return _FineToy(self.image_size)
+
+
+def _layer_config(**ucad: object) -> Config:
+    cfg = toy_config(epochs=0, feature_choices=[FeatureChoice(feature_layer=2), FeatureChoice()], **ucad)  # the second = the backbone: dropped
+    cfg.data.image_size = IMAGE_SIZE
+    return cfg
+
+
+def test_each_task_takes_the_feature_layer_that_separates_its_synthetic_defects(tmp_path: Path) -> None:
+    method = UCAD(_layer_config(), _BlindAtDefaultToy())
+    log = method.fit_task(toy_task("red", n_heldout=6))
+    choice = log["feature_choice"]
+    assert log["features"] == choice["chosen"] == "feature_layer=2" and choice["normals"] == 6 and choice["defects"] == 18
+    assert set(choice["image_auroc"]) == {"backbone", "feature_layer=2"}
+    assert choice["image_auroc"]["backbone"] == 0.5 and choice["image_auroc"]["feature_layer=2"] > 0.52  # blind ties; the fine layer ranks
+    assert method.knowledge[0].shape[1] == _FineToy.feature_dim and _layers(method) == [2]
+
+    method.config.ucad.feature_choice_margin = 1.0  # no gain is enough: the backbone's settings stay
+    log = method.fit_task(toy_task("green", n_heldout=6))
+    assert log["features"] == "backbone" and _layers(method) == [2, None]
+    assert method.knowledge[1].shape[1] == ToyBackbone.feature_dim
+    few = method.fit_task(toy_task("blue", n_heldout=3))  # too few held-out normals to choose on
+    assert few["feature_choice"]["skipped"].startswith("3 held-out normals") and _layers(method) == [2, None, None]
+
+    images = torch.cat([product_images("red", 3, seed=40), product_images("red", 3, seed=41, defect="blue"), product_images("green", 2, seed=42)])
+    pred = method.predict(images)
+    assert pred.routed_tasks == ["red"] * 6 + ["green"] * 2 and pred.anomaly_maps.shape == (8, IMAGE_SIZE, IMAGE_SIZE)
+    assert pred.image_scores[3:6].min() > pred.image_scores[:3].max()  # the fine layer sees red's defects
+    assert torch.equal(pred.image_scores[6:], torch.zeros(2))  # green's blind layer: what it was scored with
+
+    from components.methods.state_io import load_method_state, save_method_state
+
+    save_method_state(method, tmp_path / "m")
+    loaded = UCAD(_layer_config(), _BlindAtDefaultToy())
+    load_method_state(loaded, tmp_path / "m")
+    assert _layers(loaded) == [2, None, None]
+    again = loaded.predict(images)
+    assert torch.equal(again.image_scores, pred.image_scores) and torch.equal(again.anomaly_maps, pred.anomaly_maps)
+
+    feedback = method.extend_task("red", product_images("red", 2, seed=43))
+    assert feedback["knowledge_added"] == 2 * (IMAGE_SIZE // 4) ** 2  # the fine layer's patches
+
+
+def _layers(method: UCAD) -> list[int | None]:
+    return [None if c is None else c.feature_layer for c in method.feature_settings]
+
+
+def test_a_feature_choice_the_backbone_cannot_make_is_refused_up_front() -> None:
+    with pytest.raises(ConfigError, match=r"ucad.feature_choices \(feature_layer=2\): backbone ToyBackbone cannot"):
+        UCAD(_layer_config(), ToyBackbone())
+    with pytest.raises(ConfigError, match=r"ucad.feature_choices \(feature_layer=3\): backbone.feature_layer=3"):
+        UCAD(toy_config(feature_choices=[FeatureChoice(feature_layer=3)]), _BlindAtDefaultToy())

@@ -7,6 +7,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
+from components.config import ConfigError
+
 
 class TaskPrompt(nn.Module):
     """Learnable per-task prompt parameters for one backbone (created by ``new_prompt``)."""
@@ -37,3 +39,11 @@ class PromptedBackbone(nn.Module, ABC):
     @abstractmethod
     def new_prompt(self) -> TaskPrompt:
         """A freshly initialised prompt for a new task (identity/no-op at initialisation is ideal)."""
+
+    def with_features(self, layer: int | None = None, span: int | None = None, dim: int | None = None) -> "PromptedBackbone":
+        """This backbone with other patch-feature settings (``backbone.feature_layer`` / ``feature_span`` /
+        ``feature_dim``; None keeps its own), sharing the frozen network; itself when nothing changes.
+
+        Backbones without that choice raise ``ConfigError`` (``ucad.feature_choices`` names itself around it).
+        """
+        raise ConfigError(f"backbone {type(self).__name__} cannot take other feature settings per task")

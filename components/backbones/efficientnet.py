@@ -221,6 +221,19 @@ class EfficientNetLiteBackbone(PromptedBackbone):
         side = math.ceil(image_size / self._level_strides[self.key_level])
         return side, side
 
+    def with_features(self, layer: int | None = None, span: int | None = None, dim: int | None = None) -> "EfficientNetLiteBackbone":
+        """The same network with other feature settings (None keeps this one's; pooling, keys and prompts' design unchanged)."""
+        own_span = len(self.feature_levels)
+        own = (self.feature_level, own_span, None if self.level_dim is None else self.level_dim * own_span)
+        wanted = (own[0] if layer is None else layer, own_span if span is None else span, own[2] if dim is None else dim)
+        if wanted == own:
+            return self
+        return EfficientNetLiteBackbone(
+            self.net, self.image_size, feature_level=wanted[0], key_level=self.key_level, spatial_prompt=self.spatial_prompt,
+            device=self.device, pool_size=self.pool_size, pool_padding=self.pool_padding, feature_dim=wanted[2], name=self.name,
+            feature_span=wanted[1],
+        )
+
     def new_prompt(self) -> EfficientNetPrompt:
         return EfficientNetPrompt(self._prompt_stages, self.spatial_prompt).to(self.device)
 

@@ -52,6 +52,11 @@ class TiledBackbone(PromptedBackbone):
             raise ConfigError(f"data.image_size={image_size} must be a multiple of the patch stride {self.stride} when tiling")
         return image_size // self.stride, image_size // self.stride
 
+    def with_features(self, layer: int | None = None, span: int | None = None, dim: int | None = None) -> PromptedBackbone:
+        """The inner backbone with other feature settings, tiled the same way (the patch stride follows them)."""
+        inner = self.inner.with_features(layer, span, dim)
+        return self if inner is self.inner else TiledBackbone(inner, self.tile, self.overlap)
+
     def new_prompt(self) -> TaskPrompt:
         return self.inner.new_prompt()
 

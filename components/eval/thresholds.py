@@ -44,6 +44,7 @@ from components.atomic import atomic_write_json
 from components.config import Config
 from components.data.loading import depth_of, load_images, train_split
 from components.data.protocol import task_products
+from components.data.synthetic.pasted import synthetic_defect_batch
 from components.errors import ContadError
 from components.eval.evaluate import predict_batch
 from components.methods.base import ContinualMethod
@@ -237,30 +238,6 @@ def check_heldout(batch: ImageBatch) -> None:
 def learned_task_of_product(method: ContinualMethod) -> dict[str, str]:
     """``{product: task}`` of every task ``method`` has learned (task names join products with "+")."""
     return {product: task for task in method.tasks for product in task_products(task)}
-
-
-def synthetic_defect_batch(heldout: ImageBatch, variants: int, seed: int) -> ImageBatch | None:
-    """Synthetic defects pasted on ``heldout``'s images (rectangles from the same product's other images or
-    intensity offsets, and thin strokes), depth copied; None for ``variants`` = 0."""
-    from components.data.synthetic.pasted import line_defects, synthetic_defects
-
-    if variants <= 0 or len(heldout) == 0:
-        return None
-    generator = torch.Generator().manual_seed(seed)
-    images, products, depth = [], [], []
-    for product in sorted(set(heldout.products)):
-        rows = torch.tensor([i for i, p in enumerate(heldout.products) if p == product])
-        normals = heldout.images[rows]
-        pasted = synthetic_defects(normals, normals, max(1, variants - 1), generator)[0]
-        strokes = line_defects(normals, 1, generator)[0]
-        images += [pasted, strokes]
-        per_image = max(1, variants - 1)
-        products += [product] * (len(pasted) + len(strokes))
-        if heldout.depth is not None:
-            d = heldout.depth[rows]
-            depth += [d.repeat_interleave(per_image, dim=0), d]
-    return ImageBatch(images=torch.cat(images), products=products, paths=[""] * len(products),
-                      depth=torch.cat(depth) if depth else None)
 
 
 def calibrate_heldout(method: ContinualMethod, heldout: ImageBatch, cfg: Config, leave_out: dict[str, torch.Tensor] | None = None) -> Calibration:

@@ -3,7 +3,8 @@
 What goes where (``export_onnx``):
 - **ONNX** (run by any ONNX runtime): the frozen feature extractor of every task (UCAD: one graph
   per task prompt; the PatchCore family: one shared graph), UCAD's routing-key extractor, and the
-  map maker (patch-score grid -> bilinear upsampling -> Gaussian smoothing at input resolution).
+  map maker (patch-score grid -> bilinear upsampling -> Gaussian smoothing at input resolution; a UCAD
+  task with its own feature settings, ``ucad.feature_choices``, has its own grid and map graph).
 - **Data files** (NumPy ``.npy`` + ``detector.onnx.json``): the task keys used for routing, every
   task's memory rows (nearest-neighbour search runs on them), score scales, and each task's
   calibration sample with the thresholds at the deployed ``decision.target_fpr``. Thresholds stay
@@ -128,8 +129,15 @@ def _memories(method: ContinualMethod, out: Path) -> tuple[dict[str, Any], list[
                    "segment": _save(segment, out / "key_segment.npy")}
         tasks = []
         for t, name in enumerate(method.tasks):
-            _export_graph(PatchFeatures(backbone, method.prompts[t]), example, out / f"features_{t}.onnx", "images", "features")
-            tasks.append({"name": name, "graph": f"features_{t}.onnx", "memory": _save(method.knowledge[t].float(), out / f"memory_{t}.npy")})
+            task_backbone = method.task_backbone(t)
+            _export_graph(PatchFeatures(task_backbone, method.prompts[t]), example, out / f"features_{t}.onnx", "images", "features")
+            task = {"name": name, "graph": f"features_{t}.onnx", "memory": _save(method.knowledge[t].float(), out / f"memory_{t}.npy")}
+            if task_backbone is not backbone:  # a task with its own feature settings: its own patch grid and map graph
+                grid = task_backbone.grid_size(size)
+                _export_graph(MapMaker(grid, size, method.config.eval.smoothing_sigma), torch.zeros(1, grid[0] * grid[1]), out / f"maps_{t}.onnx",
+                              "patch_scores", "anomaly_maps")
+                task.update({"grid": list(grid), "maps": f"maps_{t}.onnx"})
+            tasks.append(task)
         return routing, tasks
     _export_graph(PatchFeatures(backbone, None), example, out / "features.onnx", "images", "features")
     if method.name == "patchcore_oracle":

@@ -118,7 +118,7 @@ def decide(det: OnnxDetector, path: str | Path, product: str | None = None) -> d
         weights = np.exp(ds - ds.max())
         score *= 1.0 - weights[0] / weights.sum()
     scale = entry["scale"]
-    amap = det.run(m["maps"], (patch / scale).astype(np.float32)[None])[0]
+    amap = det.run(entry.get("maps", m["maps"]), (patch / scale).astype(np.float32)[None])[0]  # a task with its own feature settings has its own
     name, threshold = entry["name"], det.thresholds[entry["name"]]
     score /= scale
     return {"path": str(path), "product": name, "score": score, "threshold": threshold,

@@ -47,7 +47,8 @@ loss on ``masks.provider`` maps; ``mtrmb.train_prompt=false`` keeps the backbone
 (training-free, UCAD) initial values so Eq. 8 trains only the fusion and the learnable key. With both off (and ``contrastive_weight=1``) MTRMB is UCAD trained for
 ``mtrmb.epochs`` exactly. ``mtrmb.epochs`` replaces ``ucad.epochs`` for MTRMB (UCAD's default, 0, is
 training-free; without training the fusion stays the identity and MTRMB would be UCAD). The other
-``ucad.*`` knobs (lr, batch size, key size, pairs per image, knowledge size) and ``memory.*`` apply
+``ucad.*`` knobs (lr, batch size, key size, pairs per image, knowledge size; not ``feature_choices``:
+every MTRMB task takes ``backbone.feature_layer``, the fusion's width) and ``memory.*`` apply
 as for UCAD. Memory accounting (decision, the same rule as UCAD's): ``memory.budget_mb`` bounds
 everything stored per task, so the key, prompt, fusion weights, learnable key and text tokens are
 reserved from it and the knowledge coreset gets the rest (``task_bytes`` / ``memory_bytes``).
@@ -148,7 +149,8 @@ class MTRMB(UCAD):
             "heads": cfg.fusion_heads,
         }
         # MTRMB trains prompt + fusion + learnable key for mtrmb.epochs (UCAD's own default is training-free).
-        config = config.model_copy(update={"ucad": config.ucad.model_copy(update={"epochs": cfg.epochs})})
+        # One feature layer for every task (the fusion's width is the backbone's): ucad.feature_choices is UCAD's only.
+        config = config.model_copy(update={"ucad": config.ucad.model_copy(update={"epochs": cfg.epochs, "feature_choices": []})})
         super().__init__(config, FusedBackbone(backbone, self._new_fusion if cfg.kpmk else None))
 
     # ------------------------------------------------------------------ masks
@@ -203,19 +205,21 @@ class MTRMB(UCAD):
         log.info("mtrmb: task %r text %r (kpmk %s, rscl %s)", data.name, sentence, self.config.mtrmb.kpmk, self.config.mtrmb.rscl)
         return {**train_log, "text": sentence, "kpmk": self.config.mtrmb.kpmk, "rscl": self.config.mtrmb.rscl}
 
-    def _new_prompt(self, task_index: int) -> MTRMBPrompt:
-        prompt = super()._new_prompt(task_index)
+    def _new_prompt(self, task_index: int, backbone: PromptedBackbone | None = None) -> MTRMBPrompt:
+        prompt = super()._new_prompt(task_index, backbone)
         if not self.config.mtrmb.train_prompt:  # the backbone prompt stays at its (UCAD) initial values
             prompt.inner.requires_grad_(False)  # type: ignore[attr-defined]
         if self._pending_text is not None and prompt.fusion is not None:
             prompt.fusion.set_text(*(t.to(prompt.fusion.text.device) for t in self._pending_text))
         return prompt  # type: ignore[return-value]
 
-    def _contrastive_loss(self, prompt: TaskPrompt, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _contrastive_loss(self, prompt: TaskPrompt, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+                          backbone: PromptedBackbone | None = None) -> torch.Tensor:
         """Eq. 8: w_c L_contra + w_x L_cross + w_kp L_kp on one batch (UCAD's loss alone without KPMK/RSCL)."""
         cfg, ucad = self.config.mtrmb, self.config.ucad
+        backbone = backbone or self.backbone
         images = images.to(self.device)
-        fused, text = self.backbone.fused_features(images, prompt)  # type: ignore[attr-defined]
+        fused, text = backbone.fused_features(images, prompt)  # type: ignore[attr-defined]
         if cfg.rscl:
             contra = refined_contrastive_loss(fused, labels, cfg.temperature, ucad.pairs_per_image, generator)  # Eqs. 5-6
         else:
@@ -227,7 +231,7 @@ class MTRMB(UCAD):
         key = prompt.learnable_key  # type: ignore[attr-defined]
         if key is not None and cfg.key_pull_weight > 0:
             with torch.no_grad():
-                query = self.backbone.key_features(images).mean(dim=1)  # q(x): mean frozen key feature
+                query = backbone.key_features(images).mean(dim=1)  # q(x): mean frozen key feature
             total = total + cfg.key_pull_weight * key_pull_loss(query, key)
         return total
 

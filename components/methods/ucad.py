@@ -19,6 +19,20 @@ Without label maps (``TaskData.label_maps is None``) or with ``ucad.epochs = 0``
 see benchmarks/RESULTS.md) the prompt is left at its initialisation (training-free prompt) and
 only the key and knowledge are learned.
 
+Feature settings per task (``ucad.feature_choices``, e.g. ``[{feature_span: 3, feature_dim: 96}]``): a
+task's knowledge can be made of other patch features than ``backbone.*`` says (another pyramid level,
+span or channel reduction), chosen per task when it is learned. Every candidate (the backbone's own
+settings first) gets its own prompt and knowledge; each is scored on the task's held-out training normals
+and synthetic defects pasted on them (``synthetic_defect_batch``: two rectangles and one stroke copy per
+normal; no test image), and a candidate replaces the backbone's settings only when its image AUROC there is
+higher by ``ucad.feature_choice_margin`` or more (ties keep them; so does a task with fewer than
+``MIN_CHOICE_NORMALS`` held-out normals). Why: on the validation protocol a board scan with defects a few
+pixels wide (pcb) separates far better with the stride-4 level while a texture with larger defects
+(magnetic_tile) loses with it (benchmarks/RESULTS.md section 3), so one global setting gives one of them
+away. The chosen settings (None = the backbone's) are stored per task (``feature_settings``); routing keys
+do not depend on them. Scoring, calibration, the anomaly map's patch grid, feedback (``extend_task``), the
+ONNX export and the deployed detector all use the task's own features (``task_backbone``).
+
 Scores are divided by the routed task's mean held-out-normal image score
 (``ucad.normalise_scores``), so products are comparable. Test-image features (un-prompted keys,
 prompted features per image and prompt) are cached on the backbone and reused across steps.
@@ -32,19 +46,21 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
 from components.backbones.base import PromptedBackbone, TaskPrompt
-from components.config import Config
+from components.config import Config, ConfigError, FeatureChoice
+from components.data.synthetic.pasted import synthetic_defect_batch
 from components.errors import ContadError
 from components.methods.base import ContinualMethod
 from components.methods.contrastive import structure_contrastive_loss
 from components.methods.coreset import coreset, memory_coreset, nbytes
 from components.methods.early_stopping import early_stopping, stopping_log
 from components.methods.extract import batched, module_device
-from components.methods.feature_cache import feature_cache, module_digest
+from components.methods.feature_cache import feature_cache, module_digest, share_feature_cache
 from components.methods.knn import NearestNeighbours
 from components.methods.routing import KeyRouter
 from components.methods.scoring import anomaly_maps, heldout_score_stats, leave_one_out_image_scores, normalisation_scale, score_patches
@@ -53,6 +69,32 @@ from components.segment.grid import downsample_label_map
 from components.types import Prediction, TaskData
 
 log = logging.getLogger(__name__)
+
+MIN_CHOICE_NORMALS = 4  # held-out normals a task needs for its feature choice (fewer: the backbone's settings)
+CHOICE_VARIANTS = 3  # synthetic defects per held-out normal in that choice: 2 rectangles + 1 stroke copy
+
+
+@dataclass
+class KnowledgeFit:
+    """One candidate's prompt and knowledge for a task (``choice`` None = the backbone's feature settings)."""
+
+    choice: FeatureChoice | None
+    prompt: TaskPrompt
+    train_log: dict[str, Any]
+    knowledge: torch.Tensor
+    leave_out: torch.Tensor | None
+    synthetic: dict[str, float] = field(default_factory=dict)  # image AUROC on held-out normals + synthetic defects
+
+
+def label(choice: FeatureChoice | None) -> str:
+    """How reports name a task's feature settings: "backbone" (its own) or the keys a choice sets."""
+    return "backbone" if choice is None else choice.label()
+
+
+def pair_auroc(normal: torch.Tensor, defect: torch.Tensor) -> float:
+    """Image AUROC of ``defect`` scores against ``normal`` scores (ties count half)."""
+    diff = defect.double()[:, None] - normal.double()[None, :]
+    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
 
 
 class UCAD(ContinualMethod):
@@ -73,8 +115,11 @@ class UCAD(ContinualMethod):
         self.prompts: list[TaskPrompt] = []
         self.knowledge: list[torch.Tensor] = []
         self.score_stats: list[dict[str, float]] = []
+        self.feature_settings: list[FeatureChoice | None] = []  # per task: its feature settings (None = the backbone's)
         self._router: KeyRouter | None = None
         self._memories: dict[int, NearestNeighbours] = {}
+        self._views: dict[str, PromptedBackbone] = {}  # label -> backbone with those feature settings
+        self.feature_candidates()  # refuse settings the backbone cannot take, up front
 
     @property
     def device(self) -> torch.device:
@@ -90,28 +135,107 @@ class UCAD(ContinualMethod):
         log.info("ucad: task %d %r, %d training images", task_index, data.name, len(images))
 
         key = self._build_key(data)
-        prompt, train_log = self._train_prompt(data, task_index)
-        knowledge, leave_out = self._build_knowledge(data, prompt, reserved_bytes=nbytes([key, *prompt.state_dict().values()]))
-        self._fit_scores = (data.name, leave_out) if leave_out is not None else None  # -> calibration_scores
+        fit, choice = self._fit_knowledge(data, task_index, key)
+        self._fit_scores = (data.name, fit.leave_out) if fit.leave_out is not None else None  # -> calibration_scores
 
         self.tasks.append(data.name)
         self.keys.append(key)
-        self.prompts.append(prompt)
-        self.knowledge.append(knowledge)
+        self.prompts.append(fit.prompt)
+        self.knowledge.append(fit.knowledge)
+        self.feature_settings.append(fit.choice)
         self._router = None
         self.score_stats.append(self._heldout_stats(data, task_index))
         seconds = time.perf_counter() - started
-        log.info("ucad: task %r done in %.1fs (key %d, knowledge %d)", data.name, seconds, len(key), len(knowledge))
+        log.info("ucad: task %r done in %.1fs (key %d, knowledge %d, features %s)", data.name, seconds, len(key), len(fit.knowledge),
+                 label(fit.choice))
         return {
             "task": data.name,
             "key_size": int(key.shape[0]),
-            "knowledge_size": int(knowledge.shape[0]),
+            "knowledge_size": int(fit.knowledge.shape[0]),
             "memory_bytes": self.task_bytes(task_index),
             "train_images": int(len(images)),
             "seconds": seconds,
-            **train_log,
+            **fit.train_log,
+            "features": label(fit.choice),
+            **({"feature_choice": choice} if choice else {}),
             "heldout_score_stats": self.score_stats[-1],
         }
+
+    # ------------------------------------------------------------------ feature settings per task
+    def feature_candidates(self) -> list[FeatureChoice | None]:
+        """The feature settings a new task may take: None (the backbone's) first, then each of
+        ``ucad.feature_choices`` that makes other features (duplicates dropped)."""
+        candidates: list[FeatureChoice | None] = [None]
+        seen = {id(self.backbone)}
+        for choice in self.config.ucad.feature_choices:
+            view = self._view(choice)
+            if id(view) not in seen:
+                seen.add(id(view))
+                candidates.append(choice)
+        return candidates
+
+    def _view(self, choice: FeatureChoice | None) -> PromptedBackbone:
+        """The backbone with ``choice``'s feature settings (None: ``self.backbone``); shares the network and the feature cache."""
+        if choice is None:
+            return self.backbone
+        name = label(choice)
+        if name not in self._views:
+            try:
+                view = self.backbone.with_features(choice.feature_layer, choice.feature_span, choice.feature_dim)
+            except ConfigError as err:
+                raise ConfigError(f"ucad.feature_choices ({name}): {err}") from err
+            if view is not self.backbone:
+                share_feature_cache(view, self.backbone)
+            self._views[name] = view
+        return self._views[name]
+
+    def task_backbone(self, task_index: int) -> PromptedBackbone:
+        """The backbone that makes task ``task_index``'s prompted features (its own feature settings)."""
+        return self._view(self.feature_settings[task_index])
+
+    def _fit_candidate(self, data: TaskData, task_index: int, key: torch.Tensor, choice: FeatureChoice | None) -> KnowledgeFit:
+        """Prompt and knowledge of the new task with ``choice``'s features."""
+        backbone = self._view(choice)
+        prompt, train_log = self._train_prompt(data, task_index, backbone)
+        knowledge, leave_out = self._build_knowledge(data, prompt, reserved_bytes=nbytes([key, *prompt.state_dict().values()]), backbone=backbone)
+        return KnowledgeFit(choice, prompt, train_log, knowledge, leave_out)
+
+    def _fit_knowledge(self, data: TaskData, task_index: int, key: torch.Tensor) -> tuple[KnowledgeFit, dict[str, Any]]:
+        """The new task's prompt and knowledge with the feature settings chosen on its held-out normals + synthetic
+        defects (see the module docstring), and what the choice measured (empty without choices)."""
+        candidates = self.feature_candidates()
+        if len(candidates) == 1:
+            return self._fit_candidate(data, task_index, key, None), {}
+        if len(data.heldout) < MIN_CHOICE_NORMALS:
+            log.warning("ucad: task %r has %d held-out normals (< %d): the backbone's features, no choice", data.name, len(data.heldout), MIN_CHOICE_NORMALS)
+            return self._fit_candidate(data, task_index, key, None), {"skipped": f"{len(data.heldout)} held-out normals (< {MIN_CHOICE_NORMALS})"}
+        defects = synthetic_defect_batch(data.heldout, CHOICE_VARIANTS, self.config.seed + task_index)
+        fits = []
+        for choice in candidates:
+            fit = self._fit_candidate(data, task_index, key, choice)
+            normal = self._candidate_scores(data.heldout.images, fit, cached=True)
+            defect = self._candidate_scores(defects.images, fit, cached=False)
+            fit.synthetic = {"image_auroc": pair_auroc(normal, defect)}
+            fits.append(fit)
+            log.info("ucad: task %r features %s: held-out synthetic image AUROC %.4f", data.name, label(choice), fit.synthetic["image_auroc"])
+        best = max(fits[1:], key=lambda f: f.synthetic["image_auroc"])
+        margin = self.config.ucad.feature_choice_margin
+        chosen = best if best.synthetic["image_auroc"] >= fits[0].synthetic["image_auroc"] + margin else fits[0]
+        return chosen, {
+            "image_auroc": {label(f.choice): f.synthetic["image_auroc"] for f in fits},
+            "chosen": label(chosen.choice), "margin": margin,
+            "normals": int(len(data.heldout)), "defects": int(len(defects)),
+        }
+
+    def _candidate_scores(self, images: torch.Tensor, fit: KnowledgeFit, cached: bool) -> torch.Tensor:
+        """Raw image scores of ``images`` under a candidate's prompt and knowledge (``cached``: through the feature cache)."""
+        cfg, backbone = self.config.ucad, self._view(fit.choice)
+        memory = NearestNeighbours(fit.knowledge)
+        if cached:
+            feats = self._prompted_features(images, backbone, fit.prompt, fit.choice)
+            return score_patches(feats, memory, fit.knowledge, cfg.reweight, top_k=cfg.image_top_k)[1]
+        return batched(lambda x: score_patches(backbone.features(x, fit.prompt), memory, fit.knowledge, cfg.reweight, top_k=cfg.image_top_k)[1],
+                       images, cfg.batch_size, self.device, desc=f"{label(fit.choice)}: synthetic defects")
 
     def _build_key(self, data: TaskData) -> torch.Tensor:
         """The task key: a k-center-greedy sample of the un-prompted key features of its training images."""
@@ -120,11 +244,13 @@ class UCAD(ContinualMethod):
         memory = self.config.memory
         return coreset(key_feats.reshape(-1, key_feats.shape[-1]), cfg.key_size, memory.projection_dim, self.config.seed, memory.preselect_factor)
 
-    def _build_knowledge(self, data: TaskData, prompt: TaskPrompt, reserved_bytes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The task knowledge (budgeted coreset of the prompted patch features of its training images) and the
-        raw leave-one-out image scores of those images (None with ``ucad.reweight`` or a single image)."""
-        cfg = self.config.ucad
-        feats = batched(lambda x: self.backbone.features(x, prompt), data.train.images, cfg.batch_size, self.device, desc=f"{data.name}: knowledge")
+    def _build_knowledge(self, data: TaskData, prompt: TaskPrompt, reserved_bytes: int,
+                         backbone: PromptedBackbone | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The task knowledge (budgeted coreset of the prompted patch features of its training images, made by
+        ``backbone``, default ``self.backbone``) and the raw leave-one-out image scores of those images (None
+        with ``ucad.reweight`` or a single image)."""
+        cfg, backbone = self.config.ucad, backbone or self.backbone
+        feats = batched(lambda x: backbone.features(x, prompt), data.train.images, cfg.batch_size, self.device, desc=f"{data.name}: knowledge")
         flat = feats.reshape(-1, feats.shape[-1])
         index = memory_coreset(flat, self.config.memory, seed=self.config.seed, reserved_bytes=reserved_bytes, size=cfg.knowledge_size)
         knowledge = flat[index].contiguous()
@@ -146,7 +272,8 @@ class UCAD(ContinualMethod):
         if len(images) == 0:
             raise ContadError(f"task {task!r}: no feedback images to learn")
         t, cfg, memory = self.tasks.index(task), self.config.ucad, self.config.memory
-        feats = batched(lambda x: self.backbone.features(x, self.prompts[t]), images, cfg.batch_size, self.device, desc=f"{task}: feedback")
+        backbone = self.task_backbone(t)
+        feats = batched(lambda x: backbone.features(x, self.prompts[t]), images, cfg.batch_size, self.device, desc=f"{task}: feedback")
         flat = feats.reshape(-1, feats.shape[-1]).float()
         if share < 1.0:
             novel = self._memory(t).nearest_distance(flat).argsort(descending=True)[: max(1, round(share * len(flat)))]
@@ -170,39 +297,42 @@ class UCAD(ContinualMethod):
         """Bytes of task ``task_index``'s stored state (key + prompt + knowledge)."""
         return nbytes([self.keys[task_index], self.knowledge[task_index], *self.prompts[task_index].state_dict().values()])
 
-    def _new_prompt(self, task_index: int) -> TaskPrompt:
-        """A deterministic fresh prompt for task ``task_index`` (seeded; global RNG untouched)."""
+    def _new_prompt(self, task_index: int, backbone: PromptedBackbone | None = None) -> TaskPrompt:
+        """A deterministic fresh prompt of ``backbone`` (default ``self.backbone``) for task ``task_index`` (seeded; global RNG untouched)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed + 1000 * (task_index + 1))
-            return self.backbone.new_prompt().to(self.device)
+            return (backbone or self.backbone).new_prompt().to(self.device)
 
-    def _label_grid(self, label_maps: torch.Tensor, image_size: int) -> torch.Tensor:
-        """(N, h*w) segment ids on the backbone's patch grid (mode downsampling)."""
-        grid = self.backbone.grid_size(image_size)
+    def _label_grid(self, label_maps: torch.Tensor, image_size: int, backbone: PromptedBackbone | None = None) -> torch.Tensor:
+        """(N, h*w) segment ids on ``backbone``'s (default ``self.backbone``) patch grid (mode downsampling)."""
+        grid = (backbone or self.backbone).grid_size(image_size)
         return downsample_label_map(label_maps, grid).reshape(label_maps.shape[0], -1)
 
-    def _contrastive_loss(self, prompt: TaskPrompt, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        feats = self.backbone.features(images.to(self.device), prompt)
+    def _contrastive_loss(self, prompt: TaskPrompt, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+                          backbone: PromptedBackbone | None = None) -> torch.Tensor:
+        feats = (backbone or self.backbone).features(images.to(self.device), prompt)
         cfg = self.config.ucad
         return structure_contrastive_loss(feats, labels, cfg.temperature, cfg.pairs_per_image, generator)
 
     @torch.no_grad()
-    def heldout_loss(self, prompt: TaskPrompt, images: torch.Tensor, labels: torch.Tensor) -> float:
+    def heldout_loss(self, prompt: TaskPrompt, images: torch.Tensor, labels: torch.Tensor, backbone: PromptedBackbone | None = None) -> float:
         """Contrastive loss of ``prompt`` on held-out normals with a fixed patch sample (comparable across epochs)."""
         generator = torch.Generator().manual_seed(self.config.seed)
         bs = self.config.ucad.batch_size
         total, count = 0.0, 0
         for start in range(0, len(images), bs):
-            loss = self._contrastive_loss(prompt, images[start : start + bs], labels[start : start + bs], generator)
+            loss = self._contrastive_loss(prompt, images[start : start + bs], labels[start : start + bs], generator, backbone)
             n = min(bs, len(images) - start)
             total += float(loss) * n
             count += n
         return total / max(count, 1)
 
-    def _train_prompt(self, data: TaskData, task_index: int) -> tuple[TaskPrompt, dict[str, Any]]:
-        """Train a fresh prompt with the structure contrastive loss (fixed epochs or early stopping)."""
+    def _train_prompt(self, data: TaskData, task_index: int, backbone: PromptedBackbone | None = None) -> tuple[TaskPrompt, dict[str, Any]]:
+        """Train a fresh prompt of ``backbone`` (default ``self.backbone``) with the structure contrastive loss
+        (fixed epochs or early stopping)."""
         cfg = self.config.ucad
-        prompt = self._new_prompt(task_index)
+        backbone = backbone or self.backbone
+        prompt = self._new_prompt(task_index, backbone)
         if cfg.epochs == 0:  # training-free prompt by configuration (the default, see benchmarks/RESULTS.md)
             return self._freeze(prompt), {"epoch_losses": [], "heldout_losses": [], "best_epoch": None, "prompt_trained": False}
         if data.label_maps is None:
@@ -211,12 +341,12 @@ class UCAD(ContinualMethod):
         images = data.train.images
         if data.label_maps.shape[0] != len(images):
             raise ContadError(f"task {data.name!r}: {data.label_maps.shape[0]} label maps for {len(images)} training images")
-        labels = self._label_grid(data.label_maps, images.shape[-1])
+        labels = self._label_grid(data.label_maps, images.shape[-1], backbone)
         heldout_count = len(data.heldout) if data.heldout_label_maps is not None else 0
         stopper = early_stopping(prompt, cfg.early_stopping_patience, heldout_count, f"ucad: task {data.name!r} (held-out label maps)", cfg.epochs)
         if stopper is not None:
-            heldout_labels = self._label_grid(data.heldout_label_maps, images.shape[-1])
-            stopper.step(0, self.heldout_loss(prompt, data.heldout.images, heldout_labels))  # the initial prompt is a candidate
+            heldout_labels = self._label_grid(data.heldout_label_maps, images.shape[-1], backbone)
+            stopper.step(0, self.heldout_loss(prompt, data.heldout.images, heldout_labels, backbone))  # the initial prompt is a candidate
 
         generator = torch.Generator().manual_seed(self.config.seed + task_index)
         params = [p for p in prompt.parameters() if p.requires_grad]
@@ -228,7 +358,7 @@ class UCAD(ContinualMethod):
             running, seen = 0.0, 0
             for start in progress_bar(range(0, len(images), cfg.batch_size), desc=f"{data.name}: prompt epoch {epoch}", leave=False):
                 batch = order[start : start + cfg.batch_size]
-                loss = self._contrastive_loss(prompt, images[batch], labels[batch], generator)
+                loss = self._contrastive_loss(prompt, images[batch], labels[batch], generator, backbone)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -239,7 +369,7 @@ class UCAD(ContinualMethod):
             if stopper is None:
                 continue
             prompt.eval()
-            stop = stopper.step(epoch, self.heldout_loss(prompt, data.heldout.images, heldout_labels))
+            stop = stopper.step(epoch, self.heldout_loss(prompt, data.heldout.images, heldout_labels, backbone))
             prompt.train()
             if stop:
                 log.info("ucad: task %r early stop at epoch %d (best %d)", data.name, epoch, stopper.best_epoch)
@@ -287,10 +417,14 @@ class UCAD(ContinualMethod):
         return torch.cat(routed)
 
     def task_features(self, images: torch.Tensor, task_index: int) -> torch.Tensor:
-        """(B, N, C) features of ``images`` under task ``task_index``'s prompt, cached per (image, prompt)."""
-        prompt = self.prompts[task_index]
-        kind = f"features/{module_digest(prompt)}"
-        return feature_cache(self.backbone).features(kind, lambda x: self.backbone.features(x, prompt), images, self.config.ucad.batch_size, self.device)
+        """(B, N, C) features of ``images`` under task ``task_index``'s prompt and feature settings, cached per (image, prompt, settings)."""
+        choice = self.feature_settings[task_index]
+        return self._prompted_features(images, self._view(choice), self.prompts[task_index], choice)
+
+    def _prompted_features(self, images: torch.Tensor, backbone: PromptedBackbone, prompt: TaskPrompt, choice: FeatureChoice | None) -> torch.Tensor:
+        """(B, N, C) features of ``images`` by ``backbone`` (``choice``'s settings) under ``prompt``, through the feature cache."""
+        kind = f"features/{module_digest(prompt)}" if choice is None else f"features@{label(choice)}/{module_digest(prompt)}"
+        return feature_cache(backbone).features(kind, lambda x: backbone.features(x, prompt), images, self.config.ucad.batch_size, self.device)
 
     def score_features(self, feats: torch.Tensor, task_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(patch_scores (B, N), image_scores (B,)) of prompted features against task ``task_index``'s knowledge (raw)."""
@@ -311,7 +445,6 @@ class UCAD(ContinualMethod):
         self._require_tasks()
         b, _, h, w = images.shape
         routed = self.route(images)
-        grid = self.backbone.grid_size(h)
         image_scores = torch.empty(b)
         maps = torch.empty(b, h, w)
         for task_index in routed.unique().tolist():
@@ -319,6 +452,7 @@ class UCAD(ContinualMethod):
             patch_scores, scores = self.score_features(self.task_features(images[members], task_index), task_index)
             scale = self.score_scale(task_index)
             image_scores[members] = scores / scale
+            grid = self.task_backbone(task_index).grid_size(h)
             maps[members] = anomaly_maps(patch_scores / scale, grid, (h, w), self.config.eval.smoothing_sigma)
         return Prediction(image_scores=image_scores, anomaly_maps=maps, routed_tasks=[self.tasks[i] for i in routed.tolist()])
 
@@ -342,21 +476,26 @@ class UCAD(ContinualMethod):
             "knowledge_sizes": [int(k.shape[0]) for k in self.knowledge],
             "memory_bytes": [self.task_bytes(t) for t in range(len(self.tasks))],
             "score_stats": list(self.score_stats),
+            "feature_settings": [None if c is None else c.model_dump(exclude_none=True) for c in self.feature_settings],
         }
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         tasks = list(meta["tasks"])
         if meta.get("backbone", {}).get("name", self.config.backbone.name) != self.config.backbone.name:
             raise ValueError(f"state was trained with backbone {meta['backbone']['name']!r}, not {self.config.backbone.name!r}")
+        stored = meta.get("feature_settings") or [None] * len(tasks)  # states saved before per-task settings: the backbone's
+        if len(stored) != len(tasks):
+            raise ContadError(f"state has {len(tasks)} tasks but {len(stored)} feature settings")
+        settings = [None if c is None else FeatureChoice.model_validate(c) for c in stored]
         keys, knowledge, prompts = [], [], []
         for t in range(len(tasks)):
             keys.append(tensors[f"key/{t}"].float().contiguous())
             knowledge.append(tensors[f"knowledge/{t}"].float().contiguous())
             prefix = f"prompt/{t}/"
-            prompt = self._new_prompt(t)
+            prompt = self._new_prompt(t, self._view(settings[t]))
             prompt.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
             prompts.append(self._freeze(prompt.to(self.device)))
-        self.tasks, self.keys, self.knowledge, self.prompts = tasks, keys, knowledge, prompts
+        self.tasks, self.keys, self.knowledge, self.prompts, self.feature_settings = tasks, keys, knowledge, prompts, settings
         self.score_stats = list(meta.get("score_stats", [{} for _ in tasks]))
         self._router = None
         self._memories = {}

@@ -1,6 +1,7 @@
 """Synthetic defects pasted on normal TRAINING images (model-input tensors): a validation set that reads no test image.
 
-Used for the escape-rate estimate of every calibration (``components.eval.thresholds``) and to choose
+Used for the escape-rate estimate of every calibration (``components.eval.thresholds``,
+``synthetic_defect_batch``), for UCAD's per-task feature choice (``ucad.feature_choices``) and to choose
 and check defaults (``benchmarks/diag_reconstruction``, ``bench_iuf --validation``). ``synthetic_defects``: every normal image gets ``variants`` copies with
 one rectangle each, of 5-18 % of the image side (12-40 px at 224 px), either cut from a donor image of
 the same product, flipped and pasted elsewhere, or an intensity / colour offset of the region.
@@ -11,6 +12,8 @@ shorts: defects a few pixels wide). The masks mark what changed.
 from __future__ import annotations
 
 import torch
+
+from components.types import ImageBatch
 
 SIDE_FRACTION = (12 / 224, 40 / 224)  # rectangle side range as a fraction of the image side
 
@@ -74,3 +77,25 @@ def line_defects(normals: torch.Tensor, variants: int, generator: torch.Generato
             out.append(img)
             masks.append(mask.to(torch.uint8))
     return torch.stack(out), torch.stack(masks)
+
+
+def synthetic_defect_batch(heldout: ImageBatch, variants: int, seed: int) -> ImageBatch | None:
+    """Synthetic defects pasted on ``heldout``'s images (rectangles from the same product's other images or
+    intensity offsets, and thin strokes), depth copied; None for ``variants`` = 0."""
+    if variants <= 0 or len(heldout) == 0:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    images, products, depth = [], [], []
+    for product in sorted(set(heldout.products)):
+        rows = torch.tensor([i for i, p in enumerate(heldout.products) if p == product])
+        normals = heldout.images[rows]
+        pasted = synthetic_defects(normals, normals, max(1, variants - 1), generator)[0]
+        strokes = line_defects(normals, 1, generator)[0]
+        images += [pasted, strokes]
+        per_image = max(1, variants - 1)
+        products += [product] * (len(pasted) + len(strokes))
+        if heldout.depth is not None:
+            d = heldout.depth[rows]
+            depth += [d.repeat_interleave(per_image, dim=0), d]
+    return ImageBatch(images=torch.cat(images), products=products, paths=[""] * len(products),
+                      depth=torch.cat(depth) if depth else None)
