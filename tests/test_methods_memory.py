@@ -226,3 +226,6 @@ def test_patchcore_joint_loads_a_store_everything_state_and_trains_on(monkeypatc
     again = PatchCoreJoint(cfg, ToyBackbone())
     again.load(tmp_path / "j")
     assert again.task_rows == current.task_rows and len(again.candidates) == 3
+    empty = PatchCoreJoint(cfg, ToyBackbone())
+    empty.load_state({}, {"tasks": []})  # an earlier state of no task: nothing to derive, nothing missing
+    assert empty.bank is None and empty.task_rows == [] and empty.candidates == []

@@ -173,7 +173,7 @@ class EfficientNetLiteBackbone(PromptedBackbone):
             if not 1 <= level < len(self._level_blocks):
                 raise ConfigError(
                     f"{key}={level} is out of range for {name} (pyramid levels 1..{len(self._level_blocks) - 1}; "
-                    "level L uses strides of levels L-1 and L)"
+                    "the features take levels feature_layer - feature_span + 1 .. feature_layer, the keys key_layer - 1 and key_layer)"
                 )
         if not 1 <= feature_span <= feature_level + 1:
             raise ConfigError(f"backbone.feature_span={feature_span} must be 1..{feature_level + 1} at backbone.feature_layer={feature_level} "

@@ -319,7 +319,7 @@ class PatchCoreJoint(PatchCoreFinetune):
             self._from_store_everything()
             return
         self.candidates = [tensors[f"candidates/{t}"] for t in range(len(self.tasks))]
-        self.task_rows = [int(k) for k in meta["task_rows"]]
+        self.task_rows = [int(k) for k in meta.get("task_rows", [])]  # an earlier state of no task has none
 
     def _from_store_everything(self) -> None:
         """A state of the earlier joint (a bank of EVERY training patch, no candidates): it keeps scoring with
