@@ -13,6 +13,7 @@ statistics), after the backbone is loaded and the images decoded; printed with t
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import tempfile
@@ -76,6 +77,8 @@ def main() -> int:
         f"{cfg.data.image_size} / {cfg.data.tile} | {wall:.1f} | {cpu:.1f} | {log.get('memory_bytes', 0) / 2**20:.2f} | "
         f"{'/'.join(f'{x:.1f}' for x in load)} -> {'/'.join(f'{x:.1f}' for x in after)} |"
     )
+    if "feature_choice" in log:  # ucad.feature_choices: what the timed fit chose, and on what
+        print(f"\nfeatures: {log['features']}; choice: {json.dumps(log['feature_choice'])}")
     return 0
 
 

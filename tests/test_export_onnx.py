@@ -99,7 +99,7 @@ def test_tasks_with_their_own_feature_settings_export_and_deploy_as_evaluated(sy
     from components.methods import ucad
 
     verdicts = iter([0.5, 0.9, 0.9, 0.5])  # held-out synthetic AUROC per (task, candidate): task 0 -> layer 2, task 1 -> configured
-    monkeypatch.setattr(ucad, "pair_auroc", lambda normal, defect: next(verdicts))
+    monkeypatch.setattr(ucad, "auroc", lambda labels, scores: next(verdicts))
     cfg, method_dir, manifest = _train("ucad", synth_root, tmp_path, extra=["ucad.feature_choices=[{feature_layer: 2}]", "data.heldout_fraction=0.5"])
     method = load_method(cfg, method_dir)
     assert [c and c.feature_layer for c in method.feature_settings] == [2, None]

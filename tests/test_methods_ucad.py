@@ -218,12 +218,18 @@ def _layer_config(**ucad: object) -> Config:
 
 def test_each_task_takes_the_feature_layer_that_separates_its_synthetic_defects(tmp_path: Path) -> None:
     method = UCAD(_layer_config(), _BlindAtDefaultToy())
-    log = method.fit_task(toy_task("red", n_heldout=6))
+    red = toy_task("red", n_heldout=6)
+    log = method.fit_task(red)
     choice = log["feature_choice"]
     assert log["features"] == choice["chosen"] == "feature_layer=2" and choice["normals"] == 6 and choice["defects"] == 18
     assert set(choice["image_auroc"]) == {"backbone", "feature_layer=2"}
     assert choice["image_auroc"]["backbone"] == 0.5 and choice["image_auroc"]["feature_layer=2"] > 0.52  # blind ties; the fine layer ranks
     assert method.knowledge[0].shape[1] == _FineToy.feature_dim and _layers(method) == [2]
+    fine_only = UCAD(toy_config(epochs=0), _FineToy(IMAGE_SIZE))  # what the chosen layer alone learns from the same data
+    fine_only.fit_task(red)
+    assert torch.equal(method.knowledge[0], fine_only.knowledge[0])
+    calibration = method.calibration_scores(red)  # leave-one-out scores of the chosen features (the loser's are never made)
+    assert calibration is not None and torch.equal(calibration, fine_only.calibration_scores(red))
 
     method.config.ucad.feature_choice_margin = 1.0  # no gain is enough: the backbone's settings stay
     log = method.fit_task(toy_task("green", n_heldout=6))

@@ -49,12 +49,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from components.backbones.base import PromptedBackbone, TaskPrompt
 from components.config import Config, ConfigError, FeatureChoice
 from components.data.synthetic.pasted import synthetic_defect_batch
 from components.errors import ContadError
+from components.eval.metrics import auroc
 from components.methods.base import ContinualMethod
 from components.methods.contrastive import structure_contrastive_loss
 from components.methods.coreset import coreset, memory_coreset, nbytes
@@ -82,19 +84,15 @@ class KnowledgeFit:
     prompt: TaskPrompt
     train_log: dict[str, Any]
     knowledge: torch.Tensor
-    leave_out: torch.Tensor | None
+    owners: torch.Tensor  # (M,) the training image each knowledge row came from
+    features: torch.Tensor | None  # (B, N, C) the training images' features, kept until the leave-one-out scores are made
+    leave_out: torch.Tensor | None = None  # raw leave-one-out image scores of the training images (the chosen fit only)
     synthetic: dict[str, float] = field(default_factory=dict)  # image AUROC on held-out normals + synthetic defects
 
 
 def label(choice: FeatureChoice | None) -> str:
     """How reports name a task's feature settings: "backbone" (its own) or the keys a choice sets."""
     return "backbone" if choice is None else choice.label()
-
-
-def pair_auroc(normal: torch.Tensor, defect: torch.Tensor) -> float:
-    """Image AUROC of ``defect`` scores against ``normal`` scores (ties count half)."""
-    diff = defect.double()[:, None] - normal.double()[None, :]
-    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
 
 
 class UCAD(ContinualMethod):
@@ -136,6 +134,7 @@ class UCAD(ContinualMethod):
 
         key = self._build_key(data)
         fit, choice = self._fit_knowledge(data, task_index, key)
+        self._finish_leave_out(fit)
         self._fit_scores = (data.name, fit.leave_out) if fit.leave_out is not None else None  # -> calibration_scores
 
         self.tasks.append(data.name)
@@ -197,8 +196,17 @@ class UCAD(ContinualMethod):
         """Prompt and knowledge of the new task with ``choice``'s features."""
         backbone = self._view(choice)
         prompt, train_log = self._train_prompt(data, task_index, backbone)
-        knowledge, leave_out = self._build_knowledge(data, prompt, reserved_bytes=nbytes([key, *prompt.state_dict().values()]), backbone=backbone)
-        return KnowledgeFit(choice, prompt, train_log, knowledge, leave_out)
+        knowledge, owners, feats = self._build_knowledge(data, prompt, reserved_bytes=nbytes([key, *prompt.state_dict().values()]), backbone=backbone)
+        return KnowledgeFit(choice, prompt, train_log, knowledge, owners, feats)
+
+    def _finish_leave_out(self, fit: KnowledgeFit) -> None:
+        """The chosen fit's raw leave-one-out image scores of its training images (None with ``ucad.reweight``
+        or a single image); its kept features are released. Only the fit a task keeps pays for this search."""
+        cfg, feats = self.config.ucad, fit.features
+        fit.features = None
+        if feats is None or cfg.reweight or feats.shape[0] < 2:
+            return
+        fit.leave_out = leave_one_out_image_scores(feats, NearestNeighbours(fit.knowledge), fit.knowledge, fit.owners, top_k=cfg.image_top_k)
 
     def _fit_knowledge(self, data: TaskData, task_index: int, key: torch.Tensor) -> tuple[KnowledgeFit, dict[str, Any]]:
         """The new task's prompt and knowledge with the feature settings chosen on its held-out normals + synthetic
@@ -215,8 +223,13 @@ class UCAD(ContinualMethod):
             fit = self._fit_candidate(data, task_index, key, choice)
             normal = self._candidate_scores(data.heldout.images, fit, cached=True)
             defect = self._candidate_scores(defects.images, fit, cached=False)
-            fit.synthetic = {"image_auroc": pair_auroc(normal, defect)}
+            labels = np.r_[np.zeros(len(normal)), np.ones(len(defect))]
+            fit.synthetic = {"image_auroc": auroc(labels, torch.cat([normal, defect]).double().numpy())}
             fits.append(fit)
+            leader = max(fits[1:], key=lambda f: f.synthetic["image_auroc"], default=None)
+            for other in fits[1:]:
+                if other is not leader:  # can no longer be chosen: its kept features go
+                    other.features = None
             log.info("ucad: task %r features %s: held-out synthetic image AUROC %.4f", data.name, label(choice), fit.synthetic["image_auroc"])
         best = max(fits[1:], key=lambda f: f.synthetic["image_auroc"])
         margin = self.config.ucad.feature_choice_margin
@@ -245,19 +258,15 @@ class UCAD(ContinualMethod):
         return coreset(key_feats.reshape(-1, key_feats.shape[-1]), cfg.key_size, memory.projection_dim, self.config.seed, memory.preselect_factor)
 
     def _build_knowledge(self, data: TaskData, prompt: TaskPrompt, reserved_bytes: int,
-                         backbone: PromptedBackbone | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                         backbone: PromptedBackbone | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The task knowledge (budgeted coreset of the prompted patch features of its training images, made by
-        ``backbone``, default ``self.backbone``) and the raw leave-one-out image scores of those images (None
-        with ``ucad.reweight`` or a single image)."""
+        ``backbone``, default ``self.backbone``), the training image of each knowledge row, and the (B, N, C)
+        features it was drawn from (for ``_finish_leave_out``)."""
         cfg, backbone = self.config.ucad, backbone or self.backbone
         feats = batched(lambda x: backbone.features(x, prompt), data.train.images, cfg.batch_size, self.device, desc=f"{data.name}: knowledge")
         flat = feats.reshape(-1, feats.shape[-1])
         index = memory_coreset(flat, self.config.memory, seed=self.config.seed, reserved_bytes=reserved_bytes, size=cfg.knowledge_size)
-        knowledge = flat[index].contiguous()
-        if cfg.reweight or feats.shape[0] < 2:
-            return knowledge, None
-        leave_out = leave_one_out_image_scores(feats, NearestNeighbours(knowledge), knowledge, index // feats.shape[1], top_k=cfg.image_top_k)
-        return knowledge, leave_out
+        return flat[index].contiguous(), index // feats.shape[1], feats
 
     def extend_task(self, task: str, images: torch.Tensor, share: float = 1.0) -> dict[str, Any]:
         """Operator feedback: append the prompted patch features of normal ``images`` to ``task``'s knowledge: all of
