@@ -71,6 +71,7 @@ from flows.records import (
     check_run_record,
     clean_metrics,
     config_fingerprint,
+    feature_settings,
     read_step_record,
     step_dir,
     write_matrix_csvs,
@@ -250,6 +251,9 @@ def _continual_run(cfg: Config, out: Path) -> dict[str, Any]:
 
         if uses_structure_masks(cfg):
             metrics_json.update(structure_masks(cfg).record())
+        chosen = feature_settings(out, [task_name(t) for t in tasks])  # ucad.feature_choices: what each task took, and why
+        if chosen:
+            metrics_json["feature_settings"] = chosen
         overlays = None
         calibration = read_calibration(method_dir)  # type: ignore[arg-type]
         if calibration is not None:

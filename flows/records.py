@@ -98,6 +98,18 @@ def step_dir(out: Path, index: int, name: str) -> Path:
     return Path(out) / STEPS_DIR / f"{index:02d}-{safe}"
 
 
+def feature_settings(out: Path, tasks: list[str]) -> dict[str, dict[str, Any]]:
+    """Per task, the feature settings its training log says it took and the choice that picked them
+    (``ucad.feature_choices``): ``{task: {"features": ..., "choice": {...}}}``; empty when no step chose."""
+    found: dict[str, dict[str, Any]] = {}
+    for index, name in enumerate(tasks):
+        path = step_dir(out, index, name) / TRAIN_LOG
+        log = (json.loads(path.read_text()).get("log") or {}) if path.is_file() else {}
+        if "feature_choice" in log:
+            found[name] = {"features": log.get("features"), "choice": log["feature_choice"]}
+    return found
+
+
 def read_step_record(out: Path, index: int, name: str) -> dict[str, Any] | None:
     """The record of a completed step, or None when the step has not completed."""
     path = step_dir(out, index, name) / STEP_RECORD

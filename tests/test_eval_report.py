@@ -256,3 +256,26 @@ def test_oracle_gets_task_labels_and_thresholds_use_normals_only() -> None:
     assert quantile_threshold(torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0]), 0.5) == pytest.approx(2.0)
     with pytest.raises(ContadError, match="decision.target_fpr"):
         quantile_threshold(torch.ones(3), 1.5)
+
+
+def test_report_names_the_feature_settings_each_task_chose(tmp_path: Path) -> None:
+    from components.eval.report import run_markdown
+    from flows.records import TRAIN_LOG, feature_settings, step_dir
+
+    logs = {
+        "alpha": {"features": "backbone", "feature_choice": {"skipped": "2 held-out normals (< 4)"}},
+        "beta": {"features": "feature_layer=2", "feature_choice": {"image_auroc": {"backbone": 0.78, "feature_layer=2": 0.93},
+                                                                  "chosen": "feature_layer=2", "margin": 0.02}},
+        "gamma": {"features": "backbone"},  # trained without feature choices: nothing to report
+    }
+    for index, (task, log) in enumerate(logs.items()):
+        step_dir(tmp_path, index, task).mkdir(parents=True)
+        (step_dir(tmp_path, index, task) / TRAIN_LOG).write_text(json.dumps({"task": task, "log": log}))
+    doc = _forgetting_doc()
+    doc["feature_settings"] = feature_settings(tmp_path, ["alpha", "beta", "gamma"])
+    assert set(doc["feature_settings"]) == {"alpha", "beta"}
+    text = run_markdown(doc, {})
+    assert "- `alpha`: **backbone** (no choice: 2 held-out normals (< 4))" in text
+    assert "- `beta`: **feature_layer=2** (held-out synthetic image AUROC backbone 78.0, feature_layer=2 93.0; margin 2.0)" in text
+    assert "`gamma`" not in text.split("## Image-level")[0]
+    assert "feature settings per task" not in run_markdown(_forgetting_doc(), {})

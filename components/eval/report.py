@@ -148,6 +148,25 @@ def masks_provider_lines(doc: dict[str, Any]) -> list[str]:
     return [f"- structure masks used: `{used}`{why}"]
 
 
+def feature_settings_lines(doc: dict[str, Any]) -> list[str]:
+    """The report lines naming the feature settings each task took under ``ucad.feature_choices`` and what
+    the choice measured (held-out synthetic image AUROC per candidate); none when no task chose."""
+    settings = doc.get("feature_settings") or {}
+    if not settings:
+        return []
+    lines = ["- feature settings per task (`ucad.feature_choices`; chosen while the task was learned, on its held-out "
+             "training normals + synthetic defects, never on test images):"]
+    for task, entry in settings.items():
+        choice = entry.get("choice") or {}
+        if "skipped" in choice:
+            why = f"no choice: {choice['skipped']}"
+        else:
+            measured = ", ".join(f"{name} {fmt(value)}" for name, value in (choice.get("image_auroc") or {}).items())
+            why = f"held-out synthetic image AUROC {measured}; margin {fmt(choice.get('margin'))}"
+        lines.append(f"  - `{task}`: **{entry.get('features')}** ({why})")
+    return lines
+
+
 def family_table(doc: dict[str, Any], metrics: list[str]) -> str:
     """Final value per product, Average, FM and BWT of every metric of a family (rows = metrics)."""
     tasks = doc["tasks"]
@@ -176,6 +195,7 @@ def run_markdown(doc: dict[str, Any], figures: dict[str, str], standing: list[st
         f"- protocol: `{doc['protocol']}`; products in training order: {', '.join(tasks)}",
         f"- routing accuracy (last step, mean over products): {fmt(doc.get('routing_accuracy'))}%",
         *masks_provider_lines(doc),
+        *feature_settings_lines(doc),
         "- every value is in %. Tables: final value per product (after the last step); Average = mean of those; "
         "FM = forgetting measure (mean over products learned before the last step of the best earlier value minus "
         "the final value; lower is better); BWT = backward transfer (final minus value right after learning). "
