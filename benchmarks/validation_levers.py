@@ -16,7 +16,9 @@ prompts on felzenszwalb structure maps); ``budget8`` / ``budget32`` (``memory.bu
 memory rows per product); ``layer2`` (``backbone.feature_layer=2``: levels 1 and 2, stride-4 patches); ``span3``
 (``backbone.feature_span=3``: levels 1, 2 and 3 on the stride-4 grid); ``span3_d96`` (the same, each level pooled
 to 32 channels: equal weight per level); ``layer_choice`` (``ucad.feature_choices=[{feature_layer: 2}]``: each product
-takes today's features or ``layer2``'s at training time, chosen on its own held-out fit normals + synthetic defects). ``iuf`` (``method=iuf``, default ``iuf.standardise: false``) vs
+takes today's features or ``layer2``'s at training time, chosen on its own held-out fit normals + synthetic defects);
+``overlap64`` (``data.tile_overlap=64``: neighbouring 224 px tiles share at least 64 px, each cell weighted towards the tile that
+sees it from its interior, so no seam where tiles are cut; ~2.25x the tiles at 448 px). ``iuf`` (``method=iuf``, default ``iuf.standardise: false``) vs
 ``iuf_standardise`` (``iuf.standardise=true``). ``ibiumad`` (``method=ib_iumad``, rgb+depth, default
 ``ib_iumad.combine: max``) runs on the RGB-D sequence of ``--data-3d`` (cable_gland of real-3d; its
 synthetic defects change the point cloud too, painted at the run's input size) and ``ibiumad_sum``
@@ -60,6 +62,7 @@ TRAINED_ROWS: dict[str, list[str]] = {
     "span3": ["backbone.feature_span=3"],
     "span3_d96": ["backbone.feature_span=3", "backbone.feature_dim=96"],
     "layer_choice": ["ucad.feature_choices=[{feature_layer: 2}]"],
+    "overlap64": ["data.tile_overlap=64"],
     "iuf": ["method=iuf"],
     "iuf_standardise": ["method=iuf", "iuf.standardise=true"],
     "ibiumad": ["method=ib_iumad"],

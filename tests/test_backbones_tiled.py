@@ -57,3 +57,39 @@ def test_larger_images_are_stitched_onto_the_native_grid(inner) -> None:  # noqa
     assert tiled.key_features(images).shape == inner.key_features(torch.randn(1, 3, 64, 64)).shape
     with pytest.raises(ConfigError, match="data.tile_overlap"):
         TiledBackbone(inner, tile=64, overlap=64)
+
+
+def test_overlapping_tiles_weigh_each_cell_by_its_distance_from_the_cut(inner) -> None:  # noqa: ANN001
+    tiled = TiledBackbone(inner, tile=64, overlap=16)  # 128 px: tiles at 0, 48, 64 (8 cells each, stride 8)
+    images = torch.randn(1, 3, 128, 128)
+    with torch.inference_mode():
+        grid = tiled.features(images).reshape(16, 16, -1)
+        tiles = {s: inner.features(images[:, :, :64, s : s + 64]).reshape(8, 8, -1) for s in (0, 48, 64)}
+    # row 0, column 7 (px 56..63): tile 0 sees it at its cut edge (distance 0), tile 48 one cell in (1), tile 64 not at all
+    expected = (1 * tiles[0][0, 7] + 2 * tiles[48][0, 1]) / 3
+    assert torch.allclose(grid[0, 7], expected, atol=1e-5)
+    # column 9 (px 72..79): tile 48 sees it 3 cells in (weight 4), tile 64 one cell in (weight 2)
+    assert torch.allclose(grid[0, 9], (4 * tiles[48][0, 3] + 2 * tiles[64][0, 1]) / 6, atol=1e-5)
+    assert not torch.allclose(grid[0, 7], (tiles[0][0, 7] + tiles[48][0, 1]) / 2, atol=1e-5)  # not the plain mean
+
+
+def test_tiles_without_overlap_are_copied_as_they_are(inner) -> None:  # noqa: ANN001
+    tiled = TiledBackbone(inner, tile=64, overlap=0)
+    images = torch.randn(1, 3, 128, 128)
+    with torch.inference_mode():
+        grid = tiled.features(images).reshape(16, 16, -1)
+        right = inner.features(images[:, :, 64:, 64:]).reshape(8, 8, -1)
+    assert torch.equal(grid[8:, 8:], right)
+
+
+def test_the_weighted_stitching_exports_to_onnx_as_evaluated(inner, tmp_path) -> None:  # noqa: ANN001
+    ort = pytest.importorskip("onnxruntime")
+    from components.export.onnx_export import PatchFeatures, _export_graph
+
+    tiled = TiledBackbone(inner, tile=64, overlap=16)  # 96 px: tiles at 0 and 32 per side, overlapping by 32
+    images = torch.randn(1, 3, 96, 96)
+    _export_graph(PatchFeatures(tiled, None), torch.zeros(1, 3, 96, 96), tmp_path / "features.onnx", "images", "features")
+    session = ort.InferenceSession(str(tmp_path / "features.onnx"), providers=["CPUExecutionProvider"])
+    exported = session.run(None, {"images": images.numpy()})[0]
+    with torch.inference_mode():
+        assert torch.allclose(torch.from_numpy(exported), tiled.features(images), atol=1e-4)

@@ -4,7 +4,12 @@ High-resolution products (thin defects on 512 px board scans) lose their defects
 the backbone's usual input size. With ``data.image_size`` at the native resolution and
 ``data.tile = T`` the wrapper cuts every image into overlapping T x T tiles (``data.tile_overlap``
 pixels of overlap, tile starts on the patch stride), encodes each tile with the inner backbone and
-averages the tiles' patch features cell by cell onto the full-resolution patch grid. Everything
+stitches the tiles' patch features cell by cell onto the full-resolution patch grid. Where tiles
+overlap (``tile_overlap`` > 0) a cell is a weighted mean of the tiles covering it, each weighted by 1 +
+the cell's distance in cells to that tile's nearest cut edge (an edge inside the image; the image's own
+border does not count): a feature computed next to a cut sees the network's zero padding instead of the
+image there, which shows in the map as a seam, so the tile that sees the cell from its interior
+dominates. Without overlap every cell has one tile (plain copy). Everything
 downstream (coresets, nearest neighbours, anomaly maps at input resolution, image score = max of the
 stitched map) is unchanged. Task keys use one un-tiled pass of the image resized to T x T (routing
 needs the product, not the defect). A tile that covers the image is exactly the single pass.
@@ -77,9 +82,29 @@ class TiledBackbone(PromptedBackbone):
             for x in tile_starts(w, self.tile, self.overlap, self.stride):
                 feats = self.inner.features(images[:, :, y : y + self.tile, x : x + self.tile], prompt)
                 gy, gx = y // self.stride, x // self.stride
-                total[:, :, gy : gy + cells, gx : gx + cells] += feats.transpose(1, 2).reshape(b, -1, cells, cells)
-                count[:, :, gy : gy + cells, gx : gx + cells] += 1
+                tile_feats = feats.transpose(1, 2).reshape(b, -1, cells, cells)
+                if self.overlap > 0:
+                    weight = self._cut_weight(cells, gy, gx, grid_h, grid_w).to(tile_feats)
+                    total[:, :, gy : gy + cells, gx : gx + cells] += tile_feats * weight
+                    count[:, :, gy : gy + cells, gx : gx + cells] += weight
+                else:
+                    total[:, :, gy : gy + cells, gx : gx + cells] += tile_feats
+                    count[:, :, gy : gy + cells, gx : gx + cells] += 1
         return (total / count).flatten(2).transpose(1, 2)
+
+    @staticmethod
+    def _cut_weight(cells: int, gy: int, gx: int, grid_h: int, grid_w: int) -> torch.Tensor:
+        """(cells, cells) stitching weight of a tile starting at cell (gy, gx): 1 + each cell's distance in cells
+        to the tile's nearest edge that cuts the image (edges on the image border are not cuts)."""
+        index = torch.arange(cells, dtype=torch.float32)
+        far = torch.full((cells,), float(cells))
+
+        def along(start: int, size: int) -> torch.Tensor:
+            before = index if start > 0 else far
+            after = cells - 1 - index if start + cells < size else far
+            return torch.minimum(before, after)
+
+        return 1.0 + torch.minimum(along(gy, grid_h)[:, None], along(gx, grid_w)[None, :])
 
 
 def tiled_backbone(inner_for_tile: PromptedBackbone, image_size: int, tile: int | None, overlap: int) -> PromptedBackbone:
