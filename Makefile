@@ -51,7 +51,7 @@ IB_IUMAD_CPU = data.image_size=128 data.heldout_fraction=0.2 reconstruction.hidd
 # Order: real-3d (minutes), then real-ad (seed by seed), then the anomalib peer on real-ad (its own venv, ~1.5 h;
 # its section joins the board when the last line regenerates it). Resumable: finished runs under BENCH_OUT are reused.
 BENCH_OUT ?= runs/bench
-BENCH = $(VENV)/bin/contad bench --out $(BENCH_OUT) --headline README.md --headline benchmarks/RESULTS.md
+BENCH = $(VENV)/bin/contad bench --out $(BENCH_OUT) --leaderboard benchmarks/LEADERBOARD.md --headline README.md --headline benchmarks/RESULTS.md
 
 leaderboard: $(STAMP)
 	$(BENCH) --sequence real-3d --seeds 3 $(IB_IUMAD_CPU)

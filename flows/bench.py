@@ -9,7 +9,8 @@ run), tracking off, under ``OUT/<sequence>/<method>/seed<k>``; afterwards the ru
 is timed on its final state (one test image at a time) and written with the wall time and the machine
 load to ``bench.json`` beside ``metrics.json``. A run with both files is reused (resumable: rerun the
 same command after an interruption; delete a run folder to redo it). The leaderboard is regenerated
-from every finished run under OUT, with the anomalib peer's section where ``OUT/<sequence>/peer/results.json``
+from every finished run under OUT (``benchmarks/LEADERBOARD.md`` for ``runs/bench``, else ``OUT/LEADERBOARD.md``,
+unless ``--leaderboard`` names it), with the anomalib peer's section where ``OUT/<sequence>/peer/results.json``
 exists (``benchmarks/peer_anomalib.py --out`` there; ``make leaderboard`` runs it for real-ad).
 """
 
@@ -42,9 +43,19 @@ SEQUENCES: dict[str, dict[str, object]] = {
     "synth": {"root": None, "products": None, "depth": False},
 }
 TIMED_IMAGES = 8
-LEADERBOARD_JSON = REPO / "benchmarks" / "LEADERBOARD.json"  # the default --leaderboard's JSON; runs and reports read it
+LEADERBOARD_JSON = REPO / "benchmarks" / "LEADERBOARD.json"  # the project's board's JSON; runs and reports read it
+DEFAULT_OUT = Path("runs/bench")  # the project's runs: their board is benchmarks/LEADERBOARD.md
 PAPER_CLAIMS = REPO / "benchmarks" / "paper_claims.yaml"  # each paper's own figures, beside ours
 PEER_DIR = "peer"  # OUT/<sequence>/peer/results.json: benchmarks/peer_anomalib.py --out there (its leaderboard section)
+
+
+def default_leaderboard(out: Path) -> Path:
+    """The board a bench of the runs under ``out`` regenerates when ``--leaderboard`` is not given: the project's
+    ``benchmarks/LEADERBOARD.md`` for ``runs/bench``, ``OUT/LEADERBOARD.md`` for any other folder (a bench of other
+    runs, e.g. of one method with overrides, never replaces the project's board)."""
+    if Path(out).resolve() == DEFAULT_OUT.resolve():
+        return Path("benchmarks") / "LEADERBOARD.md"
+    return Path(out) / "LEADERBOARD.md"
 
 
 def sequence_methods(depth: bool) -> list[str]:

@@ -187,13 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output folder: detector.onnx.json, *.onnx, *.npy, run_onnx.py")
     _add_params(export)
 
-    bench = sub.add_parser("bench", help="every method on a named sequence over N seeds (real pipeline, resumable) -> benchmarks/LEADERBOARD.md")
+    bench = sub.add_parser("bench", help="every method on a named sequence over N seeds (real pipeline, resumable) -> a leaderboard (benchmarks/LEADERBOARD.md for runs/bench)")
     bench.add_argument("--sequence", default="real-ad", help="real-ad | real-3d | synth (default: real-ad)")
     bench.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per method (default: 3)")
     bench.add_argument("--methods", default=None, help="comma list (default: every registered method of the sequence)")
     bench.add_argument("--data", default=None, help="data folder of the sequence (default: ../shared/data/<sequence>)")
     bench.add_argument("--out", default="runs/bench", help="where the runs go (default: runs/bench)")
-    bench.add_argument("--leaderboard", default="benchmarks/LEADERBOARD.md", help="leaderboard file to regenerate")
+    bench.add_argument("--leaderboard", default=None,
+                       help="leaderboard file to regenerate (default: benchmarks/LEADERBOARD.md for --out runs/bench, else OUT/LEADERBOARD.md)")
     bench.add_argument("--headline", action="append", default=[], metavar="FILE",
                        help="also regenerate the headline table between FILE's '<!-- leaderboard:SEQUENCE -->' markers (repeatable)")
     _add_params(bench)
@@ -331,11 +332,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return predict_command(load_config(args.params, overrides), args.paths, Path(args.out), model=args.model, bank=args.bank)
     if args.command == "bench":
-        from flows.bench import bench_command
+        from flows.bench import bench_command, default_leaderboard
 
         load_config(args.params, overrides)  # every run gets these overrides: validated once, up front
+        board = Path(args.leaderboard) if args.leaderboard else default_leaderboard(Path(args.out))
         return bench_command(args.sequence, args.seeds, args.methods.split(",") if args.methods else None,
-                             Path(args.out), Path(args.leaderboard), args.data, overrides, args.params,
+                             Path(args.out), board, args.data, overrides, args.params,
                              [Path(h) for h in args.headline])
     if args.command == "export":
         from flows.export import export_command

@@ -67,6 +67,23 @@ def test_contad_bench_runs_resumes_and_writes_the_leaderboard(tmp_path: Path) ->
     assert json.loads((run / "metrics.json").read_text())["final"]["image_auroc"] == first["final"]["image_auroc"]
 
 
+def test_a_bench_of_other_runs_gets_its_own_board_unless_one_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows import bench
+    from flows.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))  # main() would point it at ./runs/.prefect otherwise
+    assert bench.default_leaderboard(Path("runs/bench")) == Path("benchmarks/LEADERBOARD.md")
+    assert bench.default_leaderboard(tmp_path / "runs" / "bench") == Path("benchmarks/LEADERBOARD.md")  # the same folder, absolute
+    assert bench.default_leaderboard(Path("runs/bench-try")) == Path("runs/bench-try/LEADERBOARD.md")
+    boards: list[Path] = []
+    monkeypatch.setattr(bench, "bench_command", lambda *args: boards.append(args[4]) or 0)
+    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    for argv in (["--out", "runs/try"], [], ["--out", "runs/try", "--leaderboard", "benchmarks/LEADERBOARD.md"]):
+        assert main(["bench", "--params", str(params), "--methods", "ucad", *argv]) == 0
+    assert boards == [Path("runs/try/LEADERBOARD.md"), Path("benchmarks/LEADERBOARD.md"), Path("benchmarks/LEADERBOARD.md")]
+
+
 # Paper vs reproduced (benchmarks/paper_claims.yaml)
 
 REPO = Path(__file__).resolve().parents[1]
