@@ -9,7 +9,8 @@ overlap (``tile_overlap`` > 0) a cell is a weighted mean of the tiles covering i
 the cell's distance in cells to that tile's nearest cut edge (an edge inside the image; the image's own
 border does not count): a feature computed next to a cut sees the network's zero padding instead of the
 image there, which shows in the map as a seam, so the tile that sees the cell from its interior
-dominates. Without overlap every cell has one tile (plain copy). Everything
+dominates. With ``tile_overlap`` 0 the tiles are averaged unweighted (each cell has one tile, except where
+the last tile, flush with the image edge, overlaps its neighbour). Everything
 downstream (coresets, nearest neighbours, anomaly maps at input resolution, image score = max of the
 stitched map) is unchanged. Task keys use one un-tiled pass of the image resized to T x T (routing
 needs the product, not the defect). A tile that covers the image is exactly the single pass.
@@ -83,13 +84,9 @@ class TiledBackbone(PromptedBackbone):
                 feats = self.inner.features(images[:, :, y : y + self.tile, x : x + self.tile], prompt)
                 gy, gx = y // self.stride, x // self.stride
                 tile_feats = feats.transpose(1, 2).reshape(b, -1, cells, cells)
-                if self.overlap > 0:
-                    weight = self._cut_weight(cells, gy, gx, grid_h, grid_w).to(tile_feats)
-                    total[:, :, gy : gy + cells, gx : gx + cells] += tile_feats * weight
-                    count[:, :, gy : gy + cells, gx : gx + cells] += weight
-                else:
-                    total[:, :, gy : gy + cells, gx : gx + cells] += tile_feats
-                    count[:, :, gy : gy + cells, gx : gx + cells] += 1
+                weight = self._cut_weight(cells, gy, gx, grid_h, grid_w).to(tile_feats) if self.overlap > 0 else 1.0  # x 1.0: exact
+                total[:, :, gy : gy + cells, gx : gx + cells] += tile_feats * weight
+                count[:, :, gy : gy + cells, gx : gx + cells] += weight
         return (total / count).flatten(2).transpose(1, 2)
 
     @staticmethod

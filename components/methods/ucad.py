@@ -231,7 +231,7 @@ class UCAD(ContinualMethod):
                 if other is not leader:  # can no longer be chosen: its kept features go
                     other.features = None
             log.info("ucad: task %r features %s: held-out synthetic image AUROC %.4f", data.name, label(choice), fit.synthetic["image_auroc"])
-        best = max(fits[1:], key=lambda f: f.synthetic["image_auroc"])
+        best = leader  # the best of the choices (the backbone's own settings are fits[0])
         margin = self.config.ucad.feature_choice_margin
         chosen = best if best.synthetic["image_auroc"] >= fits[0].synthetic["image_auroc"] + margin else fits[0]
         return chosen, {

@@ -85,14 +85,14 @@ def synthetic_defect_batch(heldout: ImageBatch, variants: int, seed: int) -> Ima
     if variants <= 0 or len(heldout) == 0:
         return None
     generator = torch.Generator().manual_seed(seed)
+    per_image = max(1, variants - 1)  # rectangle copies per normal; one stroke copy besides
     images, products, depth = [], [], []
     for product in sorted(set(heldout.products)):
         rows = torch.tensor([i for i, p in enumerate(heldout.products) if p == product])
         normals = heldout.images[rows]
-        pasted = synthetic_defects(normals, normals, max(1, variants - 1), generator)[0]
+        pasted = synthetic_defects(normals, normals, per_image, generator)[0]
         strokes = line_defects(normals, 1, generator)[0]
         images += [pasted, strokes]
-        per_image = max(1, variants - 1)
         products += [product] * (len(pasted) + len(strokes))
         if heldout.depth is not None:
             d = heldout.depth[rows]
