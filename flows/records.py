@@ -104,7 +104,10 @@ def feature_settings(out: Path, tasks: list[str]) -> dict[str, dict[str, Any]]:
     found: dict[str, dict[str, Any]] = {}
     for index, name in enumerate(tasks):
         path = step_dir(out, index, name) / TRAIN_LOG
-        log = (json.loads(path.read_text()).get("log") or {}) if path.is_file() else {}
+        try:
+            log = (json.loads(path.read_text()).get("log") or {}) if path.is_file() else {}
+        except (OSError, json.JSONDecodeError, AttributeError) as exc:
+            raise ContadError(f"{path}: unreadable training log ({exc})") from exc
         if "feature_choice" in log:
             found[name] = {"features": log.get("features"), "choice": log["feature_choice"]}
     return found

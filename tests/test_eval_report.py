@@ -279,3 +279,6 @@ def test_report_names_the_feature_settings_each_task_chose(tmp_path: Path) -> No
     assert "- `beta`: **feature_layer=2** (held-out synthetic image AUROC backbone 78.0, feature_layer=2 93.0; margin 2.0)" in text
     assert "`gamma`" not in text.split("## Image-level")[0]
     assert "feature settings per task" not in run_markdown(_forgetting_doc(), {})
+    (step_dir(tmp_path, 1, "beta") / TRAIN_LOG).write_text("{not json")
+    with pytest.raises(ContadError, match=r"01-beta/train_log.json: unreadable training log"):
+        feature_settings(tmp_path, ["alpha", "beta"])
