@@ -33,6 +33,7 @@ from rich.console import Console
 from components.atomic import atomic_directory, atomic_write_json
 from components.config import Config
 from components.data.loading import untested_products
+from components.data.manifest import count_test_images
 from components.data.protocol import ordered_products, task_name, task_of_product, task_sequence
 from components.data.tiling import resolve_tiling
 from components.errors import DataError
@@ -247,6 +248,7 @@ def _continual_run(cfg: Config, out: Path) -> dict[str, Any]:
         metrics_json = matrix.to_metrics_json(cfg.method, cfg.protocol.name)
         metrics_json["bank_version"] = version
         metrics_json["not_evaluable"] = untested_products(manifest)  # normal images only: no AUROC, gated on RESERVED_FRR
+        metrics_json["test_images"] = count_test_images(manifest)  # what each product's metrics rest on (chance bands)
         metrics_json["promoted"] = bool((record.get("promotion") or {}).get("passed", True))
 
         if uses_structure_masks(cfg):

@@ -149,6 +149,14 @@ def read_product(product_dir: Path, name: str) -> pd.DataFrame:
     return records_to_manifest(records)
 
 
+def count_test_images(manifest: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """``{product: {"good": n, "defective": n}}`` of the test split (products without test images left out):
+    how many images every test metric of a product rests on (``components.eval.chance``)."""
+    test = manifest[manifest["split"] == "test"]
+    return {str(product): {"good": int((rows["label"] == 0).sum()), "defective": int((rows["label"] == 1).sum())}
+            for product, rows in test.groupby("product", sort=True)}
+
+
 def untested_products(manifest: pd.DataFrame) -> list[str]:
     """Products with no test images: valid (normal images only) but not evaluable by AUROC."""
     tested = set(manifest.loc[manifest["split"] == "test", "product"])

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from components.eval.chance import CHANCE_LEVEL, chance_band, within_chance
+
 # (column, key in the run summary, scale for display, higher is better)
 COLUMNS: tuple[tuple[str, str, float, bool], ...] = (
     ("image AUROC", "image_auroc", 100.0, True),
@@ -74,6 +76,7 @@ def summarise_run(run: Path) -> dict[str, Any]:
         "load": extra.get("load"),
         "overrides": list(extra.get("overrides", [])),
         "per_product": {p: _num(v) for p, v in doc["final"]["image_auroc"].items()},
+        "test_images": dict(doc.get("test_images") or {}),  # runs written before session 37 have none
     }
     return summary
 
@@ -110,6 +113,27 @@ def aggregate(summaries: list[dict[str, Any]]) -> list[MethodRow]:
     return sorted(rows.values(), key=lambda r: -r.stats["image_auroc"][0] if not math.isnan(r.stats["image_auroc"][0]) else math.inf)
 
 
+def test_images(summaries: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """``{product: {"good": n, "defective": n}}`` of the runs' test splits (the first run that records a product)."""
+    counts: dict[str, dict[str, int]] = {}
+    for s in summaries:
+        for product, n in (s.get("test_images") or {}).items():
+            counts.setdefault(product, n)
+    return counts
+
+
+def chance_bands(counts: dict[str, dict[str, int]], products: list[str]) -> str:
+    """``grid 18.2–81.8 (3 good / 11 defective), ...``: each product's chance band of image AUROC in %
+    (``components.eval.chance``); "" when no product has both good and defective test images."""
+    return ", ".join(f"{p} {100 * lo:.1f}–{100 * hi:.1f} ({n['good']} good / {n['defective']} defective)"
+                     for p in products if (n := counts.get(p)) and n.get("good") and n.get("defective")
+                     for lo, hi in [chance_band(n["good"], n["defective"])])
+
+
+CHANCE_MEANING = (f"{100 * CHANCE_LEVEL:.0f} % of the image AUROCs a detector that separates nothing gets on this many test "
+                  "images lie inside; inside it a value shows neither detection nor an inversion")
+
+
 def cell(stat: tuple[float, float, int], scale: float, digits: int = 1) -> str:
     """``mean ± sd`` (sd only with 2+ values), "–" when undefined."""
     mean, sd, n = stat
@@ -119,8 +143,16 @@ def cell(stat: tuple[float, float, int], scale: float, digits: int = 1) -> str:
     return f"{text} ± {scale * sd:.{digits}f}" if n > 1 and not math.isnan(sd) else text
 
 
-def leaderboard_markdown(rows: list[MethodRow], title: str, notes: list[str]) -> str:
-    """The leaderboard table (one row per method), its per-product image AUROC table and the notes."""
+def leaderboard_markdown(rows: list[MethodRow], title: str, notes: list[str], counts: dict[str, dict[str, int]] | None = None) -> str:
+    """The leaderboard table (one row per method), its per-product image AUROC table and the notes;
+    ``counts`` (test images per product): per-product cells inside the chance band are marked °."""
+    counts = counts or {}
+
+    def product_cell(stat: tuple[float, float, int], product: str) -> str:
+        n = counts.get(product) or {}
+        inside = stat[2] > 0 and bool(n.get("good")) and bool(n.get("defective")) and within_chance(stat[0], n["good"], n["defective"])
+        return cell(stat, 100.0) + (" °" if inside else "")
+
     head = "| method | seeds | " + " | ".join(c for c, _, _, _ in COLUMNS) + " |"
     lines = [f"## {title}", "", head, "|" + "---|" * (len(COLUMNS) + 2)]
     for r in rows:
@@ -131,7 +163,10 @@ def leaderboard_markdown(rows: list[MethodRow], title: str, notes: list[str]) ->
         lines += ["", "Final image AUROC per product (mean ± sd over seeds):", "",
                   "| method | " + " | ".join(products) + " |", "|" + "---|" * (len(products) + 1)]
         for r in rows:
-            lines.append(f"| {r.method} | " + " | ".join(cell(r.per_product.get(p, (math.nan, math.nan, 0)), 100.0) for p in products) + " |")
+            lines.append(f"| {r.method} | " + " | ".join(product_cell(r.per_product.get(p, (math.nan, math.nan, 0)), p) for p in products) + " |")
+        bands = chance_bands(counts, products)
+        if bands:
+            lines += ["", f"° = the mean lies inside the product's chance band ({CHANCE_MEANING}): {bands}."]
     return "\n".join(lines + [""] + [f"- {n}" for n in notes] + [""])
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from components.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from components.errors import ContadError
+from components.eval.chance import CHANCE_LEVEL, chance_band, within_chance
 from components.eval.continual import validate_metrics_json
 from components.eval.figures import (
     comparison_figure,
@@ -167,6 +168,28 @@ def feature_settings_lines(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def chance_band_lines(doc: dict[str, Any]) -> list[str]:
+    """The lines under the image-level table giving each product's chance band of image AUROC (from its test
+    image counts, ``components.eval.chance``) and naming the products whose final value lies inside it."""
+    counts = doc.get("test_images") or {}
+    final = doc["final"].get("image_auroc", {})
+    bands = []
+    for product in doc["tasks"]:
+        n = counts.get(product)
+        if not n or not n.get("good") or not n.get("defective"):
+            continue
+        lo, hi = chance_band(n["good"], n["defective"])
+        value = final.get(product)
+        inside = value is not None and within_chance(float(value), n["good"], n["defective"])
+        bands.append(f"`{product}` {fmt(lo)}–{fmt(hi)} ({n['good']} good / {n['defective']} defective"
+                     + (f"; **{fmt(value)} is inside**" if inside else "") + ")")
+    if not bands:
+        return []
+    return ["", f"Chance band of image AUROC: where a detector whose scores separate nothing lands {100 * CHANCE_LEVEL:.0f} % of "
+            "the time on this many good and defective test images; a value inside it shows neither detection nor an "
+            "inversion (below 50). " + ", ".join(bands) + "."]
+
+
 def family_table(doc: dict[str, Any], metrics: list[str]) -> str:
     """Final value per product, Average, FM and BWT of every metric of a family (rows = metrics)."""
     tasks = doc["tasks"]
@@ -210,6 +233,8 @@ def run_markdown(doc: dict[str, Any], figures: dict[str, str], standing: list[st
         parts += ["", *standing]
     for family, metrics in metric_families(list(doc["matrix"])).items():
         parts += ["", f"## {family}", "", family_table(doc, metrics)]
+        if metrics[0] == "image_auroc":
+            parts += chance_band_lines(doc)
         key = f"family_{safe_name(family)}"
         if key in figures:
             parts += ["", f"![{family}: accuracy and forgetting matrices]({figures[key]})"]

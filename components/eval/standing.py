@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from components.eval.chance import within_chance
+from components.eval.leaderboard import CHANCE_MEANING, chance_bands
 
 REFERENCE = "ucad"
 Stat = tuple[float, float, int]  # mean, sample sd (NaN with one seed), seeds
@@ -31,6 +34,7 @@ class SequenceStanding:
     reference_overall: Stat
     per_product: dict[str, Stat]
     reference_per_product: dict[str, Stat]
+    test_images: dict[str, dict[str, int]] = field(default_factory=dict)  # per product: good / defective test images
 
     @property
     def gap(self) -> float:
@@ -60,7 +64,8 @@ def method_standing(leaderboard_json: Path, method: str, reference: str = REFERE
             found.append(SequenceStanding(sequence, method, reference, _stat(ours["stats"]["image_auroc"]),
                                           _stat(theirs["stats"]["image_auroc"]),
                                           {p: _stat(v) for p, v in ours.get("per_product", {}).items()},
-                                          {p: _stat(v) for p, v in theirs.get("per_product", {}).items()}))
+                                          {p: _stat(v) for p, v in theirs.get("per_product", {}).items()},
+                                          dict(section.get("test_images") or {})))
         except (KeyError, TypeError, ValueError):
             continue
     return found
@@ -73,11 +78,19 @@ def _pct(stat: Stat) -> str:
     return f"{100 * mean:.1f}" + (f" ± {100 * sd:.1f}" if n > 1 and not math.isnan(sd) else "")
 
 
+def _within_chance(standing: SequenceStanding, product: str) -> bool:
+    n = standing.test_images.get(product) or {}
+    return bool(n.get("good")) and bool(n.get("defective")) and within_chance(standing.per_product[product][0], n["good"], n["defective"])
+
+
 def standing_sentence(standing: SequenceStanding) -> str:
     """One line for the log, e.g. ``lemo on the real-ad leaderboard: image AUROC 62.0 (1 seed) vs ucad 90.6 (3 seeds): -28.6 points``."""
     n, m = standing.overall[2], standing.reference_overall[2]
-    worst = [p for p, s in standing.per_product.items() if s[2] and s[0] < 0.5]
-    inverted = f"; below chance on {', '.join(worst)}" if worst else ""
+    below = [p for p, s in standing.per_product.items() if s[2] and s[0] < 0.5]
+    luck = [p for p in below if _within_chance(standing, p)]
+    worst = [p for p in below if p not in luck]
+    inverted = (f"; below chance on {', '.join(worst)}" if worst else "") + (
+        f"; below 50 but inside the chance band of its few test images on {', '.join(luck)} (no separation, not evidence of an inversion)" if luck else "")
     return (f"{standing.method} on the {standing.sequence} leaderboard: image AUROC {_pct(standing.overall)} "
             f"({n} seed{'s' * (n != 1)}) vs {standing.reference} {_pct(standing.reference_overall)} ({m} seed{'s' * (m != 1)}): "
             f"{100 * standing.gap:+.1f} points{inverted}")
@@ -101,4 +114,7 @@ def standing_markdown(standings: list[SequenceStanding], method: str, leaderboar
                                                                   (s.reference, s.reference_overall, s.reference_per_product))]
         lines += ["", f"`{s.sequence}`: {100 * s.gap:+.1f} points against {s.reference}.", "", header,
                   "|" + "---|" * (len(products) + 3), *rows]
+        bands = chance_bands(s.test_images, products)
+        if bands:
+            lines += ["", f"Chance band per product ({CHANCE_MEANING}): {bands}."]
     return lines
