@@ -20,7 +20,7 @@ Scores: patch score = softmin weight of the nearest prototype x distance to it; 
 the patch grid upsampled bilinearly and Gaussian smoothed (``eval.smoothing_sigma``); the image
 score is the maximum of the map. The fit log reports how the held-out patches spread over the
 prototypes and warns when one takes more than ``COLLAPSE_SHARE`` of them: on a texture the adapter
-collapses the memory onto one or two prototypes and the scores separate little (grid inverts:
+collapses the memory onto one or two prototypes and the scores separate little (grid is at chance:
 benchmarks/RESULTS.md, the LeMO card).
 
 Continual use (our design; the paper trains one model per class):
@@ -254,7 +254,7 @@ class LeMO(ContinualMethod):
         shares = self.prototype_usage(feats, task_index)
         if float(shares[0]) > COLLAPSE_SHARE:
             log.warning("lemo: task %r: one of %d prototypes takes %.0f%% of the held-out patches (memory collapse): "
-                        "its scores separate little and may invert (benchmarks/RESULTS.md, issue 32)", self.tasks[task_index], len(shares), 100 * float(shares[0]))
+                        "its scores may separate nothing (benchmarks/RESULTS.md, issue 32)", self.tasks[task_index], len(shares), 100 * float(shares[0]))
         return {"count": len(scores), "mean": float(scores.mean()), "std": float(scores.std()) if len(scores) > 1 else 0.0, "max": float(scores.max()),
                 "prototype_top_share": float(shares[0]), "prototypes_in_use": int((shares > 0).sum())}
 

@@ -124,7 +124,7 @@ def prototype_shares(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """(K,) share of the patches of z (B, N, D) whose nearest prototype is each of P (K, D), most used first.
 
     A collapsed memory (one prototype takes almost every patch) leaves the score nothing but the distance
-    to that prototype: on a texture this separated nothing and inverted grid (benchmarks/RESULTS.md, the LeMO card).
+    to that prototype: on a texture this separated nothing (grid at chance: benchmarks/RESULTS.md, the LeMO card).
     """
     nearest = torch.cdist(z.reshape(-1, z.shape[-1]), prototypes).argmin(dim=1)
     counts = torch.bincount(nearest, minlength=prototypes.shape[0]).float()
