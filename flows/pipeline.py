@@ -11,7 +11,6 @@ points to a server. The commands: ``run_command`` (``contad run``), ``execute``,
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -74,6 +73,7 @@ from flows.records import (
     config_fingerprint,
     feature_settings,
     read_step_record,
+    read_train_log,
     step_dir,
     write_matrix_csvs,
 )
@@ -107,10 +107,10 @@ def open_tracker(cfg: Config, run_record: dict[str, Any]) -> Any:
 
 
 def log_train_losses(tracker: Any, index: int, name: str, directory: Path) -> None:
-    """Log the epoch losses of the training log in step directory ``directory`` (when it has one)."""
-    path = Path(directory) / TRAIN_LOG
-    if path.is_file():
-        tracker.log_train_losses(index, name, json.loads(path.read_text()).get("log") or {})
+    """Log the epoch losses of the training log in step directory ``directory`` (when it has one; an
+    unreadable one stops the run with a ``ContadError`` naming the file)."""
+    if (Path(directory) / TRAIN_LOG).is_file():
+        tracker.log_train_losses(index, name, read_train_log(directory))
 
 
 # ---------------------------------------------------------------------------------- the flow

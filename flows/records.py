@@ -98,16 +98,22 @@ def step_dir(out: Path, index: int, name: str) -> Path:
     return Path(out) / STEPS_DIR / f"{index:02d}-{safe}"
 
 
+def read_train_log(directory: Path) -> dict[str, Any]:
+    """The method's fit log (``log``) in the training log of step directory ``directory``; {} when the step
+    has none; a ``ContadError`` naming the file when it cannot be read."""
+    path = Path(directory) / TRAIN_LOG
+    try:
+        return (json.loads(path.read_text()).get("log") or {}) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError, AttributeError) as exc:
+        raise ContadError(f"{path}: unreadable training log ({exc})") from exc
+
+
 def feature_settings(out: Path, tasks: list[str]) -> dict[str, dict[str, Any]]:
     """Per task, the feature settings its training log says it took and the choice that picked them
     (``ucad.feature_choices``): ``{task: {"features": ..., "choice": {...}}}``; empty when no step chose."""
     found: dict[str, dict[str, Any]] = {}
     for index, name in enumerate(tasks):
-        path = step_dir(out, index, name) / TRAIN_LOG
-        try:
-            log = (json.loads(path.read_text()).get("log") or {}) if path.is_file() else {}
-        except (OSError, json.JSONDecodeError, AttributeError) as exc:
-            raise ContadError(f"{path}: unreadable training log ({exc})") from exc
+        log = read_train_log(step_dir(out, index, name))
         if "feature_choice" in log:
             found[name] = {"features": log.get("features"), "choice": log["feature_choice"]}
     return found

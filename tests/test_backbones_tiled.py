@@ -82,6 +82,18 @@ def test_tiles_without_overlap_are_copied_as_they_are(inner) -> None:  # noqa: A
     assert torch.equal(grid[8:, 8:], right)
 
 
+def test_a_flush_last_tile_is_weighted_even_without_overlap(inner) -> None:  # noqa: ANN001
+    """96 px in 64 px tiles with overlap 0: tiles at 0 and 32 still overlap by 32 px (4 cells); the seam is weighted away."""
+    tiled = TiledBackbone(inner, tile=64, overlap=0)
+    images = torch.randn(1, 3, 96, 96)
+    with torch.inference_mode():
+        grid = tiled.features(images).reshape(12, 12, -1)
+        tiles = {s: inner.features(images[:, :, :64, s : s + 64]).reshape(8, 8, -1) for s in (0, 32)}
+    # row 0, column 7 (px 56..63): tile 0 at its cut edge (weight 1), tile 32 three cells past its cut (weight 4)
+    assert torch.allclose(grid[0, 7], (1 * tiles[0][0, 7] + 4 * tiles[32][0, 3]) / 5, atol=1e-5)
+    assert torch.allclose(grid[0, 0], tiles[0][0, 0], atol=1e-6)  # covered by one tile only
+
+
 def test_the_weighted_stitching_exports_to_onnx_as_evaluated(inner, tmp_path) -> None:  # noqa: ANN001
     ort = pytest.importorskip("onnxruntime")
     from components.export.onnx_export import PatchFeatures, _export_graph

@@ -282,3 +282,9 @@ def test_report_names_the_feature_settings_each_task_chose(tmp_path: Path) -> No
     (step_dir(tmp_path, 1, "beta") / TRAIN_LOG).write_text("{not json")
     with pytest.raises(ContadError, match=r"01-beta/train_log.json: unreadable training log"):
         feature_settings(tmp_path, ["alpha", "beta"])
+    from types import SimpleNamespace
+
+    from flows.pipeline import log_train_losses  # the tracker's loss curves read the same log: the same error
+
+    with pytest.raises(ContadError, match=r"01-beta/train_log.json: unreadable training log"):
+        log_train_losses(SimpleNamespace(log_train_losses=lambda *args: None), 1, "beta", step_dir(tmp_path, 1, "beta"))

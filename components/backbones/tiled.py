@@ -5,12 +5,13 @@ the backbone's usual input size. With ``data.image_size`` at the native resoluti
 ``data.tile = T`` the wrapper cuts every image into overlapping T x T tiles (``data.tile_overlap``
 pixels of overlap, tile starts on the patch stride), encodes each tile with the inner backbone and
 stitches the tiles' patch features cell by cell onto the full-resolution patch grid. Where tiles
-overlap (``tile_overlap`` > 0) a cell is a weighted mean of the tiles covering it, each weighted by 1 +
-the cell's distance in cells to that tile's nearest cut edge (an edge inside the image; the image's own
-border does not count): a feature computed next to a cut sees the network's zero padding instead of the
-image there, which shows in the map as a seam, so the tile that sees the cell from its interior
-dominates. With ``tile_overlap`` 0 the tiles are averaged unweighted (each cell has one tile, except where
-the last tile, flush with the image edge, overlaps its neighbour). Everything
+overlap (``tile_overlap`` > 0, or a last tile flush with the image edge when the image is not a multiple
+of the tile) a cell is a weighted mean of the tiles covering it, each weighted by 1 + the cell's distance
+in cells to that tile's nearest cut edge (an edge inside the image; the image's own border does not
+count): a feature computed next to a cut sees the network's zero padding instead of the image there,
+which shows in the map as a seam, so the tile that sees the cell from its interior dominates. Tiles that
+do not overlap (``tile_overlap`` 0 and an image a multiple of the tile, e.g. ``tile: auto``) are copied
+cell by cell. Everything
 downstream (coresets, nearest neighbours, anomaly maps at input resolution, image score = max of the
 stitched map) is unchanged. Task keys use one un-tiled pass of the image resized to T x T (routing
 needs the product, not the defect). A tile that covers the image is exactly the single pass.
@@ -79,12 +80,14 @@ class TiledBackbone(PromptedBackbone):
         cells = self.tile // self.stride
         total = images.new_zeros(b, self.feature_dim, grid_h, grid_w)
         count = images.new_zeros(1, 1, grid_h, grid_w)
-        for y in tile_starts(h, self.tile, self.overlap, self.stride):
-            for x in tile_starts(w, self.tile, self.overlap, self.stride):
+        ys, xs = tile_starts(h, self.tile, self.overlap, self.stride), tile_starts(w, self.tile, self.overlap, self.stride)
+        overlapping = len(ys) * self.tile > h or len(xs) * self.tile > w  # also with overlap 0: a flush last tile
+        for y in ys:
+            for x in xs:
                 feats = self.inner.features(images[:, :, y : y + self.tile, x : x + self.tile], prompt)
                 gy, gx = y // self.stride, x // self.stride
                 tile_feats = feats.transpose(1, 2).reshape(b, -1, cells, cells)
-                weight = self._cut_weight(cells, gy, gx, grid_h, grid_w).to(tile_feats) if self.overlap > 0 else 1.0  # x 1.0: exact
+                weight = self._cut_weight(cells, gy, gx, grid_h, grid_w).to(tile_feats) if overlapping else 1.0  # x 1.0: exact
                 total[:, :, gy : gy + cells, gx : gx + cells] += tile_feats * weight
                 count[:, :, gy : gy + cells, gx : gx + cells] += weight
         return (total / count).flatten(2).transpose(1, 2)
