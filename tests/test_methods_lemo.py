@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from components.config import Config, ConfigError, load_config
+from components.errors import ContadError
 from components.methods.lemo import LeMO
 from components.methods.lemo_net import LeMOAdapter, anonce_loss, kmeans_prototypes, prototype_scores, qr_prototypes
 from components.methods.registry import build_method
@@ -83,6 +84,17 @@ def test_feature_enhanced_keeps_usage_a_distribution() -> None:
         method.learn_features(method.frozen_features(product_images("red", 1, seed=i)), t)
     assert method.usage[t].sum().item() == pytest.approx(1.0, abs=1e-5)
     assert torch.isfinite(method.prototypes[t]).all()
+
+
+def test_more_prototypes_than_embedding_dims_need_the_kmeans_init() -> None:
+    """k-means centres have no K <= D limit (a placeholder, not QR, waits for the first image); QR init says so up front."""
+    method = LeMO(lemo_config(prototype_init="kmeans", adapter_init="random", adapter_dim=8, prototypes=12), ToyBackbone())
+    method.fit_task(toy_task("red", n_train=3, n_heldout=1))
+    assert method.prototypes[0].shape == (12, 8) and method.prototypes_ready[0]
+    with pytest.raises(ContadError, match=r"lemo.prototypes=12 exceeds the embedding dim 8 .*lemo.prototype_init=qr"):
+        LeMO(lemo_config(prototype_init="qr", adapter_init="random", adapter_dim=8, prototypes=12), ToyBackbone())
+    with pytest.raises(ContadError, match=r"lemo.prototypes=20 exceeds the 16 patches of one image"):  # 4 x 4 toy grid
+        LeMO(lemo_config(prototype_init="kmeans", adapter_init="random", adapter_dim=8, prototypes=20), ToyBackbone())
 
 
 def test_kmeans_init_uses_the_first_image() -> None:

@@ -42,6 +42,7 @@ saved state, so a stream resumed from a checkpoint continues exactly as an unint
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, ClassVar
 
@@ -74,6 +75,15 @@ class LeMO(ContinualMethod):
 
     def __init__(self, config: Config, backbone: PromptedBackbone) -> None:
         super().__init__(config, backbone)
+        cfg = config.lemo
+        if cfg.prototype_init == "qr" and cfg.prototypes > self.embed_dim:
+            raise ContadError(f"lemo.prototypes={cfg.prototypes} exceeds the embedding dim {self.embed_dim} (lemo.adapter_dim, else the "
+                              f"backbone's feature dim): lemo.prototype_init=qr draws orthonormal prototypes and needs at most that many "
+                              "(lemo.prototype_init=kmeans has no such limit)")
+        patches = math.prod(backbone.grid_size(config.data.image_size))
+        if cfg.prototype_init == "kmeans" and cfg.prototypes > patches:
+            raise ContadError(f"lemo.prototypes={cfg.prototypes} exceeds the {patches} patches of one image at data.image_size="
+                              f"{config.data.image_size}: lemo.prototype_init=kmeans takes the first image's patch centres")
         self._reset()
 
     def _reset(self) -> None:
@@ -106,7 +116,7 @@ class LeMO(ContinualMethod):
         return self.adapters[0 if self.config.lemo.shared_adapter else task_index]
 
     def add_task(self, name: str) -> int:
-        """Open a new, empty task (fresh adapter unless shared, QR prototypes, empty key); returns its index."""
+        """Open a new, empty task (fresh adapter unless shared, QR prototypes or a k-means placeholder, empty key); returns its index."""
         if name in self.tasks:
             raise ContadError(f"task {name!r} is already learned (tasks: {self.tasks})")
         cfg = self.config.lemo
@@ -115,7 +125,11 @@ class LeMO(ContinualMethod):
         if not cfg.shared_adapter or not self.adapters:
             self.adapters.append(LeMOAdapter(self.backbone.feature_dim, self.embed_dim, cfg.adapter_init, generator).to(self.device))
         learn_memory = cfg.memory_update != "frozen"
-        prototypes = torch.nn.Parameter(qr_prototypes(cfg.prototypes, self.embed_dim, generator).to(self.device), requires_grad=learn_memory)
+        # k-means init replaces these by the first image's centres; until then (a stream scores an image before
+        # learning it) they are the paper's QR noise, or zeros where K > D leaves no orthonormal set
+        initial = (qr_prototypes(cfg.prototypes, self.embed_dim, generator) if cfg.prototypes <= self.embed_dim
+                   else torch.zeros(cfg.prototypes, self.embed_dim))
+        prototypes = torch.nn.Parameter(initial.to(self.device), requires_grad=learn_memory)
         self.tasks.append(name)
         self.prototypes.append(prototypes)
         self.usage.append(torch.full((cfg.prototypes,), 1.0 / cfg.prototypes))
