@@ -270,6 +270,7 @@ def _number(value: float) -> float | None:
 def decision_summary(detector: Detector, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per routed product: decisions, threshold and its promises; per product folder: the measured rates
     and image AUROC where the folder layout labels the images."""
+    from components.eval.chance import chance_band
     from components.eval.metrics import auroc
 
     routed: dict[str, Any] = {}
@@ -291,7 +292,8 @@ def decision_summary(detector: Detector, rows: list[dict[str, Any]]) -> dict[str
         measured[folder] = {"images": len(mine), "good": len(good), "defective": len(bad),
                             "false_reject_rate": sum(r["decision"] == "NG" for r in good) / len(good) if good else None,
                             "escape_rate": sum(r["decision"] == "OK" for r in bad) / len(bad) if bad else None,
-                            "image_auroc": auroc(labels, scores) if good and bad else None}
+                            "image_auroc": auroc(labels, scores) if good and bad else None,
+                            "chance_band": list(chance_band(len(good), len(bad))) if good and bad else None}
     promises = [line for line in detector.calibration.promises() if line.split(":")[0].removeprefix("task ") in routed]
     return {"target_fpr": detector.calibration.target_fpr, "routed": routed, "measured": measured, "promises": promises}
 
@@ -308,7 +310,10 @@ def summary_text(summary: dict[str, Any]) -> str:
                      f"escape estimate (synthetic defects) {pct(e['escape_estimate'])}")
     for folder, e in summary["measured"].items():
         auroc = "-" if e["image_auroc"] is None else f"{e['image_auroc']:.4f}"
+        band = e.get("chance_band")
+        luck = (f" (inside the chance band {band[0]:.2f}-{band[1]:.2f} of {e['good']} good / {e['defective']} defective images: "
+                "no evidence of detection)" if band and band[0] <= e["image_auroc"] <= band[1] else "")
         lines.append(f"  measured on {folder} (labels from the folders): false-reject rate {pct(e['false_reject_rate'])}, "
-                     f"escape rate {pct(e['escape_rate'])}, image AUROC {auroc}")
+                     f"escape rate {pct(e['escape_rate'])}, image AUROC {auroc}{luck}")
     lines += [f"  note: {line}" for line in summary["promises"]]
     return "\n".join(lines)

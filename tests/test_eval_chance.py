@@ -109,3 +109,16 @@ def test_report_names_products_inside_their_chance_band() -> None:
     assert "`b` 44." in text and "69.0 is inside" not in text
     assert chance_band_lines({**doc, "test_images": {}}) == []  # older metrics.json: nothing claimed
     assert "Chance band" not in run_markdown({**doc, "test_images": {}}, {})
+
+
+def test_predict_summary_says_when_a_measured_auroc_is_luck() -> None:
+    from flows.predict import summary_text
+
+    measured = {"images": 14, "good": 3, "defective": 11, "false_reject_rate": 0.0, "escape_rate": 0.5}
+    summary = {"target_fpr": 0.01, "routed": {}, "promises": [], "measured": {
+        "grid": {**measured, "image_auroc": 0.21, "chance_band": list(chance_band(3, 11))},
+        "pcb": {**measured, "good": 60, "defective": 150, "image_auroc": 0.9, "chance_band": list(chance_band(60, 150))},
+        "washer": {**measured, "defective": 0, "image_auroc": None, "chance_band": None}}}
+    lines = summary_text(summary).splitlines()
+    assert "image AUROC 0.2100 (inside the chance band 0.18-0.82 of 3 good / 11 defective images: no evidence of detection)" in lines[1]
+    assert lines[2].endswith("image AUROC 0.9000") and lines[3].endswith("image AUROC -")
