@@ -122,3 +122,19 @@ def test_predict_summary_says_when_a_measured_auroc_is_luck() -> None:
     lines = summary_text(summary).splitlines()
     assert "image AUROC 0.2100 (inside the chance band 0.18-0.82 of 3 good / 11 defective images: no evidence of detection)" in lines[1]
     assert lines[2].endswith("image AUROC 0.9000") and lines[3].endswith("image AUROC -")
+
+
+def test_runs_without_counts_take_them_from_the_data_their_run_record_names(tmp_path: Path) -> None:
+    from PIL import Image
+
+    root = tmp_path / "data"
+    for rel in ("a/train/good/0.png", "a/test/good/0.png", "a/test/good/1.png", "a/test/scratch/0.png"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (16, 16), 128).save(root / rel)
+    (root / "a/ground_truth/scratch").mkdir(parents=True)
+    Image.new("L", (16, 16), 255).save(root / "a/ground_truth/scratch/0_mask.png")
+    run = _fake_run(tmp_path / "bench", "ucad", 0, {"a": 0.9})  # metrics.json without test_images (older runs)
+    (run / "run.json").write_text(json.dumps({"config": {"data": {"root": str(root)}}}))
+    assert summarise_run(run)["test_images"] == {"a": {"good": 2, "defective": 1}}
+    (run / "run.json").write_text(json.dumps({"config": {"data": {"root": str(tmp_path / "gone")}}}))
+    assert summarise_run(run)["test_images"] == {}  # advice only: unreadable data leaves the marks out

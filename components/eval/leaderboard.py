@@ -76,9 +76,22 @@ def summarise_run(run: Path) -> dict[str, Any]:
         "load": extra.get("load"),
         "overrides": list(extra.get("overrides", [])),
         "per_product": {p: _num(v) for p, v in doc["final"]["image_auroc"].items()},
-        "test_images": dict(doc.get("test_images") or {}),  # runs written before session 37 have none
+        "test_images": dict(doc.get("test_images") or {}) or recorded_test_images(run, list(doc["tasks"])),
     }
     return summary
+
+
+def recorded_test_images(run: Path, products: list[str]) -> dict[str, dict[str, int]]:
+    """Test image counts of a run whose ``metrics.json`` predates them: read from the data root its ``run.json``
+    records (relative roots from the working directory); {} when that data cannot be read (the counts are advice)."""
+    from components.data.manifest import count_test_images, read_dataset
+    from components.errors import ContadError
+
+    try:
+        root = json.loads((run / "run.json").read_text())["config"]["data"]["root"]
+        return count_test_images(read_dataset(Path(root), products=products))
+    except (OSError, ValueError, KeyError, TypeError, ContadError):
+        return {}
 
 
 @dataclass
