@@ -29,7 +29,7 @@ def test_standing_against_ucad_from_the_leaderboard(board: Path) -> None:
     assert standing.sequence == "real-ad" and standing.overall[:1] == pytest.approx((0.55,)) and standing.overall[2] == 1
     assert standing.gap == pytest.approx(0.55 - 0.8)
     line = standing_sentence(standing)
-    assert "55.0 (1 seed) vs ucad 80.0 ± 7.1 (2 seeds): -25.0 points" in line and "below chance on a" in line
+    assert "55.0 (1 seed) vs ucad 80.0 ± 7.1 (2 seeds): -25.0 points" in line and "below 50 on a" in line and "chance" not in line  # no test counts on this board: neither luck nor inversion claimed
     text = "\n".join(standing_markdown([standing], "lemo", "x.json"))
     assert "| lemo | 1 | 20.0 | 90.0 | 55.0 |" in text and "| ucad | 2 | 80.0 ± 14.1 | 80.0 ± 0.0 | 80.0 ± 7.1 |" in text
     assert standing_markdown([standing], "ucad", "x.json") == []  # the reference does not stand against itself
