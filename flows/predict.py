@@ -46,6 +46,7 @@ from components.config import Config
 from components.decision import Detector, ImageTooLarge, Verdict, decode_image
 from components.errors import ContadError, DataError
 from components.memory.feedback import image_id
+from components.eval.chance import counts_band, inside
 from components.eval.figures import heatmap_overlay_png
 from components.progress import progress_bar
 
@@ -270,7 +271,6 @@ def _number(value: float) -> float | None:
 def decision_summary(detector: Detector, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per routed product: decisions, threshold and its promises; per product folder: the measured rates
     and image AUROC where the folder layout labels the images."""
-    from components.eval.chance import chance_band
     from components.eval.metrics import auroc
 
     routed: dict[str, Any] = {}
@@ -289,11 +289,12 @@ def decision_summary(detector: Detector, rows: list[dict[str, Any]]) -> dict[str
         bad = [row for row, label in mine if label == 1]
         scores = np.array([r["score"] for r in good + bad], dtype=np.float64)
         labels = np.array([0] * len(good) + [1] * len(bad))
+        band = counts_band({"good": len(good), "defective": len(bad)})
         measured[folder] = {"images": len(mine), "good": len(good), "defective": len(bad),
                             "false_reject_rate": sum(r["decision"] == "NG" for r in good) / len(good) if good else None,
                             "escape_rate": sum(r["decision"] == "OK" for r in bad) / len(bad) if bad else None,
                             "image_auroc": auroc(labels, scores) if good and bad else None,
-                            "chance_band": list(chance_band(len(good), len(bad))) if good and bad else None}
+                            "chance_band": list(band) if band else None}
     promises = [line for line in detector.calibration.promises() if line.split(":")[0].removeprefix("task ") in routed]
     return {"target_fpr": detector.calibration.target_fpr, "routed": routed, "measured": measured, "promises": promises}
 
@@ -312,7 +313,7 @@ def summary_text(summary: dict[str, Any]) -> str:
         auroc = "-" if e["image_auroc"] is None else f"{e['image_auroc']:.4f}"
         band = e.get("chance_band")
         luck = (f" (inside the chance band {band[0]:.2f}-{band[1]:.2f} of {e['good']} good / {e['defective']} defective images: "
-                "no evidence of detection)" if band and band[0] <= e["image_auroc"] <= band[1] else "")
+                "no evidence of detection)" if inside(e["image_auroc"], band) else "")
         lines.append(f"  measured on {folder} (labels from the folders): false-reject rate {pct(e['false_reject_rate'])}, "
                      f"escape rate {pct(e['escape_rate'])}, image AUROC {auroc}{luck}")
     lines += [f"  note: {line}" for line in summary["promises"]]

@@ -16,6 +16,7 @@ where the two agree to about 0.005.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from statistics import NormalDist
 
 import numpy as np
@@ -67,8 +68,22 @@ def chance_band(n_good: int, n_defective: int, level: float = CHANCE_LEVEL) -> t
 
 def within_chance(value: float, n_good: int, n_defective: int, level: float = CHANCE_LEVEL) -> bool:
     """True when ``value`` lies inside the chance band (False for an undefined band or value)."""
-    lo, hi = chance_band(n_good, n_defective, level)
-    return not (math.isnan(value) or math.isnan(lo)) and lo <= value <= hi
+    return inside(value, chance_band(n_good, n_defective, level))
+
+
+def counts_band(counts: Mapping[str, int] | None, level: float = CHANCE_LEVEL) -> tuple[float, float] | None:
+    """The chance band of a ``{"good": n, "defective": n}`` record (``metrics.json`` ``test_images``); None when
+    the record is missing or lacks good or defective images (no AUROC, no band)."""
+    if not counts or not counts.get("good") or not counts.get("defective"):
+        return None
+    return chance_band(counts["good"], counts["defective"], level)
+
+
+def inside(value: float | None, band: tuple[float, float] | None) -> bool:
+    """True when ``value`` lies inside ``band`` (False for no band, an undefined band or no value)."""
+    if value is None or band is None or math.isnan(value) or math.isnan(band[0]):
+        return False
+    return band[0] <= value <= band[1]
 
 
 def _check_counts(n_good: int, n_defective: int) -> None:

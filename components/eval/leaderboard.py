@@ -10,6 +10,7 @@ and shown as "–", never 0. The papers' own figures beside ours: ``components.e
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from components.eval.chance import CHANCE_LEVEL, chance_band, within_chance
+from components.eval.chance import CHANCE_LEVEL, counts_band, inside
 
 # (column, key in the run summary, scale for display, higher is better)
 COLUMNS: tuple[tuple[str, str, float, bool], ...] = (
@@ -84,14 +85,21 @@ def summarise_run(run: Path) -> dict[str, Any]:
 def recorded_test_images(run: Path, products: list[str]) -> dict[str, dict[str, int]]:
     """Test image counts of a run whose ``metrics.json`` predates them: read from the data root its ``run.json``
     records (relative roots from the working directory); {} when that data cannot be read (the counts are advice)."""
-    from components.data.manifest import count_test_images, read_dataset
     from components.errors import ContadError
 
     try:
         root = json.loads((run / "run.json").read_text())["config"]["data"]["root"]
-        return count_test_images(read_dataset(Path(root), products=products))
-    except (OSError, ValueError, KeyError, TypeError, ContadError):
+        return {p: dict(n) for p, n in _dataset_test_images(str(Path(root).resolve()), tuple(products)).items()}
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, ContadError):
         return {}
+
+
+@functools.lru_cache(maxsize=8)
+def _dataset_test_images(root: str, products: tuple[str, ...]) -> dict[str, dict[str, int]]:
+    """Test image counts of ``products`` under ``root``, read once per board (every seed of every method shares the data)."""
+    from components.data.manifest import count_test_images, read_dataset
+
+    return count_test_images(read_dataset(Path(root), products=list(products)))
 
 
 @dataclass
@@ -138,9 +146,9 @@ def test_images(summaries: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
 def chance_bands(counts: dict[str, dict[str, int]], products: list[str]) -> str:
     """``grid 18.2–81.8 (3 good / 11 defective), ...``: each product's chance band of image AUROC in %
     (``components.eval.chance``); "" when no product has both good and defective test images."""
-    return ", ".join(f"{p} {100 * lo:.1f}–{100 * hi:.1f} ({n['good']} good / {n['defective']} defective)"
-                     for p in products if (n := counts.get(p)) and n.get("good") and n.get("defective")
-                     for lo, hi in [chance_band(n["good"], n["defective"])])
+    bands = {p: band for p in products if (band := counts_band(counts.get(p))) is not None}
+    return ", ".join(f"{p} {100 * lo:.1f}–{100 * hi:.1f} ({counts[p]['good']} good / {counts[p]['defective']} defective)"
+                     for p, (lo, hi) in bands.items())
 
 
 CHANCE_MEANING = (f"{100 * CHANCE_LEVEL:.0f} % of the image AUROCs a detector that separates nothing gets on this many test "
@@ -162,9 +170,8 @@ def leaderboard_markdown(rows: list[MethodRow], title: str, notes: list[str], co
     counts = counts or {}
 
     def product_cell(stat: tuple[float, float, int], product: str) -> str:
-        n = counts.get(product) or {}
-        inside = stat[2] > 0 and bool(n.get("good")) and bool(n.get("defective")) and within_chance(stat[0], n["good"], n["defective"])
-        return cell(stat, 100.0) + (" °" if inside else "")
+        marked = stat[2] > 0 and inside(stat[0], counts_band(counts.get(product)))
+        return cell(stat, 100.0) + (" °" if marked else "")
 
     head = "| method | seeds | " + " | ".join(c for c, _, _, _ in COLUMNS) + " |"
     lines = [f"## {title}", "", head, "|" + "---|" * (len(COLUMNS) + 2)]

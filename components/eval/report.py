@@ -16,7 +16,7 @@ from typing import Any
 
 from components.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from components.errors import ContadError
-from components.eval.chance import CHANCE_LEVEL, chance_band, within_chance
+from components.eval.chance import CHANCE_LEVEL, counts_band, inside
 from components.eval.continual import validate_metrics_json
 from components.eval.figures import (
     comparison_figure,
@@ -175,14 +175,12 @@ def chance_band_lines(doc: dict[str, Any]) -> list[str]:
     final = doc["final"].get("image_auroc", {})
     bands = []
     for product in doc["tasks"]:
-        n = counts.get(product)
-        if not n or not n.get("good") or not n.get("defective"):
+        band = counts_band(counts.get(product))
+        if band is None:
             continue
-        lo, hi = chance_band(n["good"], n["defective"])
-        value = final.get(product)
-        inside = value is not None and within_chance(float(value), n["good"], n["defective"])
-        bands.append(f"`{product}` {fmt(lo)}–{fmt(hi)} ({n['good']} good / {n['defective']} defective"
-                     + (f"; **{fmt(value)} is inside**" if inside else "") + ")")
+        n, value = counts[product], final.get(product)
+        bands.append(f"`{product}` {fmt(band[0])}–{fmt(band[1])} ({n['good']} good / {n['defective']} defective"
+                     + (f"; **{fmt(value)} is inside**" if inside(value, band) else "") + ")")
     if not bands:
         return []
     return ["", f"Chance band of image AUROC: where a detector whose scores separate nothing lands {100 * CHANCE_LEVEL:.0f} % of "

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components.eval.chance import within_chance
+from components.eval.chance import counts_band, inside
 from components.eval.leaderboard import CHANCE_MEANING, chance_bands
 
 REFERENCE = "ucad"
@@ -78,27 +78,17 @@ def _pct(stat: Stat) -> str:
     return f"{100 * mean:.1f}" + (f" ± {100 * sd:.1f}" if n > 1 and not math.isnan(sd) else "")
 
 
-def _counted(standing: SequenceStanding, product: str) -> bool:
-    n = standing.test_images.get(product) or {}
-    return bool(n.get("good")) and bool(n.get("defective"))
-
-
-def _within_chance(standing: SequenceStanding, product: str) -> bool:
-    n = standing.test_images[product]
-    return within_chance(standing.per_product[product][0], n["good"], n["defective"])
-
-
 def standing_sentence(standing: SequenceStanding) -> str:
     """One line for the log, e.g. ``lemo on the real-ad leaderboard: image AUROC 62.0 (1 seed) vs ucad 90.6 (3 seeds): -28.6 points``."""
     n, m = standing.overall[2], standing.reference_overall[2]
-    below = [p for p, s in standing.per_product.items() if s[2] and s[0] < 0.5]
-    counted = [p for p in below if _counted(standing, p)]  # a board without test counts cannot tell luck from inversion
-    luck = [p for p in counted if _within_chance(standing, p)]
-    worst = [p for p in counted if p not in luck]
-    unknown = [p for p in below if p not in counted]
-    inverted = (f"; below chance on {', '.join(worst)}" if worst else "") + (
-        f"; below 50 but inside the chance band of its few test images on {', '.join(luck)} (no separation, not evidence of an inversion)" if luck else "") + (
-        f"; below 50 on {', '.join(unknown)}" if unknown else "")
+    below = {p: counts_band(standing.test_images.get(p)) for p, s in standing.per_product.items() if s[2] and s[0] < 0.5}
+    worst = [p for p, band in below.items() if band is not None and not inside(standing.per_product[p][0], band)]
+    luck = [p for p, band in below.items() if inside(standing.per_product[p][0], band)]
+    unknown = [p for p, band in below.items() if band is None]  # a board without test counts cannot tell luck from inversion
+    inverted = "".join(text for text in (
+        f"; below chance on {', '.join(worst)}" if worst else "",
+        f"; below 50 but inside the chance band of its few test images on {', '.join(luck)} (no separation, not evidence of an inversion)" if luck else "",
+        f"; below 50 on {', '.join(unknown)}" if unknown else ""))
     return (f"{standing.method} on the {standing.sequence} leaderboard: image AUROC {_pct(standing.overall)} "
             f"({n} seed{'s' * (n != 1)}) vs {standing.reference} {_pct(standing.reference_overall)} ({m} seed{'s' * (m != 1)}): "
             f"{100 * standing.gap:+.1f} points{inverted}")
