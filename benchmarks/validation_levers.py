@@ -1,7 +1,8 @@
 """Detection levers and re-derived defaults on the validation protocol (components/eval/validation.py): no test image is read.
 
 Run: ``.venv/bin/python -m benchmarks.validation_levers [--data DIR] [--data-3d DIR] [--out runs/validation-levers]
-[--seeds 0,1,2] [--levers default,tile_off,lite1,lite2,epochs1,iuf,iuf_standardise,ibiumad,ibiumad_sum] [key=value ...]``
+[--seeds 0,1,2] [--levers default,tile_off,lite1,lite2,epochs1,iuf,iuf_standardise,ibiumad,ibiumad_sum] [--defects pasted|subtle]
+[key=value ...]``
 
 Each lever changes ONE default of ``params.yaml`` against its reference row and runs the protocol on the
 real-ad sequence (grid, hazelnut_toy, magnetic_tile, pcb, in that order): train the method on 80 % of each
@@ -28,6 +29,11 @@ model on the same cached features instead of retraining: the image score does no
 the per-task score scale it changes is monotone per routed task, so each product's AUROCs equal a
 retrained run's wherever routing is exact (the routing column shows it).
 
+``--defects``: the synthetic defect set (``components.eval.validation.DEFECT_SETS``): ``pasted`` (protocol v1,
+rectangles + strokes) or ``subtle`` (protocol v2: the synthetic products' painters at low severity; RESULTS
+section 3 fixes its rule). Give each set its own ``--out``: a row's file does not say which set scored it
+apart from its ``defects`` field.
+
 Results: ``OUT/seed<S>/<row>.json`` (per-product metrics, training seconds and stored bytes per
 task, machine load); existing files are reused (resumable). A markdown summary is printed.
 """
@@ -45,7 +51,7 @@ from typing import Any
 from components.atomic import atomic_write_json
 from components.config import Config, load_config
 from components.data.tiling import resolve_tiling
-from components.eval.validation import ValidationResult, ValidationSet, build_validation, evaluate_validation, train_sequence, training_manifest
+from components.eval.validation import DEFECT_SETS, ValidationResult, ValidationSet, build_validation, evaluate_validation, train_sequence, training_manifest
 from components.methods.loading import load_backbone
 
 PRODUCTS = ["grid", "hazelnut_toy", "magnetic_tile", "pcb"]
@@ -100,7 +106,8 @@ def sequence_of(row: str, data: str, data_3d: str) -> tuple[str, list[str]]:
     return (data_3d, PRODUCTS_3D) if row in ROWS_3D else (data, PRODUCTS)
 
 
-def run_seed(base: list[str], seed: int, rows: list[str], data: str, out: Path, data_3d: str = str(DEFAULT_DATA_3D)) -> None:
+def run_seed(base: list[str], seed: int, rows: list[str], data: str, out: Path, data_3d: str = str(DEFAULT_DATA_3D),
+             defects: str = "pasted") -> None:
     """Every requested row for one seed (a row whose JSON exists is skipped)."""
     vsets: dict[tuple[str, str, str], ValidationSet] = {}
     paints: dict[str, int | None] = {}  # per sequence: every row is scored on defects pasted at the default run's resolved input size
@@ -115,7 +122,7 @@ def run_seed(base: list[str], seed: int, rows: list[str], data: str, out: Path, 
             paints[root] = None if row in ROWS_3D else resolve_tiling(load_config("params.yaml", common), training_manifest(Path(root), products), products).data.image_size
         key = (root, cfg.method, f"{cfg.data.tile}")
         if key not in vsets:  # validation images depend on the data and the resolved input size only
-            vsets[key] = build_validation(cfg, Path(root), products, paint_size=paints[root])
+            vsets[key] = build_validation(cfg, Path(root), products, paint_size=paints[root], defects=defects)
         vset = vsets[key]
         run_cfg = cfg.model_copy(deep=True)
         run_cfg.data = vset.cfg.data.model_copy(deep=True)  # data.tile resolved on the training images
@@ -123,7 +130,7 @@ def run_seed(base: list[str], seed: int, rows: list[str], data: str, out: Path, 
         load_before, started = os.getloadavg(), time.perf_counter()
         method, seconds, sizes = train_sequence(vset, backbone, run_cfg)
         result = ValidationResult(per_product=evaluate_validation(method, vset, run_cfg), train_seconds=seconds, task_bytes=sizes)
-        record = {"row": row, "seed": seed, "overrides": TRAINED_ROWS[row], "products": products, "counts": vset.counts(),
+        record = {"row": row, "seed": seed, "overrides": TRAINED_ROWS[row], "defects": defects, "products": products, "counts": vset.counts(),
                   "image_size": run_cfg.data.image_size, "tile": run_cfg.data.tile, "wall_s": time.perf_counter() - started,
                   "load_before": load_before, "load_after": os.getloadavg(), **result.as_dict()}
         atomic_write_json(out / f"seed{seed}" / f"{row}.json", record)
@@ -132,7 +139,7 @@ def run_seed(base: list[str], seed: int, rows: list[str], data: str, out: Path, 
         for name in wanted[1:]:
             changes = RESCORED_ROWS[name]
             scored = ValidationResult(per_product=rescored(method, vset, changes))
-            atomic_write_json(out / f"seed{seed}" / f"{name}.json", {"row": name, "seed": seed, "rescored_from": row, "products": products,
+            atomic_write_json(out / f"seed{seed}" / f"{name}.json", {"row": name, "seed": seed, "rescored_from": row, "defects": defects, "products": products,
                                                                      "changes": changes, **scored.as_dict()})
             print(f"[seed {seed}] {name}: image AUROC mean {scored.mean('image_auroc'):.4f} "
                   f"{ {p: round(m['image_auroc'], 4) for p, m in scored.per_product.items()} }", flush=True)
@@ -166,6 +173,7 @@ def main() -> int:
     parser.add_argument("--out", default="runs/validation-levers")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--levers", default=",".join([*TRAINED_ROWS, *RESCORED_ROWS]))
+    parser.add_argument("--defects", default="pasted", choices=DEFECT_SETS, help="synthetic defect set: pasted (v1) or subtle (v2)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -177,7 +185,7 @@ def main() -> int:
         rows.insert(0, source)  # a re-scored row needs its trained row
     out = Path(args.out)
     for seed in (int(s) for s in args.seeds.split(",")):
-        run_seed(args.overrides, seed, rows, args.data, out, args.data_3d)
+        run_seed(args.overrides, seed, rows, args.data, out, args.data_3d, args.defects)
     print(summary(out, rows))
     return 0
 

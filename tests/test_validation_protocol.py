@@ -183,3 +183,31 @@ def test_rgbd_defects_change_depth_inside_their_masks_only(tmp_path: Path, touch
     assert ((after[:, 2] - before[:, 2]).abs()[changed] <= 0.5 * height + 1e-6).all()
     with pytest.raises(DataError, match="RGB-D"):
         build_validation(_config(), root, ["part"], paint_size=2 * SIZE)
+
+
+def test_subtle_defects_are_visible_changes_inside_their_masks_read_no_test_path_and_stay_grey(dataset: Path, touched: list[str]) -> None:
+    from components.data.synthetic.subtle import PER_NORMAL, SUBTLE_KINDS, VISIBLE, subtle_defects
+    from components.errors import DataError
+
+    vset = build_validation(_config(), dataset, PRODUCTS, defects="subtle")
+    under = [p[len(str(dataset)):] for p in touched if p.startswith(str(dataset))]
+    assert not [p for p in under if "/test" in p or "ground_truth" in p]
+    for product, batch in vset.batches.items():
+        normals = int((batch.labels == 0).sum())
+        assert vset.counts()[product] == {"fit": 8, "normals": 2, "defects": 2 * PER_NORMAL}
+        kinds = [p.rsplit("#", 1)[1] for p in batch.paths[normals:]]
+        assert kinds == list(SUBTLE_KINDS[: 2 * PER_NORMAL])  # kinds taken in turn
+        source = torch.arange(normals).repeat_interleave(PER_NORMAL)
+        plain = (batch.images * IMAGENET_STD + IMAGENET_MEAN).clamp(0, 1)
+        moved = (plain[normals:] - plain[:normals][source]).abs().amax(dim=1)
+        masks = batch.masks[normals:].bool()
+        assert (moved[~masks] < 1e-5).all()  # nothing changes outside a mask
+        assert (moved[masks] > VISIBLE - 1e-4).all()  # every masked pixel visibly changed
+    grey = torch.full((2, 3, SIZE, SIZE), 0.5)
+    grey[:, :, ::4] = 0.2  # a striped grey texture
+    images, masks, _, _ = subtle_defects((grey - IMAGENET_MEAN) / IMAGENET_STD, torch.Generator().manual_seed(0), per_normal=len(SUBTLE_KINDS))
+    plain = images * IMAGENET_STD + IMAGENET_MEAN
+    assert (plain.amax(dim=1) - plain.amin(dim=1)).max() < 1e-5  # a grey image gets grey defects (stains, threads too)
+    assert masks.flatten(1).sum(dim=1).min() >= 8
+    with pytest.raises(DataError, match="validation defects 'hard'"):
+        build_validation(_config(), dataset, PRODUCTS, defects="hard")

@@ -15,6 +15,11 @@ For a sequence of products under ``root`` (MVTec layout: ``<product>/train/good`
    training images, as the pipeline does. To compare
    input sizes on the same physical defects, ``paint_size`` pastes them at a higher resolution and brings
    them down to the run's size inside their masks only (normals stay exactly as the run loads them).
+   ``defects="subtle"`` paints the second, harder set instead (``components.data.synthetic.subtle``: the
+   synthetic products' scratch / crack / deformation / dent / stain / particle / thread painters at low to
+   moderate severity, three per normal): the pasted set saturates on regular textures (every grid defect
+   above every grid normal), the subtle one is meant to leave room to tell settings apart (RESULTS section 3,
+   protocol v2).
 3. ``train_sequence`` trains the method on the fit part in the sequence's product order (``protocol``),
    exactly as a pipeline step does (``task_data``: ``data.heldout_fraction`` of the fit normals calibrate).
 4. ``evaluate_validation`` scores every product's validation images after the last step: image and
@@ -48,6 +53,7 @@ from components.data.loading import load_depth, load_images, task_data, task_ima
 from components.data.manifest import records_to_manifest
 from components.data.protocol import task_name, task_of_product, task_sequence
 from components.data.synthetic.pasted import line_defects, synthetic_defects
+from components.data.synthetic.subtle import subtle_defects
 from components.data.tiling import resolve_tiling
 from components.errors import DataError
 from components.eval.evaluate import evaluate_tasks
@@ -63,6 +69,7 @@ RECTANGLE_VARIANTS = 2  # pasted / shifted rectangles per validation normal (plu
 DONORS = 32  # fit images per product that rectangles are cut from
 DEPTH_SEVERITY = (0.15, 0.5)  # dent / bump depth as a fraction of the part's height (geometry.dent: 0.15 + 0.35 * severity)
 DEPTH_RAMP_PX = 3.0  # the profile rounds off over this many pixels from the mask's outline (geometry.dent)
+DEFECT_SETS = ("pasted", "subtle")  # validation defects: rectangles + strokes (v1), or the subtle painters (v2)
 
 
 @dataclass
@@ -147,12 +154,18 @@ def depth_defects(xyz: torch.Tensor, masks: torch.Tensor, generator: torch.Gener
     return out
 
 
-def _painted_defects(normals: torch.Tensor, donors: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(defect images, masks, index of the normal each came from): ``RECTANGLE_VARIANTS`` rectangles and one stroke copy per normal."""
+def _painted_defects(normals: torch.Tensor, donors: torch.Tensor, generator: torch.Generator,
+                     paths: list[str], defects: str = "pasted") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """(defect images, masks, index of the normal each came from, a path naming each): ``pasted``:
+    ``RECTANGLE_VARIANTS`` rectangles and one stroke copy per normal; ``subtle``: ``subtle_defects``."""
+    if defects == "subtle":
+        images, masks, source, kinds = subtle_defects(normals, generator)
+        return images, masks, source, [f"{paths[int(i)]}#{kind}" for i, kind in zip(source, kinds)]
     rects, rect_masks = synthetic_defects(normals, donors, RECTANGLE_VARIANTS, generator)
     lines, line_masks = line_defects(normals, 1, generator)
     source = torch.cat([torch.arange(len(normals)).repeat_interleave(RECTANGLE_VARIANTS), torch.arange(len(normals))])
-    return torch.cat([rects, lines]), torch.cat([rect_masks, line_masks]), source
+    names = [f"{paths[i // RECTANGLE_VARIANTS]}#rect{i % RECTANGLE_VARIANTS}" for i in range(len(normals) * RECTANGLE_VARIANTS)]
+    return torch.cat([rects, lines]), torch.cat([rect_masks, line_masks]), source, names + [f"{p}#lines" for p in paths]
 
 
 def _to_size(defects: torch.Tensor, masks: torch.Tensor, normals: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,7 +179,8 @@ def _to_size(defects: torch.Tensor, masks: torch.Tensor, normals: torch.Tensor, 
 
 
 def validation_batch(normal_paths: list[str], donor_paths: list[str], product: str, image_size: int,
-                     generator: torch.Generator, paint_size: int | None = None, depth_paths: list[str] | None = None) -> ImageBatch:
+                     generator: torch.Generator, paint_size: int | None = None, depth_paths: list[str] | None = None,
+                     defects: str = "pasted") -> ImageBatch:
     """Validation normals of one product followed by their synthetic defects (labels 1, masks of what changed).
 
     ``depth_paths`` (RGB-D, aligned with ``normal_paths``): the normals' point clouds, and each defect's cloud
@@ -174,6 +188,7 @@ def validation_batch(normal_paths: list[str], donor_paths: list[str], product: s
 
     ``paint_size`` > ``image_size``: defects are pasted at ``paint_size`` and brought down to ``image_size``
     (``_to_size``), so runs at different input sizes are scored on the same physical defects.
+    ``defects``: which synthetic set (``DEFECT_SETS``) is painted.
     """
     paint = max(paint_size or image_size, image_size)
     if depth_paths is not None and paint != image_size:
@@ -181,25 +196,27 @@ def validation_batch(normal_paths: list[str], donor_paths: list[str], product: s
     normals = load_images(normal_paths, image_size)
     painted = normals if paint == image_size else load_images(normal_paths, paint)
     donors = load_images(donor_paths, paint) if donor_paths else painted
-    defects, masks, source = _painted_defects(painted, donors, generator)
+    images, masks, source, names = _painted_defects(painted, donors, generator, normal_paths, defects)
     if paint != image_size:
-        defects, masks = _to_size(defects, masks, normals, source)
-    n, m = len(normals), len(defects)
-    paths = normal_paths + [f"{normal_paths[i // RECTANGLE_VARIANTS]}#rect{i % RECTANGLE_VARIANTS}" for i in range(n * RECTANGLE_VARIANTS)]
-    paths += [f"{p}#lines" for p in normal_paths]
+        images, masks = _to_size(images, masks, normals, source)
+    n, m = len(normals), len(images)
+    paths = normal_paths + names
     depth = None
     if depth_paths is not None:
         xyz = load_depth(depth_paths, image_size)
         depth = torch.cat([xyz, depth_defects(xyz[source], masks, generator)])
-    return ImageBatch(images=torch.cat([normals, defects]), products=[product] * (n + m), paths=paths,
+    return ImageBatch(images=torch.cat([normals, images]), products=[product] * (n + m), paths=paths,
                       labels=torch.tensor([0] * n + [1] * m),
                       masks=torch.cat([torch.zeros(n, image_size, image_size, dtype=torch.uint8), masks]), depth=depth)
 
 
 def build_validation(cfg: Config, root: Path, products: list[str], fraction: float = VALIDATION_FRACTION,
-                     paint_size: int | None = None) -> ValidationSet:
+                     paint_size: int | None = None, defects: str = "pasted") -> ValidationSet:
     """The validation set of ``products`` (in sequence order) under ``root`` for ``cfg`` (seeded by ``cfg.seed``);
-    ``paint_size``: resolution the defects are pasted at (default: the run's resolved input size)."""
+    ``paint_size``: resolution the defects are pasted at (default: the run's resolved input size); ``defects``:
+    which synthetic set (``DEFECT_SETS``)."""
+    if defects not in DEFECT_SETS:
+        raise DataError(f"validation defects {defects!r}: expected one of {', '.join(DEFECT_SETS)}")
     manifest = training_manifest(root, products)
     resolved = resolve_tiling(cfg, manifest, products)
     fit, held = train_split(manifest, products, fraction, cfg.seed ^ VALIDATION_SALT)
@@ -213,7 +230,7 @@ def build_validation(cfg: Config, root: Path, products: list[str], fraction: flo
             raise DataError(f"product {product!r}: too few training normals to hold out validation normals (need >= 2)")
         donors = fit.loc[fit["product"] == product, "image_path"].tolist()[:DONORS]
         generator = torch.Generator().manual_seed(cfg.seed * 1009 + index)
-        batches[product] = validation_batch(normals, donors, product, size, generator, paint_size, depth_paths)
+        batches[product] = validation_batch(normals, donors, product, size, generator, paint_size, depth_paths, defects)
     return ValidationSet(products=list(products), fit=fit, batches=batches, cfg=resolved)
 
 
