@@ -101,6 +101,15 @@ def rescored(method: Any, vset: ValidationSet, changes: dict[str, Any]) -> dict[
         method.config = original
 
 
+def row_config(cfg: Config, vset: ValidationSet) -> Config:
+    """``cfg`` (one row's configuration) with ``data.tile = auto`` resolved as ``vset`` resolved it: only the input
+    size and tile are taken from ``vset``, every other data setting stays the row's own (rows that differ in
+    ``data.tile_overlap`` share one validation set)."""
+    out = cfg.model_copy(deep=True)
+    out.data.image_size, out.data.tile = vset.cfg.data.image_size, vset.cfg.data.tile
+    return out
+
+
 def sequence_of(row: str, data: str, data_3d: str) -> tuple[str, list[str]]:
     """(data root, products in sequence order) a row runs on: real-3d for the RGB-D rows, else real-ad."""
     return (data_3d, PRODUCTS_3D) if row in ROWS_3D else (data, PRODUCTS)
@@ -124,8 +133,7 @@ def run_seed(base: list[str], seed: int, rows: list[str], data: str, out: Path, 
         if key not in vsets:  # validation images depend on the data and the resolved input size only
             vsets[key] = build_validation(cfg, Path(root), products, paint_size=paints[root], defects=defects)
         vset = vsets[key]
-        run_cfg = cfg.model_copy(deep=True)
-        run_cfg.data = vset.cfg.data.model_copy(deep=True)  # data.tile resolved on the training images
+        run_cfg = row_config(cfg, vset)
         backbone = load_backbone(run_cfg)
         load_before, started = os.getloadavg(), time.perf_counter()
         method, seconds, sizes = train_sequence(vset, backbone, run_cfg)

@@ -37,6 +37,21 @@ def test_rescored_scores_with_the_changed_setting_and_restores_the_method_config
     assert seen == [value] and method.config is original and getattr(getattr(original, section), key) != value
 
 
+def test_a_row_keeps_its_own_data_settings_on_a_shared_validation_set() -> None:
+    """Rows share a validation set when only non-size data settings differ: a row must not take the first row's
+    ``data`` section with it (``overlap64`` scored as the default did, before this was fixed)."""
+    from components.config import load_config
+
+    default = load_config("params.yaml", ["data.tile=auto"])
+    resolved = default.model_copy(deep=True)
+    resolved.data.image_size, resolved.data.tile = 448, 224
+    vset = SimpleNamespace(cfg=resolved)
+    row = load_config("params.yaml", ["data.tile=auto", *levers.TRAINED_ROWS["overlap64"]])
+    cfg = levers.row_config(row, vset)
+    assert (cfg.data.image_size, cfg.data.tile, cfg.data.tile_overlap) == (448, 224, 64)
+    assert row.data.tile == "auto"  # the row's own config is not changed
+
+
 def test_benchmarks_that_read_the_test_split_say_so_and_choose_no_default() -> None:
     readers = []
     for path in sorted(BENCHMARKS.glob("*.py")):
