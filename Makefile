@@ -35,8 +35,11 @@ demo: $(STAMP)
 repro: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/dvc repro $(DVC_ARGS)
 
+# Two worker processes (pytest-xdist), a test file per worker at a time: about a third of the suite is waiting on
+# servers and child processes, which the other worker fills (tests/conftest.py gives each worker its share of threads).
+TEST_WORKERS ?= 2
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not integration" $(PYTEST_ARGS)

@@ -101,11 +101,13 @@ def save_detector(method_dir: Path, config: Config, dest: Path, metadata: dict[s
 
 
 def load_detector(tracking_uri: str, model_name: str, alias_or_version: str = CHAMPION_ALIAS) -> Any:
-    """Load a registered detector version (``"champion"`` or a version number) as a pyfunc."""
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
+    """Load a registered detector version (``"champion"`` or a version number) as a pyfunc; MLflow's
+    process-wide URIs (and their environment variables) are as they were afterwards."""
+    from flows.tracking import process_mlflow_uris
+
     ref = f"models:/{model_name}/{alias_or_version}" if str(alias_or_version).isdigit() else f"models:/{model_name}@{alias_or_version}"
-    return mlflow.pyfunc.load_model(ref)
+    with process_mlflow_uris(tracking_uri):
+        return mlflow.pyfunc.load_model(ref)
 
 
 # ------------------------------------------------------------------ champion alias (transactions)

@@ -105,28 +105,45 @@ _PROCESS_URI_LOCK = threading.Lock()
 
 
 @contextmanager
+def process_mlflow_uris(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking AND registry URIs set to ``uri`` for the duration; both restored after,
+    their environment variables too (``mlflow.set_registry_uri`` exports ``MLFLOW_REGISTRY_URI``, which every
+    later client and child process would otherwise inherit: a ``mlflow models serve`` started afterwards looked
+    for the model in an earlier store's registry)."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    with _PROCESS_URI_LOCK:
+        saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
+        env = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(saved[0])
+            registry_utils._registry_uri = saved[1]
+            for name, value in env.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+@contextmanager
 def process_tracking_uri(uri: str) -> Iterator[None]:
-    """MLflow's process-wide tracking URI set to ``uri`` for the duration (restored after, env var too).
+    """``process_mlflow_uris(uri)`` for a local store; nothing for a server.
 
     A local registry store resolves a ``models:/<model_id>`` version source with a client of the
-    *process-wide* URI, not of the client that asked (MLflow 3.17 ``create_model_version``); a server
+    *process-wide* URIs, not of the client that asked (MLflow 3.17 ``create_model_version``); a server
     resolves it itself, so nothing changes for ``http(s)`` URIs.
     """
     if uri.startswith(("http://", "https://")):
         yield
         return
-    import mlflow
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    with _PROCESS_URI_LOCK:
-        before, env = tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
-        mlflow.set_tracking_uri(uri)
-        try:
-            yield
-        finally:
-            mlflow.set_tracking_uri(before)
-            if env is not None:
-                os.environ["MLFLOW_TRACKING_URI"] = env
+    with process_mlflow_uris(uri):
+        yield
 
 
 class TrackingStoreError(ContadError):

@@ -174,7 +174,14 @@ def test_registered_detector_versions_alias_and_prediction(tmp_path: Path, store
     from components.eval.thresholds import read_calibration
 
     threshold = read_calibration(method_dir).for_task("a").image
+    import os
+
+    from mlflow.tracking._model_registry import utils as registry_utils
+
+    before = (os.environ.get("MLFLOW_REGISTRY_URI"), os.environ.get("MLFLOW_TRACKING_URI"), registry_utils._registry_uri)
     detector = load_detector(cfg.tracking.uri, "registry-model", "champion")
+    # nothing process-wide left behind: a later client or child process (mlflow models serve) would use this store's registry
+    assert (os.environ.get("MLFLOW_REGISTRY_URI"), os.environ.get("MLFLOW_TRACKING_URI"), registry_utils._registry_uri) == before
     from_paths = detector.predict(pd.DataFrame({"image_path": paths}))
     from_bytes = detector.predict(pd.DataFrame({"image": [Path(p).read_bytes() for p in paths]}), params={"mask": True})
     for out in (from_paths, from_bytes):
