@@ -63,3 +63,27 @@ def test_benchmarks_that_read_the_test_split_say_so_and_choose_no_default() -> N
         assert "Reads the test split" in doc and "not used to choose defaults" in doc, path.name
     assert {"real_sequence.py", "feature_sweep.py", "bench_iuf.py", "bench_ib_iumad.py"} <= set(readers)
     assert "validation_levers.py" not in readers
+
+
+def test_rule_check_applies_each_accuracy_clause_over_the_common_seeds(tmp_path: Path) -> None:
+    import json
+
+    def write(row: str, seed: int, images: dict[str, float], aupro: float) -> None:
+        per = {p: {"image_auroc": v, "aupro": aupro, "pixel_auroc": 0.9} for p, v in images.items()}
+        mean = {"image_auroc": sum(images.values()) / len(images), "aupro": aupro, "pixel_auroc": 0.9}
+        (tmp_path / f"seed{seed}").mkdir(exist_ok=True)
+        (tmp_path / f"seed{seed}" / f"{row}.json").write_text(json.dumps({"row": row, "seed": seed, "per_product": per, "mean": mean}))
+
+    for seed in (0, 1):
+        write("default", seed, {"a": 0.8, "b": 0.8}, 0.5)
+        write("better", seed, {"a": 0.84, "b": 0.79}, 0.5)  # +0.015 mean, b -0.01: passes
+        write("hurts_one", seed, {"a": 0.9, "b": 0.77}, 0.5)  # +0.035 mean, b -0.03: a product loses > 0.02
+        write("blurs", seed, {"a": 0.84, "b": 0.80}, 0.48)  # +0.02 mean, AUPRO -0.02
+    write("one_seed", 0, {"a": 0.9, "b": 0.9}, 0.5)
+    table = levers.rule_check(tmp_path, ["default", "better", "hurts_one", "blurs", "one_seed", "missing"])
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    assert set(rows) == {"better", "hurts_one", "blurs", "one_seed"}  # a row with no result is left out
+    assert rows["better"].endswith("| pass |") and "| 0,1 |" in rows["better"]
+    assert rows["hurts_one"].endswith("| fail |") and "b (-0.0300)" in rows["hurts_one"]
+    assert rows["blurs"].endswith("| fail |") and "-0.0200" in rows["blurs"]
+    assert "| 0 |" in rows["one_seed"]  # only the seeds both rows have
