@@ -87,3 +87,8 @@ def test_rule_check_applies_each_accuracy_clause_over_the_common_seeds(tmp_path:
     assert rows["hurts_one"].endswith("| fail |") and "b (-0.0300)" in rows["hurts_one"]
     assert rows["blurs"].endswith("| fail |") and "-0.0200" in rows["blurs"]
     assert "| 0 |" in rows["one_seed"]  # only the seeds both rows have
+    write("mtrmb", 0, {"a": 0.5, "b": 0.5}, 0.5)
+    write("mtrmb_lite1", 0, {"a": 0.52, "b": 0.52}, 0.5)
+    table = levers.rule_check(tmp_path, ["default", "mtrmb", "mtrmb_lite1"])
+    assert [line.split(" | ")[0] for line in table.splitlines()[2:]] == ["| mtrmb_lite1 (vs mtrmb)"]  # against its own method
+    assert "+0.0200" in table and table.endswith("| pass |")
