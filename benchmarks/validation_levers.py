@@ -166,6 +166,12 @@ def run_seed(base: list[str], seed: int, rows: list[str], data: str, out: Path, 
                   f"{ {p: round(m['image_auroc'], 4) for p, m in scored.per_product.items()} }", flush=True)
 
 
+def row_results(out: Path, row: str) -> dict[int, dict[str, Any]]:
+    """The results ``run_seed`` wrote for ``row`` under ``out``, by seed (in seed order)."""
+    docs = (json.loads(p.read_text()) for p in out.glob(f"seed*/{row}.json"))
+    return dict(sorted((d["seed"], d) for d in docs))
+
+
 def summary(out: Path, rows: list[str]) -> str:
     """Markdown: per row, image AUROC per product and mean, pixel AUROC mean, routing, seeds (mean over seeds);
     one table per sequence (real-ad rows, then the RGB-D rows)."""
@@ -173,7 +179,7 @@ def summary(out: Path, rows: list[str]) -> str:
     for products, names in ((PRODUCTS, [r for r in rows if r not in ROWS_3D]), (PRODUCTS_3D, [r for r in rows if r in ROWS_3D])):
         lines = [f"| row | seeds | {' | '.join(products)} | mean image | mean pixel | mean AUPRO | routing |", "|" + "---|" * (len(products) + 6)]
         for row in names:
-            docs = [json.loads(p.read_text()) for p in sorted(out.glob(f"seed*/{row}.json"))]
+            docs = list(row_results(out, row).values())
             if not docs:
                 continue
             def avg(values: list[float]) -> float:
@@ -195,12 +201,9 @@ def rule_check(out: Path, rows: list[str], reference: str = "default", guard: st
     AUROC gain >= ``IMAGE_GAIN``, no product's image AUROC below -``PRODUCT_LOSS``, mean ``guard`` (``aupro`` in
     protocol v2, ``pixel_auroc`` in v1) not below -``LOCALISATION_LOSS``; all averaged over the common seeds. The
     speed clause is measured apart (``benchmarks.bench_train_time``) and is not in this table."""
-    def load(row: str) -> dict[int, dict[str, Any]]:
-        return {d["seed"]: d for d in (json.loads(p.read_text()) for p in sorted(out.glob(f"seed*/{row}.json")))}
-
     lines = [f"| row | seeds | mean image gain | worst product (gain) | mean {guard} gain | accuracy clauses |", "|---|---|---|---|---|---|"]
     for row in [r for r in rows if r != reference and r not in ROWS_3D and r not in REFERENCES.values()]:
-        base, docs = load(REFERENCES.get(row, reference)), load(row)
+        base, docs = row_results(out, REFERENCES.get(row, reference)), row_results(out, row)
         seeds = sorted(set(docs) & set(base))
         if not seeds:
             continue

@@ -195,7 +195,7 @@ def validation_batch(normal_paths: list[str], donor_paths: list[str], product: s
         raise DataError(f"product {product!r}: RGB-D validation defects are painted at the input size only (paint_size={paint_size})")
     normals = load_images(normal_paths, image_size)
     painted = normals if paint == image_size else load_images(normal_paths, paint)
-    donors = load_images(donor_paths, paint) if donor_paths else painted
+    donors = load_images(donor_paths, paint) if donor_paths and defects == "pasted" else painted  # only rectangles cut from donors
     images, masks, source, names = _painted_defects(painted, donors, generator, normal_paths, defects)
     if paint != image_size:
         images, masks = _to_size(images, masks, normals, source)
