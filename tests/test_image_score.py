@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from components.methods.knn import NearestNeighbours
-from components.methods.scoring import leave_one_out_image_scores, score_patches, top_k_mean
+from components.methods.leave_out import leave_one_out_image_scores
+from components.methods.scoring import score_patches, top_k_mean
 
 
 def test_top_k_mean_is_the_max_at_one_and_the_mean_of_the_highest_k() -> None:

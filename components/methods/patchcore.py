@@ -26,7 +26,8 @@ from components.methods.coreset import coreset_candidates, k_center_greedy, memo
 from components.methods.extract import batched, module_device
 from components.methods.feature_cache import feature_cache
 from components.methods.knn import NearestNeighbours
-from components.methods.scoring import anomaly_maps, heldout_score_stats, leave_one_out_image_scores, normalisation_scale, score_patches
+from components.methods.leave_out import leave_one_out_image_scores
+from components.methods.scoring import anomaly_maps, heldout_score_stats, normalisation_scale, score_patches
 from components.types import Prediction, TaskData
 
 log = logging.getLogger(__name__)
@@ -216,7 +217,8 @@ class PatchCoreOracle(_PatchCoreBase):
         self.tasks.append(data.name)
         self._fit_scores = None
         if not self.config.patchcore.reweight and bank.row_image is not None and len(feats) > 1:  # -> calibration_scores
-            scores = leave_one_out_image_scores(feats, bank.index, bank.features, bank.row_image, self.config.patchcore.num_neighbors)
+            grid = self.backbone.grid_size(data.train.images.shape[-1])
+            scores = leave_one_out_image_scores(feats, bank.index, bank.features, bank.row_image, self.config.patchcore.num_neighbors, grid=grid)
             self._fit_scores = (data.name, scores)
         heldout = self._predict_with(self.banks[-1], data.heldout.images)[0] if len(data.heldout) else torch.empty(0)
         self.score_stats.append(heldout_score_stats(heldout))

@@ -111,35 +111,3 @@ def normalisation_scale(stats: dict[str, float]) -> float:
     """
     mean = float(stats.get("mean", 0.0)) if stats.get("count", 0) else 0.0
     return mean if mean > 0 else 1.0
-
-
-# Neighbours fetched per patch when leaving an image out: enough that the nearest rows of another image are among them.
-LEAVE_OUT_CANDIDATES = 32
-
-
-def leave_one_out_image_scores(features: torch.Tensor, memory: NearestNeighbours, memory_rows: torch.Tensor,
-                               row_image: torch.Tensor, num_neighbors: int = 1, top_k: int = 1) -> torch.Tensor:
-    """(B,) image scores of the memory's own training images, each scored without its own patches.
-
-    ``features`` (B, N, C) are the patch features of the images the memory was built from, image
-    ``i`` in row ``i``; ``row_image`` (M,) names the image each memory row came from. A patch score
-    is the mean distance to its ``num_neighbors`` nearest rows of OTHER images (what a normal image
-    that was never trained on meets); the image score is the mean of the ``top_k`` highest patch scores
-    (1 = the maximum), as in ``score_patches`` without re-weighting. Patches whose ``LEAVE_OUT_CANDIDATES`` nearest rows all come from their
-    own image are searched exhaustively.
-    """
-    b, n, c = features.shape
-    k = max(1, num_neighbors)
-    flat = features.reshape(b * n, c)
-    dists, index = memory.search(flat, min(memory.size, LEAVE_OUT_CANDIDATES + k))
-    own = torch.arange(b).repeat_interleave(n)
-    foreign = row_image[index] != own[:, None]  # (B*N, K): neighbour from another image
-    ranked = torch.where(foreign, dists, torch.full_like(dists, float("inf"))).sort(dim=1).values[:, :k]
-    short = ~torch.isfinite(ranked).all(dim=1)
-    if bool(short.any()):  # rare: every candidate was the patch's own image; compute all distances
-        rows = short.nonzero().flatten()
-        all_d = torch.cdist(flat[rows].float(), memory_rows.float())
-        all_d[row_image[None, :].expand(len(rows), -1) == own[rows, None]] = float("inf")
-        ranked[rows] = all_d.topk(k, dim=1, largest=False).values
-    patch_scores = ranked.mean(dim=1).reshape(b, n)
-    return top_k_mean(patch_scores, top_k)

@@ -64,8 +64,9 @@ from components.methods.early_stopping import early_stopping, stopping_log
 from components.methods.extract import batched, module_device
 from components.methods.feature_cache import feature_cache, module_digest, share_feature_cache
 from components.methods.knn import NearestNeighbours
+from components.methods.leave_out import leave_one_out_image_scores
 from components.methods.routing import KeyRouter
-from components.methods.scoring import anomaly_maps, heldout_score_stats, leave_one_out_image_scores, normalisation_scale, score_patches
+from components.methods.scoring import anomaly_maps, heldout_score_stats, normalisation_scale, score_patches
 from components.progress import progress_bar
 from components.segment.grid import downsample_label_map
 from components.types import Prediction, TaskData
@@ -134,7 +135,7 @@ class UCAD(ContinualMethod):
 
         key = self._build_key(data)
         fit, choice = self._fit_knowledge(data, task_index, key)
-        self._finish_leave_out(fit)
+        self._finish_leave_out(fit, images.shape[-1])
         self._fit_scores = (data.name, fit.leave_out) if fit.leave_out is not None else None  # -> calibration_scores
 
         self.tasks.append(data.name)
@@ -199,14 +200,16 @@ class UCAD(ContinualMethod):
         knowledge, owners, feats = self._build_knowledge(data, prompt, reserved_bytes=nbytes([key, *prompt.state_dict().values()]), backbone=backbone)
         return KnowledgeFit(choice, prompt, train_log, knowledge, owners, feats)
 
-    def _finish_leave_out(self, fit: KnowledgeFit) -> None:
-        """The chosen fit's raw leave-one-out image scores of its training images (None with ``ucad.reweight``
-        or a single image); its kept features are released. Only the fit a task keeps pays for this search."""
+    def _finish_leave_out(self, fit: KnowledgeFit, image_size: int) -> None:
+        """The chosen fit's raw leave-one-out image scores of its ``image_size`` px training images (None with
+        ``ucad.reweight`` or a single image); its kept features are released. Only the fit a task keeps pays for this search."""
         cfg, feats = self.config.ucad, fit.features
         fit.features = None
         if feats is None or cfg.reweight or feats.shape[0] < 2:
             return
-        fit.leave_out = leave_one_out_image_scores(feats, NearestNeighbours(fit.knowledge), fit.knowledge, fit.owners, top_k=cfg.image_top_k)
+        grid = self._view(fit.choice).grid_size(image_size)
+        fit.leave_out = leave_one_out_image_scores(feats, NearestNeighbours(fit.knowledge), fit.knowledge, fit.owners,
+                                                   top_k=cfg.image_top_k, grid=grid)
 
     def _fit_knowledge(self, data: TaskData, task_index: int, key: torch.Tensor) -> tuple[KnowledgeFit, dict[str, Any]]:
         """The new task's prompt and knowledge with the feature settings chosen on its held-out normals + synthetic
