@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from components.methods.knn import NearestNeighbours
-from components.methods.leave_out import leave_one_out_image_scores
+from components.methods.pruned_scores import leave_one_out_image_scores
 from components.methods.scoring import score_patches, top_k_mean
 
 

@@ -26,7 +26,7 @@ from components.methods.coreset import coreset_candidates, k_center_greedy, memo
 from components.methods.extract import batched, module_device
 from components.methods.feature_cache import feature_cache
 from components.methods.knn import NearestNeighbours
-from components.methods.leave_out import leave_one_out_image_scores
+from components.methods.pruned_scores import leave_one_out_image_scores
 from components.methods.scoring import anomaly_maps, heldout_score_stats, normalisation_scale, score_patches
 from components.types import Prediction, TaskData
 

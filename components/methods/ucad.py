@@ -64,7 +64,7 @@ from components.methods.early_stopping import early_stopping, stopping_log
 from components.methods.extract import batched, module_device
 from components.methods.feature_cache import feature_cache, module_digest, share_feature_cache
 from components.methods.knn import NearestNeighbours
-from components.methods.leave_out import leave_one_out_image_scores
+from components.methods.pruned_scores import image_scores, leave_one_out_image_scores
 from components.methods.routing import KeyRouter
 from components.methods.scoring import anomaly_maps, heldout_score_stats, normalisation_scale, score_patches
 from components.progress import progress_bar
@@ -246,12 +246,19 @@ class UCAD(ContinualMethod):
     def _candidate_scores(self, images: torch.Tensor, fit: KnowledgeFit, cached: bool) -> torch.Tensor:
         """Raw image scores of ``images`` under a candidate's prompt and knowledge (``cached``: through the feature cache)."""
         cfg, backbone = self.config.ucad, self._view(fit.choice)
-        memory = NearestNeighbours(fit.knowledge)
+        memory, grid = NearestNeighbours(fit.knowledge), backbone.grid_size(images.shape[-1])
         if cached:
-            feats = self._prompted_features(images, backbone, fit.prompt, fit.choice)
-            return score_patches(feats, memory, fit.knowledge, cfg.reweight, top_k=cfg.image_top_k)[1]
-        return batched(lambda x: score_patches(backbone.features(x, fit.prompt), memory, fit.knowledge, cfg.reweight, top_k=cfg.image_top_k)[1],
+            return self._image_scores(self._prompted_features(images, backbone, fit.prompt, fit.choice), memory, fit.knowledge, grid)
+        return batched(lambda x: self._image_scores(backbone.features(x, fit.prompt), memory, fit.knowledge, grid),
                        images, cfg.batch_size, self.device, desc=f"{label(fit.choice)}: synthetic defects")
+
+    def _image_scores(self, feats: torch.Tensor, memory: NearestNeighbours, knowledge: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B,) raw image scores of prompted features against ``knowledge``, as ``score_patches`` makes them (the
+        pruned search of ``pruned_scores`` where no map is needed; re-weighting needs every patch score)."""
+        cfg = self.config.ucad
+        if cfg.reweight:
+            return score_patches(feats, memory, knowledge, True, top_k=cfg.image_top_k)[1]
+        return image_scores(feats, memory, knowledge, grid, top_k=cfg.image_top_k)
 
     def _build_key(self, data: TaskData) -> torch.Tensor:
         """The task key: a k-center-greedy sample of the un-prompted key features of its training images."""
@@ -400,7 +407,10 @@ class UCAD(ContinualMethod):
         """Image-score statistics of the task's held-out training normals under its own prompt (raw scores)."""
         if len(data.heldout) == 0:
             return {"count": 0}
-        return heldout_score_stats(self._score_task(data.heldout.images, task_index)[1])
+        images = data.heldout.images
+        feats = self.task_features(images, task_index)
+        grid = self.task_backbone(task_index).grid_size(images.shape[-1])
+        return heldout_score_stats(self._image_scores(feats, self._memory(task_index), self.knowledge[task_index], grid))
 
     def score_scale(self, task_index: int) -> float:
         """Divisor of task ``task_index``'s scores (``ucad.normalise_scores``; 1.0 when off)."""

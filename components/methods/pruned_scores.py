@@ -1,22 +1,26 @@
-"""Leave-one-out image scores of a memory's own training images: exact, with most patches never searched.
+"""Image scores without searching every patch: exact, for plain scoring and for leave-one-out calibration.
 
-Calibration scores every training image against the memory built from it, leaving out the rows that
-image contributed (what a normal image that was never trained on meets). Searching every patch of every
-training image is the costly part of a fine (stride-4) memory's fit, yet only the few highest patch
-scores of an image matter. With the patch grid known, the search is pruned without changing a score:
+An image score is the mean of an image's ``top_k`` highest patch scores (1 = the maximum), a patch score
+the mean distance to its ``num_neighbors`` nearest memory rows, or, leaving image ``i`` out (calibration:
+the memory's own training images, scored as a normal image that was never trained on meets it), its
+nearest rows of images other than ``i``. Searching every patch of every image is the costly part of a
+fine (stride-4) memory's fit, yet only the few highest patch scores of an image matter. With the patch
+grid known, the search is pruned without changing a score:
 
 1. the patches on a coarse sub-grid (every ``COARSE_STEP``-th cell both ways) are searched exactly;
-   each keeps its ``CARRIED_ROWS`` nearest rows of other images;
+   each keeps its ``CARRIED_ROWS`` nearest rows (of other images, leaving out);
 2. every other patch gets an upper bound on its own score from the rows that the coarse patches of its
-   block (``BOUND_BLOCK`` coarse cells a side, plus the ring around it) kept: they are rows of other
-   images, so the mean distance to the ``num_neighbors`` nearest of them is at least the patch's true
-   score (the mean distance to its nearest rows of other images);
+   block (``BOUND_BLOCK`` coarse cells a side, plus the ring around it) kept: they are rows it may be
+   scored against, so the mean distance to the ``num_neighbors`` nearest of them is at least its true
+   score;
 3. a patch whose bound is below the image's ``top_k``-th highest exact coarse score cannot change the
-   image score (the mean of its ``top_k`` highest patch scores) and is skipped; the rest are searched.
+   image score and is skipped; the rest are searched.
 
 The result equals the exhaustive search up to float rounding (the threshold keeps a slack of
-``BOUND_SLACK`` of the largest feature norm). Measured on the stride-4 features of 60 real pcb images
-(benchmarks/RESULTS.md): 11.5 % of the patches are coarse, 3.8 % more are searched, 8x faster.
+``BOUND_SLACK`` of the largest feature norm). Measured on the leave-one-out calibration of 60 real pcb
+images (``benchmarks/bench_pruned_scores.py``, RESULTS section 5): 12-16 % of the patches searched, 4-5x
+faster than searching every patch.
+Anomaly maps need every patch score: they still come from ``scoring.score_patches``.
 """
 
 from __future__ import annotations
@@ -41,10 +45,14 @@ BOUND_BLOCK = 4
 
 
 def foreign_neighbours(queries: torch.Tensor, own: torch.Tensor, memory: NearestNeighbours, memory_rows: torch.Tensor,
-                       row_image: torch.Tensor, k: int, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+                       row_image: torch.Tensor | None, k: int, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(distances (Q, k), rows (Q, keep)): each query's ``k`` smallest distances to rows of images other than
-    ``own`` (Q,), and the indices of its ``keep`` (>= k) nearest such rows. Queries whose
-    ``LEAVE_OUT_CANDIDATES + keep`` nearest rows are too few of another image are searched exhaustively."""
+    ``own`` (Q,), and the indices of its ``keep`` (>= k) nearest such rows (``row_image`` None: any row).
+    Queries whose ``LEAVE_OUT_CANDIDATES + keep`` nearest rows are too few of another image are searched
+    exhaustively."""
+    if row_image is None:
+        dists, index = memory.search(queries, min(memory.size, keep))
+        return dists[:, :k], index
     dists, index = memory.search(queries, min(memory.size, LEAVE_OUT_CANDIDATES + keep))
     dists = torch.where(row_image[index] != own[:, None], dists, torch.full_like(dists, float("inf")))
     order = dists.argsort(dim=1)[:, :keep]
@@ -71,6 +79,14 @@ def leave_one_out_image_scores(features: torch.Tensor, memory: NearestNeighbours
     With ``grid`` (h, w), h * w = N, the row-major patch grid, the search is pruned (module docstring);
     without it every patch is searched.
     """
+    return image_scores(features, memory, memory_rows, grid, num_neighbors, top_k, row_image)
+
+
+def image_scores(features: torch.Tensor, memory: NearestNeighbours, memory_rows: torch.Tensor, grid: tuple[int, int] | None,
+                 num_neighbors: int = 1, top_k: int = 1, row_image: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) image scores of patch features (B, N, C) against ``memory`` (rows ``memory_rows``): ``score_patches``'
+    image scores without re-weighting, or with ``row_image`` (M,) each image ``i`` scored without the rows of
+    image ``i``. Pruned with the row-major patch ``grid`` (h, w), h * w = N; every patch searched without it."""
     b, n, c = features.shape
     k = max(1, num_neighbors)
     coarse = _coarse_cells(grid, n)

@@ -1,4 +1,4 @@
-"""Leave-one-out image scores: the pruned search equals a brute-force one and searches fewer patches."""
+"""Image scores by the pruned search (plain and leave-one-out) equal brute-force ones and search fewer patches."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from components.methods import leave_out
+from components.methods import pruned_scores
 from components.methods.knn import NearestNeighbours
-from components.methods.leave_out import leave_one_out_image_scores
+from components.methods.pruned_scores import image_scores, leave_one_out_image_scores
+from components.methods.scoring import score_patches
 
 GRID = (22, 19)
 
@@ -46,13 +47,13 @@ def test_pruned_search_equals_brute_force_and_searches_fewer_patches(monkeypatch
     features[3, 5 * GRID[1] + 7] += 40.0  # a defect-like patch off the coarse sub-grid (row 5, column 7)
     memory_rows, row_image = memory_of(features, 300)
     searched = []
-    original = leave_out.foreign_neighbours
+    original = pruned_scores.foreign_neighbours
 
     def counting(queries, *args, **kwargs):
         searched.append(len(queries))
         return original(queries, *args, **kwargs)
 
-    monkeypatch.setattr(leave_out, "foreign_neighbours", counting)
+    monkeypatch.setattr(pruned_scores, "foreign_neighbours", counting)
     memory = NearestNeighbours(memory_rows)
     pruned = leave_one_out_image_scores(features, memory, memory_rows, row_image, k, top_k, grid=GRID)
     expected = brute_force(features, memory_rows, row_image, k, top_k)
@@ -64,6 +65,22 @@ def test_pruned_search_equals_brute_force_and_searches_fewer_patches(monkeypatch
     torch.testing.assert_close(exhaustive, expected, rtol=1e-5, atol=1e-5)
     if top_k == 1:
         assert pruned[3] > 30 and pruned.argmax() == 3  # the off-grid patch decides its image's score
+
+
+@pytest.mark.parametrize("k,top_k", [(1, 1), (2, 3)])
+def test_plain_image_scores_equal_score_patches(monkeypatch, k, top_k):
+    features = smooth_features(6, seed=3)
+    features[2, 4 * GRID[1] + 8] += 30.0  # off the coarse sub-grid
+    memory_rows = smooth_features(4, seed=4).reshape(-1, 12)[::3].contiguous()  # another product's normals
+    memory = NearestNeighbours(memory_rows)
+    searched = []
+    original = pruned_scores.foreign_neighbours
+    monkeypatch.setattr(pruned_scores, "foreign_neighbours", lambda q, *a, **kw: searched.append(len(q)) or original(q, *a, **kw))
+    pruned = image_scores(features, memory, memory_rows, GRID, k, top_k)
+    expected = score_patches(features, memory, memory_rows, reweight=False, num_neighbors=k, top_k=top_k)[1]
+    torch.testing.assert_close(pruned, expected, rtol=1e-5, atol=1e-5)
+    assert sum(searched) < 0.5 * features.shape[0] * features.shape[1]
+    assert pruned.argmax() == 2
 
 
 def test_a_grid_that_does_not_fit_the_features_falls_back_to_every_patch():
