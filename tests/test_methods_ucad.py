@@ -266,3 +266,13 @@ def test_a_feature_choice_the_backbone_cannot_make_is_refused_up_front() -> None
         UCAD(_layer_config(), ToyBackbone())
     with pytest.raises(ConfigError, match=r"ucad.feature_choices \(feature_layer=3\): backbone.feature_layer=3"):
         UCAD(toy_config(feature_choices=[FeatureChoice(feature_layer=3)]), _BlindAtDefaultToy())
+
+
+def test_the_choice_s_held_out_scores_are_the_statistics_a_fresh_scoring_gives() -> None:
+    """The chosen candidate's held-out normal scores, made during the choice, become the task's score statistics:
+    they must equal what scoring the held-out normals afresh with the kept task gives."""
+    method = UCAD(_layer_config(), _BlindAtDefaultToy())
+    red = toy_task("red", n_heldout=6)
+    method.fit_task(red)
+    assert _layers(method) == [2]
+    assert method.score_stats[0] == UCAD._heldout_stats(method, red, 0) and method.score_stats[0]["count"] == 6

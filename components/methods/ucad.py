@@ -89,6 +89,7 @@ class KnowledgeFit:
     features: torch.Tensor | None  # (B, N, C) the training images' features, kept until the leave-one-out scores are made
     leave_out: torch.Tensor | None = None  # raw leave-one-out image scores of the training images (the chosen fit only)
     synthetic: dict[str, float] = field(default_factory=dict)  # image AUROC on held-out normals + synthetic defects
+    heldout: torch.Tensor | None = None  # raw image scores of the held-out normals, where the choice already made them
 
 
 def label(choice: FeatureChoice | None) -> str:
@@ -144,7 +145,8 @@ class UCAD(ContinualMethod):
         self.knowledge.append(fit.knowledge)
         self.feature_settings.append(fit.choice)
         self._router = None
-        self.score_stats.append(self._heldout_stats(data, task_index))
+        # the held-out normals' raw scores: the choice made them with the same features and knowledge (identical numbers)
+        self.score_stats.append(heldout_score_stats(fit.heldout) if fit.heldout is not None else self._heldout_stats(data, task_index))
         seconds = time.perf_counter() - started
         log.info("ucad: task %r done in %.1fs (key %d, knowledge %d, features %s)", data.name, seconds, len(key), len(fit.knowledge),
                  label(fit.choice))
@@ -224,7 +226,7 @@ class UCAD(ContinualMethod):
         fits = []
         for choice in candidates:
             fit = self._fit_candidate(data, task_index, key, choice)
-            normal = self._candidate_scores(data.heldout.images, fit, cached=True)
+            normal = fit.heldout = self._candidate_scores(data.heldout.images, fit, cached=True)
             defect = self._candidate_scores(defects.images, fit, cached=False)
             labels = np.r_[np.zeros(len(normal)), np.ones(len(defect))]
             fit.synthetic = {"image_auroc": auroc(labels, torch.cat([normal, defect]).double().numpy())}
