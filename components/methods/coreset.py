@@ -29,7 +29,7 @@ def single_thread() -> Iterator[None]:
 # Rows per block of the preselection stage: a (64, 4096) float32 block (1 MB) stays in the CPU cache.
 PRESELECT_BLOCK_ROWS = 4096
 # Blocks whose preselection greedy steps run together, on every intra-op thread (8 x (64, 4096) float32 = 8 MB
-# stays in cache; 2.3x faster than one block at a time on one thread here, same picks: benchmarks/RESULTS.md section 5).
+# stays in cache; the same picks as one block at a time, about twice as fast here: benchmarks/RESULTS.md section 3).
 PRESELECT_BATCH = 8
 
 
