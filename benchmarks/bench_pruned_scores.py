@@ -12,13 +12,12 @@ the largest relative difference of the two score vectors (float rounding only). 
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.bench_train_time import DEFAULT_DATA, build_product
+from benchmarks.bench_train_time import build_product, product_arguments
 from components.config import load_config
 from components.data.loading import task_data
 from components.data.manifest import read_dataset
@@ -49,13 +48,7 @@ def captured_leave_out(method, data) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=os.environ.get("CONTAD_REAL_AD", str(DEFAULT_DATA)))
-    parser.add_argument("--product", default="pcb")
-    parser.add_argument("--images", type=int, default=60)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = product_arguments(__doc__.splitlines()[0], images=60)
     with tempfile.TemporaryDirectory() as tmp:
         root, name = Path(tmp), f"{args.product}{args.images}"
         cfg = load_config(args.params, [f"data.root={root}", f"data.products={name}", "method=ucad", *args.overrides])

@@ -48,14 +48,19 @@ def build_product(source: Path, out: Path, images: int, heldout_fraction: float)
     return total
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def product_arguments(description: str, images: int) -> argparse.Namespace:
+    """The command line of a benchmark on a built product: --data, --product, --images, --params, key=value overrides."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--data", default=os.environ.get("CONTAD_REAL_AD", str(DEFAULT_DATA)))
     parser.add_argument("--product", default="pcb")
-    parser.add_argument("--images", type=int, default=250)
+    parser.add_argument("--images", type=int, default=images)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = product_arguments(__doc__.splitlines()[0], images=250)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         name = f"{args.product}{args.images}"
