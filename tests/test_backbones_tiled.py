@@ -105,3 +105,35 @@ def test_the_weighted_stitching_exports_to_onnx_as_evaluated(inner, tmp_path) ->
     exported = session.run(None, {"images": images.numpy()})[0]
     with torch.inference_mode():
         assert torch.allclose(torch.from_numpy(exported), tiled.features(images), atol=1e-4)
+
+
+@pytest.mark.parametrize("overlap", [0, 16])
+def test_features_of_views_share_one_pass_and_equal_the_separate_features(inner, overlap) -> None:  # noqa: ANN001
+    """UCAD's feature choice encodes the training images once for both candidates: bit-identical to one pass each
+    while the prompts are untrained, and separate passes (still equal) once a prompt changes the features."""
+    tiled = TiledBackbone(inner, tile=64, overlap=overlap)
+    fine = tiled.with_features(2, None, None)
+    images = torch.randn(2, 3, 128, 128)
+    prompts = [tiled.new_prompt(), fine.new_prompt()]
+    calls = []
+    original = type(inner)._pyramid
+    with torch.inference_mode():
+        separate = [tiled.features(images, prompts[0]), fine.features(images, prompts[1])]
+        type(inner)._pyramid = lambda self, *a, **kw: calls.append(1) or original(self, *a, **kw)
+        try:
+            joint = tiled.features_of_views(images, [(tiled, prompts[0]), (fine, prompts[1])])
+            shared_passes = len(calls)
+            calls.clear()
+            with torch.no_grad():
+                next(prompts[1].parameters()).add_(0.5)  # a trained prompt: its features change
+            changed = [tiled.features(images, prompts[0]), fine.features(images, prompts[1])]
+            calls.clear()
+            apart = tiled.features_of_views(images, [(tiled, prompts[0]), (fine, prompts[1])])
+            separate_passes = len(calls)
+        finally:
+            type(inner)._pyramid = original
+    tiles = len(tile_starts(128, 64, overlap, tiled.stride)) ** 2
+    assert [f.shape for f in joint] == [(2, tiled.grid_size(128)[0] ** 2, tiled.feature_dim), (2, fine.grid_size(128)[0] ** 2, fine.feature_dim)]
+    assert all(torch.equal(a, b) for a, b in zip(joint, separate)) and shared_passes == tiles
+    assert all(torch.equal(a, b) for a, b in zip(apart, changed)) and separate_passes == 2 * tiles
+    assert not torch.equal(changed[1], separate[1])

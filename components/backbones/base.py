@@ -40,6 +40,12 @@ class PromptedBackbone(nn.Module, ABC):
     def new_prompt(self) -> TaskPrompt:
         """A freshly initialised prompt for a new task (identity/no-op at initialisation is ideal)."""
 
+    def features_of_views(self, images: torch.Tensor, views: list[tuple["PromptedBackbone", TaskPrompt | None]]) -> list[torch.Tensor]:
+        """``view.features(images, prompt)`` for each (view, prompt) of ``views`` (views from ``with_features``, sharing
+        this backbone's network). Backbones that can make them in one pass of the network override this; the result
+        must equal the separate calls."""
+        return [view.features(images, prompt) for view, prompt in views]
+
     def with_features(self, layer: int | None = None, span: int | None = None, dim: int | None = None) -> "PromptedBackbone":
         """This backbone with other patch-feature settings (``backbone.feature_layer`` / ``feature_span`` /
         ``feature_dim``; None keeps its own), sharing the frozen network; itself when nothing changes.

@@ -112,6 +112,13 @@ class EfficientNetPrompt(TaskPrompt):
         return self.modulations[key](x) if key in self.modulations else x
 
 
+def _is_identity(prompt: TaskPrompt | None) -> bool:
+    """Whether ``prompt`` changes no feature: None, or an ``EfficientNetPrompt`` whose every modulation is still zero."""
+    if prompt is None:
+        return True
+    return isinstance(prompt, EfficientNetPrompt) and all(not bool(p.any()) for p in prompt.parameters())
+
+
 POOL_PADDINGS = ("zeros", "reflect", "valid")
 
 
@@ -242,6 +249,15 @@ class EfficientNetLiteBackbone(PromptedBackbone):
             raise TypeError(f"EfficientNet-Lite needs an EfficientNetPrompt, got {type(prompt).__name__}")
         maps = self._pyramid(images, self.feature_levels, prompt)
         return self._patch_features(maps, self.feature_levels, self.level_dim).flatten(2).transpose(1, 2)
+
+    def features_of_views(self, images: torch.Tensor, views: list[tuple[PromptedBackbone, TaskPrompt | None]]) -> list[torch.Tensor]:
+        """One pass of the network for views of it whose prompts all leave the features unchanged (untrained,
+        ``FeatureModulation`` at identity: what ``ucad.epochs: 0`` keeps); separate passes otherwise."""
+        if not all(isinstance(view, EfficientNetLiteBackbone) and view.net is self.net and _is_identity(prompt) for view, prompt in views):
+            return super().features_of_views(images, views)
+        levels = sorted({level for view, _ in views for level in view.feature_levels})
+        maps = self._pyramid(images, levels, None)
+        return [view._patch_features(maps, view.feature_levels, view.level_dim).flatten(2).transpose(1, 2) for view, _ in views]
 
     def key_features(self, images: torch.Tensor) -> torch.Tensor:
         maps = self._pyramid(images, self.key_levels, None)

@@ -19,6 +19,8 @@ needs the product, not the defect). A tile that covers the image is exactly the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -73,24 +75,48 @@ class TiledBackbone(PromptedBackbone):
         return self.inner.key_features(images)
 
     def features(self, images: torch.Tensor, prompt: TaskPrompt | None = None) -> torch.Tensor:
-        b, _, h, w = images.shape
-        if h <= self.tile and w <= self.tile:
+        if images.shape[-2] <= self.tile and images.shape[-1] <= self.tile:
             return self.inner.features(images, prompt)
-        grid_h, grid_w = h // self.stride, w // self.stride
-        cells = self.tile // self.stride
-        total = images.new_zeros(b, self.feature_dim, grid_h, grid_w)
-        count = images.new_zeros(1, 1, grid_h, grid_w)
-        ys, xs = tile_starts(h, self.tile, self.overlap, self.stride), tile_starts(w, self.tile, self.overlap, self.stride)
+        return self._stitched(images, [self], lambda tile: [self.inner.features(tile, prompt)])[0]
+
+    def features_of_views(self, images: torch.Tensor, views: list[tuple[PromptedBackbone, TaskPrompt | None]]) -> list[torch.Tensor]:
+        """Each tile cut once and encoded by the inner backbone's ``features_of_views`` for every view (tiled the same
+        way, cutting the same tiles), then stitched per view; separate calls otherwise."""
+        h, w = images.shape[-2:]
+        tiled = [view for view, _ in views if isinstance(view, TiledBackbone) and (view.tile, view.overlap) == (self.tile, self.overlap)]
+        if len(tiled) < len(views) or len({tuple(map(tuple, v._starts(h, w))) for v in tiled}) > 1:
+            return super().features_of_views(images, views)
+        inner_views = [(view.inner, prompt) for view, prompt in views]
+        if h <= self.tile and w <= self.tile:
+            return self.inner.features_of_views(images, inner_views)
+        return self._stitched(images, tiled, lambda tile: self.inner.features_of_views(tile, inner_views))
+
+    def _starts(self, h: int, w: int) -> tuple[list[int], list[int]]:
+        """Pixel offsets of the tiles along the height and the width."""
+        return tile_starts(h, self.tile, self.overlap, self.stride), tile_starts(w, self.tile, self.overlap, self.stride)
+
+    def _stitched(self, images: torch.Tensor, views: list["TiledBackbone"], encode: Callable[[torch.Tensor], list[torch.Tensor]]) -> list[torch.Tensor]:
+        """(B, N, C) features of ``images`` for each of ``views`` (this wrapper's tiles): ``encode`` maps a tile batch to
+        the views' tile features, which are stitched cell by cell onto each view's full-resolution grid."""
+        b, _, h, w = images.shape
+        ys, xs = self._starts(h, w)
         overlapping = len(ys) * self.tile > h or len(xs) * self.tile > w  # also with overlap 0: a flush last tile
+        totals, counts = [], []
+        for view in views:
+            grid_h, grid_w = h // view.stride, w // view.stride
+            totals.append(images.new_zeros(b, view.feature_dim, grid_h, grid_w))
+            counts.append(images.new_zeros(1, 1, grid_h, grid_w))
         for y in ys:
             for x in xs:
-                feats = self.inner.features(images[:, :, y : y + self.tile, x : x + self.tile], prompt)
-                gy, gx = y // self.stride, x // self.stride
-                tile_feats = feats.transpose(1, 2).reshape(b, -1, cells, cells)
-                weight = self._cut_weight(cells, gy, gx, grid_h, grid_w).to(tile_feats) if overlapping else 1.0  # x 1.0: exact
-                total[:, :, gy : gy + cells, gx : gx + cells] += tile_feats * weight
-                count[:, :, gy : gy + cells, gx : gx + cells] += weight
-        return (total / count).flatten(2).transpose(1, 2)
+                encoded = encode(images[:, :, y : y + self.tile, x : x + self.tile])
+                for view, feats, total, count in zip(views, encoded, totals, counts):
+                    cells = self.tile // view.stride
+                    gy, gx = y // view.stride, x // view.stride
+                    tile_feats = feats.transpose(1, 2).reshape(b, -1, cells, cells)
+                    weight = self._cut_weight(cells, gy, gx, *total.shape[-2:]).to(tile_feats) if overlapping else 1.0  # x 1.0: exact
+                    total[:, :, gy : gy + cells, gx : gx + cells] += tile_feats * weight
+                    count[:, :, gy : gy + cells, gx : gx + cells] += weight
+        return [(total / count).flatten(2).transpose(1, 2) for total, count in zip(totals, counts)]
 
     @staticmethod
     def _cut_weight(cells: int, gy: int, gx: int, grid_h: int, grid_w: int) -> torch.Tensor:

@@ -34,3 +34,22 @@ def batched(
     for start in progress_bar(starts, desc=desc, disable=desc is None or len(starts) < 2, leave=False):
         outputs.append(extract(images[start : start + batch_size].to(device)).float().cpu())
     return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+@torch.no_grad()
+def batched_views(
+    extract: Callable[[torch.Tensor], list[torch.Tensor]],
+    images: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    desc: str | None = None,
+) -> list[torch.Tensor]:
+    """``batched`` for an ``extract`` that returns one tensor per backbone view: each view's batches concatenated on CPU."""
+    outputs: list[list[torch.Tensor]] = []
+    starts = range(0, images.shape[0], max(1, batch_size))
+    for start in progress_bar(starts, desc=desc, disable=desc is None or len(starts) < 2, leave=False):
+        parts = extract(images[start : start + batch_size].to(device))
+        outputs = outputs or [[] for _ in parts]
+        for out, part in zip(outputs, parts, strict=True):
+            out.append(part.float().cpu())
+    return [torch.cat(out) for out in outputs]

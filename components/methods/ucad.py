@@ -61,7 +61,7 @@ from components.methods.base import ContinualMethod
 from components.methods.contrastive import structure_contrastive_loss
 from components.methods.coreset import coreset, memory_coreset, nbytes
 from components.methods.early_stopping import early_stopping, stopping_log
-from components.methods.extract import batched, module_device
+from components.methods.extract import batched, batched_views, module_device
 from components.methods.feature_cache import feature_cache, module_digest, share_feature_cache
 from components.methods.knn import NearestNeighbours
 from components.methods.pruned_scores import image_scores, leave_one_out_image_scores
@@ -223,11 +223,21 @@ class UCAD(ContinualMethod):
             log.warning("ucad: task %r has %d held-out normals (< %d): the backbone's features, no choice", data.name, len(data.heldout), MIN_CHOICE_NORMALS)
             return self._fit_candidate(data, task_index, key, None), {"skipped": f"{len(data.heldout)} held-out normals (< {MIN_CHOICE_NORMALS})"}
         defects = synthetic_defect_batch(data.heldout, CHOICE_VARIANTS, self.config.seed + task_index)
+        trained = [self._train_prompt(data, task_index, self._view(choice)) for choice in candidates]
+        views = [(self._view(choice), prompt) for choice, (prompt, _) in zip(candidates, trained)]
+        # every candidate's features of the training images and the defects, in one network pass where prompts allow
+        train_feats = self._features_of_views(data.train.images, views, f"{data.name}: knowledge")
+        defect_feats = self._features_of_views(defects.images, views, f"{data.name}: synthetic defects")
         fits = []
-        for choice in candidates:
-            fit = self._fit_candidate(data, task_index, key, choice)
-            normal = fit.heldout = self._candidate_scores(data.heldout.images, fit, cached=True)
-            defect = self._candidate_scores(defects.images, fit, cached=False)
+        for i, (choice, (prompt, train_log)) in enumerate(zip(candidates, trained)):
+            reserved = nbytes([key, *prompt.state_dict().values()])
+            knowledge, owners, feats = self._build_knowledge(data, prompt, reserved, features=train_feats[i])
+            train_feats[i] = None  # the fit holds them now (until it can no longer be chosen)
+            fit = KnowledgeFit(choice, prompt, train_log, knowledge, owners, feats)
+            heldout = self._prompted_features(data.heldout.images, self._view(choice), prompt, choice)  # cached: calibration reuses them
+            normal = fit.heldout = self._candidate_scores(fit, heldout, data.heldout.images.shape[-1])
+            defect = self._candidate_scores(fit, defect_feats[i], defects.images.shape[-1])
+            defect_feats[i] = None
             labels = np.r_[np.zeros(len(normal)), np.ones(len(defect))]
             fit.synthetic = {"image_auroc": auroc(labels, torch.cat([normal, defect]).double().numpy())}
             fits.append(fit)
@@ -245,14 +255,15 @@ class UCAD(ContinualMethod):
             "normals": int(len(data.heldout)), "defects": int(len(defects)),
         }
 
-    def _candidate_scores(self, images: torch.Tensor, fit: KnowledgeFit, cached: bool) -> torch.Tensor:
-        """Raw image scores of ``images`` under a candidate's prompt and knowledge (``cached``: through the feature cache)."""
-        cfg, backbone = self.config.ucad, self._view(fit.choice)
-        memory, grid = NearestNeighbours(fit.knowledge), backbone.grid_size(images.shape[-1])
-        if cached:
-            return self._image_scores(self._prompted_features(images, backbone, fit.prompt, fit.choice), memory, fit.knowledge, grid)
-        return batched(lambda x: self._image_scores(backbone.features(x, fit.prompt), memory, fit.knowledge, grid),
-                       images, cfg.batch_size, self.device, desc=f"{label(fit.choice)}: synthetic defects")
+    def _candidate_scores(self, fit: KnowledgeFit, feats: torch.Tensor, image_size: int) -> torch.Tensor:
+        """Raw image scores of a candidate's prompted features ``feats`` of ``image_size`` px images against its knowledge."""
+        grid = self._view(fit.choice).grid_size(image_size)
+        return self._image_scores(feats, NearestNeighbours(fit.knowledge), fit.knowledge, grid)
+
+    def _features_of_views(self, images: torch.Tensor, views: list[tuple[PromptedBackbone, TaskPrompt]], desc: str) -> list[torch.Tensor]:
+        """(B, N, C) features of ``images`` for each (backbone view, prompt): one network pass for all of them where the
+        backbone can share it (untrained prompts), else one per view (``PromptedBackbone.features_of_views``)."""
+        return batched_views(lambda x: self.backbone.features_of_views(x, views), images, self.config.ucad.batch_size, self.device, desc=desc)
 
     def _image_scores(self, feats: torch.Tensor, memory: NearestNeighbours, knowledge: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """(B,) raw image scores of prompted features against ``knowledge``, as ``score_patches`` makes them (the
@@ -270,12 +281,13 @@ class UCAD(ContinualMethod):
         return coreset(key_feats.reshape(-1, key_feats.shape[-1]), cfg.key_size, memory.projection_dim, self.config.seed, memory.preselect_factor)
 
     def _build_knowledge(self, data: TaskData, prompt: TaskPrompt, reserved_bytes: int,
-                         backbone: PromptedBackbone | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         backbone: PromptedBackbone | None = None, features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The task knowledge (budgeted coreset of the prompted patch features of its training images, made by
-        ``backbone``, default ``self.backbone``), the training image of each knowledge row, and the (B, N, C)
-        features it was drawn from (for ``_finish_leave_out``)."""
+        ``backbone``, default ``self.backbone``, unless given as ``features``), the training image of each knowledge
+        row, and the (B, N, C) features it was drawn from (for ``_finish_leave_out``)."""
         cfg, backbone = self.config.ucad, backbone or self.backbone
-        feats = batched(lambda x: backbone.features(x, prompt), data.train.images, cfg.batch_size, self.device, desc=f"{data.name}: knowledge")
+        feats = features if features is not None else batched(lambda x: backbone.features(x, prompt), data.train.images, cfg.batch_size,
+                                                               self.device, desc=f"{data.name}: knowledge")
         flat = feats.reshape(-1, feats.shape[-1])
         index = memory_coreset(flat, self.config.memory, seed=self.config.seed, reserved_bytes=reserved_bytes, size=cfg.knowledge_size)
         return flat[index].contiguous(), index // feats.shape[1], feats
