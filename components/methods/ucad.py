@@ -22,7 +22,8 @@ only the key and knowledge are learned.
 Feature settings per task (``ucad.feature_choices``, e.g. ``[{feature_span: 3, feature_dim: 96}]``): a
 task's knowledge can be made of other patch features than ``backbone.*`` says (another pyramid level,
 span or channel reduction), chosen per task when it is learned. Every candidate (the backbone's own
-settings first) gets its own prompt and knowledge; each is scored on the task's held-out training normals
+settings first) gets its own prompt and knowledge (while prompts are untrained, all candidates' features come from
+one backbone pass: ``PromptedBackbone.features_of_views``); each is scored on the task's held-out training normals
 and synthetic defects pasted on them (``synthetic_defect_batch``: two rectangles and one stroke copy per
 normal; no test image), and a candidate replaces the backbone's settings only when its image AUROC there is
 higher by ``ucad.feature_choice_margin`` or more (ties keep them; so does a task with fewer than
