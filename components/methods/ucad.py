@@ -221,7 +221,7 @@ class UCAD(ContinualMethod):
         if len(candidates) == 1:
             return self._fit_candidate(data, task_index, key, None), {}
         if len(data.heldout) < MIN_CHOICE_NORMALS:
-            log.warning("ucad: task %r has %d held-out normals (< %d): the backbone's features, no choice", data.name, len(data.heldout), MIN_CHOICE_NORMALS)
+            log.info("ucad: task %r has %d held-out normals (< %d): the backbone's features, no choice", data.name, len(data.heldout), MIN_CHOICE_NORMALS)
             return self._fit_candidate(data, task_index, key, None), {"skipped": f"{len(data.heldout)} held-out normals (< {MIN_CHOICE_NORMALS})"}
         defects = synthetic_defect_batch(data.heldout, CHOICE_VARIANTS, self.config.seed + task_index)
         trained = [self._train_prompt(data, task_index, self._view(choice)) for choice in candidates]
