@@ -126,7 +126,6 @@ def _bounds(features: torch.Tensor, carried: torch.Tensor, grid: tuple[int, int]
     (B, hc, wc, K); all of other images, so never nearer than the cell's true ``k`` nearest rows of other images)."""
     b, n, c = features.shape
     h, w = grid
-    hc, wc, kept = carried.shape[1:]
     span = BOUND_BLOCK * COARSE_STEP  # cells per block side
     cells = features.reshape(b, h, w, c)
     out = torch.empty(b, h, w)
