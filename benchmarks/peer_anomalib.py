@@ -19,7 +19,7 @@ run under the same machine load):
   as the full run): on real-ad 448 px images in 2 x 2 tiles of 224 px. Training images = contad's
   non-held-out ``train/good`` split, test images = every test image. Decoding is not timed.
 - contad: ``method=patchcore_oracle`` through its own code (``fit_task`` + ``predict`` with the
-  true task) on its tiled backbone (``components.backbones.tiled.TiledBackbone``: each tile encoded,
+  true task; ``patchcore.feature_choices=[]``: the same feature blocks as anomalib, no per-product choice) on its tiled backbone (``components.backbones.tiled.TiledBackbone``: each tile encoded,
   patch features stitched onto the full-image grid, one bank over the stitched patches, maps at the
   full input size, image score = max patch score of the stitched grid).
 - anomalib gets the SAME tiles: the 448 px tensors cut at contad's tile offsets
@@ -353,7 +353,8 @@ def run_config(args: argparse.Namespace, sequence):
     from components.config import load_config
     from components.data.tiling import resolve_tiling
 
-    cfg = load_config(REPO / "params.yaml", [*args.overrides, "method=patchcore_oracle", f"data.root={args.data}",
+    # patchcore.feature_choices=[]: anomalib's PatchCore has one feature setting, so contad's oracle keeps the backbone's
+    cfg = load_config(REPO / "params.yaml", [*args.overrides, "method=patchcore_oracle", "patchcore.feature_choices=[]", f"data.root={args.data}",
                                              f"data.products={','.join(args.products)}", "tracking.enabled=false"])
     return resolve_tiling(cfg, sequence, sorted(sequence["product"].unique()))
 

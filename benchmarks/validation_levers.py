@@ -26,7 +26,8 @@ synthetic defects change the point cloud too, painted at the run's input size) a
 re-scores it with ``ib_iumad.combine=sum`` (a score-time setting). ``mtrmb`` / ``lemo`` / ``replay``
 (``method=mtrmb`` / ``lemo`` / ``patchcore_replay``) and their ``_lite1`` rows (``backbone.name=efficientnet_lite1``):
 ``backbone`` is shared by these methods, so a backbone default is judged on each of them against its own method's
-row (``REFERENCES``), not on UCAD alone. Image-score rows (``top3``, ``top10``,
+row (``REFERENCES``), not on UCAD alone. ``oracle`` / ``oracle_choice``: the per-product PatchCore oracle without and
+with ``patchcore.feature_choices=[{feature_layer: 2}]`` (the per-task feature choice UCAD makes by default). Image-score rows (``top3``, ``top10``,
 ``top30``: ``ucad.image_top_k``; ``reweight``: ``ucad.reweight=true``) re-score the trained ``default``
 model on the same cached features instead of retraining: the image score does not enter training, and
 the per-task score scale it changes is monotone per routed task, so each product's AUROCs equal a
@@ -82,10 +83,14 @@ TRAINED_ROWS: dict[str, list[str]] = {
     "lemo_lite1": ["method=lemo", "backbone.name=efficientnet_lite1"],
     "replay": ["method=patchcore_replay"],
     "replay_lite1": ["method=patchcore_replay", "backbone.name=efficientnet_lite1"],
+    # the per-product oracle with UCAD's per-task feature choice (session 40), against the oracle without it
+    "oracle": ["method=patchcore_oracle", "patchcore.feature_choices=[]"],
+    "oracle_choice": ["method=patchcore_oracle", "patchcore.feature_choices=[{feature_layer: 2}]"],
 }
 # Rows judged against a reference other than ``default`` (the same method at today's setting); a row that is a
 # reference itself is not judged against UCAD's ``default``.
-REFERENCES = {"iuf_standardise": "iuf", "ibiumad_sum": "ibiumad", "mtrmb_lite1": "mtrmb", "lemo_lite1": "lemo", "replay_lite1": "replay"}
+REFERENCES = {"iuf_standardise": "iuf", "ibiumad_sum": "ibiumad", "mtrmb_lite1": "mtrmb", "lemo_lite1": "lemo", "replay_lite1": "replay",
+              "oracle_choice": "oracle"}
 RESCORED_ROWS: dict[str, dict[str, Any]] = {  # row -> {"section.key": value}, re-scored from RESCORED_FROM[row]
     "top3": {"ucad.image_top_k": 3},
     "top10": {"ucad.image_top_k": 10},

@@ -128,6 +128,8 @@ class PatchCoreConfig(Section):
     num_neighbors: PositiveInt = 1
     reweight: bool = False
     normalise_scores: bool = True  # oracle: divide scores by the task's mean held-out normal score
+    feature_choices: list[FeatureChoice] = Field(default_factory=list)  # oracle: per task, also fit these feature settings; keep the best on held-out normals + synthetic defects
+    feature_choice_margin: NonNegativeFloat = 0.02  # oracle: image AUROC a choice must gain there over the backbone's features to replace them
 
 
 class SAMConfig(Section):

@@ -110,7 +110,7 @@ def read_train_log(directory: Path) -> dict[str, Any]:
 
 def feature_settings(out: Path, tasks: list[str]) -> dict[str, dict[str, Any]]:
     """Per task, the feature settings its training log says it took and the choice that picked them
-    (``ucad.feature_choices``): ``{task: {"features": ..., "choice": {...}}}``; empty when no step chose."""
+    (``ucad.feature_choices`` / ``patchcore.feature_choices``): ``{task: {"features": ..., "choice": {...}}}``; empty when no step chose."""
     found: dict[str, dict[str, Any]] = {}
     for index, name in enumerate(tasks):
         log = read_train_log(step_dir(out, index, name))

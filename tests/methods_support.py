@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from components.backbones.base import PromptedBackbone, TaskPrompt
-from components.config import Config
+from components.config import Config, ConfigError
 from components.types import ImageBatch, TaskData
 
 IMAGE_SIZE = 32
@@ -78,6 +78,36 @@ PRODUCTS = {
     "green": ((0.2, 0.8, 0.3), 6, "v"),
     "blue": ((0.2, 0.3, 0.9), 8, "h"),
 }
+
+
+class FineToy(ToyBackbone):
+    """The toy network's stride-4 map as patch features (16 channels): what a finer feature layer sees."""
+
+    feature_dim = 16
+
+    def grid_size(self, image_size: int) -> tuple[int, int]:
+        return image_size // 4, image_size // 4
+
+    def features(self, images: torch.Tensor, prompt: TaskPrompt | None = None) -> torch.Tensor:
+        self.calls["features"] += 1
+        x = torch.relu(self.conv1(images))
+        return (prompt(x) if prompt is not None else x).flatten(2).transpose(1, 2)
+
+
+class BlindAtDefaultToy(ToyBackbone):
+    """Its configured layer sees nothing (constant features: every score ties); layer 2 is ``FineToy``."""
+
+    def features(self, images: torch.Tensor, prompt: TaskPrompt | None = None) -> torch.Tensor:
+        self.calls["features"] += 1
+        n = self.grid_size(images.shape[-1])
+        return images.new_zeros(images.shape[0], n[0] * n[1], self.feature_dim)
+
+    def with_features(self, layer: int | None = None, span: int | None = None, dim: int | None = None) -> PromptedBackbone:
+        if (layer, span, dim) == (None, None, None):
+            return self
+        if (layer, span, dim) != (2, None, None):
+            raise ConfigError(f"backbone.feature_layer={layer} is out of range")
+        return FineToy(self.image_size)
 
 
 def product_images(product: str, n: int, seed: int, defect: str | None = None, size: int = IMAGE_SIZE) -> torch.Tensor:

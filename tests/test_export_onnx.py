@@ -96,10 +96,10 @@ def test_tasks_with_their_own_feature_settings_export_and_deploy_as_evaluated(sy
     """``ucad.feature_choices``: the first product takes feature layer 2 (stride-4 patches), the second keeps
     the backbone's layer 3; the ONNX runner and the deployed ``Detector`` score exactly what evaluation scores."""
     from components.decision import Detector, normalise
-    from components.methods import ucad
+    from components.methods import feature_choice
 
     verdicts = iter([0.5, 0.9, 0.9, 0.5])  # held-out synthetic AUROC per (task, candidate): task 0 -> layer 2, task 1 -> configured
-    monkeypatch.setattr(ucad, "auroc", lambda labels, scores: next(verdicts))
+    monkeypatch.setattr(feature_choice, "auroc", lambda labels, scores: next(verdicts))
     cfg, method_dir, manifest = _train("ucad", synth_root, tmp_path, extra=["ucad.feature_choices=[{feature_layer: 2}]", "data.heldout_fraction=0.5"])
     method = load_method(cfg, method_dir)
     assert [c and c.feature_layer for c in method.feature_settings] == [2, None]
@@ -115,6 +115,24 @@ def test_tasks_with_their_own_feature_settings_export_and_deploy_as_evaluated(sy
     deployed = detector.decide(rgbs)
     assert [v.score for v in deployed] == pytest.approx(evaluated.image_scores.tolist(), rel=1e-6)
     assert all(np.array_equal(v.anomaly_map, m) for v, m in zip(deployed, evaluated.anomaly_maps.numpy()))
+
+
+def test_oracle_tasks_with_their_own_feature_settings_export_as_evaluated(synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``patchcore.feature_choices``: the oracle's first product takes feature layer 2 (its own feature graph, grid and
+    map graph), the second keeps the shared graph; the ONNX runner scores exactly what evaluation scores."""
+    from components.methods import feature_choice
+
+    verdicts = iter([0.5, 0.9, 0.9, 0.5])  # held-out synthetic AUROC per (task, candidate): task 0 -> layer 2, task 1 -> configured
+    monkeypatch.setattr(feature_choice, "auroc", lambda labels, scores: next(verdicts))
+    cfg, method_dir, manifest = _train("patchcore_oracle", synth_root, tmp_path,
+                                       extra=["patchcore.feature_choices=[{feature_layer: 2}]", "data.heldout_fraction=0.5"])
+    method = load_method(cfg, method_dir)
+    assert [c and c.feature_layer for c in method.feature_settings] == [2, None]
+    assert [b.features.shape[1] for b in method.banks] == [method.task_backbone(0).feature_dim, method.backbone.feature_dim]
+    _check_parity(cfg, method_dir, manifest, tmp_path / "onnx")
+    doc = json.loads((tmp_path / "onnx" / MANIFEST).read_text())
+    assert doc["tasks"][0]["graph"] == "features_0.onnx" and doc["tasks"][0]["grid"] == [16, 16] and doc["grid"] == [8, 8]
+    assert doc["tasks"][1]["graph"] == "features.onnx" and "maps" not in doc["tasks"][1]
 
 
 def test_runner_is_standalone_and_refuses_what_it_cannot_export(synth_root: Path, tmp_path: Path) -> None:

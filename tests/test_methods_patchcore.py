@@ -8,11 +8,12 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from components.config import ConfigError, FeatureChoice
 from components.errors import ContadError
 from components.methods.patchcore import PatchCoreFinetune, PatchCoreOracle, PatchCoreReplay
 from components.methods.registry import METHODS, build_method
 from components.methods.ucad import UCAD
-from tests.methods_support import IMAGE_SIZE, ToyBackbone, product_images, toy_config, toy_task
+from tests.methods_support import IMAGE_SIZE, BlindAtDefaultToy, FineToy, ToyBackbone, product_images, toy_config, toy_task
 
 
 def _red_scores(method: object) -> tuple[float, float]:
@@ -99,3 +100,53 @@ def test_registry_builds_every_configured_method() -> None:
     object.__setattr__(cfg, "method", "nope")
     with pytest.raises(ContadError, match="unknown method"):
         build_method(cfg, ToyBackbone())
+
+
+def _oracle_with_choices(margin: float = 0.02) -> PatchCoreOracle:
+    cfg = toy_config("patchcore_oracle")
+    cfg.data.image_size = IMAGE_SIZE
+    cfg.patchcore.feature_choices = [FeatureChoice(feature_layer=2), FeatureChoice()]  # the second = the backbone: dropped
+    cfg.patchcore.feature_choice_margin = margin
+    return PatchCoreOracle(cfg, BlindAtDefaultToy())
+
+
+def test_the_oracle_chooses_each_task_s_features_as_ucad_does(tmp_path: Path) -> None:
+    """``patchcore.feature_choices``: a task whose configured layer sees nothing takes layer 2, and its bank, scores,
+    leave-one-out calibration and held-out statistics are those of an oracle built on layer 2 alone."""
+    oracle = _oracle_with_choices()
+    assert oracle.views.candidates == [None, FeatureChoice(feature_layer=2)]
+    red = toy_task("red", n_heldout=6)
+    log = oracle.fit_task(red)
+    assert log["features"] == log["feature_choice"]["chosen"] == "feature_layer=2"
+    assert log["feature_choice"]["image_auroc"]["backbone"] == 0.5 and log["feature_choice"]["normals"] == 6
+    fine_only = PatchCoreOracle(toy_config("patchcore_oracle"), FineToy(IMAGE_SIZE))  # the chosen layer alone, same data
+    fine_only.fit_task(red)
+    assert torch.equal(oracle.banks[0].features, fine_only.banks[0].features)
+    assert torch.equal(oracle.calibration_scores(red), fine_only.calibration_scores(red))
+    assert oracle.score_stats[0] == fine_only.score_stats[0] and oracle.score_stats[0]["count"] == 6
+
+    oracle.config.patchcore.feature_choice_margin = 1.0  # no gain is enough: the backbone's settings stay
+    assert oracle.fit_task(toy_task("green", n_heldout=6))["features"] == "backbone"
+    few = oracle.fit_task(toy_task("blue", n_heldout=3))
+    assert few["feature_choice"]["skipped"].startswith("3 held-out normals")
+    assert [c and c.feature_layer for c in oracle.feature_settings] == [2, None, None]
+
+    images = torch.cat([product_images("red", 3, seed=40), product_images("red", 3, seed=41, defect="blue"), product_images("green", 2, seed=42)])
+    tasks = ["red"] * 6 + ["green"] * 2
+    pred = oracle.predict(images, tasks)
+    assert pred.image_scores[3:6].min() > pred.image_scores[:3].max()  # layer 2 sees red's defects
+    assert torch.equal(pred.image_scores[:6], fine_only.predict(images[:6], tasks[:6]).image_scores)
+    assert torch.equal(pred.image_scores[6:], torch.zeros(2))  # green's blind layer: what it was scored with
+
+    restored = _oracle_with_choices()
+    restored.load(oracle.save(tmp_path / "oracle"))
+    assert [c and c.feature_layer for c in restored.feature_settings] == [2, None, None]
+    again = restored.predict(images, tasks)
+    assert torch.equal(again.image_scores, pred.image_scores) and torch.equal(again.anomaly_maps, pred.anomaly_maps)
+
+
+def test_the_oracle_refuses_feature_choices_its_backbone_cannot_make() -> None:
+    cfg = toy_config("patchcore_oracle")
+    cfg.patchcore.feature_choices = [FeatureChoice(feature_layer=2)]
+    with pytest.raises(ConfigError, match=r"patchcore.feature_choices \(feature_layer=2\): backbone ToyBackbone cannot"):
+        PatchCoreOracle(cfg, ToyBackbone())

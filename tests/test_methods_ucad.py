@@ -11,12 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from components.backbones.base import PromptedBackbone, TaskPrompt
 from components.config import Config, ConfigError, FeatureChoice
 from components.errors import ContadError
 from components.methods.registry import build_method
 from components.methods.ucad import UCAD
-from tests.methods_support import IMAGE_SIZE, PRODUCTS, ToyBackbone, label_maps_of, product_images, toy_config, toy_task
+from tests.methods_support import IMAGE_SIZE, PRODUCTS, BlindAtDefaultToy, FineToy, ToyBackbone, label_maps_of, product_images, toy_config, toy_task
 
 
 @pytest.fixture(scope="module")
@@ -180,36 +179,6 @@ def test_test_rows_never_touch_any_trained_parameter(tmp_path: Path) -> None:
         assert torch.equal(states[0][name], states[1][name]), name
 
 
-class _FineToy(ToyBackbone):
-    """The toy network's stride-4 map as patch features (16 channels): what a finer feature layer sees."""
-
-    feature_dim = 16
-
-    def grid_size(self, image_size: int) -> tuple[int, int]:
-        return image_size // 4, image_size // 4
-
-    def features(self, images: torch.Tensor, prompt: TaskPrompt | None = None) -> torch.Tensor:
-        self.calls["features"] += 1
-        x = torch.relu(self.conv1(images))
-        return (prompt(x) if prompt is not None else x).flatten(2).transpose(1, 2)
-
-
-class _BlindAtDefaultToy(ToyBackbone):
-    """Its configured layer sees nothing (constant features: every score ties); layer 2 is ``_FineToy``."""
-
-    def features(self, images: torch.Tensor, prompt: TaskPrompt | None = None) -> torch.Tensor:
-        self.calls["features"] += 1
-        n = self.grid_size(images.shape[-1])
-        return images.new_zeros(images.shape[0], n[0] * n[1], self.feature_dim)
-
-    def with_features(self, layer: int | None = None, span: int | None = None, dim: int | None = None) -> PromptedBackbone:
-        if (layer, span, dim) == (None, None, None):
-            return self
-        if (layer, span, dim) != (2, None, None):
-            raise ConfigError(f"backbone.feature_layer={layer} is out of range")
-        return _FineToy(self.image_size)
-
-
 def _layer_config(**ucad: object) -> Config:
     cfg = toy_config(epochs=0, feature_choices=[FeatureChoice(feature_layer=2), FeatureChoice()], **ucad)  # the second = the backbone: dropped
     cfg.data.image_size = IMAGE_SIZE
@@ -217,15 +186,15 @@ def _layer_config(**ucad: object) -> Config:
 
 
 def test_each_task_takes_the_feature_layer_that_separates_its_synthetic_defects(tmp_path: Path) -> None:
-    method = UCAD(_layer_config(), _BlindAtDefaultToy())
+    method = UCAD(_layer_config(), BlindAtDefaultToy())
     red = toy_task("red", n_heldout=6)
     log = method.fit_task(red)
     choice = log["feature_choice"]
     assert log["features"] == choice["chosen"] == "feature_layer=2" and choice["normals"] == 6 and choice["defects"] == 18
     assert set(choice["image_auroc"]) == {"backbone", "feature_layer=2"}
     assert choice["image_auroc"]["backbone"] == 0.5 and choice["image_auroc"]["feature_layer=2"] > 0.52  # blind ties; the fine layer ranks
-    assert method.knowledge[0].shape[1] == _FineToy.feature_dim and _layers(method) == [2]
-    fine_only = UCAD(toy_config(epochs=0), _FineToy(IMAGE_SIZE))  # what the chosen layer alone learns from the same data
+    assert method.knowledge[0].shape[1] == FineToy.feature_dim and _layers(method) == [2]
+    fine_only = UCAD(toy_config(epochs=0), FineToy(IMAGE_SIZE))  # what the chosen layer alone learns from the same data
     fine_only.fit_task(red)
     assert torch.equal(method.knowledge[0], fine_only.knowledge[0])
     calibration = method.calibration_scores(red)  # leave-one-out scores of the chosen features (the loser's are never made)
@@ -247,7 +216,7 @@ def test_each_task_takes_the_feature_layer_that_separates_its_synthetic_defects(
     from components.methods.state_io import load_method_state, save_method_state
 
     save_method_state(method, tmp_path / "m")
-    loaded = UCAD(_layer_config(), _BlindAtDefaultToy())
+    loaded = UCAD(_layer_config(), BlindAtDefaultToy())
     load_method_state(loaded, tmp_path / "m")
     assert _layers(loaded) == [2, None, None]
     again = loaded.predict(images)
@@ -265,13 +234,13 @@ def test_a_feature_choice_the_backbone_cannot_make_is_refused_up_front() -> None
     with pytest.raises(ConfigError, match=r"ucad.feature_choices \(feature_layer=2\): backbone ToyBackbone cannot"):
         UCAD(_layer_config(), ToyBackbone())
     with pytest.raises(ConfigError, match=r"ucad.feature_choices \(feature_layer=3\): backbone.feature_layer=3"):
-        UCAD(toy_config(feature_choices=[FeatureChoice(feature_layer=3)]), _BlindAtDefaultToy())
+        UCAD(toy_config(feature_choices=[FeatureChoice(feature_layer=3)]), BlindAtDefaultToy())
 
 
 def test_the_choice_s_held_out_scores_are_the_statistics_a_fresh_scoring_gives() -> None:
     """The chosen candidate's held-out normal scores, made during the choice, become the task's score statistics:
     they must equal what scoring the held-out normals afresh with the kept task gives."""
-    method = UCAD(_layer_config(), _BlindAtDefaultToy())
+    method = UCAD(_layer_config(), BlindAtDefaultToy())
     red = toy_task("red", n_heldout=6)
     method.fit_task(red)
     assert _layers(method) == [2]

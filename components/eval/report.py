@@ -150,12 +150,12 @@ def masks_provider_lines(doc: dict[str, Any]) -> list[str]:
 
 
 def feature_settings_lines(doc: dict[str, Any]) -> list[str]:
-    """The report lines naming the feature settings each task took under ``ucad.feature_choices`` and what
+    """The report lines naming the feature settings each task took under ``feature_choices`` (UCAD, the oracle) and what
     the choice measured (held-out synthetic image AUROC per candidate); none when no task chose."""
     settings = doc.get("feature_settings") or {}
     if not settings:
         return []
-    lines = ["- feature settings per task (`ucad.feature_choices`; chosen while the task was learned, on its held-out "
+    lines = ["- feature settings per task (`feature_choices`; chosen while the task was learned, on its held-out "
              "training normals + synthetic defects, never on test images):"]
     for task, entry in settings.items():
         choice = entry.get("choice") or {}

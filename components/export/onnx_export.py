@@ -3,8 +3,9 @@
 What goes where (``export_onnx``):
 - **ONNX** (run by any ONNX runtime): the frozen feature extractor of every task (UCAD: one graph
   per task prompt; the PatchCore family: one shared graph), UCAD's routing-key extractor, and the
-  map maker (patch-score grid -> bilinear upsampling -> Gaussian smoothing at input resolution; a UCAD
-  task with its own feature settings, ``ucad.feature_choices``, has its own grid and map graph).
+  map maker (patch-score grid -> bilinear upsampling -> Gaussian smoothing at input resolution; a task
+  with its own feature settings, ``ucad.feature_choices`` / ``patchcore.feature_choices`` (oracle), has its
+  own feature graph, grid and map graph).
 - **Data files** (NumPy ``.npy`` + ``detector.onnx.json``): the task keys used for routing, every
   task's memory rows (nearest-neighbour search runs on them), score scales, and each task's
   calibration sample with the thresholds at the deployed ``decision.target_fpr``. Thresholds stay
@@ -129,25 +130,36 @@ def _memories(method: ContinualMethod, out: Path) -> tuple[dict[str, Any], list[
                    "segment": _save(segment, out / "key_segment.npy")}
         tasks = []
         for t, name in enumerate(method.tasks):
-            task_backbone = method.task_backbone(t)
-            _export_graph(PatchFeatures(task_backbone, method.prompts[t]), example, out / f"features_{t}.onnx", "images", "features")
+            _export_graph(PatchFeatures(method.task_backbone(t), method.prompts[t]), example, out / f"features_{t}.onnx", "images", "features")
             task = {"name": name, "graph": f"features_{t}.onnx", "memory": _save(method.knowledge[t].float(), out / f"memory_{t}.npy")}
-            if task_backbone is not backbone:  # a task with its own feature settings: its own patch grid and map graph
-                grid = task_backbone.grid_size(size)
-                _export_graph(MapMaker(grid, size, method.config.eval.smoothing_sigma), torch.zeros(1, grid[0] * grid[1]), out / f"maps_{t}.onnx",
-                              "patch_scores", "anomaly_maps")
-                task.update({"grid": list(grid), "maps": f"maps_{t}.onnx"})
-            tasks.append(task)
+            tasks.append({**task, **_own_grid(method, t, out)})
         return routing, tasks
     _export_graph(PatchFeatures(backbone, None), example, out / "features.onnx", "images", "features")
     if method.name == "patchcore_oracle":
-        tasks = [{"name": name, "graph": "features.onnx", "memory": _save(bank.features, out / f"memory_{t}.npy")}
-                 for t, (name, bank) in enumerate(zip(method.tasks, method.banks))]
+        tasks = []
+        for t, (name, bank) in enumerate(zip(method.tasks, method.banks)):
+            task = {"name": name, "graph": "features.onnx", "memory": _save(bank.features, out / f"memory_{t}.npy")}
+            if method.task_backbone(t) is not backbone:  # its own feature settings: its own feature graph
+                _export_graph(PatchFeatures(method.task_backbone(t), None), example, out / f"features_{t}.onnx", "images", "features")
+                task["graph"] = f"features_{t}.onnx"
+            tasks.append({**task, **_own_grid(method, t, out)})
         return {"kind": "product_label"}, tasks
     bank = method.bank  # one bank over every task; an image goes to the task most of its nearest rows came from
     _save(bank.features, out / "memory.npy")
     routing = {"kind": "bank_owner", "origin": _save(bank.origin.numpy().astype(np.int64), out / "memory_origin.npy")}
     return routing, [{"name": name, "graph": "features.onnx", "memory": "memory.npy"} for name in method.tasks]
+
+
+def _own_grid(method: ContinualMethod, t: int, out: Path) -> dict[str, Any]:
+    """Manifest fields of task ``t``'s own patch grid and map graph when its feature settings are not the backbone's
+    (``ucad.feature_choices`` / ``patchcore.feature_choices``: another stride); empty otherwise."""
+    task_backbone, size = method.task_backbone(t), method.config.data.image_size
+    if task_backbone is method.backbone:
+        return {}
+    grid = task_backbone.grid_size(size)
+    _export_graph(MapMaker(grid, size, method.config.eval.smoothing_sigma), torch.zeros(1, grid[0] * grid[1]), out / f"maps_{t}.onnx",
+                  "patch_scores", "anomaly_maps")
+    return {"grid": list(grid), "maps": f"maps_{t}.onnx"}
 
 
 def _scoring(method: ContinualMethod, config: Config) -> dict[str, Any]:

@@ -3,7 +3,10 @@
 - ``PatchCoreFinetune``: one memory bank, refit on each new task's data only (forgets by design).
 - ``PatchCoreReplay``: one bank refit on the new task plus a fixed buffer of past training images
   (``patchcore.replay_buffer`` images in total, an equal share per task; part of the saved state).
-- ``PatchCoreOracle``: one bank per task, scored with the TRUE task of each image (upper bound).
+- ``PatchCoreOracle``: one bank per task, scored with the TRUE task of each image (upper bound). With
+  ``patchcore.feature_choices`` each task's bank may take other patch features than ``backbone.*`` says, chosen
+  when the task is learned on its held-out normals + synthetic defects by the rule UCAD uses
+  (``components/methods/feature_choice.py``), so the oracle stays the per-product bound of a method that chooses.
 
 The banks are k-center-greedy coresets of the patch features, selected on a Johnson-Lindenstrauss
 random projection (``memory.projection_dim``): ``patchcore.coreset_size`` rows when set, else
@@ -19,12 +22,13 @@ from typing import Any, ClassVar
 import torch
 
 from components.backbones.base import PromptedBackbone
-from components.config import Config, MemoryConfig
+from components.config import Config, FeatureChoice, MemoryConfig
 from components.errors import ContadError
 from components.methods.base import ContinualMethod
 from components.methods.coreset import coreset_candidates, k_center_greedy, memory_coreset, memory_rows, nbytes
-from components.methods.extract import batched, module_device
+from components.methods.extract import batched, batched_views, module_device
 from components.methods.feature_cache import feature_cache
+from components.methods.feature_choice import FeatureViews, choice_defects, choice_report, chosen_index, label, skip_reason, synthetic_auroc
 from components.methods.knn import NearestNeighbours
 from components.methods.pruned_scores import leave_one_out_image_scores
 from components.methods.scoring import anomaly_maps, heldout_score_stats, normalisation_scale, score_patches
@@ -83,12 +87,16 @@ class _PatchCoreBase(ContinualMethod):
         """The task's bank: ``patchcore.coreset_size`` rows or the ``memory`` ratio/budget coreset."""
         return MemoryBank.fit(feats, origin, self.config.memory, self.config.patchcore.coreset_size, self.config.seed)
 
-    def _predict_with(self, bank: MemoryBank, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(image_scores, anomaly_maps, owner task index) of ``images`` against ``bank``."""
+    def _predict_with(self, bank: MemoryBank, images: torch.Tensor, choice: FeatureChoice | None = None,
+                      backbone: PromptedBackbone | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image_scores, anomaly_maps, owner task index) of ``images`` against ``bank``, whose features ``backbone``
+        (``choice``'s settings; default the backbone's own) makes."""
         _, _, h, w = images.shape
-        feats = feature_cache(self.backbone).features("features/none", self.backbone.features, images, BATCH_SIZE, module_device(self.backbone))
+        backbone = backbone or self.backbone
+        kind = "features/none" if choice is None else f"features@{label(choice)}/none"
+        feats = feature_cache(backbone).features(kind, backbone.features, images, BATCH_SIZE, module_device(self.backbone))
         patch_scores, image_scores, owner = bank.score(feats, self.config.patchcore.reweight, self.config.patchcore.num_neighbors)
-        maps = anomaly_maps(patch_scores, self.backbone.grid_size(h), (h, w), self.config.eval.smoothing_sigma)
+        maps = anomaly_maps(patch_scores, backbone.grid_size(h), (h, w), self.config.eval.smoothing_sigma)
         return image_scores, maps, owner
 
     def _bank_meta(self) -> dict[str, Any]:
@@ -196,7 +204,8 @@ class PatchCoreReplay(PatchCoreFinetune):
 
 
 class PatchCoreOracle(_PatchCoreBase):
-    """One PatchCore bank per task, each image scored by its TRUE task's bank (upper bound)."""
+    """One PatchCore bank per task, each image scored by its TRUE task's bank (upper bound); per-task feature
+    settings chosen on held-out normals + synthetic defects with ``patchcore.feature_choices``."""
 
     name: ClassVar[str] = "patchcore_oracle"
     uses_task_labels: ClassVar[bool] = True
@@ -206,24 +215,65 @@ class PatchCoreOracle(_PatchCoreBase):
         super().__init__(config, backbone)
         self.banks: list[MemoryBank] = []
         self.score_stats: list[dict[str, float]] = []
+        self.feature_settings: list[FeatureChoice | None] = []  # per task: its feature settings (None = the backbone's)
+        self.views = FeatureViews(backbone, self.config.patchcore.feature_choices, "patchcore.feature_choices")  # refuses settings up front
+
+    def task_backbone(self, task_index: int) -> PromptedBackbone:
+        """The backbone that makes task ``task_index``'s patch features (its own feature settings)."""
+        return self.views.view(self.feature_settings[task_index])
 
     def fit_task(self, data: TaskData) -> dict[str, Any]:
         self._check_new(data)
         started = time.perf_counter()
         task_index = len(self.tasks)
-        feats = self._features(data.train.images, desc=f"{data.name}: features")
-        bank = self._fit_bank(feats, torch.full((feats.shape[0],), task_index))
+        choice, bank, feats, heldout, report = self._chosen_bank(data, task_index)
+        view = self.views.view(choice)
         self.banks.append(bank)
         self.tasks.append(data.name)
+        self.feature_settings.append(choice)
         self._fit_scores = None
         if not self.config.patchcore.reweight and bank.row_image is not None and len(feats) > 1:  # -> calibration_scores
-            grid = self.backbone.grid_size(data.train.images.shape[-1])
+            grid = view.grid_size(data.train.images.shape[-1])
             scores = leave_one_out_image_scores(feats, bank.index, bank.features, bank.row_image, self.config.patchcore.num_neighbors, grid=grid)
             self._fit_scores = (data.name, scores)
-        heldout = self._predict_with(self.banks[-1], data.heldout.images)[0] if len(data.heldout) else torch.empty(0)
+        if heldout is None:
+            heldout = self._predict_with(bank, data.heldout.images, choice, view)[0] if len(data.heldout) else torch.empty(0)
         self.score_stats.append(heldout_score_stats(heldout))
-        return {"task": data.name, "bank_size": int(self.banks[-1].features.shape[0]), "memory_bytes": self.banks[-1].nbytes,
-                "train_images": len(data.train), "seconds": time.perf_counter() - started}
+        return {"task": data.name, "bank_size": int(bank.features.shape[0]), "memory_bytes": bank.nbytes,
+                "train_images": len(data.train), "seconds": time.perf_counter() - started,
+                "features": label(choice), **({"feature_choice": report} if report else {})}
+
+    def _chosen_bank(self, data: TaskData, task_index: int
+                     ) -> tuple[FeatureChoice | None, MemoryBank, torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+        """(feature settings, bank, training features, raw held-out normal scores where the choice made them) of the new
+        task, chosen as ``components/methods/feature_choice.py`` says, and what the choice measured (empty without choices)."""
+        candidates = self.views.candidates
+        origin = torch.full((len(data.train),), task_index)
+        skipped = skip_reason(len(data.heldout)) if len(candidates) > 1 else None
+        if len(candidates) == 1 or skipped:
+            if skipped:
+                log.info("%s: task %r has %s: the backbone's features, no choice", self.name, data.name, skipped)
+            feats = self._features(data.train.images, desc=f"{data.name}: features")
+            return None, self._fit_bank(feats, origin), feats, None, ({"skipped": skipped} if skipped else {})
+        defects = choice_defects(data.heldout, self.config.seed + task_index)
+        views = [(self.views.view(choice), None) for choice in candidates]
+        device = module_device(self.backbone)
+        train = batched_views(lambda x: self.backbone.features_of_views(x, views), data.train.images, BATCH_SIZE, device, desc=f"{data.name}: features")
+        defect_feats = batched_views(lambda x: self.backbone.features_of_views(x, views), defects.images, BATCH_SIZE, device,
+                                     desc=f"{data.name}: synthetic defects")
+        fits, normals, aurocs = [], [], []
+        cfg = self.config.patchcore
+        for i, choice in enumerate(candidates):
+            bank = self._fit_bank(train[i], origin)
+            normal = self._predict_with(bank, data.heldout.images, choice, views[i][0])[0]  # the kept one's: the task's statistics
+            defect = bank.score(defect_feats[i], cfg.reweight, cfg.num_neighbors)[1]
+            aurocs.append(synthetic_auroc(normal, defect))
+            fits.append(bank)
+            normals.append(normal)
+            log.info("%s: task %r features %s: held-out synthetic image AUROC %.4f", self.name, data.name, label(choice), aurocs[-1])
+        chosen = chosen_index(aurocs, cfg.feature_choice_margin)
+        report = choice_report(candidates, aurocs, chosen, cfg.feature_choice_margin, len(data.heldout), len(defects))
+        return candidates[chosen], fits[chosen], train[chosen], normals[chosen], report
 
     def predict(self, images: torch.Tensor, true_tasks: list[str] | None = None, depth: torch.Tensor | None = None) -> Prediction:
         """Score each image with the bank of its true task (``true_tasks`` is required)."""
@@ -238,7 +288,8 @@ class PatchCoreOracle(_PatchCoreBase):
         for task in sorted(set(true_tasks)):
             members = torch.tensor([i for i, t in enumerate(true_tasks) if t == task])
             task_index = self.tasks.index(task)
-            scores, task_maps, _ = self._predict_with(self.banks[task_index], images[members])
+            choice = self.feature_settings[task_index]
+            scores, task_maps, _ = self._predict_with(self.banks[task_index], images[members], choice, self.views.view(choice))
             scale = self.score_scale(task_index)
             image_scores[members], maps[members] = scores / scale, task_maps / scale
         return Prediction(image_scores=image_scores, anomaly_maps=maps, routed_tasks=list(true_tasks))
@@ -253,10 +304,17 @@ class PatchCoreOracle(_PatchCoreBase):
         return {f"bank/{t}/features": bank.features for t, bank in enumerate(self.banks)}
 
     def state_meta(self) -> dict[str, Any]:
-        return {**self._bank_meta(), "score_stats": list(self.score_stats), "memory_bytes": [bank.nbytes for bank in self.banks]}
+        return {**self._bank_meta(), "score_stats": list(self.score_stats), "memory_bytes": [bank.nbytes for bank in self.banks],
+                "feature_settings": [None if c is None else c.model_dump(exclude_none=True) for c in self.feature_settings]}
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.tasks = list(meta["tasks"])
+        stored = meta.get("feature_settings") or [None] * len(self.tasks)  # states saved before per-task settings: the backbone's
+        if len(stored) != len(self.tasks):
+            raise ContadError(f"state has {len(self.tasks)} tasks but {len(stored)} feature settings")
+        self.feature_settings = [None if c is None else FeatureChoice.model_validate(c) for c in stored]
+        for choice in self.feature_settings:
+            self.views.view(choice)  # settings this backbone cannot take fail here, naming patchcore.feature_choices
         self.banks = [MemoryBank(tensors[f"bank/{t}/features"], torch.full((tensors[f"bank/{t}/features"].shape[0],), t)) for t in range(len(self.tasks))]
         self.score_stats = list(meta.get("score_stats", [{"count": 0} for _ in self.tasks]))
 

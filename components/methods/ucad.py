@@ -21,18 +21,15 @@ only the key and knowledge are learned.
 
 Feature settings per task (``ucad.feature_choices``, e.g. ``[{feature_span: 3, feature_dim: 96}]``): a
 task's knowledge can be made of other patch features than ``backbone.*`` says (another pyramid level,
-span or channel reduction), chosen per task when it is learned. Every candidate (the backbone's own
-settings first) gets its own prompt and knowledge (while prompts are untrained, all candidates' features come from
-one backbone pass: ``PromptedBackbone.features_of_views``); each is scored on the task's held-out training normals
-and synthetic defects pasted on them (``synthetic_defect_batch``: two rectangles and one stroke copy per
-normal; no test image), and a candidate replaces the backbone's settings only when its image AUROC there is
-higher by ``ucad.feature_choice_margin`` or more (ties keep them; so does a task with fewer than
-``MIN_CHOICE_NORMALS`` held-out normals). Why: on the validation protocol a board scan with defects a few
-pixels wide (pcb) separates far better with the stride-4 level while a texture with larger defects
-(magnetic_tile) loses with it (benchmarks/RESULTS.md section 3), so one global setting gives one of them
-away. The chosen settings (None = the backbone's) are stored per task (``feature_settings``); routing keys
-do not depend on them. Scoring, calibration, the anomaly map's patch grid, feedback (``extend_task``), the
-ONNX export and the deployed detector all use the task's own features (``task_backbone``).
+span or channel reduction), chosen per task when it is learned by the rule of ``components/methods/feature_choice.py``
+(shared with the PatchCore oracle): every candidate (the backbone's own settings first) gets its own prompt and
+knowledge (while prompts are untrained, all candidates' features come from one backbone pass:
+``PromptedBackbone.features_of_views``), is scored on the task's held-out training normals and synthetic defects
+pasted on them, and replaces the backbone's settings only when its image AUROC there is higher by
+``ucad.feature_choice_margin`` or more. The chosen settings (None = the backbone's) are stored per task
+(``feature_settings``); routing keys do not depend on them. Scoring, calibration, the anomaly map's patch grid,
+feedback (``extend_task``), the ONNX export and the deployed detector all use the task's own features
+(``task_backbone``).
 
 Scores are divided by the routed task's mean held-out-normal image score
 (``ucad.normalise_scores``), so products are comparable. Test-image features (un-prompted keys,
@@ -50,20 +47,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
 from components.backbones.base import PromptedBackbone, TaskPrompt
-from components.config import Config, ConfigError, FeatureChoice
-from components.data.synthetic.pasted import synthetic_defect_batch
+from components.config import Config, FeatureChoice
 from components.errors import ContadError
-from components.eval.metrics import auroc
 from components.methods.base import ContinualMethod
 from components.methods.contrastive import structure_contrastive_loss
 from components.methods.coreset import coreset, memory_coreset, nbytes
 from components.methods.early_stopping import early_stopping, stopping_log
 from components.methods.extract import batched, batched_views, module_device
-from components.methods.feature_cache import feature_cache, module_digest, share_feature_cache
+from components.methods.feature_cache import feature_cache, module_digest
+from components.methods.feature_choice import FeatureViews, choice_defects, choice_report, chosen_index, label, skip_reason, synthetic_auroc
 from components.methods.knn import NearestNeighbours
 from components.methods.pruned_scores import image_scores, leave_one_out_image_scores
 from components.methods.routing import KeyRouter
@@ -73,10 +68,6 @@ from components.segment.grid import downsample_label_map
 from components.types import Prediction, TaskData
 
 log = logging.getLogger(__name__)
-
-MIN_CHOICE_NORMALS = 4  # held-out normals a task needs for its feature choice (fewer: the backbone's settings)
-CHOICE_VARIANTS = 3  # synthetic defects per held-out normal in that choice: 2 rectangles + 1 stroke copy
-
 
 @dataclass
 class KnowledgeFit:
@@ -91,11 +82,6 @@ class KnowledgeFit:
     leave_out: torch.Tensor | None = None  # raw leave-one-out image scores of the training images (the chosen fit only)
     synthetic: dict[str, float] = field(default_factory=dict)  # image AUROC on held-out normals + synthetic defects
     heldout: torch.Tensor | None = None  # raw image scores of the held-out normals, where the choice already made them
-
-
-def label(choice: FeatureChoice | None) -> str:
-    """How reports name a task's feature settings: "backbone" (its own) or the keys a choice sets."""
-    return "backbone" if choice is None else choice.label()
 
 
 class UCAD(ContinualMethod):
@@ -119,8 +105,7 @@ class UCAD(ContinualMethod):
         self.feature_settings: list[FeatureChoice | None] = []  # per task: its feature settings (None = the backbone's)
         self._router: KeyRouter | None = None
         self._memories: dict[int, NearestNeighbours] = {}
-        self._views: dict[str, PromptedBackbone] = {}  # label -> backbone with those feature settings
-        self.feature_candidates()  # refuse settings the backbone cannot take, up front
+        self.views = FeatureViews(backbone, self.config.ucad.feature_choices, "ucad.feature_choices")  # refuses settings up front
 
     @property
     def device(self) -> torch.device:
@@ -165,42 +150,21 @@ class UCAD(ContinualMethod):
         }
 
     # ------------------------------------------------------------------ feature settings per task
-    def feature_candidates(self) -> list[FeatureChoice | None]:
-        """The feature settings a new task may take: None (the backbone's) first, then each of
-        ``ucad.feature_choices`` that makes other features (duplicates dropped)."""
-        candidates: list[FeatureChoice | None] = [None]
-        seen = {id(self.backbone)}
-        for choice in self.config.ucad.feature_choices:
-            view = self._view(choice)
-            if id(view) not in seen:
-                seen.add(id(view))
-                candidates.append(choice)
-        return candidates
-
     def _view(self, choice: FeatureChoice | None) -> PromptedBackbone:
-        """The backbone with ``choice``'s feature settings (None: ``self.backbone``); shares the network and the feature cache."""
-        if choice is None:
-            return self.backbone
-        name = label(choice)
-        if name not in self._views:
-            try:
-                view = self.backbone.with_features(choice.feature_layer, choice.feature_span, choice.feature_dim)
-            except ConfigError as err:
-                raise ConfigError(f"ucad.feature_choices ({name}): {err}") from err
-            if view is not self.backbone:
-                share_feature_cache(view, self.backbone)
-            self._views[name] = view
-        return self._views[name]
+        """The backbone with ``choice``'s feature settings (None: ``self.backbone``)."""
+        return self.views.view(choice)
 
     def task_backbone(self, task_index: int) -> PromptedBackbone:
         """The backbone that makes task ``task_index``'s prompted features (its own feature settings)."""
         return self._view(self.feature_settings[task_index])
 
-    def _fit_candidate(self, data: TaskData, task_index: int, key: torch.Tensor, choice: FeatureChoice | None) -> KnowledgeFit:
-        """Prompt and knowledge of the new task with ``choice``'s features."""
-        backbone = self._view(choice)
-        prompt, train_log = self._train_prompt(data, task_index, backbone)
-        knowledge, owners, feats = self._build_knowledge(data, prompt, reserved_bytes=nbytes([key, *prompt.state_dict().values()]), backbone=backbone)
+    def _fit_candidate(self, data: TaskData, key: torch.Tensor, choice: FeatureChoice | None, trained: tuple[TaskPrompt, dict[str, Any]],
+                       features: torch.Tensor | None = None) -> KnowledgeFit:
+        """The new task's knowledge with ``choice``'s features under its ``trained`` (prompt, log), from the training images'
+        ``features`` when given (else extracted here)."""
+        prompt, train_log = trained
+        reserved = nbytes([key, *prompt.state_dict().values()])
+        knowledge, owners, feats = self._build_knowledge(data, prompt, reserved, backbone=self._view(choice), features=features)
         return KnowledgeFit(choice, prompt, train_log, knowledge, owners, feats)
 
     def _finish_leave_out(self, fit: KnowledgeFit, image_size: int) -> None:
@@ -216,45 +180,38 @@ class UCAD(ContinualMethod):
 
     def _fit_knowledge(self, data: TaskData, task_index: int, key: torch.Tensor) -> tuple[KnowledgeFit, dict[str, Any]]:
         """The new task's prompt and knowledge with the feature settings chosen on its held-out normals + synthetic
-        defects (see the module docstring), and what the choice measured (empty without choices)."""
-        candidates = self.feature_candidates()
-        if len(candidates) == 1:
-            return self._fit_candidate(data, task_index, key, None), {}
-        if len(data.heldout) < MIN_CHOICE_NORMALS:
-            log.info("ucad: task %r has %d held-out normals (< %d): the backbone's features, no choice", data.name, len(data.heldout), MIN_CHOICE_NORMALS)
-            return self._fit_candidate(data, task_index, key, None), {"skipped": f"{len(data.heldout)} held-out normals (< {MIN_CHOICE_NORMALS})"}
-        defects = synthetic_defect_batch(data.heldout, CHOICE_VARIANTS, self.config.seed + task_index)
+        defects (``components/methods/feature_choice.py``), and what the choice measured (empty without choices)."""
+        candidates = self.views.candidates
+        skipped = skip_reason(len(data.heldout)) if len(candidates) > 1 else None
+        if len(candidates) == 1 or skipped:
+            if skipped:
+                log.info("ucad: task %r has %s: the backbone's features, no choice", data.name, skipped)
+            return self._fit_candidate(data, key, None, self._train_prompt(data, task_index)), ({"skipped": skipped} if skipped else {})
+        defects = choice_defects(data.heldout, self.config.seed + task_index)
         trained = [self._train_prompt(data, task_index, self._view(choice)) for choice in candidates]
         views = [(self._view(choice), prompt) for choice, (prompt, _) in zip(candidates, trained)]
         # every candidate's features of the training images and the defects, in one network pass where prompts allow
         train_feats = self._features_of_views(data.train.images, views, f"{data.name}: knowledge")
         defect_feats = self._features_of_views(defects.images, views, f"{data.name}: synthetic defects")
-        fits = []
-        for i, (choice, (prompt, train_log)) in enumerate(zip(candidates, trained)):
-            reserved = nbytes([key, *prompt.state_dict().values()])
-            knowledge, owners, feats = self._build_knowledge(data, prompt, reserved, features=train_feats[i])
+        fits: list[KnowledgeFit] = []
+        for i, choice in enumerate(candidates):
+            fit = self._fit_candidate(data, key, choice, trained[i], features=train_feats[i])
             train_feats[i] = None  # the fit holds them now (until it can no longer be chosen)
-            fit = KnowledgeFit(choice, prompt, train_log, knowledge, owners, feats)
-            heldout = self._prompted_features(data.heldout.images, self._view(choice), prompt, choice)  # cached: calibration reuses them
-            normal = fit.heldout = self._candidate_scores(fit, heldout, data.heldout.images.shape[-1])
+            heldout = self._prompted_features(data.heldout.images, self._view(choice), fit.prompt, choice)  # cached: calibration reuses them
+            fit.heldout = self._candidate_scores(fit, heldout, data.heldout.images.shape[-1])
             defect = self._candidate_scores(fit, defect_feats[i], defects.images.shape[-1])
             defect_feats[i] = None
-            labels = np.r_[np.zeros(len(normal)), np.ones(len(defect))]
-            fit.synthetic = {"image_auroc": auroc(labels, torch.cat([normal, defect]).double().numpy())}
+            fit.synthetic = {"image_auroc": synthetic_auroc(fit.heldout, defect)}
             fits.append(fit)
             leader = max(fits[1:], key=lambda f: f.synthetic["image_auroc"], default=None)
             for other in fits[1:]:
                 if other is not leader:  # can no longer be chosen: its kept features go
                     other.features = None
             log.info("ucad: task %r features %s: held-out synthetic image AUROC %.4f", data.name, label(choice), fit.synthetic["image_auroc"])
-        best = leader  # the best of the choices (the backbone's own settings are fits[0])
+        aurocs = [f.synthetic["image_auroc"] for f in fits]
         margin = self.config.ucad.feature_choice_margin
-        chosen = best if best.synthetic["image_auroc"] >= fits[0].synthetic["image_auroc"] + margin else fits[0]
-        return chosen, {
-            "image_auroc": {label(f.choice): f.synthetic["image_auroc"] for f in fits},
-            "chosen": label(chosen.choice), "margin": margin,
-            "normals": int(len(data.heldout)), "defects": int(len(defects)),
-        }
+        chosen = chosen_index(aurocs, margin)
+        return fits[chosen], choice_report(candidates, aurocs, chosen, margin, len(data.heldout), len(defects))
 
     def _candidate_scores(self, fit: KnowledgeFit, feats: torch.Tensor, image_size: int) -> torch.Tensor:
         """Raw image scores of a candidate's prompted features ``feats`` of ``image_size`` px images against its knowledge."""

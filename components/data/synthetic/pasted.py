@@ -1,7 +1,7 @@
 """Synthetic defects pasted on normal TRAINING images (model-input tensors): a validation set that reads no test image.
 
 Used for the escape-rate estimate of every calibration (``components.eval.thresholds``,
-``synthetic_defect_batch``), for UCAD's per-task feature choice (``ucad.feature_choices``) and to choose
+``synthetic_defect_batch``), for the per-task feature choice (``components.methods.feature_choice``) and to choose
 and check defaults (``benchmarks/diag_reconstruction``, ``bench_iuf --validation``). ``synthetic_defects``: every normal image gets ``variants`` copies with
 one rectangle each, of 5-18 % of the image side (12-40 px at 224 px), either cut from a donor image of
 the same product, flipped and pasted elsewhere, or an intensity / colour offset of the region.
