@@ -12,6 +12,10 @@ same command after an interruption; delete a run folder to redo it). The leaderb
 from every finished run under OUT (``benchmarks/LEADERBOARD.md`` for ``runs/bench``, else ``OUT/LEADERBOARD.md``,
 unless ``--leaderboard`` names it), with the anomalib peer's section where ``OUT/<sequence>/peer/results.json``
 exists (``benchmarks/peer_anomalib.py --out`` there; ``make leaderboard`` runs it for real-ad).
+
+``--keep-recorded`` refreshes some methods' rows without re-running the others: every method (and peer
+section) with no finished run under OUT keeps the runs the leaderboard's own ``.json`` recorded (the
+summaries of real runs made earlier, by earlier code), and the board names which rows were kept.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from components.atomic import atomic_write_text
 from components.config import Config
@@ -31,7 +36,7 @@ from components.errors import ContadError
 from components.eval.headline import headline_markdown, splice_headline
 from components.eval.leaderboard import aggregate, leaderboard_markdown, pareto_figure, summarise_run, test_images
 from components.eval.paper_claims import load_paper_claims, paper_vs_reproduced
-from components.eval.peer import peer_markdown, read_peer_results
+from components.eval.peer import peer_markdown, read_peer_results, results_from_json
 
 log = logging.getLogger(__name__)
 
@@ -134,23 +139,51 @@ def run_one(sequence: str, method: str, seed: int, root: Path, products: list[st
     return run
 
 
-def write_leaderboard(out: Path, leaderboard: Path, headlines: list[Path] | None = None) -> dict[str, object]:
-    """Regenerate ``leaderboard`` (+ ``.json``, Pareto figure) from every finished run under ``out``, and the
-    headline table of every document in ``headlines`` that carries the sequence's markers."""
+def recorded_board(leaderboard: Path) -> dict[str, Any]:
+    """What the leaderboard's ``.json`` recorded (per sequence: run summaries, peer results); empty when absent."""
+    path = leaderboard.with_suffix(".json")
+    if not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text())
+        if not isinstance(doc, dict) or not all(isinstance(doc[s].get("runs"), list) for s in doc):
+            raise ValueError("expected {sequence: {runs: [...], ...}}")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ContadError(f"{path}: not a leaderboard record ({exc})") from None
+    return doc
+
+
+def _kept_note(fresh: set[str], kept: set[str]) -> str:
+    """The notes' sentence naming the rows re-run for a board and those kept from its earlier record ("" when none kept)."""
+    if not kept:
+        return ""
+    record = f"from the board's earlier record (runs of earlier code, not re-run): {', '.join(sorted(kept))}."
+    return f" Re-run for this board: {', '.join(sorted(fresh))}; kept {record}" if fresh else f" Kept {record}"
+
+
+def write_leaderboard(out: Path, leaderboard: Path, headlines: list[Path] | None = None, keep_recorded: bool = False) -> dict[str, object]:
+    """Regenerate ``leaderboard`` (+ ``.json``, Pareto figure) from every finished run under ``out`` (with
+    ``keep_recorded``, plus the recorded runs of methods that have none there), and the headline table of every
+    document in ``headlines`` that carries the sequence's markers."""
     sections, machine = [], {}
+    recorded = recorded_board(leaderboard) if keep_recorded else {}
     for sequence in SEQUENCES:
         runs = sorted(p.parent for p in (out / sequence).glob("*/seed*/bench.json") if (p.parent / "metrics.json").is_file())
-        if not runs:
-            continue
         summaries = [summarise_run(r) for r in runs]
+        fresh = {s["method"] for s in summaries}
+        kept = [s for s in recorded.get(sequence, {}).get("runs", []) if s["method"] not in fresh]
+        summaries += kept
+        if not summaries:
+            continue
         rows = aggregate(summaries)
         loads = [s["load"]["before"][0] for s in summaries if s.get("load")]
         overrides = sorted({" ".join(s["overrides"]) for s in summaries})
         figure = pareto_figure(rows, leaderboard.with_name(f"leaderboard_{sequence}.png"), f"{sequence}: accuracy vs cost")
         registered, ran = sequence_methods(bool(SEQUENCES[sequence]["depth"])), {s["method"] for s in summaries}
         missing = [m for m in registered if m not in ran]
-        notes = [f"Runs: {len(runs)} ({', '.join(sorted(ran))}); seeds per method in the table."
-                 + (f" No finished run yet: {', '.join(missing)}." if missing else ""),
+        notes = [f"Runs: {len(summaries)} ({', '.join(sorted(ran))}); seeds per method in the table."
+                 + (f" No finished run yet: {', '.join(missing)}." if missing else "")
+                 + _kept_note(fresh, {s["method"] for s in kept}),
                  f"Machine load (1-min average) when the runs started: {min(loads):.1f}–{max(loads):.1f} on "
                  f"{os.cpu_count()} CPUs; timings are under that load." if loads else "Machine load not recorded.",
                  "Overrides on top of params.yaml: " + ("; ".join(f"`{o}`" for o in overrides if o) or "none (the defaults)") + ".",
@@ -163,7 +196,7 @@ def write_leaderboard(out: Path, leaderboard: Path, headlines: list[Path] | None
         sections.append(leaderboard_markdown(rows, f"Sequence `{sequence}`", notes, counts))
         sections.append(paper_vs_reproduced(PAPER_CLAIMS, rows, registered, f"`{sequence}`"))  # "" without the file
         peer_results = out / sequence / PEER_DIR / "results.json"
-        peer = read_peer_results(peer_results) if peer_results.is_file() else []
+        peer = read_peer_results(peer_results) if peer_results.is_file() else results_from_json(recorded.get(sequence, {}).get("peer") or [])
         if peer:
             sections.append(peer_markdown(peer, list(summaries[0]["products"])))
         for document in headlines or []:
@@ -174,8 +207,9 @@ def write_leaderboard(out: Path, leaderboard: Path, headlines: list[Path] | None
                                                             "per_product": r.per_product} for r in rows],
                              "test_images": counts,
                              "peer": [asdict(r) for r in peer]}
+    origin = " and the runs this board recorded before for methods not re-run (each sequence's notes name them)" if keep_recorded else ""
     text = ("# Leaderboard\n\nGenerated by `contad bench` (flows/bench.py) from the runs under "
-            f"`{out}`; regenerate with the same command. Defaults of `params.yaml`; mean ± sd over seeds.\n\n" + "\n".join(sections))
+            f"`{out}`{origin}; regenerate with the same command. Defaults of `params.yaml`; mean ± sd over seeds.\n\n" + "\n".join(sections))
     leaderboard.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(leaderboard, text)
     atomic_write_text(leaderboard.with_suffix(".json"), json.dumps(machine, indent=1, default=str))
@@ -183,7 +217,8 @@ def write_leaderboard(out: Path, leaderboard: Path, headlines: list[Path] | None
 
 
 def bench_command(sequence: str, seeds: int, methods: list[str] | None, out: Path, leaderboard: Path,
-                  data: str | None, overrides: list[str], params: str | None = None, headlines: list[Path] | None = None) -> int:
+                  data: str | None, overrides: list[str], params: str | None = None, headlines: list[Path] | None = None,
+                  keep_recorded: bool = False) -> int:
     """Run the missing (method, seed) runs of ``sequence``, then regenerate the leaderboard."""
     if sequence not in SEQUENCES:
         raise ContadError(f"--sequence {sequence!r}: choose one of {', '.join(SEQUENCES)}")
@@ -199,10 +234,12 @@ def bench_command(sequence: str, seeds: int, methods: list[str] | None, out: Pat
     if unknown:
         raise ContadError(f"--methods {','.join(unknown)}: not methods of sequence {sequence!r} (choose from {', '.join(available)})")
     root, products = _data(sequence, out, data, overrides)
+    if keep_recorded:
+        recorded_board(leaderboard.resolve())  # a malformed record fails now, not after hours of runs
     plan = [(method, seed) for seed in range(seeds) for method in chosen]  # seed-major: an interrupted bench has every method's first seeds
     for done, (method, seed) in enumerate(plan):
         log.info("bench: [%d/%d] %s seed %d on %s", done + 1, len(plan), method, seed, sequence)
         run_one(sequence, method, seed, root, products, out, overrides, params)
-    write_leaderboard(out, leaderboard.resolve(), headlines)
+    write_leaderboard(out, leaderboard.resolve(), headlines, keep_recorded)
     print(f"leaderboard written to {leaderboard} ({leaderboard.with_suffix('.json').name}, leaderboard_{sequence}.png)")
     return 0

@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="runs/bench", help="where the runs go (default: runs/bench)")
     bench.add_argument("--leaderboard", default=None,
                        help="leaderboard file to regenerate (default: benchmarks/LEADERBOARD.md for --out runs/bench, else OUT/LEADERBOARD.md)")
+    bench.add_argument("--keep-recorded", action="store_true",
+                       help="methods with no finished run under OUT keep the runs the leaderboard's .json recorded (refresh some rows only)")
     bench.add_argument("--headline", action="append", default=[], metavar="FILE",
                        help="also regenerate the headline table between FILE's '<!-- leaderboard:SEQUENCE -->' markers (repeatable)")
     _add_params(bench)
@@ -338,7 +340,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         board = Path(args.leaderboard) if args.leaderboard else default_leaderboard(Path(args.out))
         return bench_command(args.sequence, args.seeds, args.methods.split(",") if args.methods else None,
                              Path(args.out), board, args.data, overrides, args.params,
-                             [Path(h) for h in args.headline])
+                             [Path(h) for h in args.headline], keep_recorded=args.keep_recorded)
     if args.command == "export":
         from flows.export import export_command
 

@@ -77,7 +77,7 @@ def test_a_bench_of_other_runs_gets_its_own_board_unless_one_is_named(tmp_path: 
     assert bench.default_leaderboard(tmp_path / "runs" / "bench") == Path("benchmarks/LEADERBOARD.md")  # the same folder, absolute
     assert bench.default_leaderboard(Path("runs/bench-try")) == Path("runs/bench-try/LEADERBOARD.md")
     boards: list[Path] = []
-    monkeypatch.setattr(bench, "bench_command", lambda *args: boards.append(args[4]) or 0)
+    monkeypatch.setattr(bench, "bench_command", lambda *args, **kwargs: boards.append(args[4]) or 0)
     params = Path(__file__).resolve().parents[1] / "params.yaml"
     for argv in (["--out", "runs/try"], [], ["--out", "runs/try", "--leaderboard", "benchmarks/LEADERBOARD.md"]):
         assert main(["bench", "--params", str(params), "--methods", "ucad", *argv]) == 0
@@ -201,3 +201,34 @@ def test_pareto_labels_of_a_cluster_are_stacked_apart() -> None:
     assert all(a - b >= gap - 1e-9 for a, b in zip(cluster, cluster[1:]))  # no two cluster labels closer than the gap
     assert heights[3] == 88.8 and heights[4] == 66.5  # labels with nothing near them do not move
     assert label_heights([]) == []
+
+
+def test_keep_recorded_refreshes_some_rows_and_keeps_the_others_recorded_runs(tmp_path: Path) -> None:
+    from components.errors import ContadError
+    from flows.bench import write_leaderboard
+
+    board = tmp_path / "LEADERBOARD.md"
+    for seed in (0, 1):
+        _fake_run(tmp_path / "first" / "real-ad", "ucad", seed, {"grid": 0.80, "pcb": 0.70})
+        _fake_run(tmp_path / "first" / "real-ad", "iuf", seed, {"grid": 0.60 + 0.1 * seed, "pcb": 0.50})
+    peer = {"product": "grid", "train_images": 20, "test_images": 10, "load": [1.0, 1.0, 1.0],
+            "contad": {"image_auroc": 0.9, "pixel_auroc": 0.95, "train_s": 2.0, "test_s": 1.0, "bank_rows": 10},
+            "peer": {"image_auroc": 0.93, "pixel_auroc": 0.94, "train_s": 30.0, "test_s": 3.0, "bank_rows": 10}}
+    (tmp_path / "first" / "real-ad" / "peer").mkdir()
+    (tmp_path / "first" / "real-ad" / "peer" / "results.json").write_text(json.dumps([peer]))
+    before = write_leaderboard(tmp_path / "first", board)["real-ad"]
+
+    _fake_run(tmp_path / "second" / "real-ad", "ucad", 0, {"grid": 0.95, "pcb": 0.90})  # only UCAD is re-run
+    after = write_leaderboard(tmp_path / "second", board, keep_recorded=True)["real-ad"]
+    rows = {m["method"]: m for m in after["methods"]}
+    assert rows["ucad"]["seeds"] == [0] and rows["ucad"]["stats"]["image_auroc"][0] == pytest.approx(0.925)
+    assert rows["iuf"] == next(m for m in before["methods"] if m["method"] == "iuf")  # kept as recorded
+    assert [r for r in after["runs"] if r["method"] == "iuf"] == [r for r in before["runs"] if r["method"] == "iuf"]
+    text = board.read_text()
+    assert "Re-run for this board: ucad; kept from the board's earlier record (runs of earlier code, not re-run): iuf." in text
+    assert "### Peer: anomalib 2.7 PatchCore" in text and after["peer"] == before["peer"]
+
+    assert {m["method"] for m in write_leaderboard(tmp_path / "second", board)["real-ad"]["methods"]} == {"ucad"}  # without: only what ran
+    board.with_suffix(".json").write_text("[1, 2]")
+    with pytest.raises(ContadError, match="LEADERBOARD.json: not a leaderboard record"):
+        write_leaderboard(tmp_path / "second", board, keep_recorded=True)
