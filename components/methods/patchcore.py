@@ -30,7 +30,7 @@ from components.methods.extract import batched, batched_views, module_device
 from components.methods.feature_cache import feature_cache
 from components.methods.feature_choice import FeatureViews, choice_defects, choice_report, chosen_index, label, skip_reason, synthetic_auroc
 from components.methods.knn import NearestNeighbours
-from components.methods.pruned_scores import leave_one_out_image_scores
+from components.methods.pruned_scores import image_scores, leave_one_out_image_scores
 from components.methods.scoring import anomaly_maps, heldout_score_stats, normalisation_scale, score_patches
 from components.types import Prediction, TaskData
 
@@ -93,11 +93,15 @@ class _PatchCoreBase(ContinualMethod):
         (``choice``'s settings; default the backbone's own) makes."""
         _, _, h, w = images.shape
         backbone = backbone or self.backbone
-        kind = "features/none" if choice is None else f"features@{label(choice)}/none"
-        feats = feature_cache(backbone).features(kind, backbone.features, images, BATCH_SIZE, module_device(self.backbone))
+        feats = self._cached_features(images, choice, backbone)
         patch_scores, image_scores, owner = bank.score(feats, self.config.patchcore.reweight, self.config.patchcore.num_neighbors)
         maps = anomaly_maps(patch_scores, backbone.grid_size(h), (h, w), self.config.eval.smoothing_sigma)
         return image_scores, maps, owner
+
+    def _cached_features(self, images: torch.Tensor, choice: FeatureChoice | None, backbone: PromptedBackbone) -> torch.Tensor:
+        """(B, N, C) features of ``images`` by ``backbone`` (``choice``'s settings), through the feature cache."""
+        kind = "features/none" if choice is None else f"features@{label(choice)}/none"
+        return feature_cache(backbone).features(kind, backbone.features, images, BATCH_SIZE, module_device(self.backbone))
 
     def _bank_meta(self) -> dict[str, Any]:
         return {
@@ -264,9 +268,10 @@ class PatchCoreOracle(_PatchCoreBase):
         fits, normals, aurocs = [], [], []
         cfg = self.config.patchcore
         for i, choice in enumerate(candidates):
-            bank = self._fit_bank(train[i], origin)
-            normal = self._predict_with(bank, data.heldout.images, choice, views[i][0])[0]  # the kept one's: the task's statistics
-            defect = bank.score(defect_feats[i], cfg.reweight, cfg.num_neighbors)[1]
+            bank, view = self._fit_bank(train[i], origin), views[i][0]
+            heldout = self._cached_features(data.heldout.images, choice, view)  # cached: calibration's predict reuses them
+            normal = self._image_scores(bank, heldout, view.grid_size(data.heldout.images.shape[-1]))  # the kept one's: the statistics
+            defect = self._image_scores(bank, defect_feats[i], view.grid_size(defects.images.shape[-1]))
             aurocs.append(synthetic_auroc(normal, defect))
             fits.append(bank)
             normals.append(normal)
@@ -274,6 +279,14 @@ class PatchCoreOracle(_PatchCoreBase):
         chosen = chosen_index(aurocs, cfg.feature_choice_margin)
         report = choice_report(candidates, aurocs, chosen, cfg.feature_choice_margin, len(data.heldout), len(defects))
         return candidates[chosen], fits[chosen], train[chosen], normals[chosen], report
+
+    def _image_scores(self, bank: MemoryBank, feats: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B,) raw image scores of ``feats`` against ``bank``, as ``predict`` makes them (the pruned search of
+        ``pruned_scores`` where no map is needed; re-weighting needs every patch score)."""
+        cfg = self.config.patchcore
+        if cfg.reweight:
+            return bank.score(feats, True, cfg.num_neighbors)[1]
+        return image_scores(feats, bank.index, bank.features, grid, cfg.num_neighbors)
 
     def predict(self, images: torch.Tensor, true_tasks: list[str] | None = None, depth: torch.Tensor | None = None) -> Prediction:
         """Score each image with the bank of its true task (``true_tasks`` is required)."""
