@@ -29,3 +29,18 @@ def test_views_drop_choices_that_make_the_backbone_s_own_features() -> None:
     views = FeatureViews(backbone, [FeatureChoice(), FeatureChoice(feature_layer=2), FeatureChoice(feature_layer=2)], "x.feature_choices")
     assert views.candidates == [None, FeatureChoice(feature_layer=2)]
     assert views.view(None) is backbone and views.view(FeatureChoice(feature_layer=2)) is views.view(FeatureChoice(feature_layer=2))
+
+
+def test_settings_round_trip_through_a_state_s_metadata() -> None:
+    import pytest
+
+    from components.errors import ContadError
+    from components.methods.feature_choice import settings_from_meta, settings_meta
+
+    settings = [FeatureChoice(feature_layer=2), None, FeatureChoice(feature_span=3, feature_dim=96)]
+    meta = {"feature_settings": settings_meta(settings)}
+    assert meta["feature_settings"] == [{"feature_layer": 2}, None, {"feature_span": 3, "feature_dim": 96}]
+    assert settings_from_meta(meta, 3) == settings
+    assert settings_from_meta({}, 2) == [None, None]  # a state saved before per-task settings: the backbone's
+    with pytest.raises(ContadError, match="state has 2 tasks but 3 feature settings"):
+        settings_from_meta(meta, 2)

@@ -26,6 +26,7 @@ import torch
 
 from components.backbones.base import PromptedBackbone
 from components.config import ConfigError, FeatureChoice
+from components.errors import ContadError
 from components.data.synthetic.pasted import synthetic_defect_batch
 from components.eval.metrics import auroc
 from components.methods.feature_cache import share_feature_cache
@@ -73,6 +74,19 @@ class FeatureViews:
                 share_feature_cache(view, self.backbone)
             self._views[name] = view
         return self._views[name]
+
+
+def settings_meta(settings: list[FeatureChoice | None]) -> list[dict[str, Any] | None]:
+    """Per-task feature settings as a saved state's metadata records them (None = the backbone's)."""
+    return [None if c is None else c.model_dump(exclude_none=True) for c in settings]
+
+
+def settings_from_meta(meta: dict[str, Any], tasks: int) -> list[FeatureChoice | None]:
+    """The per-task feature settings of a saved state (states saved before per-task settings: the backbone's for every task)."""
+    stored = meta.get("feature_settings") or [None] * tasks
+    if len(stored) != tasks:
+        raise ContadError(f"state has {tasks} tasks but {len(stored)} feature settings")
+    return [None if c is None else FeatureChoice.model_validate(c) for c in stored]
 
 
 def skip_reason(heldout_normals: int) -> str | None:

@@ -28,7 +28,8 @@ from components.methods.base import ContinualMethod
 from components.methods.coreset import coreset_candidates, k_center_greedy, memory_coreset, memory_rows, nbytes
 from components.methods.extract import batched, batched_views, module_device
 from components.methods.feature_cache import feature_cache
-from components.methods.feature_choice import FeatureViews, choice_defects, choice_report, chosen_index, label, skip_reason, synthetic_auroc
+from components.methods.feature_choice import (FeatureViews, choice_defects, choice_report, chosen_index, label, settings_from_meta, settings_meta,
+                                               skip_reason, synthetic_auroc)
 from components.methods.knn import NearestNeighbours
 from components.methods.pruned_scores import image_scores, leave_one_out_image_scores
 from components.methods.scoring import anomaly_maps, heldout_score_stats, normalisation_scale, score_patches
@@ -318,14 +319,11 @@ class PatchCoreOracle(_PatchCoreBase):
 
     def state_meta(self) -> dict[str, Any]:
         return {**self._bank_meta(), "score_stats": list(self.score_stats), "memory_bytes": [bank.nbytes for bank in self.banks],
-                "feature_settings": [None if c is None else c.model_dump(exclude_none=True) for c in self.feature_settings]}
+                "feature_settings": settings_meta(self.feature_settings)}
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.tasks = list(meta["tasks"])
-        stored = meta.get("feature_settings") or [None] * len(self.tasks)  # states saved before per-task settings: the backbone's
-        if len(stored) != len(self.tasks):
-            raise ContadError(f"state has {len(self.tasks)} tasks but {len(stored)} feature settings")
-        self.feature_settings = [None if c is None else FeatureChoice.model_validate(c) for c in stored]
+        self.feature_settings = settings_from_meta(meta, len(self.tasks))
         for choice in self.feature_settings:
             self.views.view(choice)  # settings this backbone cannot take fail here, naming patchcore.feature_choices
         self.banks = [MemoryBank(tensors[f"bank/{t}/features"], torch.full((tensors[f"bank/{t}/features"].shape[0],), t)) for t in range(len(self.tasks))]

@@ -58,7 +58,8 @@ from components.methods.coreset import coreset, memory_coreset, nbytes
 from components.methods.early_stopping import early_stopping, stopping_log
 from components.methods.extract import batched, batched_views, module_device
 from components.methods.feature_cache import feature_cache, module_digest
-from components.methods.feature_choice import FeatureViews, choice_defects, choice_report, chosen_index, label, skip_reason, synthetic_auroc
+from components.methods.feature_choice import (FeatureViews, choice_defects, choice_report, chosen_index, label, settings_from_meta, settings_meta,
+                                               skip_reason, synthetic_auroc)
 from components.methods.knn import NearestNeighbours
 from components.methods.pruned_scores import image_scores, leave_one_out_image_scores
 from components.methods.routing import KeyRouter
@@ -470,17 +471,14 @@ class UCAD(ContinualMethod):
             "knowledge_sizes": [int(k.shape[0]) for k in self.knowledge],
             "memory_bytes": [self.task_bytes(t) for t in range(len(self.tasks))],
             "score_stats": list(self.score_stats),
-            "feature_settings": [None if c is None else c.model_dump(exclude_none=True) for c in self.feature_settings],
+            "feature_settings": settings_meta(self.feature_settings),
         }
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         tasks = list(meta["tasks"])
         if meta.get("backbone", {}).get("name", self.config.backbone.name) != self.config.backbone.name:
             raise ValueError(f"state was trained with backbone {meta['backbone']['name']!r}, not {self.config.backbone.name!r}")
-        stored = meta.get("feature_settings") or [None] * len(tasks)  # states saved before per-task settings: the backbone's
-        if len(stored) != len(tasks):
-            raise ContadError(f"state has {len(tasks)} tasks but {len(stored)} feature settings")
-        settings = [None if c is None else FeatureChoice.model_validate(c) for c in stored]
+        settings = settings_from_meta(meta, len(tasks))
         keys, knowledge, prompts = [], [], []
         for t in range(len(tasks)):
             keys.append(tensors[f"key/{t}"].float().contiguous())
