@@ -148,6 +148,8 @@ def recorded_board(leaderboard: Path) -> dict[str, Any]:
         doc = json.loads(path.read_text())
         if not isinstance(doc, dict) or not all(isinstance(doc[s].get("runs"), list) for s in doc):
             raise ValueError("expected {sequence: {runs: [...], ...}}")
+        if not all(isinstance(r, dict) and "method" in r and "seed" in r for s in doc for r in doc[s]["runs"]):
+            raise ValueError("a recorded run without its method and seed")
     except (OSError, ValueError, AttributeError) as exc:
         raise ContadError(f"{path}: not a leaderboard record ({exc})") from None
     return doc

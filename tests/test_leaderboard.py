@@ -229,6 +229,7 @@ def test_keep_recorded_refreshes_some_rows_and_keeps_the_others_recorded_runs(tm
     assert "### Peer: anomalib 2.7 PatchCore" in text and after["peer"] == before["peer"]
 
     assert {m["method"] for m in write_leaderboard(tmp_path / "second", board)["real-ad"]["methods"]} == {"ucad"}  # without: only what ran
-    board.with_suffix(".json").write_text("[1, 2]")
-    with pytest.raises(ContadError, match="LEADERBOARD.json: not a leaderboard record"):
-        write_leaderboard(tmp_path / "second", board, keep_recorded=True)
+    for malformed in ("[1, 2]", '{"real-ad": {"runs": [{"seed": 0}]}}'):
+        board.with_suffix(".json").write_text(malformed)
+        with pytest.raises(ContadError, match="LEADERBOARD.json: not a leaderboard record"):
+            write_leaderboard(tmp_path / "second", board, keep_recorded=True)
