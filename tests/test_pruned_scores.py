@@ -100,3 +100,16 @@ def test_patches_whose_candidates_are_all_their_own_image_are_searched_exhaustiv
     for k in (1, 3):
         got = leave_one_out_image_scores(features, memory, memory_rows, row_image, k, grid=GRID)
         torch.testing.assert_close(got, brute_force(features, memory_rows, row_image, k, 1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reweight", [False, True])
+def test_unmapped_image_scores_are_score_patches_image_scores(reweight: bool) -> None:
+    """What UCAD and the oracle score when no map is needed: the pruned search, or every patch with re-weighting."""
+    from components.methods.pruned_scores import unmapped_image_scores
+
+    features = smooth_features(5, seed=7)
+    rows, _ = memory_of(smooth_features(6, seed=8), 300)
+    memory = NearestNeighbours(rows)
+    expected = score_patches(features, memory, rows, reweight, num_neighbors=1)[1]
+    got = unmapped_image_scores(features, memory, rows, GRID, reweight)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=0)

@@ -29,11 +29,8 @@ def batched(
     desc: str | None = None,
 ) -> torch.Tensor:
     """``extract`` applied to ``images`` in batches of ``batch_size`` on ``device``; concatenated on CPU."""
-    outputs = []
-    starts = range(0, images.shape[0], max(1, batch_size))
-    for start in progress_bar(starts, desc=desc, disable=desc is None or len(starts) < 2, leave=False):
-        outputs.append(extract(images[start : start + batch_size].to(device)).float().cpu())
-    return torch.cat(outputs) if outputs else torch.empty(0)
+    outputs = batched_views(lambda x: [extract(x)], images, batch_size, device, desc)
+    return outputs[0] if outputs else torch.empty(0)
 
 
 @torch.no_grad()
@@ -44,7 +41,8 @@ def batched_views(
     device: torch.device,
     desc: str | None = None,
 ) -> list[torch.Tensor]:
-    """``batched`` for an ``extract`` that returns one tensor per backbone view: each view's batches concatenated on CPU."""
+    """``batched`` for an ``extract`` that returns one tensor per backbone view: each view's batches concatenated on CPU
+    (no images: an empty list)."""
     outputs: list[list[torch.Tensor]] = []
     starts = range(0, images.shape[0], max(1, batch_size))
     for start in progress_bar(starts, desc=desc, disable=desc is None or len(starts) < 2, leave=False):

@@ -24,11 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from components.backbones.base import PromptedBackbone
+from components.backbones.base import PromptedBackbone, TaskPrompt
 from components.config import ConfigError, FeatureChoice
 from components.errors import ContadError
 from components.data.synthetic.pasted import synthetic_defect_batch
 from components.eval.metrics import auroc
+from components.methods.extract import batched_views, module_device
 from components.methods.feature_cache import share_feature_cache
 from components.types import ImageBatch
 
@@ -74,6 +75,14 @@ class FeatureViews:
                 share_feature_cache(view, self.backbone)
             self._views[name] = view
         return self._views[name]
+
+
+def features_of_views(backbone: PromptedBackbone, views: list[tuple[PromptedBackbone, TaskPrompt | None]], images: torch.Tensor,
+                      batch_size: int, desc: str | None = None) -> list[torch.Tensor]:
+    """(B, N, C) features of ``images`` for each (view, prompt) of ``views`` (views of ``backbone``), in batches: one network
+    pass for all of them where the backbone can share it (untrained prompts), else one per view
+    (``PromptedBackbone.features_of_views``)."""
+    return batched_views(lambda x: backbone.features_of_views(x, views), images, batch_size, module_device(backbone), desc=desc)
 
 
 def settings_meta(settings: list[FeatureChoice | None]) -> list[dict[str, Any] | None]:

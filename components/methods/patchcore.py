@@ -26,12 +26,12 @@ from components.config import Config, FeatureChoice, MemoryConfig
 from components.errors import ContadError
 from components.methods.base import ContinualMethod
 from components.methods.coreset import coreset_candidates, k_center_greedy, memory_coreset, memory_rows, nbytes
-from components.methods.extract import batched, batched_views, module_device
+from components.methods.extract import batched, module_device
 from components.methods.feature_cache import feature_cache
-from components.methods.feature_choice import (FeatureViews, choice_defects, choice_report, chosen_index, label, settings_from_meta, settings_meta,
-                                               skip_reason, synthetic_auroc)
+from components.methods.feature_choice import (FeatureViews, choice_defects, choice_report, chosen_index, features_of_views, label, settings_from_meta,
+                                               settings_meta, skip_reason, synthetic_auroc)
 from components.methods.knn import NearestNeighbours
-from components.methods.pruned_scores import image_scores, leave_one_out_image_scores
+from components.methods.pruned_scores import leave_one_out_image_scores, unmapped_image_scores
 from components.methods.scoring import anomaly_maps, heldout_score_stats, normalisation_scale, score_patches
 from components.types import Prediction, TaskData
 
@@ -262,10 +262,8 @@ class PatchCoreOracle(_PatchCoreBase):
             return None, self._fit_bank(feats, origin), feats, None, ({"skipped": skipped} if skipped else {})
         defects = choice_defects(data.heldout, self.config.seed + task_index)
         views = [(self.views.view(choice), None) for choice in candidates]
-        device = module_device(self.backbone)
-        train = batched_views(lambda x: self.backbone.features_of_views(x, views), data.train.images, BATCH_SIZE, device, desc=f"{data.name}: features")
-        defect_feats = batched_views(lambda x: self.backbone.features_of_views(x, views), defects.images, BATCH_SIZE, device,
-                                     desc=f"{data.name}: synthetic defects")
+        train = features_of_views(self.backbone, views, data.train.images, BATCH_SIZE, f"{data.name}: features")
+        defect_feats = features_of_views(self.backbone, views, defects.images, BATCH_SIZE, f"{data.name}: synthetic defects")
         fits, normals, aurocs = [], [], []
         cfg = self.config.patchcore
         for i, choice in enumerate(candidates):
@@ -282,12 +280,9 @@ class PatchCoreOracle(_PatchCoreBase):
         return candidates[chosen], fits[chosen], train[chosen], normals[chosen], report
 
     def _image_scores(self, bank: MemoryBank, feats: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """(B,) raw image scores of ``feats`` against ``bank``, as ``predict`` makes them (the pruned search of
-        ``pruned_scores`` where no map is needed; re-weighting needs every patch score)."""
+        """(B,) raw image scores of ``feats`` against ``bank``, as ``predict`` makes them (no map needed)."""
         cfg = self.config.patchcore
-        if cfg.reweight:
-            return bank.score(feats, True, cfg.num_neighbors)[1]
-        return image_scores(feats, bank.index, bank.features, grid, cfg.num_neighbors)
+        return unmapped_image_scores(feats, bank.index, bank.features, grid, cfg.reweight, cfg.num_neighbors)
 
     def predict(self, images: torch.Tensor, true_tasks: list[str] | None = None, depth: torch.Tensor | None = None) -> Prediction:
         """Score each image with the bank of its true task (``true_tasks`` is required)."""

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from components.methods.knn import NearestNeighbours
-from components.methods.scoring import top_k_mean
+from components.methods.scoring import score_patches, top_k_mean
 
 # Neighbours fetched per patch beyond those it needs: a patch with too few rows of another image among them (own
 # rows come first: its neighbours in the grid) is searched exhaustively; 0.1 % of real pcb's stride-4 patches.
@@ -80,6 +80,15 @@ def leave_one_out_image_scores(features: torch.Tensor, memory: NearestNeighbours
     without it every patch is searched.
     """
     return image_scores(features, memory, memory_rows, grid, num_neighbors, top_k, row_image)
+
+
+def unmapped_image_scores(features: torch.Tensor, memory: NearestNeighbours, memory_rows: torch.Tensor, grid: tuple[int, int] | None,
+                          reweight: bool, num_neighbors: int = 1, top_k: int = 1) -> torch.Tensor:
+    """(B,) image scores as ``score_patches`` makes them, for a caller that needs no anomaly map: the pruned search
+    (``image_scores``), or every patch with ``reweight`` (PatchCore's re-weighted maximum needs every patch score)."""
+    if reweight:
+        return score_patches(features, memory, memory_rows, True, num_neighbors, top_k)[1]
+    return image_scores(features, memory, memory_rows, grid, num_neighbors, top_k)
 
 
 def image_scores(features: torch.Tensor, memory: NearestNeighbours, memory_rows: torch.Tensor, grid: tuple[int, int] | None,

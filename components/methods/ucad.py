@@ -56,12 +56,12 @@ from components.methods.base import ContinualMethod
 from components.methods.contrastive import structure_contrastive_loss
 from components.methods.coreset import coreset, memory_coreset, nbytes
 from components.methods.early_stopping import early_stopping, stopping_log
-from components.methods.extract import batched, batched_views, module_device
+from components.methods.extract import batched, module_device
 from components.methods.feature_cache import feature_cache, module_digest
-from components.methods.feature_choice import (FeatureViews, choice_defects, choice_report, chosen_index, label, settings_from_meta, settings_meta,
-                                               skip_reason, synthetic_auroc)
+from components.methods.feature_choice import (FeatureViews, choice_defects, choice_report, chosen_index, features_of_views, label, settings_from_meta,
+                                               settings_meta, skip_reason, synthetic_auroc)
 from components.methods.knn import NearestNeighbours
-from components.methods.pruned_scores import image_scores, leave_one_out_image_scores
+from components.methods.pruned_scores import leave_one_out_image_scores, unmapped_image_scores
 from components.methods.routing import KeyRouter
 from components.methods.scoring import anomaly_maps, heldout_score_stats, normalisation_scale, score_patches
 from components.progress import progress_bar
@@ -192,8 +192,8 @@ class UCAD(ContinualMethod):
         trained = [self._train_prompt(data, task_index, self._view(choice)) for choice in candidates]
         views = [(self._view(choice), prompt) for choice, (prompt, _) in zip(candidates, trained)]
         # every candidate's features of the training images and the defects, in one network pass where prompts allow
-        train_feats = self._features_of_views(data.train.images, views, f"{data.name}: knowledge")
-        defect_feats = self._features_of_views(defects.images, views, f"{data.name}: synthetic defects")
+        train_feats = features_of_views(self.backbone, views, data.train.images, self.config.ucad.batch_size, f"{data.name}: knowledge")
+        defect_feats = features_of_views(self.backbone, views, defects.images, self.config.ucad.batch_size, f"{data.name}: synthetic defects")
         fits: list[KnowledgeFit] = []
         for i, choice in enumerate(candidates):
             fit = self._fit_candidate(data, key, choice, trained[i], features=train_feats[i])
@@ -219,18 +219,9 @@ class UCAD(ContinualMethod):
         grid = self._view(fit.choice).grid_size(image_size)
         return self._image_scores(feats, NearestNeighbours(fit.knowledge), fit.knowledge, grid)
 
-    def _features_of_views(self, images: torch.Tensor, views: list[tuple[PromptedBackbone, TaskPrompt]], desc: str) -> list[torch.Tensor]:
-        """(B, N, C) features of ``images`` for each (backbone view, prompt): one network pass for all of them where the
-        backbone can share it (untrained prompts), else one per view (``PromptedBackbone.features_of_views``)."""
-        return batched_views(lambda x: self.backbone.features_of_views(x, views), images, self.config.ucad.batch_size, self.device, desc=desc)
-
     def _image_scores(self, feats: torch.Tensor, memory: NearestNeighbours, knowledge: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """(B,) raw image scores of prompted features against ``knowledge``, as ``score_patches`` makes them (the
-        pruned search of ``pruned_scores`` where no map is needed; re-weighting needs every patch score)."""
-        cfg = self.config.ucad
-        if cfg.reweight:
-            return score_patches(feats, memory, knowledge, True, top_k=cfg.image_top_k)[1]
-        return image_scores(feats, memory, knowledge, grid, top_k=cfg.image_top_k)
+        """(B,) raw image scores of prompted features against ``knowledge``, as ``score_patches`` makes them (no map needed)."""
+        return unmapped_image_scores(feats, memory, knowledge, grid, self.config.ucad.reweight, top_k=self.config.ucad.image_top_k)
 
     def _build_key(self, data: TaskData) -> torch.Tensor:
         """The task key: a k-center-greedy sample of the un-prompted key features of its training images."""
