@@ -7,7 +7,8 @@ pass uses them as they are, further passes their horizontal / vertical flips, un
 holds ``--images`` TRAINING images after the ``data.heldout_fraction`` split (so ``--images 250``
 trains on exactly 250). The images keep their native resolution, so ``data.tile=auto`` tiles them as
 it would the real product. Timed: ``fit_task`` alone (features, key, knowledge / bank, held-out
-statistics), after the backbone is loaded and the images decoded; printed with the machine load.
+statistics), after the backbone is loaded, the images decoded and, for methods that train on structure label maps
+(MTRMB), the maps made as the pipeline's mask-caching stage makes them; printed with the machine load.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from components.data.manifest import read_dataset
 from components.data.tiling import resolve_tiling
 from components.methods.loading import load_backbone
 from components.methods.registry import build_method
+from components.segment.task_maps import task_label_maps
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-ad"
 FLIPS = (lambda im: im, ImageOps.mirror, ImageOps.flip, lambda im: ImageOps.flip(ImageOps.mirror(im)))
@@ -68,7 +70,8 @@ def main() -> int:
         total = build_product(Path(args.data) / args.product, root / name, args.images, cfg.data.heldout_fraction)
         manifest = read_dataset(root, products=[name])
         cfg = resolve_tiling(cfg, manifest, [name])
-        data = task_data(manifest, name, [name], cfg, None)
+        cfg.masks.cache_dir = str(root / "mask_cache")
+        data = task_data(manifest, name, [name], cfg, task_label_maps(cfg, manifest, [name]))  # masks made (untimed) as the pipeline's caching stage does
         method = build_method(cfg, load_backbone(cfg))
         load = os.getloadavg()
         wall, cpu = time.perf_counter(), time.process_time()

@@ -27,7 +27,8 @@ re-scores it with ``ib_iumad.combine=sum`` (a score-time setting). ``mtrmb`` / `
 (``method=mtrmb`` / ``lemo`` / ``patchcore_replay``) and their ``_lite1`` rows (``backbone.name=efficientnet_lite1``):
 ``backbone`` is shared by these methods, so a backbone default is judged on each of them against its own method's
 row (``REFERENCES``), not on UCAD alone. ``oracle`` / ``oracle_choice``: the per-product PatchCore oracle without and
-with ``patchcore.feature_choices=[{feature_layer: 2}]`` (the per-task feature choice UCAD makes by default). Image-score rows (``top3``, ``top10``,
+with ``patchcore.feature_choices=[{feature_layer: 2}]`` (the per-task feature choice UCAD makes by default); ``mtrmb_choice``:
+MTRMB with ``mtrmb.feature_choices=[{feature_layer: 2}]``, against ``mtrmb`` (which pins ``mtrmb.feature_choices=[]``). Image-score rows (``top3``, ``top10``,
 ``top30``: ``ucad.image_top_k``; ``reweight``: ``ucad.reweight=true``) re-score the trained ``default``
 model on the same cached features instead of retraining: the image score does not enter training, and
 the per-task score scale it changes is monotone per routed task, so each product's AUROCs equal a
@@ -77,8 +78,10 @@ TRAINED_ROWS: dict[str, list[str]] = {
     "iuf_standardise": ["method=iuf", "iuf.standardise=true"],
     "ibiumad": ["method=ib_iumad"],
     # backbone.name is shared: a backbone default must hold for every method that reads it (protocol v2, session 38)
-    "mtrmb": ["method=mtrmb"],
-    "mtrmb_lite1": ["method=mtrmb", "backbone.name=efficientnet_lite1"],
+    "mtrmb": ["method=mtrmb", "mtrmb.feature_choices=[]"],
+    "mtrmb_lite1": ["method=mtrmb", "mtrmb.feature_choices=[]", "backbone.name=efficientnet_lite1"],
+    # MTRMB with UCAD's per-task feature choice (session 41: each candidate its own prompt and fusion), against MTRMB without
+    "mtrmb_choice": ["method=mtrmb", "mtrmb.feature_choices=[{feature_layer: 2}]"],
     "lemo": ["method=lemo"],
     "lemo_lite1": ["method=lemo", "backbone.name=efficientnet_lite1"],
     "replay": ["method=patchcore_replay"],
@@ -90,7 +93,7 @@ TRAINED_ROWS: dict[str, list[str]] = {
 # Rows judged against a reference other than ``default`` (the same method at today's setting); a row that is a
 # reference itself is not judged against UCAD's ``default``.
 REFERENCES = {"iuf_standardise": "iuf", "ibiumad_sum": "ibiumad", "mtrmb_lite1": "mtrmb", "lemo_lite1": "lemo", "replay_lite1": "replay",
-              "oracle_choice": "oracle"}
+              "oracle_choice": "oracle", "mtrmb_choice": "mtrmb"}
 RESCORED_ROWS: dict[str, dict[str, Any]] = {  # row -> {"section.key": value}, re-scored from RESCORED_FROM[row]
     "top3": {"ucad.image_top_k": 3},
     "top10": {"ucad.image_top_k": 10},

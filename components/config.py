@@ -273,6 +273,16 @@ class DecisionConfig(Section):
     target_fpr: float = Field(0.01, ge=0.0, lt=1.0)  # false-reject rate the image threshold is set for (changeable at load time)
     pixel_fpr: float = Field(0.001, ge=0.0, lt=1.0)  # fraction of normal pixels above the contour threshold
     synthetic_variants: int = Field(2, ge=0, le=16)  # synthetic defects pasted per held-out normal for the escape estimate (0 = none)
+    # other promises the evaluation also reads escape / false-reject rates at (components/eval/operating_points.py)
+    operating_points: list[float] = Field(default_factory=lambda: [0.01, 0.05, 0.1])
+
+    @field_validator("operating_points")
+    @classmethod
+    def _points_are_rates(cls, value: list[float]) -> list[float]:
+        bad = [p for p in value if not 0.0 < p < 1.0]
+        if bad:
+            raise ValueError(f"every operating point is a false-reject rate in (0, 1), got {bad}")
+        return sorted(set(value))
 
 
 class ServeConfig(Section):
@@ -452,6 +462,8 @@ class MTRMBConfig(Section):
     cross_temperature: float = Field(0.5, gt=0.0)  # tau of the patch-text similarities in L_cross
     fusion_dim: int = Field(16, ge=4)  # inner width of the two cross-attentions and rank of the text projection
     fusion_heads: int = Field(2, ge=1)  # attention heads (must divide fusion_dim)
+    feature_choices: list[FeatureChoice] = Field(default_factory=list)  # per task, also fit these feature settings (each with its own prompt and fusion); keep the best on held-out normals + synthetic defects
+    feature_choice_margin: NonNegativeFloat = 0.02  # image AUROC a choice must gain there over the backbone's features to replace them
     masks_provider: Literal["grounded_sam", "sam"] = "grounded_sam"  # RSCL label maps ("sam" = the paper's "w/o GD")
     masks_fallback: Literal["felzenszwalb", "slic"] = "felzenszwalb"  # used (and recorded) when those weights are not configured
 

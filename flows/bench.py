@@ -34,7 +34,7 @@ from components.atomic import atomic_write_text
 from components.config import Config
 from components.errors import ContadError
 from components.eval.headline import headline_markdown, splice_headline
-from components.eval.leaderboard import aggregate, leaderboard_markdown, pareto_figure, summarise_run, test_images
+from components.eval.leaderboard import aggregate, leaderboard_markdown, operating_points_figure, pareto_figure, summarise_run, test_images
 from components.eval.paper_claims import load_paper_claims, paper_vs_reproduced
 from components.eval.peer import peer_markdown, read_peer_results, results_from_json
 
@@ -181,6 +181,8 @@ def write_leaderboard(out: Path, leaderboard: Path, headlines: list[Path] | None
         loads = [s["load"]["before"][0] for s in summaries if s.get("load")]
         overrides = sorted({" ".join(s["overrides"]) for s in summaries})
         figure = pareto_figure(rows, leaderboard.with_name(f"leaderboard_{sequence}.png"), f"{sequence}: accuracy vs cost")
+        points = operating_points_figure(rows, leaderboard.with_name(f"leaderboard_{sequence}_promises.png"),
+                                         f"{sequence}: what each false-reject promise costs")
         registered, ran = sequence_methods(bool(SEQUENCES[sequence]["depth"])), {s["method"] for s in summaries}
         missing = [m for m in registered if m not in ran]
         notes = [f"Runs: {len(summaries)} ({', '.join(sorted(ran))}); seeds per method in the table."
@@ -193,7 +195,8 @@ def write_leaderboard(out: Path, leaderboard: Path, headlines: list[Path] | None
                  "escape / false reject @ thr: test-split rates at the deployed (calibrated) thresholds, averaged over products.",
                  "MB / task: the final saved state (what a deployment stores: memories, keys, prompts, networks, replay "
                  "buffers) divided by the number of products; train s / product: `fit_task` seconds, mean over products.",
-                 f"Figure: ![{sequence}]({figure.name})"]
+                 f"Figure: ![{sequence}]({figure.name})"
+                 + (f"; escape and false reject against the promise: ![{sequence} promises]({points.name})" if points else "")]
         counts = test_images(summaries)
         sections.append(leaderboard_markdown(rows, f"Sequence `{sequence}`", notes, counts))
         sections.append(paper_vs_reproduced(PAPER_CLAIMS, rows, registered, f"`{sequence}`"))  # "" without the file
@@ -206,7 +209,8 @@ def write_leaderboard(out: Path, leaderboard: Path, headlines: list[Path] | None
             if splice_headline(document, sequence, headline_markdown(rows, link)):
                 log.info("bench: headline table of %s updated in %s", sequence, document)
         machine[sequence] = {"runs": summaries, "methods": [{"method": r.method, "seeds": r.seeds, "stats": r.stats,
-                                                            "per_product": r.per_product} for r in rows],
+                                                            "per_product": r.per_product,
+                                                            "operating_points": r.operating_points} for r in rows],
                              "test_images": counts,
                              "peer": [asdict(r) for r in peer]}
     origin = " and the runs this board recorded before for methods not re-run (each sequence's notes name them)" if keep_recorded else ""

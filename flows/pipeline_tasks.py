@@ -35,16 +35,16 @@ from prefect.exceptions import MissingContextError
 from components.artifact import write_detector_config
 from components.atomic import atomic_write_json
 from components.config import Config
-from components.data.loading import reserve_normals, task_data, task_image_paths
+from components.data.loading import reserve_normals, task_data
 from components.errors import DataError
 from components.eval.report import write_report
 from components.eval.step_eval import evaluate_learned
 from components.eval.thresholds import calibrate_method, carried_leave_out, read_calibration, task_leave_out, write_calibration
 from components.memory.store import BankStore
 from components.methods.loading import load_method
-from components.methods.registry import uses_structure_masks
 from components.segment.fallback import structure_masks
-from components.segment.cache import MaskCache, build_cache, label_maps_for
+from components.segment.task_maps import task_label_maps
+from components.segment.cache import MaskCache, build_cache
 from components.types import ImageBatch, Prediction
 from flows import promotion  # looked up on use: tests swap promotion.promotion_gate
 from flows.records import TRAIN_LOG, report_artifacts
@@ -99,15 +99,6 @@ def seed_everything(seed: int, task: str) -> None:
     random.seed(value)
     np.random.seed(value)
     torch.manual_seed(value)
-
-
-def task_label_maps(cfg: Config, manifest: pd.DataFrame, products: list[str]) -> torch.Tensor | None:
-    """Label maps of a task's train + held-out images from the mask cache (None if the method needs none)."""
-    if not uses_structure_masks(cfg):
-        return None
-    paths = task_image_paths(manifest, products, cfg)
-    path_product = dict(zip(manifest["image_path"].astype(str), manifest["product"].astype(str)))
-    return label_maps_for(paths, [path_product[p] for p in paths], structure_masks(cfg).config, Path(cfg.masks.cache_dir), cfg.data.image_size)
 
 
 def training_manifest(cfg: Config, manifest: pd.DataFrame) -> pd.DataFrame:

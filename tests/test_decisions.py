@@ -183,3 +183,28 @@ def test_predict_refuses_an_override_that_changes_inference_and_takes_the_target
     assert all(r["score"] == strict[r["path"]]["score"] and r["threshold"] <= strict[r["path"]]["threshold"] for r in loose)
     summary = json.loads((tmp_path / "loose" / "summary.json").read_text())
     assert summary["target_fpr"] == 0.5 and all(e["promised_fpr"] >= 0.5 for e in summary["routed"].values())
+
+
+def test_operating_points_are_what_a_detector_loaded_at_that_promise_decides(base: TrainedBase, tmp_path: Path) -> None:
+    """``decision.operating_points``: the run records escape / false-reject rates at other promises, and ``contad
+    predict --bank ... decision.target_fpr=P`` on the same test images measures the same rates (deployed = evaluated)."""
+    from components.eval.operating_points import point_key, promises_in
+
+    metrics = json.loads((base.work / "metrics.json").read_text())
+    assert promises_in(metrics["final"]) == [0.01, 0.05, 0.1]
+    last = metrics["tasks"][-1]
+    product = next(f for f in base.old if f.name == last)
+    final = metrics["final"]
+    # the deployed promise (1 %) is one of the points: the same thresholds, the same rates
+    assert final[point_key("escape_rate", 0.01)][last] == final["escape_rate"][last]
+    assert final[point_key("false_reject_rate", 0.01)][last] == final["false_reject_rate"][last]
+    for promise in (0.05, 0.1):
+        out = tmp_path / f"at{promise}"
+        assert main(["predict", str(product / "test"), "--bank", str(base.work / "banks"), "--out", str(out), f"decision.target_fpr={promise}"]) == 0
+        measured = json.loads((out / "summary.json").read_text())["measured"]
+        (folder,) = measured.values()
+        assert folder["escape_rate"] == pytest.approx(final[point_key("escape_rate", promise)][last])
+        assert folder["false_reject_rate"] == pytest.approx(final[point_key("false_reject_rate", promise)][last])
+    # a looser promise never lets more defects through
+    escapes = [final[point_key("escape_rate", p)][last] for p in (0.01, 0.05, 0.1)]
+    assert escapes == sorted(escapes, reverse=True)

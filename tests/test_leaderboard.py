@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from components.eval.leaderboard import aggregate, cell, label_heights, leaderboard_markdown, pareto_figure, summarise_run
+from components.eval.leaderboard import aggregate, cell, label_heights, leaderboard_markdown, operating_points_figure, pareto_figure, summarise_run
 
 
 def _fake_run(root: Path, method: str, seed: int, aurocs: dict[str, float], one_task: bool = False) -> Path:
@@ -233,3 +233,26 @@ def test_keep_recorded_refreshes_some_rows_and_keeps_the_others_recorded_runs(tm
         board.with_suffix(".json").write_text(malformed)
         with pytest.raises(ContadError, match="LEADERBOARD.json: not a leaderboard record"):
             write_leaderboard(tmp_path / "second", board, keep_recorded=True)
+
+
+def test_operating_points_table_averages_each_promise_and_dashes_runs_recorded_before_them(tmp_path: Path) -> None:
+    with_points = []
+    for seed, (esc1, esc5) in enumerate(((0.6, 0.2), (0.4, 0.1))):
+        run = _fake_run(tmp_path, "ucad", seed, {"a": 0.9, "b": 0.8})
+        doc = json.loads((run / "metrics.json").read_text())
+        doc["average"].update({"escape_rate_at_1pct": esc1, "false_reject_rate_at_1pct": 0.0,
+                               "escape_rate_at_5pct": esc5, "false_reject_rate_at_5pct": 0.05})
+        (run / "metrics.json").write_text(json.dumps(doc))
+        with_points.append(run)
+    older = _fake_run(tmp_path, "lemo", 0, {"a": 0.6, "b": 0.6})  # a run recorded before the readings existed
+    rows = aggregate([summarise_run(r) for r in [*with_points, older]])
+    ucad, lemo = rows
+    assert ucad.operating_points["escape_rate_at_5pct"][:2] == pytest.approx((0.15, math.sqrt(0.005)))
+    assert lemo.operating_points == {}
+    text = leaderboard_markdown(rows, "Sequence `x`", [])
+    assert "| method | escape @ 1 % | false reject @ 1 % | escape @ 5 % | false reject @ 5 % |" in text
+    assert "| ucad | 50.0 ± 14.1 | 0.0 ± 0.0 | 15.0 ± 7.1 | 5.0 ± 0.0 |" in text and "| lemo | – | – | – | – |" in text
+    # no run records them: no table, no figure
+    assert "escape @ 1 %" not in leaderboard_markdown(aggregate([summarise_run(older)]), "Sequence `x`", [])
+    assert operating_points_figure(aggregate([summarise_run(older)]), tmp_path / "none.png", "x") is None
+    assert operating_points_figure(rows, tmp_path / "promises.png", "x").stat().st_size > 5000

@@ -31,9 +31,10 @@ from components.eval.thresholds import read_calibration
 from components.memory.store import BankStore
 from components.methods.loading import load_method
 from components.methods.registry import METHODS, uses_structure_masks
+from components.segment.task_maps import task_label_maps
 from flows import pipeline
 from flows.deployed import BankSource
-from flows.pipeline_tasks import seed_everything, task_label_maps
+from flows.pipeline_tasks import seed_everything
 
 # Small settings per method (a method missing here runs with the common ones).
 TINY: dict[str, list[str]] = {

@@ -431,3 +431,49 @@ def test_detector_serves_mtrmb_through_the_tiled_backbone(minilm: TextEncoder, t
     expected = method.predict(images[4:]).image_scores
     assert [v.score for v in verdicts] == pytest.approx(expected.tolist(), rel=1e-5)
     assert verdicts[0].anomaly_map.shape == (128, 128)
+
+
+# ------------------------------------------------------------------ feature settings per task
+def test_each_task_chooses_its_features_with_a_prompt_and_fusion_of_their_width(minilm: TextEncoder, tmp_path: Path) -> None:
+    from components.config import FeatureChoice
+    from components.methods.state_io import load_method_state, save_method_state
+    from tests.methods_support import BlindAtDefaultToy, FineToy
+
+    def build(**mtrmb: object) -> MTRMB:
+        cfg = toy_config("mtrmb")
+        cfg.mtrmb.epochs = 1
+        for key, value in mtrmb.items():
+            setattr(cfg.mtrmb, key, value)
+        method = MTRMB(cfg, BlindAtDefaultToy())
+        method._text_encoder = minilm
+        return method
+
+    method = build(feature_choices=[FeatureChoice(feature_layer=2)])
+    log = method.fit_task(toy_task("red", n_heldout=6))
+    assert log["features"] == log["feature_choice"]["chosen"] == "feature_layer=2"  # the configured layer is blind: ties
+    fusion = method.prompts[0].fusion
+    assert fusion is not None and fusion.text_in[1].out_features == FineToy.feature_dim  # the chosen view's width
+    assert method.knowledge[0].shape[1] == FineToy.feature_dim
+    few = method.fit_task(toy_task("green", n_heldout=3))  # too few held-out normals: the backbone's settings
+    assert few["feature_choice"]["skipped"].startswith("3 held-out normals")
+    assert method.prompts[1].fusion.text_in[1].out_features == ToyBackbone.feature_dim
+    images = torch.cat([product_images("red", 3, seed=40), product_images("red", 3, seed=41, defect="blue"), product_images("green", 2, seed=42)])
+    pred = method.predict(images)
+    assert pred.routed_tasks == ["red"] * 6 + ["green"] * 2
+    assert pred.image_scores[3:6].min() > pred.image_scores[:3].max()  # the fine layer sees red's defects
+
+    save_method_state(method, tmp_path / "m")
+    loaded = build(feature_choices=[FeatureChoice(feature_layer=2)])
+    load_method_state(loaded, tmp_path / "m")
+    again = loaded.predict(images)
+    assert torch.equal(again.image_scores, pred.image_scores) and torch.equal(again.anomaly_maps, pred.anomaly_maps)
+
+    # MTRMB reads its own key, not UCAD's, and names it when the backbone cannot take a setting
+    plain = build()
+    assert plain.views.candidates == [None] and plain.config.ucad.feature_choices == []
+    cfg = toy_config("mtrmb")
+    cfg.ucad.feature_choices = [FeatureChoice(feature_layer=2)]
+    assert MTRMB(cfg, BlindAtDefaultToy()).views.candidates == [None]
+    cfg.mtrmb.feature_choices = [FeatureChoice(feature_layer=2)]
+    with pytest.raises(ConfigError, match=r"mtrmb.feature_choices \(feature_layer=2\)"):
+        MTRMB(cfg, ToyBackbone())

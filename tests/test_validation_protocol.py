@@ -211,3 +211,23 @@ def test_subtle_defects_are_visible_changes_inside_their_masks_read_no_test_path
     assert masks.flatten(1).sum(dim=1).min() >= 8
     with pytest.raises(DataError, match="validation defects 'hard'"):
         build_validation(_config(), dataset, PRODUCTS, defects="hard")
+
+
+def test_trained_prompts_train_on_the_label_maps_a_pipeline_step_makes(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validation trains as a pipeline step does: the same structure label maps (provider, cache, input size)."""
+    from components.eval.validation import train_sequence
+    from components.methods.ucad import UCAD
+    from components.segment.task_maps import task_label_maps
+
+    cfg = _config()
+    cfg.ucad.epochs = 1  # trained prompts need structure label maps
+    cfg.masks.cache_dir = str(tmp_path / "masks")
+    assert cfg.masks.image_size != cfg.data.image_size  # the sizes a second implementation could mix up
+    vset = build_validation(cfg, dataset, PRODUCTS)
+    seen = []
+    monkeypatch.setattr(UCAD, "fit_task", lambda self, data: seen.append(data) or {"memory_bytes": 0})
+    train_sequence(vset, ToyBackbone(SIZE), cfg)
+    assert [d.name for d in seen] == PRODUCTS
+    for data in seen:
+        assert data.label_maps is not None and data.label_maps.shape[-1] == cfg.data.image_size
+        assert torch.equal(torch.cat([data.label_maps, data.heldout_label_maps]), task_label_maps(cfg, vset.fit, data.products))

@@ -27,6 +27,7 @@ from typing import Any
 
 from components.errors import ContadError
 from components.eval.metrics import METRIC_KEYS
+from components.eval.operating_points import parse_point_key
 
 NAN = float("nan")
 ROUTING_KEY = "routing_accuracy"
@@ -34,6 +35,11 @@ ROUTING_KEY = "routing_accuracy"
 RESERVED_FRR = "reserved_false_reject_rate"
 # Error rates (decisions at the deployed thresholds): lower is better, so forgetting is their rise.
 LOWER_IS_BETTER = frozenset({"escape_rate", "false_reject_rate", RESERVED_FRR, "promised_fpr", "escape_estimate", "false_reject_bound"})
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a lower ``metric`` is better (an error rate, at the deployed thresholds or at another promise's)."""
+    return metric in LOWER_IS_BETTER or parse_point_key(metric) is not None
 SCHEMA_KEYS: tuple[str, ...] = ("method", "protocol", "tasks", "matrix", "final", "average", "forgetting", "routing_accuracy")
 
 
@@ -131,7 +137,7 @@ class AccuracyMatrix:
         now = self.value(step, product, metric)
         if not earlier or _is_missing(now):
             return None
-        return now - min(earlier) if metric in LOWER_IS_BETTER else max(earlier) - now  # type: ignore[type-var, operator]
+        return now - min(earlier) if lower_is_better(metric) else max(earlier) - now  # type: ignore[type-var, operator]
 
     def forgetting_matrix(self, metric: str) -> list[list[float | None]]:
         """``F[step][product]``: forgetting of every product after every step (see ``forgetting_of``);

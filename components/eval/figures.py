@@ -19,8 +19,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from components.data.protocol import task_name
-from components.eval.continual import LOWER_IS_BETTER, AccuracyMatrix
+from components.eval.continual import AccuracyMatrix, lower_is_better
 from components.eval.metrics import METRIC_KEYS
+from components.eval.operating_points import parse_point_key, percent_label
 from components.eval.thresholds import Calibration
 from components.types import ImageBatch, Prediction
 
@@ -46,6 +47,9 @@ METRIC_TITLES = {
 
 def metric_title(metric: str) -> str:
     """Human-readable name of a metric key."""
+    point = parse_point_key(metric)
+    if point is not None:
+        return f"{METRIC_TITLES[point[0]].split(' @ ')[0]} @ {percent_label(point[1])} % promise thr."
     return METRIC_TITLES.get(metric, metric.replace("_", " "))
 
 
@@ -96,6 +100,7 @@ METRIC_FAMILIES: dict[str, tuple[str, ...]] = {
     "Pixel-level localisation": ("pixel_auroc", "aupro", "pixel_ap", "pixel_f1max"),
     "Decisions at the deployed thresholds": ("escape_rate", "false_reject_rate", "escape_estimate", "promised_fpr", "false_reject_bound"),
 }
+POINTS_FAMILY = "Decisions at other false-reject promises"  # decision.operating_points' rates (components/eval/operating_points.py)
 TITLE_PT = 12.0  # 12 pt at 100 dpi = 17 px; figures are at most ~900 px wide, so no downscaling in a page
 LABEL_PT = 10.0
 CELL_PT = 9.0
@@ -105,7 +110,8 @@ DPI = 100
 def metric_families(metrics: Sequence[str]) -> dict[str, list[str]]:
     """``METRIC_FAMILIES`` restricted to ``metrics`` (empty families dropped), plus ``Other`` for the rest."""
     families = {name: [m for m in keys if m in metrics] for name, keys in METRIC_FAMILIES.items()}
-    known = {m for keys in METRIC_FAMILIES.values() for m in keys}
+    families[POINTS_FAMILY] = sorted((m for m in metrics if parse_point_key(m)), key=lambda m: (parse_point_key(m)[1], m))  # type: ignore[index]
+    known = {m for keys in families.values() for m in keys}
     families["Other metrics"] = [m for m in metrics if m not in known]
     return {name: keys for name, keys in families.items() if keys}
 
@@ -125,14 +131,14 @@ def accuracy_panel(ax: Any, doc: dict[str, Any], metric: str, show_y: bool = Tru
     """``R[step][product]`` of ``metric`` in % (blank = not learned yet, n/a = undefined); returns the image."""
     rows = doc["matrix"][metric]
     values = 100.0 * _as_array(rows)
-    cmap = colormaps["viridis_r" if metric in LOWER_IS_BETTER else "viridis"].with_extremes(bad="#eeeeee")
+    cmap = colormaps["viridis_r" if lower_is_better(metric) else "viridis"].with_extremes(bad="#eeeeee")
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.0, vmax=100.0, aspect="auto")
     for j, product in enumerate(doc["tasks"]):
         learned = _learned_step(doc, product, [r[j] for r in rows])
         for i in range(values.shape[0]):
             value = values[i, j]
             if not math.isnan(value):
-                bright = value > 60 if metric not in LOWER_IS_BETTER else value < 40
+                bright = value > 60 if not lower_is_better(metric) else value < 40
                 ax.text(j, i, f"{value:.1f}", ha="center", va="center", color="black" if bright else "white", fontsize=CELL_PT)
             elif i >= learned:
                 ax.text(j, i, "n/a", ha="center", va="center", color="#666666", fontsize=CELL_PT)
@@ -152,7 +158,7 @@ def forgetting_panel(ax: Any, doc: dict[str, Any], metric: str, limit: float | N
         if not math.isnan(value):
             ax.text(j, i, f"{value:.1f}", ha="center", va="center", color="white" if abs(value) > 0.6 * limit else "black", fontsize=CELL_PT)
     _grid_labels(ax, doc, values.shape[0], show_y)
-    rise = " (rise)" if metric in LOWER_IS_BETTER else ""
+    rise = " (rise)" if lower_is_better(metric) else ""
     ax.set_title(f"Forgetting{rise} of {metric_title(metric)} (%)", fontsize=TITLE_PT)
     return image
 

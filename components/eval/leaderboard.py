@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from components.eval.chance import CHANCE_LEVEL, counts_band, inside
+from components.eval.operating_points import RATES, parse_point_key, percent_label, point_key, promises_in
 
 # (column, key in the run summary, scale for display, higher is better)
 COLUMNS: tuple[tuple[str, str, float, bool], ...] = (
@@ -77,6 +78,7 @@ def summarise_run(run: Path) -> dict[str, Any]:
         "load": extra.get("load"),
         "overrides": list(extra.get("overrides", [])),
         "per_product": {p: _num(v) for p, v in doc["final"]["image_auroc"].items()},
+        "operating_points": {k: _num(v) for k, v in doc["average"].items() if parse_point_key(k) is not None},
         "test_images": dict(doc.get("test_images") or {}) or recorded_test_images(run, list(doc["tasks"])),
     }
     return summary
@@ -110,6 +112,7 @@ class MethodRow:
     seeds: list[int | None]
     stats: dict[str, tuple[float, float, int]] = field(default_factory=dict)
     per_product: dict[str, tuple[float, float, int]] = field(default_factory=dict)
+    operating_points: dict[str, tuple[float, float, int]] = field(default_factory=dict)  # escape / FRR at other promises
 
 
 def _stat(values: list[float]) -> tuple[float, float, int]:
@@ -131,6 +134,8 @@ def aggregate(summaries: list[dict[str, Any]]) -> list[MethodRow]:
         row.stats = {key: _stat([_num(s[key]) for s in runs]) for _, key, _, _ in COLUMNS}
         products = sorted({p for s in runs for p in s["per_product"]})
         row.per_product = {p: _stat([s["per_product"].get(p, math.nan) for s in runs]) for p in products}
+        points = sorted({k for s in runs for k in s.get("operating_points") or {}})  # runs recorded before them have none
+        row.operating_points = {k: _stat([(s.get("operating_points") or {}).get(k, math.nan) for s in runs]) for k in points}
     return sorted(rows.values(), key=lambda r: -r.stats["image_auroc"][0] if not math.isnan(r.stats["image_auroc"][0]) else math.inf)
 
 
@@ -187,7 +192,27 @@ def leaderboard_markdown(rows: list[MethodRow], title: str, notes: list[str], co
         bands = chance_bands(counts, products)
         if bands:
             lines += ["", f"° = the mean lies inside the product's chance band ({CHANCE_MEANING}): {bands}."]
+    lines += operating_points_table(rows)
     return "\n".join(lines + [""] + [f"- {n}" for n in notes] + [""])
+
+
+def operating_points_table(rows: list[MethodRow]) -> list[str]:
+    """Lines of the "other promises" table: per method, the average escape and false-reject rates (mean ± sd over
+    seeds) at the thresholds the calibration takes at each promise of ``decision.operating_points``; [] when no run
+    records them."""
+    promises = promises_in(k for r in rows for k in r.operating_points)
+    if not promises:
+        return []
+    missing = (math.nan, math.nan, 0)
+    head = [f"{rate} @ {percent_label(p)} %" for p in promises for rate in ("escape", "false reject")]
+    lines = ["", "Escape and false-reject rates (%, averaged over products) when every product's threshold is taken from its "
+             "calibration (training normals) at another false-reject promise: the trade a line makes by choosing "
+             "`decision.target_fpr` (test split; nothing is chosen from it; – = runs recorded before these readings):", "",
+             "| method | " + " | ".join(head) + " |", "|" + "---|" * (len(head) + 1)]
+    for r in rows:
+        cells = [cell(r.operating_points.get(point_key(rate, p), missing), 100.0) for p in promises for rate in RATES]
+        lines.append(f"| {r.method} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def label_heights(points: list[tuple[float, float]], decade: float = 0.6, share: float = 0.05) -> list[float]:
@@ -236,6 +261,46 @@ def pareto_figure(rows: list[MethodRow], path: Path, title: str) -> Path:
         ax.set_xlabel(label + " (log)")
         ax.set_ylabel("final image AUROC (%)")
         ax.grid(alpha=0.3)
+    return _save_figure(fig, path, title)
+
+
+def operating_points_figure(rows: list[MethodRow], path: Path, title: str) -> Path | None:
+    """Escape rate (left) and measured false-reject rate (right) against the false-reject promise the thresholds are
+    taken at, one line per method with operating points (mean ± sd over seeds); the right panel's diagonal is the
+    promise itself (a point above it broke the promise on the test split). None when no method has them."""
+    promises = promises_in(k for r in rows for k in r.operating_points)
+    if not promises:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    x = [100 * p for p in promises]
+    for i, r in enumerate(rows):
+        if not r.operating_points:
+            continue
+        for ax, rate in zip(axes, RATES):
+            stats = [r.operating_points.get(point_key(rate, p), (math.nan, math.nan, 0)) for p in promises]
+            ys = [100 * s[0] for s in stats]
+            errs = [100 * s[1] if s[2] > 1 and not math.isnan(s[1]) else 0.0 for s in stats]
+            ax.errorbar(x, ys, yerr=errs, marker="o", capsize=3, color=f"C{i % 10}", label=r.method)
+    axes[1].plot([0, max(x)], [0, max(x)], color="0.5", ls="--", lw=1, label="the promise")
+    for ax, label in zip(axes, ("defective parts passed as OK (escape, %)", "good parts rejected (false reject, %)")):
+        ax.set_xlabel("false-reject promise the thresholds are taken at (%)")
+        ax.set_ylabel(label)
+        ax.set_xticks(x)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(0, 100)
+    axes[1].legend(fontsize=8)
+    return _save_figure(fig, path, title)
+
+
+def _save_figure(fig: Any, path: Path, title: str) -> Path:
+    """Title, lay out, write (PNG, 110 dpi) and close a board figure."""
+    import matplotlib.pyplot as plt
+
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

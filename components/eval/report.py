@@ -19,6 +19,7 @@ from components.errors import ContadError
 from components.eval.chance import CHANCE_LEVEL, counts_band, inside
 from components.eval.continual import validate_metrics_json
 from components.eval.figures import (
+    POINTS_FAMILY,
     comparison_figure,
     comparison_matrices,
     family_heatmaps,
@@ -29,6 +30,7 @@ from components.eval.figures import (
     step_curves,
 )
 from components.eval.metrics import METRIC_KEYS
+from components.eval.operating_points import percent_label
 from components.eval.thresholds import Calibration
 from components.types import ImageBatch, Prediction
 
@@ -63,6 +65,9 @@ GLOSSARY: tuple[tuple[str, str], ...] = (
     ("Promised FRR, false-reject bound, escape estimate", "what the calibration promises before any test image: the FRR the "
      "threshold controls, max(target, 1/n) with n calibration normals; the largest FRR on this many good test parts still "
      "consistent with that promise; the share of synthetic defects pasted on held-out normals that would pass as OK."),
+    ("Escape / false-reject rate @ P % promise", "the same two rates when every threshold is taken from the same calibration "
+     "at a false-reject promise of P % (`decision.operating_points`) instead of the deployed one: what a detector loaded "
+     "with `decision.target_fpr` = P would decide."),
 )
 
 
@@ -137,6 +142,17 @@ def thresholds_markdown(thresholds: dict[str, Any], final: dict[str, dict[str, A
         markdown_table(["product", "image threshold", "pixel threshold", "calibration normals", "promised FRR", "FRR bound (95 %)", "measured FRR",
                         "escape estimate", "measured escape"], rows),
     ]
+
+
+def operating_points_lines(doc: dict[str, Any]) -> list[str]:
+    """What the "other promises" table is: the same calibration's thresholds at each promise of
+    ``decision.operating_points`` (``components/eval/operating_points.py``), read on the test split, chosen from by no one."""
+    target = (doc.get("thresholds") or {}).get("target_fpr")
+    deployed = f" The deployed promise is {percent_label(float(target))} % (`decision.target_fpr`)." if target is not None else ""
+    return ["", "Escape and false-reject rates of the test images when the thresholds are taken from the same calibration "
+            "(training normals only) at another false-reject promise: what `contad predict --bank ... decision.target_fpr=P` "
+            "would decide, without retraining. A line trades false rejects for escapes here; the promise is its choice "
+            f"(`decision.operating_points` lists which are read).{deployed}"]
 
 
 def masks_provider_lines(doc: dict[str, Any]) -> list[str]:
@@ -233,6 +249,8 @@ def run_markdown(doc: dict[str, Any], figures: dict[str, str], standing: list[st
         parts += ["", f"## {family}", "", family_table(doc, metrics)]
         if metrics[0] == "image_auroc":
             parts += chance_band_lines(doc)
+        if family == POINTS_FAMILY:
+            parts += operating_points_lines(doc)
         key = f"family_{safe_name(family)}"
         if key in figures:
             parts += ["", f"![{family}: accuracy and forgetting matrices]({figures[key]})"]

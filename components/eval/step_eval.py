@@ -19,6 +19,7 @@ from components.data.loading import depth_of, load_images, reserve_normals, test
 from components.data.manifest import untested_products
 from components.eval.continual import RESERVED_FRR
 from components.eval.evaluate import evaluate_tasks, predict_batch
+from components.eval.operating_points import operating_point_metrics
 from components.eval.thresholds import Calibration, decision_metrics, read_calibration
 from components.methods.base import ContinualMethod
 from components.methods.loading import load_method, stored_config
@@ -76,7 +77,8 @@ def deployed_calibration(cfg: Config, method_dir: Path) -> Calibration | None:
 
 
 def evaluate_batches(cfg: Config, method_dir: Path, batches: dict[str, ImageBatch], task_of_product: dict[str, str]) -> dict[str, dict[str, float]]:
-    """Threshold-free metrics of each product's test batch, plus OK/NG metrics at the deployed per-task thresholds."""
+    """Threshold-free metrics of each product's test batch, plus OK/NG metrics at the deployed per-task thresholds and
+    at the thresholds of every other promise in ``decision.operating_points`` (``components/eval/operating_points.py``)."""
     cfg = stored_config(cfg, Path(method_dir))
     method = load_method(cfg, method_dir)
     metrics, predictions = evaluate_tasks(method, batches, task_of_product, cfg)
@@ -84,6 +86,7 @@ def evaluate_batches(cfg: Config, method_dir: Path, batches: dict[str, ImageBatc
     if calibration is not None:
         for product, prediction in predictions.items():
             metrics[product].update(decision_metrics(prediction, batches[product], calibration))
+            metrics[product].update(operating_point_metrics(prediction, batches[product], calibration, cfg.decision.operating_points))
     return metrics
 
 

@@ -49,7 +49,7 @@ from components.backbones.base import PromptedBackbone
 from components.config import Config
 from components.data.image_files import ImageRecord, list_images
 from components.data.layouts.mvtec3d import TRAINING_SPLITS, read_mvtec3d_product
-from components.data.loading import load_depth, load_images, task_data, task_image_paths, train_split
+from components.data.loading import load_depth, load_images, task_data, train_split
 from components.data.manifest import records_to_manifest
 from components.data.protocol import task_name, task_of_product, task_sequence
 from components.data.synthetic.pasted import line_defects, synthetic_defects
@@ -58,7 +58,8 @@ from components.data.tiling import resolve_tiling
 from components.errors import DataError
 from components.eval.evaluate import evaluate_tasks
 from components.methods.base import ContinualMethod
-from components.methods.registry import build_method, uses_structure_masks
+from components.methods.registry import build_method
+from components.segment.task_maps import task_label_maps
 from components.types import ImageBatch
 
 log = logging.getLogger(__name__)
@@ -234,17 +235,6 @@ def build_validation(cfg: Config, root: Path, products: list[str], fraction: flo
     return ValidationSet(products=list(products), fit=fit, batches=batches, cfg=resolved)
 
 
-def _label_maps(cfg: Config, fit: pd.DataFrame, group: list[str]) -> torch.Tensor | None:
-    """Structure label maps of a task's fit images (train then held-out order) when the method trains with them."""
-    if not uses_structure_masks(cfg):
-        return None
-    from components.segment.cache import label_maps_for
-
-    paths = task_image_paths(fit, group, cfg)
-    products = fit.set_index("image_path").loc[paths, "product"].tolist()
-    return label_maps_for(paths, products, cfg.masks, cfg.masks.cache_dir, cfg.masks.image_size)
-
-
 def train_sequence(vset: ValidationSet, backbone: PromptedBackbone, cfg: Config | None = None) -> tuple[ContinualMethod, dict[str, float], dict[str, int]]:
     """``cfg.method`` (default ``vset.cfg``) trained on the fit images task by task in sequence order:
     (method, training seconds per task, stored bytes per task)."""
@@ -255,7 +245,7 @@ def train_sequence(vset: ValidationSet, backbone: PromptedBackbone, cfg: Config 
     sizes: dict[str, int] = {}
     for index, group in enumerate(tasks):
         name = task_name(group)
-        data = task_data(vset.fit, name, group, cfg, _label_maps(cfg, vset.fit, group))
+        data = task_data(vset.fit, name, group, cfg, task_label_maps(cfg, vset.fit, group))  # as a pipeline step makes them
         torch.manual_seed(cfg.seed + index)
         started = time.perf_counter()
         fit_log = method.fit_task(data)

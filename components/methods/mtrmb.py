@@ -47,9 +47,11 @@ loss on ``masks.provider`` maps; ``mtrmb.train_prompt=false`` keeps the backbone
 (training-free, UCAD) initial values so Eq. 8 trains only the fusion and the learnable key. With both off (and ``contrastive_weight=1``) MTRMB is UCAD trained for
 ``mtrmb.epochs`` exactly. ``mtrmb.epochs`` replaces ``ucad.epochs`` for MTRMB (UCAD's default, 0, is
 training-free; without training the fusion stays the identity and MTRMB would be UCAD). The other
-``ucad.*`` knobs (lr, batch size, key size, pairs per image, knowledge size; not ``feature_choices``:
-every MTRMB task takes ``backbone.feature_layer``, the fusion's width) and ``memory.*`` apply
-as for UCAD. Memory accounting (decision, the same rule as UCAD's): ``memory.budget_mb`` bounds
+``ucad.*`` knobs (lr, batch size, key size, pairs per image, knowledge size) and ``memory.*`` apply
+as for UCAD. The per-task feature choice is MTRMB's own (``mtrmb.feature_choices`` /
+``mtrmb.feature_choice_margin``, UCAD's rule in ``components/methods/feature_choice.py``): every candidate
+trains its own prompt and a fusion of its own feature width (``FusedBackbone.with_features``), and the task keeps
+the candidate that separates its held-out normals from synthetic defects best. Memory accounting (decision, the same rule as UCAD's): ``memory.budget_mb`` bounds
 everything stored per task, so the key, prompt, fusion weights, learnable key and text tokens are
 reserved from it and the knowledge coreset gets the rest (``task_bytes`` / ``memory_bytes``).
 """
@@ -100,13 +102,19 @@ class FusedBackbone(PromptedBackbone):
         self.inner = inner
         self.feature_dim = inner.feature_dim
         self.key_dim = inner.key_dim
-        self._new_fusion = new_fusion  # callable -> TextImageFusion, or None without KPMK
+        self._new_fusion = new_fusion  # callable(feature width) -> TextImageFusion, or None without KPMK
         # Share the wrapped backbone's test-feature cache: un-prompted keys are the same features, and
         # fused features are cached under the MTRMBPrompt's digest (prompt + fusion + text).
         share_feature_cache(self, inner)
 
     def grid_size(self, image_size: int) -> tuple[int, int]:
         return self.inner.grid_size(image_size)
+
+    def with_features(self, layer: int | None = None, span: int | None = None, dim: int | None = None) -> PromptedBackbone:
+        """The fused backbone over the wrapped backbone's view with other feature settings: its prompts' fusions take
+        that view's feature width (itself when nothing changes)."""
+        inner = self.inner.with_features(layer, span, dim)
+        return self if inner is self.inner else FusedBackbone(inner, self._new_fusion)
 
     def key_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.inner.key_features(images)
@@ -127,7 +135,7 @@ class FusedBackbone(PromptedBackbone):
 
     def new_prompt(self) -> MTRMBPrompt:
         inner = self.inner.new_prompt()  # first, so the backbone prompt's init is UCAD's under the same seed
-        fusion = self._new_fusion() if self._new_fusion is not None else None
+        fusion = self._new_fusion(self.feature_dim) if self._new_fusion is not None else None
         device = next(iter(inner.parameters()), torch.empty(0)).device
         return MTRMBPrompt(inner, fusion, self.key_dim).to(device)
 
@@ -136,6 +144,7 @@ class MTRMB(UCAD):
     """UCAD with per-task text-image fusion (KPMK), refined structure contrast (RSCL) and Eq. 8."""
 
     name: ClassVar[str] = "mtrmb"
+    choice_key: ClassVar[str] = "mtrmb.feature_choices"
 
     def __init__(self, config: Config, backbone: PromptedBackbone) -> None:
         self.texts: list[str] = []
@@ -148,9 +157,10 @@ class MTRMB(UCAD):
             "dim": cfg.fusion_dim,
             "heads": cfg.fusion_heads,
         }
-        # MTRMB trains prompt + fusion + learnable key for mtrmb.epochs (UCAD's own default is training-free).
-        # One feature layer for every task (the fusion's width is the backbone's): ucad.feature_choices is UCAD's only.
-        config = config.model_copy(update={"ucad": config.ucad.model_copy(update={"epochs": cfg.epochs, "feature_choices": []})})
+        # MTRMB trains prompt + fusion + learnable key for mtrmb.epochs (UCAD's own default is training-free), and
+        # chooses per task among mtrmb.feature_choices (each candidate with its own prompt and fusion), not UCAD's.
+        config = config.model_copy(update={"ucad": config.ucad.model_copy(update={
+            "epochs": cfg.epochs, "feature_choices": list(cfg.feature_choices), "feature_choice_margin": cfg.feature_choice_margin})})
         super().__init__(config, FusedBackbone(backbone, self._new_fusion if cfg.kpmk else None))
 
     # ------------------------------------------------------------------ masks
@@ -173,11 +183,12 @@ class MTRMB(UCAD):
             self._text_encoder = build_text_encoder(self.config.text)
         return self._text_encoder
 
-    def _new_fusion(self) -> TextImageFusion:
+    def _new_fusion(self, feature_dim: int) -> TextImageFusion:
+        """A fresh fusion for patch features of width ``feature_dim`` (the task's feature settings' width)."""
         spec = self.fusion_spec
         if spec["text_dim"] is None:
             raise RuntimeError("mtrmb: the text width is unknown (no text encoded and no state loaded)")
-        return TextImageFusion(self.backbone.feature_dim, int(spec["text_dim"]), int(spec["text_length"]), int(spec["dim"]), int(spec["heads"]))
+        return TextImageFusion(feature_dim, int(spec["text_dim"]), int(spec["text_length"]), int(spec["dim"]), int(spec["heads"]))
 
     def _encode_task_text(self, sentence: str) -> tuple[torch.Tensor, torch.Tensor]:
         encoder = self.text_encoder()

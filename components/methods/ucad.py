@@ -89,6 +89,7 @@ class UCAD(ContinualMethod):
     """Unsupervised continual anomaly detection with task-routed prompts and knowledge."""
 
     name: ClassVar[str] = "ucad"
+    choice_key: ClassVar[str] = "ucad.feature_choices"  # the config key of the feature settings a task may choose (named in errors)
     tiles_inputs: ClassVar[bool] = True
     frozen_task_memory: ClassVar[bool] = True
 
@@ -106,7 +107,7 @@ class UCAD(ContinualMethod):
         self.feature_settings: list[FeatureChoice | None] = []  # per task: its feature settings (None = the backbone's)
         self._router: KeyRouter | None = None
         self._memories: dict[int, NearestNeighbours] = {}
-        self.views = FeatureViews(backbone, self.config.ucad.feature_choices, "ucad.feature_choices")  # refuses settings up front
+        self.views = FeatureViews(backbone, self.config.ucad.feature_choices, self.choice_key)  # refuses settings up front
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,55 @@
+"""Operating-point metric keys and the rates at other promises (``components/eval/operating_points.py``)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from components.eval.continual import AccuracyMatrix, lower_is_better
+from components.eval.operating_points import operating_point_metrics, parse_point_key, percent_label, point_key, promises_in
+from components.eval.thresholds import Calibration, TaskSample
+from components.types import ImageBatch, Prediction
+
+
+def test_keys_round_trip_and_are_error_rates() -> None:
+    assert percent_label(0.05) == "5" and percent_label(0.005) == "0.5" and percent_label(0.1) == "10"
+    assert point_key("escape_rate", 0.05) == "escape_rate_at_5pct"
+    assert parse_point_key("false_reject_rate_at_0.5pct") == ("false_reject_rate", pytest.approx(0.005))
+    assert parse_point_key("escape_rate") is None and parse_point_key("image_auroc_at_5pct") is None
+    assert promises_in(["escape_rate_at_10pct", "escape_rate_at_1pct", "false_reject_rate_at_1pct", "image_auroc"]) == [0.01, 0.1]
+    assert lower_is_better("escape_rate_at_5pct") and not lower_is_better("image_auroc")
+    with pytest.raises(ValueError, match="operating-point rate"):
+        point_key("image_auroc", 0.05)
+    # forgetting of a rate at another promise is its rise, like the deployed rates'
+    matrix = AccuracyMatrix(["a", "b"], 2)
+    matrix.record(0, "a", {"image_auroc": 0.9, "escape_rate_at_5pct": 0.1})
+    matrix.record(1, "a", {"image_auroc": 0.9, "escape_rate_at_5pct": 0.3})
+    matrix.record(1, "b", {"image_auroc": 0.9, "escape_rate_at_5pct": 0.0})
+    assert matrix.forgetting()["escape_rate_at_5pct"] == pytest.approx(0.2)
+
+
+def test_rates_at_each_promise_come_from_the_same_calibration_sample() -> None:
+    # 100 calibration normals scored 0.00 .. 0.99: the 1 % threshold is 0.99, 5 % 0.95, 10 % 0.90 (order statistics)
+    sample = TaskSample(heldout=tuple(i / 100 for i in range(100)), leave_out=(), pixel=1.0)
+    calibration = Calibration(0.01, 0.001, {"t": sample}, {"p": "t"})
+    scores = torch.tensor([0.5, 0.96, 0.92, 0.999, 0.93, 0.97, 0.5, 0.2])
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1])
+    batch = ImageBatch(images=torch.zeros(8, 3, 4, 4), products=["p"] * 8, paths=[f"{i}.png" for i in range(8)], labels=labels)
+    prediction = Prediction(image_scores=scores, anomaly_maps=torch.zeros(8, 4, 4), routed_tasks=["t"] * 8)
+    rates = operating_point_metrics(prediction, batch, calibration, [0.01, 0.05, 0.1])
+    assert rates["escape_rate_at_1pct"] == pytest.approx(4 / 5) and rates["false_reject_rate_at_1pct"] == 0.0
+    assert rates["escape_rate_at_5pct"] == pytest.approx(3 / 5) and rates["false_reject_rate_at_5pct"] == pytest.approx(1 / 3)
+    assert rates["escape_rate_at_10pct"] == pytest.approx(2 / 5) and rates["false_reject_rate_at_10pct"] == pytest.approx(2 / 3)
+    normals_only = ImageBatch(images=batch.images[:3], products=["p"] * 3, paths=batch.paths[:3], labels=labels[:3])
+    only = operating_point_metrics(Prediction(scores[:3], torch.zeros(3, 4, 4), ["t"] * 3), normals_only, calibration, [0.05])
+    assert math.isnan(only["escape_rate_at_5pct"]) and only["false_reject_rate_at_5pct"] == pytest.approx(1 / 3)
+
+
+def test_operating_points_config_is_validated() -> None:
+    from components.config import ConfigError, load_config
+
+    assert load_config("params.yaml", ["decision.operating_points=0.1,0.02,0.1"]).decision.operating_points == [0.02, 0.1]
+    with pytest.raises(ConfigError, match="operating_points"):
+        load_config("params.yaml", ["decision.operating_points=0.05,1.5"])
