@@ -45,6 +45,10 @@ def test_rates_at_each_promise_come_from_the_same_calibration_sample() -> None:
     normals_only = ImageBatch(images=batch.images[:3], products=["p"] * 3, paths=batch.paths[:3], labels=labels[:3])
     only = operating_point_metrics(Prediction(scores[:3], torch.zeros(3, 4, 4), ["t"] * 3), normals_only, calibration, [0.05])
     assert math.isnan(only["escape_rate_at_5pct"]) and only["false_reject_rate_at_5pct"] == pytest.approx(1 / 3)
+    # a calibration written before score samples were stored: its own promise only, the others undefined (not an error)
+    fixed = Calibration(0.01, 0.001, {"t": TaskSample(heldout=(), leave_out=(), pixel=1.0, fixed_image=0.95)}, {"p": "t"})
+    old = operating_point_metrics(prediction, batch, fixed, [0.01, 0.05])
+    assert old["escape_rate_at_1pct"] == pytest.approx(3 / 5) and math.isnan(old["escape_rate_at_5pct"])
 
 
 def test_operating_points_config_is_validated() -> None:

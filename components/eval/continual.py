@@ -40,6 +40,8 @@ LOWER_IS_BETTER = frozenset({"escape_rate", "false_reject_rate", RESERVED_FRR, "
 def lower_is_better(metric: str) -> bool:
     """Whether a lower ``metric`` is better (an error rate, at the deployed thresholds or at another promise's)."""
     return metric in LOWER_IS_BETTER or parse_point_key(metric) is not None
+
+
 SCHEMA_KEYS: tuple[str, ...] = ("method", "protocol", "tasks", "matrix", "final", "average", "forgetting", "routing_accuracy")
 
 

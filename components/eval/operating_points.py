@@ -48,9 +48,13 @@ def promises_in(metrics: Iterable[str]) -> list[float]:
 
 def operating_point_metrics(prediction: Prediction, batch: ImageBatch, calibration: Calibration, promises: Iterable[float]) -> dict[str, float]:
     """Escape and false-reject rates of one product's labelled test ``batch`` (scored as ``prediction``) at the
-    thresholds ``calibration`` takes at each of ``promises`` (NaN where a class is absent)."""
+    thresholds ``calibration`` takes at each of ``promises`` (NaN where a class is absent, and at every promise but its
+    own for a calibration written before score samples were stored)."""
     out: dict[str, float] = {}
     for promise in promises:
+        if promise != calibration.target_fpr and not calibration.retargetable:
+            out.update({point_key(rate, promise): math.nan for rate in RATES})
+            continue
         rates = decision_metrics(prediction, batch, calibration.at_target(promise))
         for rate in RATES:
             out[point_key(rate, promise)] = float(rates.get(rate, math.nan))

@@ -124,13 +124,18 @@ class Calibration:
         """Thresholds of every task at ``target_fpr`` (derived once: every decision looks them up)."""
         return {task: sample.threshold(self.target_fpr) for task, sample in self.samples.items()}
 
+    @property
+    def retargetable(self) -> bool:
+        """Whether thresholds can be taken at another target (every task stores its score sample)."""
+        return all(s.normal.size > 0 for s in self.samples.values())
+
     def at_target(self, target_fpr: float) -> Calibration:
         """The same samples with thresholds at ``target_fpr`` (``decision.target_fpr`` chosen at load time)."""
         if target_fpr == self.target_fpr:
             return self
         if not 0.0 <= target_fpr < 1.0:
             raise ContadError(f"decision.target_fpr must be in [0, 1), got {target_fpr}")
-        if any(s.normal.size == 0 for s in self.samples.values()):
+        if not self.retargetable:
             raise ContadError("decision.target_fpr: this calibration stores no score samples (written by an older contad); "
                               "retrain to change the target at load time")
         return replace(self, target_fpr=float(target_fpr))

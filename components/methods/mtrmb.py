@@ -49,11 +49,12 @@ loss on ``masks.provider`` maps; ``mtrmb.train_prompt=false`` keeps the backbone
 training-free; without training the fusion stays the identity and MTRMB would be UCAD). The other
 ``ucad.*`` knobs (lr, batch size, key size, pairs per image, knowledge size) and ``memory.*`` apply
 as for UCAD. The per-task feature choice is MTRMB's own (``mtrmb.feature_choices`` /
-``mtrmb.feature_choice_margin``, UCAD's rule in ``components/methods/feature_choice.py``): every candidate
-trains its own prompt and a fusion of its own feature width (``FusedBackbone.with_features``), and the task keeps
-the candidate that separates its held-out normals from synthetic defects best. Memory accounting (decision, the same rule as UCAD's): ``memory.budget_mb`` bounds
-everything stored per task, so the key, prompt, fusion weights, learnable key and text tokens are
-reserved from it and the knowledge coreset gets the rest (``task_bytes`` / ``memory_bytes``).
+``mtrmb.feature_choice_margin``, UCAD's rule in ``components/methods/feature_choice.py``; opt-in: it passes the
+validation protocol's accuracy clauses but not its training-time one, RESULTS section 3): every candidate trains its
+own prompt and a fusion of its own feature width (``FusedBackbone.with_features``), and the task keeps the candidate
+that separates its held-out normals from synthetic defects best. Memory accounting (decision, the same rule as
+UCAD's): ``memory.budget_mb`` bounds everything stored per task, so the key, prompt, fusion weights, learnable key
+and text tokens are reserved from it and the knowledge coreset gets the rest (``task_bytes`` / ``memory_bytes``).
 """
 
 from __future__ import annotations
