@@ -43,8 +43,8 @@ from components.eval.thresholds import calibrate_method, carried_leave_out, read
 from components.memory.store import BankStore
 from components.methods.loading import load_method
 from components.segment.fallback import structure_masks
-from components.segment.task_maps import task_label_maps
 from components.segment.cache import MaskCache, build_cache
+from components.segment.task_maps import task_label_maps
 from components.types import ImageBatch, Prediction
 from flows import promotion  # looked up on use: tests swap promotion.promotion_gate
 from flows.records import TRAIN_LOG, report_artifacts

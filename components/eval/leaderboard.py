@@ -115,10 +115,13 @@ class MethodRow:
     operating_points: dict[str, tuple[float, float, int]] = field(default_factory=dict)  # escape / FRR at other promises
 
 
+UNDEFINED: tuple[float, float, int] = (math.nan, math.nan, 0)  # (mean, sd, n) of no value
+
+
 def _stat(values: list[float]) -> tuple[float, float, int]:
     finite = [v for v in values if not math.isnan(v)]
     if not finite:
-        return math.nan, math.nan, 0
+        return UNDEFINED
     sd = float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
     return float(np.mean(finite)), sd, len(finite)
 
@@ -188,7 +191,7 @@ def leaderboard_markdown(rows: list[MethodRow], title: str, notes: list[str], co
         lines += ["", "Final image AUROC per product (mean ± sd over seeds):", "",
                   "| method | " + " | ".join(products) + " |", "|" + "---|" * (len(products) + 1)]
         for r in rows:
-            lines.append(f"| {r.method} | " + " | ".join(product_cell(r.per_product.get(p, (math.nan, math.nan, 0)), p) for p in products) + " |")
+            lines.append(f"| {r.method} | " + " | ".join(product_cell(r.per_product.get(p, UNDEFINED), p) for p in products) + " |")
         bands = chance_bands(counts, products)
         if bands:
             lines += ["", f"° = the mean lies inside the product's chance band ({CHANCE_MEANING}): {bands}."]
@@ -203,14 +206,13 @@ def operating_points_table(rows: list[MethodRow]) -> list[str]:
     promises = promises_in(k for r in rows for k in r.operating_points)
     if not promises:
         return []
-    missing = (math.nan, math.nan, 0)
     head = [f"{rate} @ {percent_label(p)} %" for p in promises for rate in ("escape", "false reject")]
     lines = ["", "Escape and false-reject rates (%, averaged over products) when every product's threshold is taken from its "
              "calibration (training normals) at another false-reject promise: the trade a line makes by choosing "
              "`decision.target_fpr` (test split; nothing is chosen from it; – = runs recorded before these readings):", "",
              "| method | " + " | ".join(head) + " |", "|" + "---|" * (len(head) + 1)]
     for r in rows:
-        cells = [cell(r.operating_points.get(point_key(rate, p), missing), 100.0) for p in promises for rate in RATES]
+        cells = [cell(r.operating_points.get(point_key(rate, p), UNDEFINED), 100.0) for p in promises for rate in RATES]
         lines.append(f"| {r.method} | " + " | ".join(cells) + " |")
     return lines
 
@@ -282,7 +284,7 @@ def operating_points_figure(rows: list[MethodRow], path: Path, title: str) -> Pa
         if not r.operating_points:
             continue
         for ax, rate in zip(axes, RATES):
-            stats = [r.operating_points.get(point_key(rate, p), (math.nan, math.nan, 0)) for p in promises]
+            stats = [r.operating_points.get(point_key(rate, p), UNDEFINED) for p in promises]
             ys = [100 * s[0] for s in stats]
             errs = [100 * s[1] if s[2] > 1 and not math.isnan(s[1]) else 0.0 for s in stats]
             ax.errorbar(x, ys, yerr=errs, marker="o", capsize=3, color=f"C{i % 10}", label=r.method)
