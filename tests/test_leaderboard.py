@@ -237,11 +237,13 @@ def test_keep_recorded_refreshes_some_rows_and_keeps_the_others_recorded_runs(tm
 
 def test_operating_points_table_averages_each_promise_and_dashes_runs_recorded_before_them(tmp_path: Path) -> None:
     with_points = []
-    for seed, (esc1, esc5) in enumerate(((0.6, 0.2), (0.4, 0.1))):
+    for seed, (esc1, esc5, broken5) in enumerate(((0.6, 0.2, 0.0), (0.4, 0.1, 0.5))):
         run = _fake_run(tmp_path, "ucad", seed, {"a": 0.9, "b": 0.8})
         doc = json.loads((run / "metrics.json").read_text())
-        doc["average"].update({"escape_rate_at_1pct": esc1, "false_reject_rate_at_1pct": 0.0,
-                               "escape_rate_at_5pct": esc5, "false_reject_rate_at_5pct": 0.05})
+        doc["average"].update({"escape_rate_at_1pct": esc1, "false_reject_rate_at_1pct": 0.0, "promised_fpr_at_1pct": 0.2,
+                               "promise_broken_at_1pct": 0.0, "escape_rate_at_5pct": esc5, "false_reject_rate_at_5pct": 0.05})
+        if seed == 1:  # the promise readings came later than the rates: a run without them has "–" there
+            doc["average"].update({"promised_fpr_at_5pct": 0.2, "promise_broken_at_5pct": broken5})
         (run / "metrics.json").write_text(json.dumps(doc))
         with_points.append(run)
     older = _fake_run(tmp_path, "lemo", 0, {"a": 0.6, "b": 0.6})  # a run recorded before the readings existed
@@ -250,8 +252,10 @@ def test_operating_points_table_averages_each_promise_and_dashes_runs_recorded_b
     assert ucad.operating_points["escape_rate_at_5pct"][:2] == pytest.approx((0.15, math.sqrt(0.005)))
     assert lemo.operating_points == {}
     text = leaderboard_markdown(rows, "Sequence `x`", [])
-    assert "| method | escape @ 1 % | false reject @ 1 % | escape @ 5 % | false reject @ 5 % |" in text
-    assert "| ucad | 50.0 ± 14.1 | 0.0 ± 0.0 | 15.0 ± 7.1 | 5.0 ± 0.0 |" in text and "| lemo | – | – | – | – |" in text
+    assert ("| method | escape @ 1 % | false reject @ 1 % | promised @ 1 % | products broken @ 1 % | escape @ 5 % | "
+            "false reject @ 5 % | promised @ 5 % | products broken @ 5 % |") in text
+    assert "| ucad | 50.0 ± 14.1 | 0.0 ± 0.0 | 20.0 ± 0.0 | 0.0 ± 0.0 | 15.0 ± 7.1 | 5.0 ± 0.0 | 20.0 | 50.0 |" in text
+    assert "| lemo | – | – | – | – | – | – | – | – |" in text
     # no run records them: no table, no figure
     assert "escape @ 1 %" not in leaderboard_markdown(aggregate([summarise_run(older)]), "Sequence `x`", [])
     assert operating_points_figure(aggregate([summarise_run(older)]), tmp_path / "none.png", "x") is None

@@ -20,7 +20,9 @@ def test_keys_round_trip_and_are_error_rates() -> None:
     assert parse_point_key("escape_rate") is None and parse_point_key("image_auroc_at_5pct") is None
     assert promises_in(["escape_rate_at_10pct", "escape_rate_at_1pct", "false_reject_rate_at_1pct", "image_auroc"]) == [0.01, 0.1]
     assert lower_is_better("escape_rate_at_5pct") and not lower_is_better("image_auroc")
-    with pytest.raises(ValueError, match="operating-point rate"):
+    assert parse_point_key("promise_broken_at_5pct") == ("promise_broken", pytest.approx(0.05))
+    assert parse_point_key("promised_fpr_at_10pct") == ("promised_fpr", pytest.approx(0.1))
+    with pytest.raises(ValueError, match="operating-point reading"):
         point_key("image_auroc", 0.05)
     # forgetting of a rate at another promise is its rise, like the deployed rates'
     matrix = AccuracyMatrix(["a", "b"], 2)
@@ -49,6 +51,29 @@ def test_rates_at_each_promise_come_from_the_same_calibration_sample() -> None:
     fixed = Calibration(0.01, 0.001, {"t": TaskSample(heldout=(), leave_out=(), pixel=1.0, fixed_image=0.95)}, {"p": "t"})
     old = operating_point_metrics(prediction, batch, fixed, [0.01, 0.05])
     assert old["escape_rate_at_1pct"] == pytest.approx(3 / 5) and math.isnan(old["escape_rate_at_5pct"])
+
+
+def test_each_promise_records_what_was_promised_and_whether_the_test_split_broke_it() -> None:
+    # 8 good test parts, 3 of them above every calibration normal: the same measured false-reject rate (3/8)
+    scores = torch.tensor([0.05, 0.1, 0.15, 0.2, 0.25, 2.0, 2.0, 2.0, 3.0])
+    labels = torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 1])
+    batch = ImageBatch(images=torch.zeros(9, 3, 4, 4), products=["p"] * 9, paths=[f"{i}.png" for i in range(9)], labels=labels)
+    prediction = Prediction(image_scores=scores, anomaly_maps=torch.zeros(9, 4, 4), routed_tasks=["t"] * 9)
+    # 4 calibration normals: no promise below 1/4 can be made, and 3 of 8 rejected is consistent with 25 % (bound 4/8)
+    few = Calibration(0.01, 0.001, {"t": TaskSample(heldout=(0.1, 0.2, 0.3, 0.4), leave_out=(), pixel=1.0)}, {"p": "t"})
+    readings = operating_point_metrics(prediction, batch, few, [0.05, 0.5])
+    assert readings["false_reject_rate_at_5pct"] == pytest.approx(3 / 8)
+    assert readings["promised_fpr_at_5pct"] == pytest.approx(0.25) and readings["promise_broken_at_5pct"] == 0.0
+    assert readings["promised_fpr_at_50pct"] == pytest.approx(0.5)
+    # 100 calibration normals promise 5 %: 3 of 8 rejected is more than 5 % allows on 8 parts (bound 2/8), a broken promise
+    many = Calibration(0.01, 0.001, {"t": TaskSample(heldout=tuple(i / 100 for i in range(100)), leave_out=(), pixel=1.0)}, {"p": "t"})
+    readings = operating_point_metrics(prediction, batch, many, [0.05])
+    assert readings["false_reject_rate_at_5pct"] == pytest.approx(3 / 8)
+    assert readings["promised_fpr_at_5pct"] == pytest.approx(0.05) and readings["promise_broken_at_5pct"] == 1.0
+    # no good test part: nothing to break
+    defects = ImageBatch(images=batch.images[8:], products=["p"], paths=batch.paths[8:], labels=labels[8:])
+    none = operating_point_metrics(Prediction(scores[8:], torch.zeros(1, 4, 4), ["t"]), defects, many, [0.05])
+    assert math.isnan(none["promise_broken_at_5pct"]) and none["escape_rate_at_5pct"] == 0.0
 
 
 def test_operating_points_config_is_validated() -> None:

@@ -28,6 +28,12 @@ from components.types import ImageBatch, Prediction
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+DECISION_TITLES = {  # readings at a promise's thresholds: at the deployed one, or ``@ P % promise`` (operating points)
+    "escape_rate": "Escape rate",
+    "false_reject_rate": "False-reject rate",
+    "promised_fpr": "Promised false-reject rate",
+    "promise_broken": "Promise broken",
+}
 METRIC_TITLES = {
     "image_auroc": "Image AUROC",
     "image_ap": "Image AP",
@@ -37,10 +43,10 @@ METRIC_TITLES = {
     "image_f1max": "Image F1-max",
     "pixel_f1max": "Pixel F1-max",
     "routing_accuracy": "Routing accuracy",
-    "escape_rate": "Escape rate @ deployed thr.",
-    "false_reject_rate": "False-reject rate @ deployed thr.",
+    "escape_rate": f"{DECISION_TITLES['escape_rate']} @ deployed thr.",
+    "false_reject_rate": f"{DECISION_TITLES['false_reject_rate']} @ deployed thr.",
     "escape_estimate": "Escape estimate (synthetic defects)",
-    "promised_fpr": "Promised false-reject rate",
+    "promised_fpr": DECISION_TITLES["promised_fpr"],
     "false_reject_bound": "False-reject bound (95 %)",
 }
 
@@ -49,7 +55,7 @@ def metric_title(metric: str) -> str:
     """Human-readable name of a metric key."""
     point = parse_point_key(metric)
     if point is not None:
-        return f"{METRIC_TITLES[point[0]].split(' @ ')[0]} @ {percent_label(point[1])} % promise thr."
+        return f"{DECISION_TITLES[point[0]]} @ {percent_label(point[1])} % promise thr."
     return METRIC_TITLES.get(metric, metric.replace("_", " "))
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from components.eval.chance import CHANCE_LEVEL, counts_band, inside
-from components.eval.operating_points import RATES, parse_point_key, percent_label, point_key, promises_in
+from components.eval.operating_points import RATES, READINGS, parse_point_key, percent_label, point_key, promises_in
 
 # (column, key in the run summary, scale for display, higher is better)
 COLUMNS: tuple[tuple[str, str, float, bool], ...] = (
@@ -112,7 +112,7 @@ class MethodRow:
     seeds: list[int | None]
     stats: dict[str, tuple[float, float, int]] = field(default_factory=dict)
     per_product: dict[str, tuple[float, float, int]] = field(default_factory=dict)
-    operating_points: dict[str, tuple[float, float, int]] = field(default_factory=dict)  # escape / FRR at other promises
+    operating_points: dict[str, tuple[float, float, int]] = field(default_factory=dict)  # readings at other promises (READINGS)
 
 
 UNDEFINED: tuple[float, float, int] = (math.nan, math.nan, 0)  # (mean, sd, n) of no value
@@ -199,20 +199,27 @@ def leaderboard_markdown(rows: list[MethodRow], title: str, notes: list[str], co
     return "\n".join(lines + [""] + [f"- {n}" for n in notes] + [""])
 
 
+POINT_HEADS = {"escape_rate": "escape", "false_reject_rate": "false reject", "promised_fpr": "promised",
+               "promise_broken": "products broken"}  # table head of each operating-point reading
+
+
 def operating_points_table(rows: list[MethodRow]) -> list[str]:
-    """Lines of the "other promises" table: per method, the average escape and false-reject rates (mean ± sd over
-    seeds) at the thresholds the calibration takes at each promise of ``decision.operating_points``; [] when no run
-    records them."""
+    """Lines of the "other promises" table: per method, the average escape and false-reject rates, the false-reject
+    rate the calibration promised and the share of products whose promise broke (mean ± sd over seeds) at the
+    thresholds the calibration takes at each promise of ``decision.operating_points``; [] when no run records them."""
     promises = promises_in(k for r in rows for k in r.operating_points)
     if not promises:
         return []
-    head = [f"{rate} @ {percent_label(p)} %" for p in promises for rate in ("escape", "false reject")]
-    lines = ["", "Escape and false-reject rates (%, averaged over products) when every product's threshold is taken from its "
-             "calibration (training normals) at another false-reject promise: the trade a line makes by choosing "
-             "`decision.target_fpr` (test split; nothing is chosen from it; – = runs recorded before these readings):", "",
+    head = [f"{POINT_HEADS[reading]} @ {percent_label(p)} %" for p in promises for reading in READINGS]
+    lines = ["", "Decisions (%, averaged over products) when every product's threshold is taken from its calibration "
+             "(training normals) at another false-reject promise: the trade a line makes by choosing `decision.target_fpr` "
+             "(test split; nothing is chosen from it). *promised*: what the calibration can promise there, max(P, 1/n) "
+             "with n calibration normals; *products broken*: share of products whose good test parts were rejected more "
+             "often than that promise allows on this many of them (95 % binomial bound). – = runs recorded before these "
+             "readings.", "",
              "| method | " + " | ".join(head) + " |", "|" + "---|" * (len(head) + 1)]
     for r in rows:
-        cells = [cell(r.operating_points.get(point_key(rate, p), UNDEFINED), 100.0) for p in promises for rate in RATES]
+        cells = [cell(r.operating_points.get(point_key(reading, p), UNDEFINED), 100.0) for p in promises for reading in READINGS]
         lines.append(f"| {r.method} | " + " | ".join(cells) + " |")
     return lines
 
@@ -268,8 +275,9 @@ def pareto_figure(rows: list[MethodRow], path: Path, title: str) -> Path:
 
 def operating_points_figure(rows: list[MethodRow], path: Path, title: str) -> Path | None:
     """Escape rate (left) and measured false-reject rate (right) against the false-reject promise the thresholds are
-    taken at, one line per method with operating points (mean ± sd over seeds); the right panel's diagonal is the
-    promise itself (a point above it broke the promise on the test split). None when no method has them."""
+    taken at, one line per method with operating points (mean ± sd over seeds); on the right, each method's dotted line
+    is what its calibration promised (above the diagonal where too few calibration normals allow no smaller promise).
+    None when no method has them."""
     promises = promises_in(k for r in rows for k in r.operating_points)
     if not promises:
         return None
@@ -288,7 +296,11 @@ def operating_points_figure(rows: list[MethodRow], path: Path, title: str) -> Pa
             ys = [100 * s[0] for s in stats]
             errs = [100 * s[1] if s[2] > 1 and not math.isnan(s[1]) else 0.0 for s in stats]
             ax.errorbar(x, ys, yerr=errs, marker="o", capsize=3, color=f"C{i % 10}", label=r.method)
-    axes[1].plot([0, max(x)], [0, max(x)], color="0.5", ls="--", lw=1, label="the promise")
+        promised = [100 * r.operating_points.get(point_key("promised_fpr", p), UNDEFINED)[0] for p in promises]
+        if not all(math.isnan(v) for v in promised):
+            axes[1].plot(x, promised, color=f"C{i % 10}", ls=":", lw=1.5)
+    axes[1].plot([0, max(x)], [0, max(x)], color="0.5", ls="--", lw=1, label="the promise asked for")
+    axes[1].plot([], [], color="0.3", ls=":", lw=1.5, label="promised (dotted, method colour)")
     for ax, label in zip(axes, ("defective parts passed as OK (escape, %)", "good parts rejected (false reject, %)")):
         ax.set_xlabel("false-reject promise the thresholds are taken at (%)")
         ax.set_ylabel(label)

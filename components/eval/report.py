@@ -68,6 +68,10 @@ GLOSSARY: tuple[tuple[str, str], ...] = (
     ("Escape / false-reject rate @ P % promise", "the same two rates when every threshold is taken from the same calibration "
      "at a false-reject promise of P % (`decision.operating_points`) instead of the deployed one: what a detector loaded "
      "with `decision.target_fpr` = P would decide."),
+    ("Promised false-reject rate / promise broken @ P % promise", "what the calibration can promise at P %: max(P, 1/n) "
+     "with n calibration normals (it promises no less); broken = 100 when the measured false-reject rate lies above the "
+     "largest one consistent with that promise on this many good test parts (95 % binomial bound), else 0; the Average "
+     "is the share of products whose promise broke."),
 )
 
 
@@ -152,7 +156,9 @@ def operating_points_lines(doc: dict[str, Any]) -> list[str]:
     return ["", "Escape and false-reject rates of the test images when the thresholds are taken from the same calibration "
             "(training normals only) at another false-reject promise: what `contad predict --bank ... decision.target_fpr=P` "
             "would decide, without retraining. A line trades false rejects for escapes here; the promise is its choice "
-            f"(`decision.operating_points` lists which are read).{deployed}"]
+            f"(`decision.operating_points` lists which are read).{deployed} With n calibration normals a task promises no "
+            "less than 1/n, whatever P is (*promised*); *promise broken* marks a product whose good test parts were "
+            "rejected more often than that promise allows on this many of them (95 % binomial bound)."]
 
 
 def masks_provider_lines(doc: dict[str, Any]) -> list[str]:
