@@ -201,10 +201,13 @@ def test_operating_points_are_what_a_detector_loaded_at_that_promise_decides(bas
     for promise in (0.05, 0.1):
         out = tmp_path / f"at{promise}"
         assert main(["predict", str(product / "test"), "--bank", str(base.work / "banks"), "--out", str(out), f"decision.target_fpr={promise}"]) == 0
-        measured = json.loads((out / "summary.json").read_text())["measured"]
-        (folder,) = measured.values()
+        summary = json.loads((out / "summary.json").read_text())
+        (folder,) = summary["measured"].values()
         assert folder["escape_rate"] == pytest.approx(final[point_key("escape_rate", promise)][last])
         assert folder["false_reject_rate"] == pytest.approx(final[point_key("false_reject_rate", promise)][last])
+        # what the detector says it promises there is what the run recorded as promised
+        assert summary["routed"][last]["promised_fpr"] == pytest.approx(final[point_key("promised_fpr", promise)][last])
+        assert final[point_key("promise_broken", promise)][last] in (0.0, 1.0)
     # a looser promise never lets more defects through
     escapes = [final[point_key("escape_rate", p)][last] for p in (0.01, 0.05, 0.1)]
     assert escapes == sorted(escapes, reverse=True)

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from components.data.protocol import task_name
 from components.eval.continual import AccuracyMatrix, lower_is_better
 from components.eval.metrics import METRIC_KEYS
-from components.eval.operating_points import parse_point_key, percent_label
+from components.eval.operating_points import PROMISE_READINGS, RATES, READINGS, parse_point_key, percent_label
 from components.eval.thresholds import Calibration
 from components.types import ImageBatch, Prediction
 
@@ -107,6 +107,7 @@ METRIC_FAMILIES: dict[str, tuple[str, ...]] = {
     "Decisions at the deployed thresholds": ("escape_rate", "false_reject_rate", "escape_estimate", "promised_fpr", "false_reject_bound"),
 }
 POINTS_FAMILY = "Decisions at other false-reject promises"  # decision.operating_points' rates (components/eval/operating_points.py)
+PROMISES_FAMILY = "What those promises were, and whether they held"  # their promised rates and broken promises
 TITLE_PT = 12.0  # 12 pt at 100 dpi = 17 px; figures are at most ~900 px wide, so no downscaling in a page
 LABEL_PT = 10.0
 CELL_PT = 9.0
@@ -116,7 +117,10 @@ DPI = 100
 def metric_families(metrics: Sequence[str]) -> dict[str, list[str]]:
     """``METRIC_FAMILIES`` restricted to ``metrics`` (empty families dropped), plus ``Other`` for the rest."""
     families = {name: [m for m in keys if m in metrics] for name, keys in METRIC_FAMILIES.items()}
-    families[POINTS_FAMILY] = sorted((m for m in metrics if parse_point_key(m)), key=lambda m: (parse_point_key(m)[1], m))  # type: ignore[index]
+    parsed = {m: point for m in metrics if (point := parse_point_key(m)) is not None}
+    points = sorted(parsed, key=lambda m: (parsed[m][1], READINGS.index(parsed[m][0])))  # by promise, then reading
+    families[POINTS_FAMILY] = [m for m in points if parsed[m][0] in RATES]
+    families[PROMISES_FAMILY] = [m for m in points if parsed[m][0] in PROMISE_READINGS]
     known = {m for keys in families.values() for m in keys}
     families["Other metrics"] = [m for m in metrics if m not in known]
     return {name: keys for name, keys in families.items() if keys}

@@ -20,6 +20,7 @@ from components.eval.chance import CHANCE_LEVEL, counts_band, inside
 from components.eval.continual import validate_metrics_json
 from components.eval.figures import (
     POINTS_FAMILY,
+    PROMISES_FAMILY,
     comparison_figure,
     comparison_matrices,
     family_heatmaps,
@@ -156,9 +157,15 @@ def operating_points_lines(doc: dict[str, Any]) -> list[str]:
     return ["", "Escape and false-reject rates of the test images when the thresholds are taken from the same calibration "
             "(training normals only) at another false-reject promise: what `contad predict --bank ... decision.target_fpr=P` "
             "would decide, without retraining. A line trades false rejects for escapes here; the promise is its choice "
-            f"(`decision.operating_points` lists which are read).{deployed} With n calibration normals a task promises no "
-            "less than 1/n, whatever P is (*promised*); *promise broken* marks a product whose good test parts were "
-            "rejected more often than that promise allows on this many of them (95 % binomial bound)."]
+            f"(`decision.operating_points` lists which are read).{deployed}"]
+
+
+def promises_lines() -> list[str]:
+    """What the "promises" table is: what each promise of ``decision.operating_points`` could be, and whether it held."""
+    return ["", "With n calibration normals a task promises no less than 1/n, whatever promise P is asked for (*promised*: "
+            "max(P, 1/n)); *promise broken* is 100 for a product whose good test parts were rejected more often than that "
+            "promise allows on this many of them (95 % binomial bound), else 0, so its Average is the share of products "
+            "whose promise broke."]
 
 
 def masks_provider_lines(doc: dict[str, Any]) -> list[str]:
@@ -257,6 +264,8 @@ def run_markdown(doc: dict[str, Any], figures: dict[str, str], standing: list[st
             parts += chance_band_lines(doc)
         if family == POINTS_FAMILY:
             parts += operating_points_lines(doc)
+        if family == PROMISES_FAMILY:
+            parts += promises_lines()
         key = f"family_{safe_name(family)}"
         if key in figures:
             parts += ["", f"![{family}: accuracy and forgetting matrices]({figures[key]})"]
