@@ -184,6 +184,18 @@ def test_mtrmb_epochs_train_even_when_ucad_is_training_free(minilm: TextEncoder)
     assert torch.count_nonzero(method.prompts[0].fusion.text_to_image.to_out.weight) > 0
 
 
+def test_key_features_of_each_training_image_are_extracted_once(minilm: TextEncoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the task key and Eq. 8's key pull (every batch of every epoch) read the same un-prompted features: one pass per image
+    method = _mtrmb(minilm, epochs=3)
+    extracted: list[int] = []
+    original = ToyBackbone.key_features
+    monkeypatch.setattr(ToyBackbone, "key_features", lambda self, images: extracted.append(len(images)) or original(self, images))
+    task = toy_task("red", n_train=6, n_heldout=2)
+    log = method.fit_task(task)
+    assert len(log["epoch_losses"]) == 3 and sum(extracted) == len(task.train)
+    assert not torch.equal(method.prompts[0].learnable_key, method._new_prompt(0).learnable_key)  # the pull still pulled
+
+
 def test_frozen_backbone_prompt_trains_only_fusion_and_key(minilm: TextEncoder) -> None:
     method = _mtrmb(minilm, train_prompt=False)
     method.fit_task(toy_task("red", n_train=4, n_heldout=1))

@@ -242,8 +242,8 @@ class MTRMB(UCAD):
         total = total + cfg.cross_loss_weight * cross_alignment_loss(fused, text, cfg.cross_temperature)  # Eq. 7
         key = prompt.learnable_key  # type: ignore[attr-defined]
         if key is not None and cfg.key_pull_weight > 0:
-            with torch.no_grad():
-                query = backbone.key_features(images).mean(dim=1)  # q(x): mean frozen key feature
+            with torch.no_grad():  # q(x): mean frozen key feature (cached: the task key read the same images' features)
+                query = self.key_features(images).to(key.device).mean(dim=1)
             total = total + cfg.key_pull_weight * key_pull_loss(query, key)
         return total
 

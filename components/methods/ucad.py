@@ -224,10 +224,16 @@ class UCAD(ContinualMethod):
         """(B,) raw image scores of prompted features against ``knowledge``, as ``score_patches`` makes them (no map needed)."""
         return unmapped_image_scores(feats, memory, knowledge, grid, self.config.ucad.reweight, top_k=self.config.ucad.image_top_k)
 
+    def key_features(self, images: torch.Tensor, desc: str | None = None) -> torch.Tensor:
+        """(B, N, C) un-prompted key features of ``images`` (on the CPU), through the feature cache: routing, the task key and
+        MTRMB's per-batch key pull read the same features of the same image once."""
+        bs = self.config.ucad.batch_size
+        return feature_cache(self.backbone).features("key", self.backbone.key_features, images, bs, self.device, desc=desc)
+
     def _build_key(self, data: TaskData) -> torch.Tensor:
         """The task key: a k-center-greedy sample of the un-prompted key features of its training images."""
         cfg = self.config.ucad
-        key_feats = batched(self.backbone.key_features, data.train.images, cfg.batch_size, self.device, desc=f"{data.name}: keys")
+        key_feats = self.key_features(data.train.images, desc=f"{data.name}: keys")
         memory = self.config.memory
         return coreset(key_feats.reshape(-1, key_feats.shape[-1]), cfg.key_size, memory.projection_dim, self.config.seed, memory.preselect_factor)
 
@@ -399,9 +405,7 @@ class UCAD(ContinualMethod):
         """(B,) routed task index of every image: one un-prompted backbone pass per image (cached across steps)."""
         bs = self.config.ucad.batch_size
         router = self.router()
-        cache = feature_cache(self.backbone)
-        routed = [router.route(cache.features("key", self.backbone.key_features, images[s : s + bs], bs, self.device)) for s in range(0, len(images), bs)]
-        return torch.cat(routed)
+        return torch.cat([router.route(self.key_features(images[s : s + bs])) for s in range(0, len(images), bs)])
 
     def task_features(self, images: torch.Tensor, task_index: int) -> torch.Tensor:
         """(B, N, C) features of ``images`` under task ``task_index``'s prompt and feature settings, cached per (image, prompt, settings)."""
