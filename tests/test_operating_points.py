@@ -76,6 +76,22 @@ def test_each_promise_records_what_was_promised_and_whether_the_test_split_broke
     assert math.isnan(none["promise_broken_at_5pct"]) and none["escape_rate_at_5pct"] == 0.0
 
 
+def test_a_product_routed_to_another_task_is_held_to_that_tasks_promise() -> None:
+    # every good part of product "a" goes to task "b" (a forgetting baseline's single bank): b's threshold decides them,
+    # so b's promise (100 normals: 5 %) is the one they were held to, not a's own (4 normals: 25 %)
+    own = TaskSample(heldout=(0.1, 0.2, 0.3, 0.4), leave_out=(), pixel=1.0)
+    other = TaskSample(heldout=tuple(i / 100 for i in range(100)), leave_out=(), pixel=1.0)
+    calibration = Calibration(0.01, 0.001, {"a": own, "b": other}, {"a": "a", "b": "b"})
+    scores = torch.tensor([0.05, 0.1, 0.15, 0.2, 0.25, 2.0, 2.0, 2.0])
+    batch = ImageBatch(images=torch.zeros(8, 3, 4, 4), products=["a"] * 8, paths=[f"{i}.png" for i in range(8)], labels=torch.zeros(8, dtype=torch.long))
+    routed_away = operating_point_metrics(Prediction(scores, torch.zeros(8, 4, 4), ["b"] * 8), batch, calibration, [0.05])
+    assert routed_away["promised_fpr_at_5pct"] == pytest.approx(0.05) and routed_away["promise_broken_at_5pct"] == 1.0
+    at_home = operating_point_metrics(Prediction(scores, torch.zeros(8, 4, 4), ["a"] * 8), batch, calibration, [0.05])
+    assert at_home["promised_fpr_at_5pct"] == pytest.approx(0.25) and at_home["promise_broken_at_5pct"] == 0.0
+    half = operating_point_metrics(Prediction(scores, torch.zeros(8, 4, 4), ["a", "b"] * 4), batch, calibration, [0.05])
+    assert half["promised_fpr_at_5pct"] == pytest.approx((0.25 + 0.05) / 2)
+
+
 def test_operating_points_config_is_validated() -> None:
     from components.config import ConfigError, load_config
 

@@ -64,7 +64,8 @@ GLOSSARY: tuple[tuple[str, str], ...] = (
     ("Escape rate", "share of defective test parts passed as OK at the deployed per-product threshold (lower is better)."),
     ("False-reject rate (FRR)", "share of good test parts rejected as NG at the deployed per-product threshold (lower is better)."),
     ("Promised FRR, false-reject bound, escape estimate", "what the calibration promises before any test image: the FRR the "
-     "threshold controls, max(target, 1/n) with n calibration normals; the largest FRR on this many good test parts still "
+     "threshold controls, max(target, 1/n) with n calibration normals (of the task each good part is routed to, averaged "
+     "over the product's good parts: the threshold a part meets is its routed task's); the largest FRR on this many good test parts still "
      "consistent with that promise; the share of synthetic defects pasted on held-out normals that would pass as OK."),
     ("Escape / false-reject rate @ P % promise", "the same two rates when every threshold is taken from the same calibration "
      "at a false-reject promise of P % (`decision.operating_points`) instead of the deployed one: what a detector loaded "
@@ -127,7 +128,8 @@ def thresholds_markdown(thresholds: dict[str, Any], final: dict[str, dict[str, A
         if t is None:
             continue
         rows.append([f"`{product}`", f"{t['image']:.4g}", f"{t['pixel']:.4g}", str(t["n_images"]),
-                     _percent(t.get("promised_fpr")), _percent((final.get("false_reject_bound") or {}).get(product)),
+                     _percent((final.get("promised_fpr") or {}).get(product, t.get("promised_fpr"))),
+                     _percent((final.get("false_reject_bound") or {}).get(product)),
                      _percent((final.get("false_reject_rate") or {}).get(product)),
                      _percent(t.get("escape_estimate")), _percent((final.get("escape_rate") or {}).get(product))])
     return [

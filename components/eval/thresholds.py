@@ -329,8 +329,11 @@ def decision_metrics(prediction: Prediction, batch: ImageBatch, calibration: Cal
     calibration promised for the batch's product: ``promised_fpr`` and ``escape_estimate`` (synthetic).
 
     ``escape_rate``: defective images decided OK / defective images. ``false_reject_rate``: good
-    images decided NG / good images. NaN when a class is absent. ``false_reject_bound``: the largest
-    false-reject rate on this many good images that is consistent with ``promised_fpr`` (``binomial_upper``).
+    images decided NG / good images. NaN when a class is absent. ``promised_fpr``: with good images, the mean
+    promise of the tasks they were routed to (each part is decided by its routed task's threshold, so that is the
+    promise it was held to; the product's own task's promise when routing is exact), else the product's own task's.
+    ``false_reject_bound``: the largest false-reject rate on this many good images that is consistent with
+    ``promised_fpr`` (``binomial_upper``).
     """
     out = {"escape_rate": math.nan, "false_reject_rate": math.nan, "false_reject_bound": math.nan,
            **expected_rates(calibration, batch.products[0] if batch.products else None)}
@@ -343,9 +346,16 @@ def decision_metrics(prediction: Prediction, batch: ImageBatch, calibration: Cal
     if (~defective).any():
         n_good = int(np.count_nonzero(~defective))
         out["false_reject_rate"] = float(np.count_nonzero(~defective & rejected) / n_good)
+        out["promised_fpr"] = routed_promise(prediction, calibration, ~defective)
         if math.isfinite(out["promised_fpr"]):
             out["false_reject_bound"] = binomial_upper(n_good, out["promised_fpr"]) / n_good
     return out
+
+
+def routed_promise(prediction: Prediction, calibration: Calibration, members: np.ndarray) -> float:
+    """Mean ``promised_fpr`` of the tasks the ``members`` (bool mask) images were routed to."""
+    promises = [calibration.for_task(t).promised_fpr for t, m in zip(prediction.routed_tasks, members, strict=True) if m]
+    return float(np.mean(promises))
 
 
 BOUND_CONFIDENCE = 0.95
