@@ -286,7 +286,7 @@ def operating_points_figure(rows: list[MethodRow], path: Path, title: str) -> Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
     x = [100 * p for p in promises]
     for i, r in enumerate(rows):
         if not r.operating_points:
@@ -307,7 +307,7 @@ def operating_points_figure(rows: list[MethodRow], path: Path, title: str) -> Pa
         ax.set_xticks(x)
         ax.grid(alpha=0.3)
     axes[0].set_ylim(0, 100)
-    axes[1].legend(fontsize=8)
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the panel: the lines stay readable
     return _save_figure(fig, path, title)
 
 
