@@ -272,7 +272,7 @@ class UCAD(ContinualMethod):
         misrouted = (self.route(images) != t).nonzero().flatten()
         keys_added = 0
         if len(misrouted):
-            key_feats = batched(self.backbone.key_features, images[misrouted], cfg.batch_size, self.device, desc=f"{task}: feedback keys")
+            key_feats = self.key_features(images[misrouted], desc=f"{task}: feedback keys")  # cached: route() just read them
             key_flat = key_feats.reshape(-1, key_feats.shape[-1])
             new_keys = coreset(key_flat, min(cfg.key_size, len(key_flat)), memory.projection_dim, self.config.seed, memory.preselect_factor)
             self.keys[t] = torch.cat([self.keys[t], new_keys.to(self.keys[t])]).contiguous()
